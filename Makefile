@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make analyze   set up .venv and run the main job on the default model (SmolLM2, offline)
+#   make test      set up .venv and run the test suite
+# TORCH_SPEC pins the CPU build that these machines have on disk; elsewhere override it,
+# e.g. `make test TORCH_SPEC=torch` (any torch >= 2.1 works). TL_SPEC picks TransformerLens.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TL_SPEC    ?= transformer-lens
+PROMPT     ?= The bridge out of Marin is the
+BIN        := $(VENV)/bin
+
+.PHONY: install analyze test bench clean
+
+$(BIN)/lens-linear: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q "$(TL_SPEC)" -e ".[test]"
+	touch $@
+
+install: $(BIN)/lens-linear
+
+analyze: install
+	$(BIN)/lens-linear analyze "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/jacobian.py
+
+clean:
+	rm -rf .venv .venv-* *.egg-info

@@ -1,0 +1,23 @@
+"""lens_linear: any TransformerLens model, for one input, as an exactly equivalent linear system.
+
+Entry points:
+
+* :func:`load_model` — the offline default (SmolLM2-135M-Instruct) or any TL model name.
+* :func:`tiny_model` — small random models of many architectures, for tests.
+* :func:`detach_hooks` / :func:`detached` — freeze norm scales, attention patterns and MLP
+  gates: the output is unchanged and the gradient is linear.
+* :class:`OperatingPoint` — the frozen coefficients of one forward pass, and their replay.
+* :func:`run_with_linear_cache` → :class:`LinearCache` — detached Jacobians, bias terms,
+  per-token contributions and reconstruction checks.
+"""
+
+from lens_linear._validation import LinearizationError, ModelUnavailableError
+from lens_linear.cache import LinearCache, run_with_linear_cache
+from lens_linear.hooks import OperatingPoint, detach_hooks, detached
+from lens_linear.models import load_model
+from lens_linear.tiny import tiny_architectures, tiny_model
+
+__version__ = "0.1.0"
+__all__ = ["LinearCache", "LinearizationError", "ModelUnavailableError", "OperatingPoint",
+           "detach_hooks", "detached", "load_model", "run_with_linear_cache", "tiny_architectures",
+           "tiny_model"]

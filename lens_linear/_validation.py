@@ -1,0 +1,80 @@
+"""Shared errors and early input checks (run before any forward pass)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+import torch
+
+
+class LinearizationError(RuntimeError):
+    """The frozen map does not reproduce the model: some nonlinearity is not frozen.
+
+    Raised instead of returning a wrong linearization. ``layer`` is the first block whose
+    output breaks linearity (``None`` when it could not be located) and ``error`` the
+    measured relative error there.
+    """
+
+    def __init__(self, message: str, layer: int | None = None, error: float | None = None):
+        super().__init__(message)
+        self.layer = layer
+        self.error = error
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model file cannot be fetched; the message says how to supply it by hand."""
+
+
+def is_transformer_lens_model(model: Any) -> bool:
+    return hasattr(model, "hook_dict") and hasattr(model, "cfg") and isinstance(model, torch.nn.Module)
+
+
+def require_tl_model(model: Any) -> None:
+    if not is_transformer_lens_model(model):
+        raise TypeError(
+            f"expected a TransformerLens model (TransformerBridge or HookedTransformer), "
+            f"got {type(model).__name__}. Load one with lens_linear.load_model(...) or wrap a "
+            f"Hugging Face model with TransformerBridge.boot_transformers(name, hf_model=...)."
+        )
+
+
+def require_hook(model: Any, name: str) -> None:
+    if name not in model.hook_dict:
+        close = difflib.get_close_matches(name, list(model.hook_dict), n=5, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise KeyError(f"unknown hook name {name!r} for this model.{hint}")
+
+
+def normalize_position(pos: int, n_pos: int, what: str = "pos") -> int:
+    """Resolve a possibly negative position; raise naming the valid range."""
+    if isinstance(pos, bool) or not isinstance(pos, int):
+        raise TypeError(f"{what} must be an int, got {type(pos).__name__}")
+    if not -n_pos <= pos < n_pos:
+        raise IndexError(
+            f"{what}={pos} is out of range for a sequence of {n_pos} tokens "
+            f"(valid: {-n_pos}..{n_pos - 1})."
+        )
+    return pos % n_pos
+
+
+def check_dtype(dtype: torch.dtype, allowed: Iterable[torch.dtype] | None = None) -> torch.dtype:
+    allowed = tuple(allowed or (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"unsupported dtype {dtype!r}; use one of: {names}")
+    return dtype
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(value, torch.dtype):
+            raise TypeError(f"unknown dtype {dtype!r}; use float32, float64, float16 or bfloat16")
+        dtype = value
+    return check_dtype(dtype)
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest relative reconstruction error we accept as exact for a dtype."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)

@@ -1,0 +1,264 @@
+"""LinearCache: detached Jacobians of one input, next to the ordinary ActivationCache."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+
+from lens_linear._validation import (LinearizationError, normalize_position, require_hook,
+                                     require_tl_model, tolerance)
+from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, _rel_err,
+                                               hooks_on, output_hook)
+from lens_linear.hooks.sites import PARTS
+from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows, jacobian_of
+
+
+@dataclass(frozen=True)
+class Prediction:
+    token: str
+    token_id: int
+    prob: float
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout) and restore every module's train/eval flag after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = None) -> Int[torch.Tensor, "1 pos"]:
+    """One sequence as ``[1, pos]`` token ids; rejects empty or batched input."""
+    if isinstance(input, str):
+        if not input.strip():
+            raise ValueError("empty prompt: give at least one token of text")
+        if model.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids as a tensor instead of text")
+        tokens = model.to_tokens(input, prepend_bos=prepend_bos)
+    elif isinstance(input, torch.Tensor):
+        tokens = input.unsqueeze(0) if input.ndim == 1 else input
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"expected one sequence of token ids [pos] or [1, pos], got shape {tuple(input.shape)}; "
+                             f"a linearization is for one input, so loop over a batch")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
+    else:
+        raise TypeError(f"input must be a string or a tensor of token ids, got {type(input).__name__}")
+    if tokens.shape[-1] == 0:
+        raise ValueError("empty prompt: give at least one token")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and tokens.shape[-1] > n_ctx:
+        raise ValueError(f"prompt has {tokens.shape[-1]} tokens, more than the model's context of {n_ctx}")
+    return tokens.to(model.cfg.device if getattr(model.cfg, "device", None) else tokens.device)
+
+
+class LinearCache:
+    """Detached Jacobians of one input sequence, computed lazily and memoized.
+
+    ``lcache[hook_name]`` is the Jacobian ``[pos_in, d_out, d_in]`` of that activation at the
+    cache's output position ``pos`` with respect to the input variable
+    (``blocks.0.hook_resid_pre`` at every position). The default hook is the final-normed
+    residual (the unembedding's input). The ordinary ``ActivationCache``, the operating
+    point, tokens and logits are kept alongside.
+    """
+
+    def __init__(self, model: Any, point: OperatingPoint, logits: torch.Tensor, activations: Any,
+                 pos: int, max_memory: int = DEFAULT_MEMORY, progress: bool = False):
+        self.model = model
+        self.point = point
+        self.tokens = point.tokens
+        self.logits: Float[torch.Tensor, "pos d_vocab"] = logits[0]
+        self.activations = activations
+        self.pos = pos
+        self.output = output_hook(model)
+        self.max_memory = max_memory
+        self.progress = progress
+        self._jacobians: dict[tuple[str, int, bool], torch.Tensor] = {}
+
+    # ---- basic facts -------------------------------------------------------------------
+    @property
+    def n_pos(self) -> int:
+        return self.tokens.shape[-1]
+
+    @property
+    def str_tokens(self) -> list[str]:
+        if self.model.tokenizer is None:
+            return [str(int(t)) for t in self.tokens[0]]
+        return [self.model.tokenizer.decode([int(t)]) for t in self.tokens[0]]
+
+    @property
+    def x(self) -> Float[torch.Tensor, "pos d_model"]:
+        """The input variable at the operating point (``blocks.0.hook_resid_pre``)."""
+        return self.point.x_star
+
+    def activation(self, hook: str | None = None, pos: int | None = None) -> torch.Tensor:
+        """The recorded activation at ``hook`` and position (flattened trailing dims)."""
+        hook, pos = self._resolve(hook, pos)
+        return self.activations[hook][0, pos].reshape(-1)
+
+    def top_predictions(self, k: int = 5, pos: int | None = None) -> list[Prediction]:
+        """The ``k`` most likely next tokens at ``pos`` with their probabilities."""
+        _, pos = self._resolve(None, pos)
+        probs = self.logits[pos].double().softmax(-1)
+        top = probs.topk(k)
+        decode = (lambda i: self.model.tokenizer.decode([i])) if self.model.tokenizer else str
+        return [Prediction(decode(int(i)), int(i), float(p)) for p, i in zip(top.values, top.indices)]
+
+    # ---- Jacobians ---------------------------------------------------------------------
+    def _resolve(self, hook: str | None, pos: int | None) -> tuple[str, int]:
+        hook = hook or self.output
+        require_hook(self.model, hook)
+        return hook, normalize_position(self.pos if pos is None else pos, self.n_pos)
+
+    def _row_bytes(self) -> int:
+        cfg = self.model.cfg
+        width = 8 * cfg.d_model + 4 * (cfg.d_mlp or 4 * cfg.d_model) + 4 * cfg.n_heads * self.n_pos
+        return self.x.element_size() * self.n_pos * width
+
+    def jacobian(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "pos_in d_out d_in"]:
+        """Detached Jacobian of ``hook`` at ``pos`` w.r.t. the input at every position.
+
+        One replay forward through the frozen map, then chunked batched VJPs.
+        """
+        return self._jacobian(hook, pos, plain=False)
+
+    def __getitem__(self, hook: str) -> Float[torch.Tensor, "pos_in d_out d_in"]:
+        return self.jacobian(hook)
+
+    def plain_jacobian(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "pos_in d_out d_in"]:
+        """The ordinary Jacobian (nothing frozen), for comparison: it does not reconstruct."""
+        return self._jacobian(hook, pos, plain=True)
+
+    def _jacobian(self, hook: str | None, pos: int | None, plain: bool) -> torch.Tensor:
+        hook, pos = self._resolve(hook, pos)
+        key = (hook, pos, plain)
+        if key not in self._jacobians:
+            fn = self._plain_fn(hook, pos) if plain else (lambda x: self.point.replay(x, [hook])[hook][0, pos].reshape(-1))
+            d_out = self.activations[hook][0, pos].numel()
+            chunk = chunk_rows(d_out, self._row_bytes(), self.max_memory)
+            with eval_mode(self.model):
+                jac = jacobian_of(fn, self.x, chunk, self.progress)  # [d_out, pos_in, d_in]
+            self._jacobians[key] = jac.transpose(0, 1).contiguous()
+        return self._jacobians[key]
+
+    def _plain_fn(self, hook: str, pos: int):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            out: dict[str, torch.Tensor] = {}
+            hooks: list[Hook] = [(INPUT_HOOK, lambda v, hook: x.unsqueeze(0).to(v.dtype)),
+                                 (hook, lambda v, hook: out.__setitem__("y", v))]
+            with hooks_on(self.model, self.point.fwd_hooks + hooks):
+                self.model(self.tokens)
+            return out["y"][0, pos].reshape(-1)
+        return fn
+
+    # ---- decomposition -----------------------------------------------------------------
+    def bias_term_at(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "d_out"]:
+        """``F(0)``: the biases' total contribution to ``hook`` at ``pos``."""
+        hook, pos = self._resolve(hook, pos)
+        return self.point.bias_term([hook])[hook][pos].reshape(-1)
+
+    @property
+    def bias_term(self) -> Float[torch.Tensor, "d_out"]:
+        """The biases' contribution to the default output (zero for bias-free models)."""
+        return self.bias_term_at()
+
+    def bias_contributions(self, hook: str | None = None, pos: int | None = None) -> dict[str, torch.Tensor]:
+        """``bias_term`` split exactly into one vector per bias parameter (plus ``"(other)"``)."""
+        hook, pos = self._resolve(hook, pos)
+        return {k: v[pos].reshape(-1) for k, v in self.point.bias_contributions(hook).items()}
+
+    def contributions(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "pos_in d_out"]:
+        """``J_i x_i`` for every input position ``i``; with the bias term they sum to the activation."""
+        return torch.einsum("pod,pd->po", self._jacobian(hook, pos, False), self.x)
+
+    def reconstruction(self, hook: str | None = None, pos: int | None = None, plain: bool = False) -> torch.Tensor:
+        """``Σ_i J_i x_i + bias_term`` (with the plain Jacobian if ``plain``)."""
+        jac = self._jacobian(hook, pos, plain)
+        return torch.einsum("pod,pd->o", jac, self.x) + self.bias_term_at(hook, pos)
+
+    def reconstruction_error(self, hook: str | None = None, pos: int | None = None, plain: bool = False) -> float:
+        """``std(reconstruction − y) / std(y)``: ~1e-7 detached in float32, O(1) plain."""
+        return _rel_err(self.reconstruction(hook, pos, plain), self.activation(hook, pos))
+
+    def check(self, hook: str | None = None, pos: int | None = None) -> float:
+        """Raise :class:`LinearizationError` unless the reconstruction is exact for the dtype."""
+        err = self.reconstruction_error(hook, pos)
+        tol = tolerance(self.x.dtype)
+        if not err <= tol:
+            layer, layer_err = self.point.locate_break(tol)
+            where = (f"linearity first breaks at blocks.{layer} (affinity error {layer_err:.2e})"
+                     if layer is not None else "every block's replay is affine, so the Jacobian path disagrees with replay")
+            raise LinearizationError(
+                f"the detached Jacobian does not reconstruct {hook or self.output} (relative error "
+                f"{err:.2e} > {tol:.0e}): {where}. A nonlinearity is not frozen there: a user hook, "
+                f"or a component without a freezing rule (MoE router, attention pattern the model "
+                f"reads before hook_pattern fires).", layer=layer, error=err)
+        return err
+
+    def __repr__(self) -> str:
+        top = self.top_predictions(1)[0]
+        return (f"LinearCache({self.model.cfg.model_name}, {self.n_pos} tokens, pos={self.pos}, "
+                f"output={self.output!r}, top={top.token!r} p={top.prob:.3f}, "
+                f"jacobians cached={len(self._jacobians)})")
+
+
+def run_with_linear_cache(
+    model: Any,
+    input: str | torch.Tensor,
+    pos: int = -1,
+    parts: Sequence[str] = PARTS,
+    fwd_hooks: Sequence[Hook] = (),
+    prepend_bos: bool | None = None,
+    check: bool = True,
+    names_filter: Any = None,
+    max_memory: int = DEFAULT_MEMORY,
+    progress: bool = False,
+) -> LinearCache:
+    """Record the operating point of one input and return its :class:`LinearCache`.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer``; returned untouched.
+        input: a prompt or one sequence of token ids.
+        pos: the output position the Jacobians describe (negative counts from the end).
+        parts: which nonlinearities to freeze (``"norm"``, ``"attn"``, ``"mlp"``).
+        fwd_hooks: your own hooks, active in the recording and in every replay.
+        check: compute the final output's Jacobian now and raise
+            :class:`LinearizationError` unless it reconstructs the output exactly.
+        names_filter: which activations the ``ActivationCache`` keeps (as ``run_with_cache``).
+        max_memory: bytes of backward intermediates per batched-VJP chunk.
+        progress: show a progress bar while Jacobians are computed.
+
+    Example:
+        >>> lcache = run_with_linear_cache(model, "The bridge out of Marin is the")
+        >>> lcache.reconstruction_error()  # ~1e-7 in float32
+    """
+    require_tl_model(model)
+    tokens = to_tokens(model, input, prepend_bos)
+    pos = normalize_position(pos, tokens.shape[-1])
+    keep = _with_output(names_filter, output_hook(model))
+    with eval_mode(model):
+        point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep)
+    lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress)
+    if check:
+        lcache.check()
+    return lcache
+
+
+def _with_output(names_filter: Any, output: str) -> Any:
+    """A ``names_filter`` that always keeps the default output (needed for reconstruction)."""
+    if names_filter is None:
+        return None
+    if isinstance(names_filter, str):
+        names_filter = [names_filter]
+    if callable(names_filter):
+        return lambda name: name == output or names_filter(name)
+    return list({*names_filter, output})

@@ -1,0 +1,42 @@
+"""Detach hooks for ``run_with_hooks`` workflows.
+
+With these hooks on, the forward output is unchanged and the gradient with respect to the
+input embeddings follows a purely linear path: its Jacobian is the detached Jacobian J⁺.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+from lens_linear._validation import require_tl_model
+from lens_linear.hooks.operating_point import Hook, _quiet_bridge, site_hooks
+from lens_linear.hooks.sites import PARTS, find_sites
+
+
+def detach_hooks(model: Any, parts: Sequence[str] = PARTS) -> list[Hook]:
+    """``[(hook_name, fn)]`` that freeze norm scales, attention patterns and MLP gates.
+
+    Pass them to ``model.run_with_hooks(tokens, fwd_hooks=...)`` after your own hooks: a
+    hook you place on the same point runs first, and the frozen value is yours.
+
+    Example:
+        >>> logits = model.run_with_hooks(tokens, fwd_hooks=detach_hooks(model))
+    """
+    require_tl_model(model)
+    return site_hooks(model, find_sites(model, parts), {}, "record")
+
+
+@contextlib.contextmanager
+def detached(model: Any, parts: Sequence[str] = PARTS) -> Iterator[Any]:
+    """Context manager: every forward inside runs with the detach hooks on.
+
+    The hooks are removed on exit, also when an exception is raised inside.
+
+    Example:
+        >>> with detached(model):
+        ...     logits = model(tokens)  # same values; gradients are those of J⁺
+    """
+    hooks = detach_hooks(model, parts)
+    with _quiet_bridge(), model.hooks(fwd_hooks=hooks):
+        yield model

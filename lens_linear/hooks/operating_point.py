@@ -1,0 +1,253 @@
+"""The operating point: frozen coefficients of one forward pass, and their replay.
+
+Detach (autograd at ``x*`` with every coefficient detached) and replay (a forward pass at
+any input with every coefficient replaced by its recorded value) are two views of one
+frozen affine map ``F``. Both are built here from one set of hook functions:
+
+* ``F(x*) = y*``; ``F(v) - F(0) = J⁺ v`` (one forward); ``F(0)`` is the bias term;
+* backward through a replay graph gives ``uᵀ J⁺``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+
+from lens_linear._validation import LinearizationError, require_hook, require_tl_model, tolerance
+from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
+
+Hook = tuple[str, Callable[..., Any]]
+INPUT_HOOK = "blocks.0.hook_resid_pre"
+
+
+def output_hook(model: Any) -> str:
+    """The final-normed residual: the unembedding's input (the predicted output embedding)."""
+    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
+        if name in model.hook_dict:
+            return name
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def block_outputs(model: Any) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ``std(a − b) / std(b)`` (the seed paper's definition)."""
+    a, b = a.double(), b.double()
+    return float((a - b).std() / b.std().clamp_min(1e-300))
+
+
+@contextlib.contextmanager
+def _quiet_bridge() -> Iterator[None]:
+    """Silence the bridge's notice that an edited ``hook_scale`` takes its python norm path."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*hook_scale/hook_normalized.*")
+        yield
+
+
+def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor], mode: str) -> list[Hook]:
+    """Hook functions that freeze every site.
+
+    ``mode="record"``: detach each coefficient at its current value (the detached
+    Jacobian) and store it. ``mode="replay"``: substitute the stored value, whatever the
+    input. The model's output value is unchanged in record mode.
+    """
+    hooks: list[Hook] = []
+    for site in sites:
+        if site.kind == "ratio":
+            hooks += _ratio_hooks(model, site, store, mode)
+        elif mode == "record":
+            def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
+                store[key] = value.detach()
+                return store[key]
+            hooks.append((site.name, record))
+        else:
+            def replay(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
+                return store[key].expand_as(value)
+            hooks.append((site.name, replay))
+    return hooks
+
+
+def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: str) -> list[Hook]:
+    act = activation_fn(model, site.layer) if site.layer is not None else None
+    live: dict[str, torch.Tensor] = {}
+
+    def keep_pre(value: torch.Tensor, hook: Any) -> None:
+        live["pre"] = value
+
+    def gate_post(post: torch.Tensor, hook: Any) -> torch.Tensor:
+        pre = live.pop("pre", None)
+        if mode == "replay":
+            return pre * store[site.name].expand_as(pre)
+        if pre is None or pre.shape != post.shape:
+            raise LinearizationError(
+                f"{site.name} is not an elementwise activation of {site.source} "
+                f"(shapes {None if pre is None else tuple(pre.shape)} vs {tuple(post.shape)}); "
+                f"this MLP (e.g. a mixture of experts) has no frozen-gate rule.", layer=site.layer)
+        if act is None:
+            raise LinearizationError(
+                f"cannot verify the activation of blocks.{site.layer}.mlp: no act_fn found on the "
+                f"module, so freezing {site.name} as a gate could hide a nonlinearity.", layer=site.layer)
+        with torch.no_grad():
+            expected = act(pre)
+            err = float((expected - post).abs().max() / post.abs().max().clamp_min(1e-30))
+            if err > tolerance(post.dtype):
+                raise LinearizationError(
+                    f"{site.name} is not act_fn({site.source}) (max relative difference {err:.2e}); "
+                    f"the gate rule would hide a nonlinearity, so it is refused.", layer=site.layer, error=err)
+            gate = torch.where(pre != 0, post / torch.where(pre != 0, pre, 1), slope_at_zero(act, pre))
+        store[site.name] = gate
+        return post.detach() + (pre - pre.detach()) * gate  # value: post; gradient: gate
+
+    return [(site.source, keep_pre), (site.name, gate_post)]
+
+
+class OperatingPoint:
+    """Frozen coefficients (norm scales, attention patterns, MLP gates) of one forward pass.
+
+    Build with :meth:`record`. ``x_star`` is the input variable (``blocks.0.hook_resid_pre``
+    at every position) and ``values`` maps each site's hook name to its frozen value.
+    """
+
+    def __init__(self, model: Any, tokens: Int[torch.Tensor, "1 pos"], sites: list[Site],
+                 values: dict[str, torch.Tensor], x_star: Float[torch.Tensor, "pos d_model"],
+                 fwd_hooks: Sequence[Hook] = ()):
+        self.model = model
+        self.tokens = tokens
+        self.sites = sites
+        self.values = values
+        self.x_star = x_star
+        self.fwd_hooks = list(fwd_hooks)
+
+    @classmethod
+    def record(cls, model: Any, tokens: Int[torch.Tensor, "1 pos"], parts: Sequence[str] = PARTS,
+               fwd_hooks: Sequence[Hook] = (), names_filter: Any = None) -> tuple["OperatingPoint", torch.Tensor, Any]:
+        """Run ``model`` once on ``tokens`` and freeze every coefficient at its value.
+
+        ``fwd_hooks`` (the user's own) stay active in the recording and in every replay; the
+        frozen value of a coefficient is the value after the user's hooks. Returns the
+        operating point, the logits and the ``ActivationCache`` of that forward pass
+        (``names_filter`` as in ``run_with_cache``).
+        """
+        require_tl_model(model)
+        sites = find_sites(model, parts)
+        values: dict[str, torch.Tensor] = {}
+        seen: dict[str, torch.Tensor] = {}
+        grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()[0]))
+        with torch.no_grad(), hooks_on(model, list(fwd_hooks) + site_hooks(model, sites, values, "record") + [grab]):
+            logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
+        return cls(model, tokens, sites, values, seen["x"], fwd_hooks), logits, cache
+
+    def hooks(self, mode: str = "replay") -> list[Hook]:
+        """The user's hooks plus the freezing hooks (``record`` re-detaches, ``replay`` substitutes)."""
+        store = self.values if mode == "replay" else {}
+        return self.fwd_hooks + site_hooks(self.model, self.sites, store, mode)
+
+    def replay(self, x: Float[torch.Tensor, "batch pos d_model"], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Run the frozen map ``F`` on inputs ``x``; return the activations at ``names``.
+
+        Differentiable: with ``x.requires_grad`` the outputs carry the graph of ``F``.
+        """
+        for name in names:
+            require_hook(self.model, name)
+        if x.ndim == 2:
+            x = x.unsqueeze(0)
+        if x.shape[1:] != self.x_star.shape:
+            raise ValueError(f"replay input must have shape [batch, {self.x_star.shape[0]}, "
+                             f"{self.x_star.shape[1]}], got {tuple(x.shape)}")
+        out: dict[str, torch.Tensor] = {}
+        inject = (INPUT_HOOK, lambda value, hook: x.to(value.dtype))
+        capture = [(n, lambda v, hook, n=n: out.__setitem__(n, v)) for n in names]
+        tokens = self.tokens.expand(x.shape[0], -1)
+        run_hooks(self.model, tokens, [inject] + self.hooks("replay") + capture)
+        return out
+
+    def bias_term(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``F(0)`` at each hook: what the frozen map adds with no input (0 without biases)."""
+        with torch.no_grad():
+            return {n: v[0] for n, v in self.replay(torch.zeros_like(self.x_star), names).items()}
+
+    def bias_contributions(self, name: str) -> dict[str, torch.Tensor]:
+        """Split ``F(0)`` at ``name`` exactly into one term per bias parameter.
+
+        The frozen map is jointly linear in the input and every bias, so replaying at zero
+        input with all biases but one set to zero gives that bias's share. Parameters are
+        substituted with ``torch.func.functional_call``: the model is never modified. The
+        key ``"(other)"`` holds what no bias parameter explains (zero for known models).
+        """
+        biases = {n: p for n, p in self.model.named_parameters() if _is_bias(n)}
+        zeros = {n: torch.zeros_like(p) for n, p in biases.items()}
+        parts: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for bias_name, value in biases.items():
+                params = dict(zeros, **{bias_name: value})
+                parts[bias_name] = self._replay_with(params, name)
+            parts["(other)"] = self._replay_with(zeros, name)
+        return parts
+
+    def _replay_with(self, params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        x = torch.zeros_like(self.x_star)
+        out: dict[str, torch.Tensor] = {}
+        inject = (INPUT_HOOK, lambda value, hook: x.to(value.dtype).unsqueeze(0))
+        capture = (name, lambda v, hook: out.__setitem__(name, v))
+        with hooks_on(self.model, [inject] + self.hooks("replay") + [capture]):
+            torch.func.functional_call(self.model, params, (self.tokens,), strict=False, tie_weights=True)
+        return out[name][0]
+
+    def jvp(self, v: Float[torch.Tensor, "pos d_model"], name: str) -> torch.Tensor:
+        """``J⁺ v`` at hook ``name`` (all positions) by one batched replay: ``F(v) − F(0)``."""
+        with torch.no_grad():
+            out = self.replay(torch.stack([v.to(self.x_star), torch.zeros_like(self.x_star)]), [name])[name]
+        return out[0] - out[1]
+
+    def vjp(self, u: torch.Tensor, name: str, pos: int) -> Float[torch.Tensor, "pos d_model"]:
+        """``uᵀ J⁺``: the cotangent ``u`` at ``name[pos]`` pulled back to the input."""
+        x = self.x_star.clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = self.replay(x, [name])[name][0, pos].reshape(-1)
+            (grad,) = torch.autograd.grad(y, x, grad_outputs=u.reshape(-1).to(y))
+        return grad
+
+    def linearity_profile(self, names: Sequence[str] | None = None, seed: int = 0) -> dict[str, float]:
+        """Per-hook affinity error of the replayed map: ``F(a)+F(b)−F(a+b)−F(0)`` vs ``F(a)``.
+
+        Zero (to rounding) at every hook where all nonlinearities upstream are frozen; the
+        first hook where it is large is where linearity breaks.
+        """
+        names = list(names or block_outputs(self.model))
+        gen = torch.Generator().manual_seed(seed)
+        b = torch.randn(self.x_star.shape, generator=gen, dtype=torch.float64).to(self.x_star)
+        b = b * self.x_star.std() / b.std()
+        a = self.x_star
+        with torch.no_grad():
+            out = self.replay(torch.stack([a, b, a + b, torch.zeros_like(a)]), names)
+        return {n: _rel_err(v[0] + v[1] - v[3], v[2]) for n, v in out.items()}
+
+    def locate_break(self, tol: float) -> tuple[int | None, float | None]:
+        """First block whose output is not affine in the input (``None`` if all are)."""
+        for name, err in self.linearity_profile().items():
+            if err > tol:
+                return int(name.split(".")[1]), err
+        return None, None
+
+
+def _is_bias(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("bias", "b") or leaf.startswith("b_")
+
+
+@contextlib.contextmanager
+def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
+    """Add forward hooks for the duration; removes exactly these hooks, even on error."""
+    with _quiet_bridge(), model.hooks(fwd_hooks=list(hooks)):
+        yield
+
+
+def run_hooks(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook]) -> torch.Tensor:
+    with hooks_on(model, hooks):
+        return model(tokens)

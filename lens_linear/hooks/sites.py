@@ -1,0 +1,93 @@
+"""Where a model's nonlinear coefficients live, found from its hook names alone.
+
+Every nonlinearity is written ``A(x) · x``; a *site* is the hook point that carries a
+coefficient ``A``. One rule per kind serves every architecture:
+
+* ``norm``  — every ``*.hook_scale`` (LayerNorm/RMSNorm scale, incl. q/k norms, ``ln_final``).
+* ``attn``  — every ``*.hook_pattern`` (the softmax output).
+* ``gate``  — a gated MLP (it has ``mlp.hook_pre_linear``): ``mlp.hook_pre``, the gate's
+  pre-activation, so ``act(hook_pre)`` becomes a constant.
+* ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
+  its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
+  ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
+  is ``act_fn(pre)``; that is checked on every forward.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+PARTS = ("norm", "attn", "mlp")
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One frozen coefficient: the hook it lives on, its kind and block index."""
+
+    name: str
+    kind: str  # "norm" | "attn" | "gate" | "ratio"
+    layer: int | None
+    source: str | None = None  # ratio sites: the hook holding the activation's input
+
+
+def layer_of(name: str) -> int | None:
+    match = _LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
+    """All coefficient sites of ``model`` for the requested parts, in forward order."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    names = model.hook_dict
+    seen: set[int] = set()
+    sites: list[Site] = []
+
+    def add(name: str, kind: str, source: str | None = None) -> None:
+        if id(names[name]) not in seen:  # a bridge lists one hook point under several aliases
+            seen.add(id(names[name]))
+            sites.append(Site(name, kind, layer_of(name), source))
+
+    for name in names:
+        if "norm" in parts and name.endswith("hook_scale"):
+            add(name, "norm")
+        elif "attn" in parts and name.endswith("hook_pattern"):
+            add(name, "attn")
+        elif "mlp" in parts and name.endswith("mlp.hook_pre"):
+            prefix = name[: -len("hook_pre")]
+            if prefix + "hook_pre_linear" in names:
+                add(name, "gate")
+            else:
+                out = prefix + "hook_mid" if prefix + "hook_mid" in names else prefix + "hook_post"
+                if out in names:
+                    add(out, "ratio", source=name)
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, order[s.name]))
+
+
+def activation_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The elementwise activation of block ``layer``'s MLP, read off the module itself."""
+    mlp = getattr(model.blocks[layer], "mlp", None)
+    for module in (mlp, getattr(mlp, "original_component", None)):
+        for attr in ("act_fn", "act", "activation_fn", "activation"):
+            fn = getattr(module, attr, None) if module is not None else None
+            if callable(fn):
+                return fn
+    return None
+
+
+def slope_at_zero(act: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> float:
+    """``act'(0)``: the gate used where the pre-activation is exactly zero."""
+    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    try:
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(act(x), x)
+        return float(grad)
+    except (RuntimeError, TypeError):
+        return 0.0

@@ -1,0 +1,70 @@
+"""Jacobian engines: full Jacobians by batched vector-Jacobian products.
+
+A full Jacobian of one output position needs ``d_out`` VJPs. They share one forward
+graph and run as batched backward passes (``is_grads_batched``: one vmapped backward per
+chunk of output rows), with chunks sized to a memory bound.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+DEFAULT_MEMORY = 1 << 30  # bytes of backward intermediates per chunk
+
+
+def chunk_rows(d_out: int, row_bytes: int, max_memory: int = DEFAULT_MEMORY) -> int:
+    """How many cotangent rows fit in ``max_memory`` when one row costs ``row_bytes``."""
+    return max(1, min(d_out, max_memory // max(1, row_bytes)))
+
+
+def batched_vjp_jacobian(
+    output: Float[torch.Tensor, "d_out"],
+    inputs: Float[torch.Tensor, "*in_shape"],
+    chunk_size: int,
+    progress: bool = False,
+) -> Float[torch.Tensor, "d_out *in_shape"]:
+    """Rows ``∂output[i]/∂inputs`` for every ``i``, by chunked batched backward passes.
+
+    ``output`` must be attached to a graph that contains ``inputs``; the graph is kept
+    until the last chunk. Falls back to one backward per row (with a warning) where an op
+    in the graph has no batching rule.
+    """
+    d_out = output.shape[0]
+    eye = torch.eye(d_out, dtype=output.dtype, device=output.device)
+    rows = []
+    n_chunks = math.ceil(d_out / chunk_size)
+    batched = True
+    for k in tqdm(range(n_chunks), desc="Jacobian", disable=not progress, leave=False):
+        cot = eye[k * chunk_size:(k + 1) * chunk_size]
+        last = k == n_chunks - 1
+        if batched:
+            try:
+                (grad,) = torch.autograd.grad(output, inputs, grad_outputs=cot, retain_graph=not last,
+                                              is_grads_batched=True)
+                rows.append(grad)
+                continue
+            except RuntimeError as exc:  # an op without a vmap rule
+                warnings.warn(f"batched backward unavailable ({exc}); using one backward per row")
+                batched = False
+        rows.extend(torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True)[0].unsqueeze(0)
+                    for c in cot)
+    return torch.cat(rows)
+
+
+def jacobian_of(
+    fn: Callable[[torch.Tensor], Float[torch.Tensor, "d_out"]],
+    x: torch.Tensor,
+    chunk_size: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Jacobian of ``fn`` at ``x`` from one forward pass and chunked batched VJPs."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(x)
+        return batched_vjp_jacobian(y, x, chunk_size, progress)

