@@ -190,11 +190,34 @@ def load_model(
 
 
 def _load_gguf(spec: WheelGGUF, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load the GGUF through ``transformers``; the dequantized copy is cached as safetensors.
+
+    Dequantizing takes ~25 s on two cores; the cached copy loads in about a second. The
+    copy is written to a temporary folder and renamed into place, so it is never partial.
+    """
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = fetch_gguf(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    converted = cache_dir() / f"{Path(spec.filename).stem}-hf"
+    marker = converted / "source.sha256"
+    if not (marker.exists() and marker.read_text().strip() == spec.gguf_sha256):
+        path = fetch_gguf(spec)
+        log.info("dequantizing %s (once)", path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = hf_model.config
+        del config.quantization_config  # the weights are dequantized floats now
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            config.save_pretrained(tmp)
+            save_model(hf_model, str(Path(tmp) / "model.safetensors"))
+            tokenizer.save_pretrained(tmp)
+            (Path(tmp) / "source.sha256").write_text(spec.gguf_sha256)
+            if converted.exists():
+                shutil.rmtree(converted)
+            os.replace(tmp, converted)
+            os.makedirs(tmp)  # TemporaryDirectory expects to remove something
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    hf_model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
     return hf_model.eval(), tokenizer
 
 
