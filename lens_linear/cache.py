@@ -190,7 +190,17 @@ class LinearCache:
         return _rel_err(self.reconstruction(hook, pos, plain), self.activation(hook, pos))
 
     def check(self, hook: str | None = None, pos: int | None = None) -> float:
-        """Raise :class:`LinearizationError` unless the reconstruction is exact for the dtype."""
+        """Raise :class:`LinearizationError` unless every frozen coefficient provably reaches
+        the output and the reconstruction is exact for the dtype; returns the error."""
+        ignored = self.point.ignored_sites()
+        if ignored:
+            layer = self.point.sites[[s.name for s in self.point.sites].index(ignored[0])].layer
+            raise LinearizationError(
+                f"{len(ignored)} frozen coefficient(s) never reach the output, first {ignored[0]}: "
+                f"the model reads that value before the hook fires (TransformerLens' bridge fires "
+                f"hook_pattern after the attention has used it on some architectures), so "
+                f"freezing it there is silently ignored. Ignored: {', '.join(ignored[:6])}"
+                f"{' ...' if len(ignored) > 6 else ''}.", layer=layer)
         err = self.reconstruction_error(hook, pos)
         tol = tolerance(self.x.dtype)
         if not err <= tol:

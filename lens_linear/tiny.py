@@ -85,6 +85,22 @@ def perturb_(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torc
     return module
 
 
+def tiny_hf_model(arch: str = "gpt2", seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """The Hugging Face model behind ``tiny_model(arch, "bridge")`` (same seed, same weights)."""
+    from transformers import AutoModelForCausalLM
+
+    table = _hf_configs()
+    if arch not in table:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(sorted(table))}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = table[arch]()
+        hf_model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(hf_model).__name__]  # the bridge picks its adapter from this
+    perturb_(hf_model, seed=seed)
+    return hf_model.to(dtype).eval()
+
+
 def tiny_model(arch: str = "gpt2", backend: str = "bridge", seed: int = 0,
                dtype: torch.dtype = torch.float32) -> Any:
     """A small random model (2 layers, d_model 64) with perturbed biases and norm weights.
@@ -102,21 +118,15 @@ def tiny_model(arch: str = "gpt2", backend: str = "bridge", seed: int = 0,
         raise ValueError(f"unknown tiny architecture {arch!r} for backend {backend!r}; "
                          f"choose from {', '.join(sorted(table))}")
     tokenizer = char_tokenizer()
+    if backend == "bridge":
+        hf_model = tiny_hf_model(arch, seed, dtype)
+        return wrap_bridge(hf_model, tokenizer, f"tiny-{arch}", dtype).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if backend == "bridge":
-            from transformers import AutoModelForCausalLM
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-            config = table[arch]()
-            hf_model = AutoModelForCausalLM.from_config(config)
-            config.architectures = [type(hf_model).__name__]
-            perturb_(hf_model, seed=seed)
-            model = wrap_bridge(hf_model.to(dtype).eval(), tokenizer, f"tiny-{arch}", dtype)
-        else:
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-            cfg = HookedTransformerConfig(**table[arch], model_name=f"tiny-{arch}", seed=seed,
-                                          dtype=dtype, device="cpu")
-            model = HookedTransformer(cfg, tokenizer=tokenizer)
-            perturb_(model, seed=seed)
+        cfg = HookedTransformerConfig(**table[arch], model_name=f"tiny-{arch}", seed=seed,
+                                      dtype=dtype, device="cpu")
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+    perturb_(model, seed=seed)
     return model.to(dtype).eval()

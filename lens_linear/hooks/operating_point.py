@@ -50,30 +50,52 @@ def _quiet_bridge() -> Iterator[None]:
         yield
 
 
-def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor], mode: str) -> list[Hook]:
+def _broadcast(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A recorded value (batch 1) for a batch: expand, or tile where batch and positions are
+    flattened into one leading dimension (as some models do inside their MLP)."""
+    if stored.shape[0] not in (1, like.shape[0]) and like.shape[0] % stored.shape[0] == 0:
+        stored = stored.repeat(like.shape[0] // stored.shape[0], *([1] * (stored.ndim - 1)))
+    return stored.expand_as(like)
+
+
+def _spread(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-batch-element factor for a value whose leading dim may be batch × positions."""
+    if factor.shape[0] != like.shape[0]:
+        factor = factor.repeat_interleave(like.shape[0] // factor.shape[0], dim=0)
+    return factor.expand_as(like)
+
+
+def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor], mode: str,
+               factors: dict[str, torch.Tensor] | None = None) -> list[Hook]:
     """Hook functions that freeze every site.
 
     ``mode="record"``: detach each coefficient at its current value (the detached
     Jacobian) and store it. ``mode="replay"``: substitute the stored value, whatever the
-    input. The model's output value is unchanged in record mode.
+    input; ``factors`` (site name → per-batch-element multiplier) perturbs chosen sites, to
+    prove that each substitution reaches the output. The output value is unchanged in
+    record mode.
     """
+    factors = factors or {}
     hooks: list[Hook] = []
     for site in sites:
         if site.kind == "ratio":
-            hooks += _ratio_hooks(model, site, store, mode)
+            hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
         elif mode == "record":
             def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
                 store[key] = value.detach()
                 return store[key]
             hooks.append((site.name, record))
         else:
-            def replay(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
-                return store[key].expand_as(value)
+            def replay(value: torch.Tensor, hook: Any, key: str = site.name,
+                       factor: torch.Tensor | None = factors.get(site.name)) -> torch.Tensor:
+                frozen = _broadcast(store[key], value)
+                return frozen if factor is None else frozen * _spread(factor, value)
             hooks.append((site.name, replay))
     return hooks
 
 
-def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: str) -> list[Hook]:
+def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: str,
+                 factor: torch.Tensor | None = None) -> list[Hook]:
     act = activation_fn(model, site.layer) if site.layer is not None else None
     live: dict[str, torch.Tensor] = {}
 
@@ -83,7 +105,8 @@ def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: s
     def gate_post(post: torch.Tensor, hook: Any) -> torch.Tensor:
         pre = live.pop("pre", None)
         if mode == "replay":
-            return pre * store[site.name].expand_as(pre)
+            gate = _broadcast(store[site.name], pre)
+            return pre * (gate if factor is None else gate * _spread(factor, pre))
         if pre is None or pre.shape != post.shape:
             raise LinearizationError(
                 f"{site.name} is not an elementwise activation of {site.source} "
@@ -92,7 +115,9 @@ def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: s
         if act is None:
             raise LinearizationError(
                 f"cannot verify the activation of blocks.{site.layer}.mlp: no act_fn found on the "
-                f"module, so freezing {site.name} as a gate could hide a nonlinearity.", layer=site.layer)
+                f"module (a mixture-of-experts block, say, whose router and expert gates have no "
+                f"freezing rule), so freezing {site.name} as a gate could hide a nonlinearity.",
+                layer=site.layer)
         with torch.no_grad():
             expected = act(pre)
             err = float((expected - post).abs().max() / post.abs().max().clamp_min(1e-30))
@@ -139,9 +164,45 @@ class OperatingPoint:
         values: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
         grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()[0]))
-        with torch.no_grad(), hooks_on(model, list(fwd_hooks) + site_hooks(model, sites, values, "record") + [grab]):
-            logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
-        return cls(model, tokens, sites, values, seen["x"], fwd_hooks), logits, cache
+        try:
+            with torch.no_grad(), hooks_on(model, list(fwd_hooks) + site_hooks(model, sites, values, "record") + [grab]):
+                logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
+        except LinearizationError:
+            raise
+        except Exception as exc:
+            with torch.no_grad(), hooks_on(model, fwd_hooks):
+                model(tokens)  # the model runs without the freezing hooks: they are the cause
+            raise LinearizationError(
+                f"the model's forward pass fails once its coefficients are frozen "
+                f"({type(exc).__name__}: {exc}). A component of this model does not accept an "
+                f"edited hook value (a weight-free norm in TransformerLens' bridge, say).") from exc
+        point = cls(model, tokens, sites, values, seen["x"], fwd_hooks)
+        return point, logits, cache
+
+    def ignored_sites(self, batch: int = 32) -> list[str]:
+        """Sites whose frozen value never reaches the output (the model read the coefficient
+        before its hook fired). Each site is perturbed in its own batch element; a site whose
+        perturbation leaves the output bit-for-bit unchanged is ignored by the model."""
+        out_name = output_hook(self.model)
+        ignored: list[str] = []
+        for start in range(0, len(self.sites), batch):
+            chunk = self.sites[start:start + batch]
+            n = len(chunk) + 1
+            factors = {}
+            for k, site in enumerate(chunk):
+                f = torch.ones(n, dtype=self.x_star.dtype, device=self.x_star.device)
+                f[k + 1] = 0.5
+                factors[site.name] = f.reshape(n, *([1] * (self.values[site.name].ndim - 1)))
+            out: dict[str, torch.Tensor] = {}
+            x = self.x_star.expand(n, *self.x_star.shape)
+            inject = (INPUT_HOOK, lambda value, hook: x.to(value.dtype))
+            capture = (out_name, lambda v, hook: out.__setitem__("y", v))
+            hooks = self.fwd_hooks + site_hooks(self.model, self.sites, self.values, "replay", factors)
+            with torch.no_grad():
+                run_hooks(self.model, self.tokens.expand(n, -1), [inject] + hooks + [capture])
+            y = out["y"]
+            ignored += [s.name for k, s in enumerate(chunk) if torch.equal(y[k + 1], y[0])]
+        return ignored
 
     def hooks(self, mode: str = "replay") -> list[Hook]:
         """The user's hooks plus the freezing hooks (``record`` re-detaches, ``replay`` substitutes)."""
