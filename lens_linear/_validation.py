@@ -77,4 +77,4 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def tolerance(dtype: torch.dtype) -> float:
     """Largest relative reconstruction error we accept as exact for a dtype."""
-    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 2e-2)
+    return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)

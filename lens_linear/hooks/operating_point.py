@@ -185,8 +185,11 @@ class OperatingPoint:
         perturbation leaves the output bit-for-bit unchanged is ignored by the model."""
         out_name = output_hook(self.model)
         ignored: list[str] = []
-        for start in range(0, len(self.sites), batch):
-            chunk = self.sites[start:start + batch]
+        patterns_frozen = any(s.kind == "attn" for s in self.sites)
+        # q/k norms feed only the attention pattern: once it is frozen they cannot matter
+        checked = [s for s in self.sites if not (patterns_frozen and s.kind == "norm" and ".attn." in s.name)]
+        for start in range(0, len(checked), batch):
+            chunk = checked[start:start + batch]
             n = len(chunk) + 1
             factors = {}
             for k, site in enumerate(chunk):
@@ -234,31 +237,32 @@ class OperatingPoint:
             return {n: v[0] for n, v in self.replay(torch.zeros_like(self.x_star), names).items()}
 
     def bias_contributions(self, name: str) -> dict[str, torch.Tensor]:
-        """Split ``F(0)`` at ``name`` exactly into one term per bias parameter.
+        """Split ``F(0)`` at ``name`` (all positions) exactly into one term per bias.
 
         The frozen map is jointly linear in the input and every bias, so replaying at zero
-        input with all biases but one set to zero gives that bias's share. Parameters are
-        substituted with ``torch.func.functional_call``: the model is never modified. The
-        key ``"(other)"`` holds what no bias parameter explains (zero for known models).
+        input with all biases but one set to zero gives that bias's share. The key
+        ``"(other)"`` is the replay with every bias zeroed: what no bias explains (zero for
+        the models we know). Biases are zeroed in place and restored bit-for-bit in a
+        ``finally``: ``torch.func.functional_call`` would not touch the model, but on a
+        TransformerBridge it leaves the substituted tensors behind.
         """
-        biases = {n: p for n, p in self.model.named_parameters() if _is_bias(n)}
-        zeros = {n: torch.zeros_like(p) for n, p in biases.items()}
+        biases = bias_tensors(self.model)
+        saved = {n: t.detach().clone() for n, t in biases.items()}
         parts: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for bias_name, value in biases.items():
-                params = dict(zeros, **{bias_name: value})
-                parts[bias_name] = self._replay_with(params, name)
-            parts["(other)"] = self._replay_with(zeros, name)
+        try:
+            with torch.no_grad():
+                for t in biases.values():
+                    t.zero_()
+                for bias_name, t in biases.items():
+                    t.copy_(saved[bias_name])
+                    parts[bias_name] = self.bias_term([name])[name]
+                    t.zero_()
+                parts["(other)"] = self.bias_term([name])[name]
+        finally:
+            with torch.no_grad():
+                for bias_name, t in biases.items():
+                    t.copy_(saved[bias_name])
         return parts
-
-    def _replay_with(self, params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        x = torch.zeros_like(self.x_star)
-        out: dict[str, torch.Tensor] = {}
-        inject = (INPUT_HOOK, lambda value, hook: x.to(value.dtype).unsqueeze(0))
-        capture = (name, lambda v, hook: out.__setitem__(name, v))
-        with hooks_on(self.model, [inject] + self.hooks("replay") + [capture]):
-            torch.func.functional_call(self.model, params, (self.tokens,), strict=False, tie_weights=True)
-        return out[name][0]
 
     def jvp(self, v: Float[torch.Tensor, "pos d_model"], name: str) -> torch.Tensor:
         """``J⁺ v`` at hook ``name`` (all positions) by one batched replay: ``F(v) − F(0)``."""
@@ -300,6 +304,21 @@ class OperatingPoint:
 def _is_bias(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in ("bias", "b") or leaf.startswith("b_")
+
+
+def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every bias parameter or buffer, one per memory block.
+
+    A bridge can expose one bias twice (a joint QKV bias and per-projection views of it):
+    of tensors sharing storage only the largest is kept, so no share is counted twice.
+    """
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if _is_bias(n)]
+    best: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, t in named:
+        key = t.untyped_storage().data_ptr()
+        if key not in best or t.numel() > best[key][1].numel():
+            best[key] = (name, t)
+    return dict(best.values())
 
 
 @contextlib.contextmanager

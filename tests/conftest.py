@@ -1,0 +1,41 @@
+import functools
+
+import pytest
+import torch
+
+from lens_linear.models import tl_has_hooked_transformer
+from lens_linear.tiny import tiny_architectures, tiny_model
+
+HOOKED = tl_has_hooked_transformer()
+PROMPT = "Hello there, friend!"
+CASES = [("bridge", a) for a in tiny_architectures("bridge")]
+if HOOKED:
+    CASES += [("hooked", a) for a in tiny_architectures("hooked")]
+CASE_IDS = [f"{b}-{a}" for b, a in CASES]
+
+
+@functools.lru_cache(maxsize=None)
+def cached_tiny(backend: str, arch: str, dtype: torch.dtype = torch.float32):
+    return tiny_model(arch, backend=backend, dtype=dtype)
+
+
+@pytest.fixture(params=CASES, ids=CASE_IDS)
+def tiny(request):
+    backend, arch = request.param
+    return cached_tiny(backend, arch)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from lens_linear import load_model
+
+    return load_model()
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def hooks_left(model):
+    return [n for n, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]

@@ -1,0 +1,153 @@
+"""Exactness of the frozen map on every tiny architecture, both backends (numbers, not asserts of faith)."""
+
+import pytest
+import torch
+
+import lens_linear as ll
+from lens_linear.hooks import INPUT_HOOK, detach_hooks, find_sites, output_hook
+from lens_linear.hooks.operating_point import hooks_on
+from lens_linear.tiny import tiny_hf_model
+
+from conftest import CASE_IDS, CASES, PROMPT, cached_tiny, hooks_left, rel
+from reference import FORWARDS
+
+
+def test_detach_hooks_keep_logits(tiny):
+    tokens = tiny.to_tokens(PROMPT)
+    plain = tiny(tokens)
+    frozen = tiny.run_with_hooks(tokens, fwd_hooks=detach_hooks(tiny))
+    assert (frozen - plain).abs().max() <= 1e-5
+    assert not hooks_left(tiny)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_reconstruction_and_bias_split(case, dtype, tol):
+    model = cached_tiny(*case, dtype=dtype)
+    lc = ll.run_with_linear_cache(model, PROMPT)
+    y = lc.activation()
+    recon = lc.contributions().sum(0) + lc.bias_term
+    assert rel(recon, y) <= tol, rel(recon, y)
+    assert lc.reconstruction_error() <= tol
+    parts = lc.bias_contributions()
+    assert rel(sum(parts.values()), lc.bias_term) <= max(tol, 1e-12 if dtype == torch.float64 else 1e-5)
+    if case[0] == "bridge" and case[1] == "gpt2":  # GPT-2 has real biases: the split is not trivial
+        assert lc.bias_term.norm() > 0.1 * y.norm()
+        assert sum(1 for v in parts.values() if v.norm() > 0) > 5
+
+
+def test_replay_reproduces_forward_and_jvp(tiny):
+    lc = ll.run_with_linear_cache(tiny, PROMPT)
+    out = lc.output
+    replayed = lc.point.replay(lc.x, [out])[out][0]
+    assert rel(replayed, lc.activations[out][0]) <= 1e-6
+    v = torch.randn(lc.x.shape, generator=torch.Generator().manual_seed(1))
+    jvp = lc.point.jvp(v, out)[lc.pos]
+    autograd = torch.einsum("pod,pd->o", lc.jacobian(), v)
+    assert rel(jvp, autograd) <= 1e-5
+    u = torch.randn(lc.activation().shape, generator=torch.Generator().manual_seed(2))
+    assert rel(lc.point.vjp(u, out, lc.pos), torch.einsum("o,pod->pd", u, lc.jacobian())) <= 1e-5
+
+
+def test_detached_autograd_equals_replay(tiny):
+    """Two views of one map: autograd through the detach hooks at x*, and replay."""
+    lc = ll.run_with_linear_cache(tiny, PROMPT)
+    tokens, out = lc.tokens, lc.output
+
+    def through_detach_hooks(x):
+        got = {}
+        hooks = [(INPUT_HOOK, lambda v, hook: x[None])] + detach_hooks(tiny) + [(out, lambda v, hook: got.setdefault("y", v))]
+        with hooks_on(tiny, hooks):
+            tiny(tokens)
+        return got["y"][0, -1]
+
+    jac = torch.autograd.functional.jacobian(through_detach_hooks, lc.x, vectorize=False)  # [d_out, pos, d_in]
+    assert rel(jac.transpose(0, 1), lc.jacobian()) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", sorted(FORWARDS))
+def test_jacobian_matches_independent_reference(arch):
+    """A hand-written forward with explicit detaches, on the same HF weights."""
+    hf = tiny_hf_model(arch)
+    model = ll.models.wrap_bridge(hf, ll.tiny.char_tokenizer(), f"tiny-{arch}", torch.float32)
+    lc = ll.run_with_linear_cache(model, PROMPT)
+    ref = FORWARDS[arch]
+    assert rel(ref(hf, lc.x)[-1], lc.activation()) <= 1e-5  # same function value
+    jac = torch.autograd.functional.jacobian(lambda x: ref(hf, x)[-1], lc.x)  # [d_out, pos, d_in]
+    err = rel(jac.transpose(0, 1), lc.jacobian())
+    assert err <= 1e-5, err
+    plain = torch.autograd.functional.jacobian(lambda x: ref(hf, x)[-1], lc.x) if False else lc.plain_jacobian()
+    assert rel(plain, lc.jacobian()) > 1e-3  # freezing matters: the reference is not the plain Jacobian
+
+
+def test_user_hook_composes_with_detach(tiny):
+    """A user's ablation on hook_pattern takes effect; the frozen pattern is the ablated one."""
+    def ablate(pattern, hook):
+        pattern = pattern.clone()
+        pattern[:, 0] = 0.0
+        return pattern
+
+    tokens = tiny.to_tokens(PROMPT)
+    name = "blocks.0.attn.hook_pattern"
+    ablated = tiny.run_with_hooks(tokens, fwd_hooks=[(name, ablate)])
+    assert (ablated - tiny(tokens)).abs().max() > 1e-4
+    both = tiny.run_with_hooks(tokens, fwd_hooks=[(name, ablate)] + detach_hooks(tiny))
+    assert (both - ablated).abs().max() <= 1e-5
+    lc = ll.run_with_linear_cache(tiny, tokens, fwd_hooks=[(name, ablate)])
+    assert lc.reconstruction_error() <= 1e-5
+    assert (lc.logits - ablated[0]).abs().max() <= 1e-5
+    assert torch.equal(lc.point.values[name][0, 0], torch.zeros_like(lc.point.values[name][0, 0]))
+
+
+def test_solu_gate_sits_on_hook_mid():
+    if not ll.models.tl_has_hooked_transformer():
+        pytest.skip("HookedTransformer (TL < 4) only")
+    model = cached_tiny("hooked", "solu")
+    kinds = {s.name: s for s in find_sites(model)}
+    assert kinds["blocks.0.mlp.hook_mid"].kind == "ratio"
+    assert "blocks.0.mlp.ln.hook_scale" in kinds and "blocks.0.mlp.hook_post" not in kinds
+
+
+def test_ratio_gate_refuses_a_non_activation(tiny):
+    """The ratio rule would make any same-shape map look linear: it checks act_fn(pre) first."""
+    ratio = [s for s in find_sites(tiny) if s.kind == "ratio"]
+    if not ratio:
+        pytest.skip("gated MLP: no ratio gate")
+    squash = (ratio[0].name, lambda post, hook: torch.tanh(post))
+    with pytest.raises(ll.LinearizationError, match="is not act_fn"):
+        ll.run_with_linear_cache(tiny, PROMPT, fwd_hooks=[squash])
+    assert not hooks_left(tiny)
+
+
+def test_unfrozen_nonlinearity_names_its_layer(tiny):
+    squash = ("blocks.1.hook_attn_out", lambda x, hook: torch.tanh(x))
+    with pytest.raises(ll.LinearizationError, match=r"blocks\.1\b") as info:
+        ll.run_with_linear_cache(tiny, PROMPT, fwd_hooks=[squash])
+    assert info.value.layer == 1 and info.value.error > 1e-3
+    assert not hooks_left(tiny)
+
+
+def test_model_is_returned_as_it_was(tiny):
+    tiny.train()
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in tiny.named_parameters()}
+    with ll.detached(tiny):
+        assert hooks_left(tiny)
+        tiny(tiny.to_tokens(PROMPT))
+    assert not hooks_left(tiny)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ll.detached(tiny):
+            raise RuntimeError("boom")
+    assert not hooks_left(tiny)
+
+    def explode(x, hook):
+        raise RuntimeError("boom inside forward")
+
+    with pytest.raises(RuntimeError, match="boom inside forward"):
+        ll.run_with_linear_cache(tiny, PROMPT, fwd_hooks=[("blocks.1.hook_resid_pre", explode)])
+    ll.run_with_linear_cache(tiny, PROMPT)
+    assert not hooks_left(tiny)
+    assert tiny.training and all(m.training for m in tiny.modules())
+    assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
+    assert flags == {n: p.requires_grad for n, p in tiny.named_parameters()}
+    tiny.eval()
