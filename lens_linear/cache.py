@@ -43,7 +43,7 @@ def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = 
             raise ValueError("empty prompt: give at least one token of text")
         if model.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass token ids as a tensor instead of text")
-        tokens = model.to_tokens(input, prepend_bos=prepend_bos)
+        tokens = model.to_tokens(input, prepend_bos=prepend_bos, truncate=False)
     elif isinstance(input, torch.Tensor):
         tokens = input.unsqueeze(0) if input.ndim == 1 else input
         if tokens.ndim != 2 or tokens.shape[0] != 1:

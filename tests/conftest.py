@@ -38,4 +38,6 @@ def rel(a, b):
 
 
 def hooks_left(model):
-    return [n for n, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    """Hook points carrying a non-permanent hook (the bridge wires some permanent ones itself)."""
+    return [n for n, hp in model.hook_dict.items()
+            if any(not getattr(h, "is_permanent", False) for h in [*hp.fwd_hooks, *hp.bwd_hooks])]

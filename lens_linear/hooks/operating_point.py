@@ -184,10 +184,11 @@ class OperatingPoint:
         before its hook fired). Each site is perturbed in its own batch element; a site whose
         perturbation leaves the output bit-for-bit unchanged is ignored by the model."""
         out_name = output_hook(self.model)
-        ignored: list[str] = []
         patterns_frozen = any(s.kind == "attn" for s in self.sites)
         # q/k norms feed only the attention pattern: once it is frozen they cannot matter
         checked = [s for s in self.sites if not (patterns_frozen and s.kind == "norm" and ".attn." in s.name)]
+        ignored = [s.name for s in checked if s.name not in self.values]  # never fired at all
+        checked = [s for s in checked if s.name in self.values]
         for start in range(0, len(checked), batch):
             chunk = checked[start:start + batch]
             n = len(chunk) + 1
