@@ -44,9 +44,12 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def _quiet_bridge() -> Iterator[None]:
-    """Silence the bridge's notice that an edited ``hook_scale`` takes its python norm path."""
+    """Silence the bridge's notices about edited hook values: that an edited ``hook_scale``
+    takes its python norm path, and that a post-hoc ``hook_pattern`` edit is discarded (the
+    latter is detected and reported by :meth:`OperatingPoint.ignored_sites`)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*hook_scale/hook_normalized.*")
+        warnings.filterwarnings("ignore", message=r".*hook_pattern returned a modified tensor.*")
         yield
 
 

@@ -1,0 +1,94 @@
+"""Full detached Jacobian of the last position on SmolLM2: lens_linear vs autograd baselines.
+
+Baselines (the same frozen function, so all three compute the same matrix):
+* ``torch.autograd.functional.jacobian(vectorize=True)`` — the seed paper code's method;
+* ``torch.autograd.functional.jacobian(vectorize=False)`` — one backward per output row.
+lens_linear: one replay forward, then batched backward passes (``is_grads_batched``) in
+chunks sized to a memory bound. Peak memory is the largest resident-set growth seen by a
+sampling thread while each method runs (one process, methods run one after another).
+
+Usage: python benchmarks/jacobian.py [--lengths 8 32 128] [--skip-unvectorized-above 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import threading
+import time
+
+import torch
+
+import lens_linear as ll
+from lens_linear.hooks import INPUT_HOOK, detach_hooks, output_hook
+from lens_linear.hooks.operating_point import hooks_on
+
+TEXT = ("The bridge out of Marin is the most photographed bridge in the world, and on foggy "
+        "mornings its towers rise above the clouds while ferries cross the bay below. ") * 20
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn):
+    """(seconds, peak RSS growth in bytes, result)."""
+    gc.collect()
+    base, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss() - base)
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - t0
+    done.set()
+    thread.join()
+    return elapsed, max(peak[0], rss() - base), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--skip-unvectorized-above", type=int, default=1 << 30)
+    args = parser.parse_args()
+    model = ll.load_model()
+    out = output_hook(model)
+    all_tokens = model.to_tokens(TEXT)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.cfg.model_name}")
+    print(f"{'tokens':>6} {'method':<22} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'max |ΔJ|':>9}")
+    for n in args.lengths:
+        tokens = all_tokens[:, :n]
+
+        def ours():
+            return ll.run_with_linear_cache(model, tokens, check=False).jacobian()
+
+        def frozen(x):
+            got = {}
+            hooks = [(INPUT_HOOK, lambda v, hook: x[None])] + detach_hooks(model) + [(out, lambda v, hook: got.setdefault("y", v))]
+            with hooks_on(model, hooks):
+                model(tokens)
+            return got["y"][0, -1]
+
+        x = ll.run_with_linear_cache(model, tokens, check=False).x
+        t_ours, m_ours, j_ours = measure(ours)
+        rows = [("lens_linear", t_ours, m_ours, 0.0)]
+        for name, vec in (("autograd vectorize=True", True), ("autograd vectorize=False", False)):
+            if not vec and n > args.skip_unvectorized_above:
+                continue
+            t, m, j = measure(lambda: torch.autograd.functional.jacobian(frozen, x, vectorize=vec))
+            rows.append((name, t, m, float((j.transpose(0, 1) - j_ours).abs().max())))
+            del j
+        for name, t, m, diff in rows:
+            print(f"{n:>6} {name:<22} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {diff:9.1e}")
+        del j_ours
+
+
+if __name__ == "__main__":
+    main()
