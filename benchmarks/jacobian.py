@@ -13,6 +13,7 @@ Usage: python benchmarks/jacobian.py [--lengths 8 32 128] [--skip-unvectorized-a
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import threading
@@ -36,6 +37,7 @@ def rss() -> int:
 def measure(fn):
     """(seconds, peak RSS growth in bytes, result)."""
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so each method's growth is its own
     base, peak, done = rss(), [0], threading.Event()
 
     def sample():
@@ -62,7 +64,7 @@ def main() -> None:
     out = output_hook(model)
     all_tokens = model.to_tokens(TEXT)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.cfg.model_name}")
-    print(f"{'tokens':>6} {'method':<22} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'max |ΔJ|':>9}")
+    print(f"{'tokens':>6} {'method':<24} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max |ΔJ|':>9}")
     for n in args.lengths:
         tokens = all_tokens[:, :n]
 
@@ -86,7 +88,7 @@ def main() -> None:
             rows.append((name, t, m, float((j.transpose(0, 1) - j_ours).abs().max())))
             del j
         for name, t, m, diff in rows:
-            print(f"{n:>6} {name:<22} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {diff:9.1e}")
+            print(f"{n:>6} {name:<24} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {m / m_ours:10.2f} {diff:9.1e}")
         del j_ours
 
 

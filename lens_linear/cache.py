@@ -72,12 +72,13 @@ class LinearCache:
     """
 
     def __init__(self, model: Any, point: OperatingPoint, logits: torch.Tensor, activations: Any,
-                 pos: int, max_memory: int = DEFAULT_MEMORY, progress: bool = False):
+                 pos: int, max_memory: int = DEFAULT_MEMORY, progress: bool = False, complete: bool = False):
         self.model = model
         self.point = point
         self.tokens = point.tokens
         self.logits: Float[torch.Tensor, "pos d_vocab"] = logits[0]
-        self.activations = activations
+        self._activations = activations
+        self._complete = complete
         self.pos = pos
         self.output = output_hook(model)
         self.max_memory = max_memory
@@ -100,10 +101,23 @@ class LinearCache:
         """The input variable at the operating point (``blocks.0.hook_resid_pre``)."""
         return self.point.x_star
 
+    @property
+    def activations(self) -> Any:
+        """The ``ActivationCache`` of the recorded forward pass (with the coefficients frozen,
+        which leaves every value unchanged). Unless a ``names_filter`` was given, it is
+        filled on first use by running the same recording again: a Jacobian alone never
+        pays for caching every hook."""
+        if not self._complete:
+            with eval_mode(self.model), torch.no_grad(), hooks_on(self.model, self.point.hooks("record")):
+                _, self._activations = self.model.run_with_cache(self.tokens)
+            self._complete = True
+        return self._activations
+
     def activation(self, hook: str | None = None, pos: int | None = None) -> torch.Tensor:
         """The recorded activation at ``hook`` and position (flattened trailing dims)."""
         hook, pos = self._resolve(hook, pos)
-        return self.activations[hook][0, pos].reshape(-1)
+        cache = self._activations if hook in self._activations else self.activations
+        return cache[hook][0, pos].reshape(-1)
 
     def top_predictions(self, k: int = 5, pos: int | None = None) -> list[Prediction]:
         """The ``k`` most likely next tokens at ``pos`` with their probabilities."""
@@ -143,7 +157,7 @@ class LinearCache:
         key = (hook, pos, plain)
         if key not in self._jacobians:
             fn = self._plain_fn(hook, pos) if plain else (lambda x: self.point.replay(x, [hook])[hook][0, pos].reshape(-1))
-            d_out = self.activations[hook][0, pos].numel()
+            d_out = self.activation(hook, pos).numel()
             chunk = chunk_rows(d_out, self._row_bytes(), self.max_memory)
             with eval_mode(self.model):
                 jac = jacobian_of(fn, self.x, chunk, self.progress)  # [d_out, pos_in, d_in]
@@ -243,7 +257,8 @@ def run_with_linear_cache(
         fwd_hooks: your own hooks, active in the recording and in every replay.
         check: compute the final output's Jacobian now and raise
             :class:`LinearizationError` unless it reconstructs the output exactly.
-        names_filter: which activations the ``ActivationCache`` keeps (as ``run_with_cache``).
+        names_filter: which activations the ``ActivationCache`` keeps (as ``run_with_cache``);
+            by default all of them, recorded on first access to ``lcache.activations``.
         max_memory: bytes of backward intermediates per batched-VJP chunk.
         progress: show a progress bar while Jacobians are computed.
 
@@ -257,16 +272,18 @@ def run_with_linear_cache(
     keep = _with_output(names_filter, output_hook(model))
     with eval_mode(model):
         point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep)
-    lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress)
+    lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress,
+                         complete=names_filter is not None)
     if check:
         lcache.check()
     return lcache
 
 
 def _with_output(names_filter: Any, output: str) -> Any:
-    """A ``names_filter`` that always keeps the default output (needed for reconstruction)."""
+    """A ``names_filter`` that always keeps the default output (needed for reconstruction);
+    none given: only the output, the full cache is filled when first asked for."""
     if names_filter is None:
-        return None
+        return [output]
     if isinstance(names_filter, str):
         names_filter = [names_filter]
     if callable(names_filter):

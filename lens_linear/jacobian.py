@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-DEFAULT_MEMORY = 1 << 30  # bytes of backward intermediates per chunk
+DEFAULT_MEMORY = 256 << 20  # bytes of backward intermediates per chunk; smaller chunks also run faster on CPU caches
 
 
 def chunk_rows(d_out: int, row_bytes: int, max_memory: int = DEFAULT_MEMORY) -> int:

@@ -39,6 +39,9 @@ def test_reconstruction_and_bias_split(case, dtype, tol):
 def test_replay_reproduces_forward_and_jvp(tiny):
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     out = lc.output
+    recorded = lc.activation()
+    assert torch.equal(lc.activations[out][0, lc.pos], recorded)  # the full cache, filled later, agrees
+    assert "blocks.0.hook_resid_pre" in lc.activations
     replayed = lc.point.replay(lc.x, [out])[out][0]
     assert rel(replayed, lc.activations[out][0]) <= 1e-6
     v = torch.randn(lc.x.shape, generator=torch.Generator().manual_seed(1))
