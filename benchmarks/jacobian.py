@@ -22,8 +22,7 @@ import time
 import torch
 
 import lens_linear as ll
-from lens_linear.hooks import INPUT_HOOK, detach_hooks, output_hook
-from lens_linear.hooks.operating_point import hooks_on
+from lens_linear.hooks import detached_function
 
 TEXT = ("The bridge out of Marin is the most photographed bridge in the world, and on foggy "
         "mornings its towers rise above the clouds while ferries cross the bay below. ") * 20
@@ -61,7 +60,6 @@ def main() -> None:
     parser.add_argument("--skip-unvectorized-above", type=int, default=1 << 30)
     args = parser.parse_args()
     model = ll.load_model()
-    out = output_hook(model)
     all_tokens = model.to_tokens(TEXT)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.cfg.model_name}")
     print(f"{'tokens':>6} {'method':<24} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max |ΔJ|':>9}")
@@ -71,12 +69,7 @@ def main() -> None:
         def ours():
             return ll.run_with_linear_cache(model, tokens, check=False).jacobian()
 
-        def frozen(x):
-            got = {}
-            hooks = [(INPUT_HOOK, lambda v, hook: x[None])] + detach_hooks(model) + [(out, lambda v, hook: got.setdefault("y", v))]
-            with hooks_on(model, hooks):
-                model(tokens)
-            return got["y"][0, -1]
+        frozen = detached_function(model, tokens)
 
         x = ll.run_with_linear_cache(model, tokens, check=False).x
         t_ours, m_ours, j_ours = measure(ours)

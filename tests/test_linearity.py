@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import lens_linear as ll
-from lens_linear.hooks import INPUT_HOOK, detach_hooks, find_sites, output_hook
-from lens_linear.hooks.operating_point import hooks_on
+from lens_linear.hooks import detach_hooks, detached_function, find_sites
 from lens_linear.tiny import tiny_hf_model
 
 from conftest import CASE_IDS, CASES, PROMPT, cached_tiny, hooks_left, rel
@@ -55,15 +54,7 @@ def test_replay_reproduces_forward_and_jvp(tiny):
 def test_detached_autograd_equals_replay(tiny):
     """Two views of one map: autograd through the detach hooks at x*, and replay."""
     lc = ll.run_with_linear_cache(tiny, PROMPT)
-    tokens, out = lc.tokens, lc.output
-
-    def through_detach_hooks(x):
-        got = {}
-        hooks = [(INPUT_HOOK, lambda v, hook: x[None])] + detach_hooks(tiny) + [(out, lambda v, hook: got.setdefault("y", v))]
-        with hooks_on(tiny, hooks):
-            tiny(tokens)
-        return got["y"][0, -1]
-
+    through_detach_hooks = detached_function(tiny, lc.tokens)
     jac = torch.autograd.functional.jacobian(through_detach_hooks, lc.x, vectorize=False)  # [d_out, pos, d_in]
     assert rel(jac.transpose(0, 1), lc.jacobian()) <= 1e-5
 

@@ -1,8 +1,8 @@
 """Detach hooks, the operating point and its replay (one mechanism, every architecture)."""
 
-from lens_linear.hooks.detach import detach_hooks, detached
+from lens_linear.hooks.detach import detach_hooks, detached, detached_function
 from lens_linear.hooks.operating_point import INPUT_HOOK, OperatingPoint, output_hook
 from lens_linear.hooks.sites import PARTS, Site, find_sites
 
-__all__ = ["detach_hooks", "detached", "OperatingPoint", "INPUT_HOOK", "output_hook", "PARTS",
+__all__ = ["detach_hooks", "detached", "detached_function", "OperatingPoint", "INPUT_HOOK", "output_hook", "PARTS",
            "Site", "find_sites"]

@@ -7,10 +7,12 @@ input embeddings follows a purely linear path: its Jacobian is the detached Jaco
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
 
 from lens_linear._validation import require_tl_model
-from lens_linear.hooks.operating_point import Hook, _quiet_bridge, site_hooks
+from lens_linear.hooks.operating_point import INPUT_HOOK, Hook, _quiet_bridge, hooks_on, output_hook, site_hooks
 from lens_linear.hooks.sites import PARTS, find_sites
 
 
@@ -40,3 +42,25 @@ def detached(model: Any, parts: Sequence[str] = PARTS) -> Iterator[Any]:
     hooks = detach_hooks(model, parts)
     with _quiet_bridge(), model.hooks(fwd_hooks=hooks):
         yield model
+
+
+def detached_function(model: Any, tokens: torch.Tensor, hook: str | None = None, pos: int = -1,
+                      parts: Sequence[str] = PARTS) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x ↦ y``: the activation at ``hook[pos]`` as a function of the input variable
+    (``blocks.0.hook_resid_pre``, shape ``[pos, d_model]``), with the detach hooks on.
+
+    Hand it to any autograd tool (``torch.autograd.functional.jacobian``, ``torch.func``):
+    its Jacobian at the model's own input is J⁺.
+    """
+    require_tl_model(model)
+    hook = hook or output_hook(model)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        got: dict[str, torch.Tensor] = {}
+        hooks = ([(INPUT_HOOK, lambda v, hook: x[None].to(v.dtype))] + detach_hooks(model, parts)
+                 + [(hook, lambda v, hook: got.setdefault("y", v))])
+        with hooks_on(model, hooks):
+            model(tokens)
+        return got["y"][0, pos].reshape(-1)
+
+    return fn
