@@ -13,8 +13,8 @@ from lens_linear._validation import (LinearizationError, normalize_position, req
                                      require_tl_model, tolerance)
 from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, _rel_err,
                                                hooks_on, output_hook)
-from lens_linear.hooks.sites import PARTS
-from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows, jacobian_of
+from lens_linear.hooks.sites import PARTS, layer_of
+from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows, forward_jacobians, jacobian_of
 
 
 @dataclass(frozen=True)
@@ -134,16 +134,20 @@ class LinearCache:
         return hook, normalize_position(self.pos if pos is None else pos, self.n_pos)
 
     def _row_bytes(self) -> int:
+        """Bytes one backward row (or one forward direction) keeps alive, roughly."""
         cfg = self.model.cfg
         width = 8 * cfg.d_model + 4 * (cfg.d_mlp or 4 * cfg.d_model) + 4 * cfg.n_heads * self.n_pos
         return self.x.element_size() * self.n_pos * width
 
-    def jacobian(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "pos_in d_out d_in"]:
+    def jacobian(self, hook: str | None = None, pos: int | None = None,
+                 source: str | None = None) -> Float[torch.Tensor, "pos_in d_out d_in"]:
         """Detached Jacobian of ``hook`` at ``pos`` w.r.t. the input at every position.
 
-        One replay forward through the frozen map, then chunked batched VJPs.
+        ``source`` (default: the input embeddings, ``blocks.0.hook_resid_pre``) may be any
+        earlier hook, e.g. ``blocks.3.hook_resid_pre``: the Jacobian is then that of the frozen
+        map from there on. One replay forward, then chunked batched VJPs; memoized.
         """
-        return self._jacobian(hook, pos, plain=False)
+        return self._jacobian(hook, pos, plain=False, source=source)
 
     def __getitem__(self, hook: str) -> Float[torch.Tensor, "pos_in d_out d_in"]:
         return self.jacobian(hook)
@@ -152,17 +156,69 @@ class LinearCache:
         """The ordinary Jacobian (nothing frozen), for comparison: it does not reconstruct."""
         return self._jacobian(hook, pos, plain=True)
 
-    def _jacobian(self, hook: str | None, pos: int | None, plain: bool) -> torch.Tensor:
+    def _source_value(self, source: str) -> torch.Tensor:
+        return self.x if source == INPUT_HOOK else self.activations[source][0]
+
+    def _jacobian(self, hook: str | None, pos: int | None, plain: bool, source: str | None = None) -> torch.Tensor:
         hook, pos = self._resolve(hook, pos)
-        key = (hook, pos, plain)
+        source = source or INPUT_HOOK
+        require_hook(self.model, source)
+        key = (hook, pos, plain, source)
         if key not in self._jacobians:
-            fn = self._plain_fn(hook, pos) if plain else (lambda x: self.point.replay(x, [hook])[hook][0, pos].reshape(-1))
+            if plain:
+                fn = self._plain_fn(hook, pos)
+            else:
+                fn = lambda x: self.point.replay(x, [hook], source)[hook][0, pos].reshape(-1)  # noqa: E731
             d_out = self.activation(hook, pos).numel()
             chunk = chunk_rows(d_out, self._row_bytes(), self.max_memory)
             with eval_mode(self.model):
-                jac = jacobian_of(fn, self.x, chunk, self.progress)  # [d_out, pos_in, d_in]
+                jac = jacobian_of(fn, self._source_value(source), chunk, self.progress)  # [d_out, pos_in, d_in]
             self._jacobians[key] = jac.transpose(0, 1).contiguous()
         return self._jacobians[key]
+
+    def jacobians(self, hooks: Sequence[str] | None = None, pos: int | None = None,
+                  method: str = "auto") -> dict[str, Float[torch.Tensor, "pos_in d_out d_in"]]:
+        """Detached Jacobians of many hooks at once (default: every ``hook_resid_post``).
+
+        ``method="forward"`` replays one input direction per batch element: every hook's
+        Jacobian comes out of the same forward passes, costing about
+        ``positions · d_model · depth`` layer passes in all. ``"reverse"`` runs batched VJPs per
+        hook, about ``Σ_hooks depth · d_out · 2``. ``"auto"`` takes the cheaper by that count
+        (forward wins for short prompts and many layers).
+        """
+        hooks = list(hooks or [f"blocks.{l}.hook_resid_post" for l in range(self.model.cfg.n_layers)])
+        pos = self._resolve(None, pos)[1]
+        for hook in hooks:
+            self._resolve(hook, pos)
+        todo = [h for h in hooks if (h, pos, False, INPUT_HOOK) not in self._jacobians]
+        if method not in ("auto", "forward", "reverse"):
+            raise ValueError(f"method must be 'auto', 'forward' or 'reverse', got {method!r}")
+        if todo and method == "auto":
+            depth = {h: (layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers) for h in todo}
+            reverse = sum(2 * depth[h] * self.activation(h, pos).numel() for h in todo)
+            forward = self.x.numel() * max(depth.values())
+            method = "forward" if forward < reverse else "reverse"
+        if todo and method == "forward":
+            def apply(x: torch.Tensor) -> dict[str, torch.Tensor]:
+                out = self.point.replay(x, todo)
+                return {h: v[:, pos].reshape(x.shape[0], -1) for h, v in out.items()}
+
+            chunk = chunk_rows(self.x.numel(), self._row_bytes() // 2, self.max_memory, cap=512)
+            with eval_mode(self.model):
+                for h, jac in forward_jacobians(apply, self.x, chunk, self.progress).items():
+                    self._jacobians[(h, pos, False, INPUT_HOOK)] = jac
+        return {h: self.jacobian(h, pos) for h in hooks}
+
+    def layerwise_jacobian(self, layer: int, pos: int | None = None,
+                           cumulative: bool = False) -> Float[torch.Tensor, "pos_in d_model d_model"]:
+        """The map of block ``layer`` from its input residual stream (every position) to its
+        output at ``pos``; with ``cumulative``, the map from the input embeddings up to it."""
+        n_layers = self.model.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+            raise IndexError(f"layer={layer} is out of range for a model with {n_layers} layers")
+        layer %= n_layers
+        out = f"blocks.{layer}.hook_resid_post"
+        return self.jacobian(out, pos, source=None if cumulative else f"blocks.{layer}.hook_resid_pre")
 
     def _plain_fn(self, hook: str, pos: int):
         def fn(x: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,9 @@ MAX_ROWS = 128  # beyond this a chunk only costs memory: measured on 2 CPU cores
 # rows took 17 s and one 576-row batch 27 s.
 
 
-def chunk_rows(d_out: int, row_bytes: int, max_memory: int = DEFAULT_MEMORY) -> int:
-    """How many cotangent rows fit in ``max_memory`` when one row costs ``row_bytes``."""
-    return max(1, min(d_out, MAX_ROWS, max_memory // max(1, row_bytes)))
+def chunk_rows(d_out: int, row_bytes: int, max_memory: int = DEFAULT_MEMORY, cap: int = MAX_ROWS) -> int:
+    """How many rows (cotangents, or input directions) fit in ``max_memory``, at most ``cap``."""
+    return max(1, min(d_out, cap, max_memory // max(1, row_bytes)))
 
 
 def batched_vjp_jacobian(
@@ -71,3 +71,32 @@ def jacobian_of(
     with torch.enable_grad():
         y = fn(x)
         return batched_vjp_jacobian(y, x, chunk_size, progress)
+
+
+def forward_jacobians(
+    apply: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    x: Float[torch.Tensor, "pos d_in"],
+    chunk_size: int,
+    progress: bool = False,
+) -> dict[str, Float[torch.Tensor, "pos_in d_out d_in"]]:
+    """Jacobians of an affine map at many outputs at once, one input direction at a time.
+
+    ``apply`` maps a batch of inputs ``[batch, pos, d_in]`` to ``{name: [batch, d_out]}`` and
+    must be affine (a replay of the frozen map). ``J e = (F(s e) − F(0)) / s`` for each basis
+    direction ``e``: one batched forward gives a column of every requested Jacobian. The
+    scale ``s`` (the inputs' typical norm) keeps cancellation against large biases small.
+    """
+    n_pos, d_in = x.shape
+    n_dir = n_pos * d_in
+    scale = float(x.norm(dim=-1).mean().clamp_min(1.0))
+    with torch.no_grad():
+        base = apply(torch.zeros_like(x)[None])
+        cols: dict[str, list[torch.Tensor]] = {name: [] for name in base}
+        for start in tqdm(range(0, n_dir, chunk_size), desc="Jacobians (forward)", disable=not progress, leave=False):
+            idx = torch.arange(start, min(start + chunk_size, n_dir), device=x.device)
+            basis = torch.zeros(len(idx), n_dir, dtype=x.dtype, device=x.device)
+            basis[torch.arange(len(idx)), idx] = scale
+            out = apply(basis.view(len(idx), n_pos, d_in))
+            for name, value in out.items():
+                cols[name].append((value - base[name]) / scale)
+    return {name: torch.cat(c).view(n_pos, d_in, -1).transpose(1, 2).contiguous() for name, c in cols.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -216,29 +217,52 @@ class OperatingPoint:
         store = self.values if mode == "replay" else {}
         return self.fwd_hooks + site_hooks(self.model, self.sites, store, mode)
 
-    def replay(self, x: Float[torch.Tensor, "batch pos d_model"], names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Run the frozen map ``F`` on inputs ``x``; return the activations at ``names``.
+    def replay(self, x: Float[torch.Tensor, "batch pos d_in"], names: Sequence[str],
+               source: str = INPUT_HOOK) -> dict[str, torch.Tensor]:
+        """Run the frozen map on inputs ``x`` placed at hook ``source``; return ``names``.
 
-        Differentiable: with ``x.requires_grad`` the outputs carry the graph of ``F``.
+        With the default source this is ``F``, the map from the input embeddings. Any other
+        source (``blocks.5.hook_resid_pre``, say) replays the frozen map from that point on:
+        everything downstream is affine in ``x``. Differentiable: with ``x.requires_grad``
+        the outputs carry the graph.
         """
-        for name in names:
+        for name in [source, *names]:
             require_hook(self.model, name)
         if x.ndim == 2:
             x = x.unsqueeze(0)
-        if x.shape[1:] != self.x_star.shape:
+        if source == INPUT_HOOK and x.shape[1:] != self.x_star.shape:
             raise ValueError(f"replay input must have shape [batch, {self.x_star.shape[0]}, "
                              f"{self.x_star.shape[1]}], got {tuple(x.shape)}")
         out: dict[str, torch.Tensor] = {}
-        inject = (INPUT_HOOK, lambda value, hook: x.to(value.dtype))
-        capture = [(n, lambda v, hook, n=n: out.__setitem__(n, v)) for n in names]
-        tokens = self.tokens.expand(x.shape[0], -1)
-        run_hooks(self.model, tokens, [inject] + self.hooks("replay") + capture)
+
+        def inject(value: torch.Tensor, hook: Any) -> torch.Tensor:
+            if value.shape != x.shape:
+                raise ValueError(f"replay input for {source} must have shape {tuple(value.shape)}, "
+                                 f"got {tuple(x.shape)}")
+            return x.to(value.dtype)
+
+        wanted = set(names)
+
+        def capture(value: torch.Tensor, hook: Any, name: str) -> None:
+            out[name] = value
+            if wanted.issubset(out):
+                raise _Stop  # nothing downstream is needed: skip later layers and the unembedding
+
+        hooks = self.hooks("replay") + [(source, inject)] + [(n, partial(capture, name=n)) for n in wanted]
+        try:
+            run_hooks(self.model, self.tokens.expand(x.shape[0], -1), hooks)
+        except _Stop:
+            pass
         return out
 
-    def bias_term(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``F(0)`` at each hook: what the frozen map adds with no input (0 without biases)."""
+    def bias_term(self, names: Sequence[str], source: str = INPUT_HOOK,
+                  like: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``F(0)`` at each hook: what the frozen map adds with no input (0 without biases).
+
+        For another ``source``, ``like`` is a value of that hook (it sets the shape)."""
+        zero = torch.zeros_like(self.x_star if like is None else like)
         with torch.no_grad():
-            return {n: v[0] for n, v in self.replay(torch.zeros_like(self.x_star), names).items()}
+            return {n: v[0] for n, v in self.replay(zero, names, source).items()}
 
     def bias_contributions(self, name: str) -> dict[str, torch.Tensor]:
         """Split ``F(0)`` at ``name`` (all positions) exactly into one term per bias.
@@ -303,6 +327,10 @@ class OperatingPoint:
             if err > tol:
                 return int(name.split(".")[1]), err
         return None, None
+
+
+class _Stop(Exception):
+    """Ends a replay forward once every requested activation is captured."""
 
 
 def _is_bias(name: str) -> bool:
