@@ -74,29 +74,34 @@ def jacobian_of(
 
 
 def forward_jacobians(
-    apply: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    x: Float[torch.Tensor, "pos d_in"],
+    apply: Callable[[int, torch.Tensor], dict[str, torch.Tensor]],
+    n_pos: int,
+    d_in: int,
+    pos: int,
     chunk_size: int,
+    like: torch.Tensor,
     progress: bool = False,
 ) -> dict[str, Float[torch.Tensor, "pos_in d_out d_in"]]:
-    """Jacobians of an affine map at many outputs at once, one input direction at a time.
+    """Jacobians of a frozen causal map at many outputs at once, one input direction each.
 
-    ``apply`` maps a batch of inputs ``[batch, pos, d_in]`` to ``{name: [batch, d_out]}`` and
-    must be affine (a replay of the frozen map). ``J e = (F(s e) − F(0)) / s`` for each basis
-    direction ``e``: one batched forward gives a column of every requested Jacobian. The
-    scale ``s`` (the inputs' typical norm) keeps cancellation against large biases small.
+    ``apply(start, x)`` runs the map on the suffix of the sequence that begins at position
+    ``start`` (inputs ``[batch, n_pos - start, d_in]``) and returns ``{name: [batch, d_out]}``
+    at output position ``pos``. A direction at input position ``i`` cannot reach positions
+    before ``i`` (causal attention), and once the patterns are frozen nothing depends on
+    absolute position, so it is run on positions ``i..`` only: half the work of full-length
+    passes. Each batch carries one zero input, subtracted from the others (``J e = F(e) − F(0)``).
     """
-    n_pos, d_in = x.shape
-    n_dir = n_pos * d_in
-    scale = float(x.norm(dim=-1).mean().clamp_min(1.0))
+    cols: dict[str, list[torch.Tensor]] = {}
+    zero = None
+    steps = [(i, k) for i in range(pos + 1) for k in range(0, d_in, chunk_size)]
     with torch.no_grad():
-        base = apply(torch.zeros_like(x)[None])
-        cols: dict[str, list[torch.Tensor]] = {name: [] for name in base}
-        for start in tqdm(range(0, n_dir, chunk_size), desc="Jacobians (forward)", disable=not progress, leave=False):
-            idx = torch.arange(start, min(start + chunk_size, n_dir), device=x.device)
-            basis = torch.zeros(len(idx), n_dir, dtype=x.dtype, device=x.device)
-            basis[torch.arange(len(idx)), idx] = scale
-            out = apply(basis.view(len(idx), n_pos, d_in))
-            for name, value in out.items():
-                cols[name].append((value - base[name]) / scale)
-    return {name: torch.cat(c).view(n_pos, d_in, -1).transpose(1, 2).contiguous() for name, c in cols.items()}
+        for i, k in tqdm(steps, desc="Jacobians (forward)", disable=not progress, leave=False):
+            dims = torch.arange(k, min(k + chunk_size, d_in), device=like.device)
+            x = torch.zeros(len(dims) + 1, n_pos - i, d_in, dtype=like.dtype, device=like.device)
+            x[torch.arange(len(dims)), 0, dims] = 1.0
+            for name, value in apply(i, x).items():
+                cols.setdefault(name, []).append(value[:-1] - value[-1:])
+        zero = {name: torch.zeros((n_pos - pos - 1) * d_in, c[0].shape[-1], dtype=like.dtype, device=like.device)
+                for name, c in cols.items()}  # inputs after pos do not reach it
+    return {name: torch.cat([*c, zero[name]]).view(n_pos, d_in, -1).transpose(1, 2).contiguous()
+            for name, c in cols.items()}

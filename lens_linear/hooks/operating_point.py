@@ -218,19 +218,22 @@ class OperatingPoint:
         return self.fwd_hooks + site_hooks(self.model, self.sites, store, mode)
 
     def replay(self, x: Float[torch.Tensor, "batch pos d_in"], names: Sequence[str],
-               source: str = INPUT_HOOK) -> dict[str, torch.Tensor]:
+               source: str = INPUT_HOOK, start: int = 0) -> dict[str, torch.Tensor]:
         """Run the frozen map on inputs ``x`` placed at hook ``source``; return ``names``.
 
         With the default source this is ``F``, the map from the input embeddings. Any other
         source (``blocks.5.hook_resid_pre``, say) replays the frozen map from that point on:
         everything downstream is affine in ``x``. Differentiable: with ``x.requires_grad``
-        the outputs carry the graph.
+        the outputs carry the graph. ``start > 0`` replays positions ``start..`` alone, with
+        every frozen value cut to them: exact for the map's linear part (biases zeroed), since
+        frozen patterns make the map blind to absolute position and causal attention keeps
+        earlier positions out of later ones.
         """
         for name in [source, *names]:
             require_hook(self.model, name)
         if x.ndim == 2:
             x = x.unsqueeze(0)
-        if source == INPUT_HOOK and x.shape[1:] != self.x_star.shape:
+        if source == INPUT_HOOK and x.shape[1:] != self.x_star[start:].shape:
             raise ValueError(f"replay input must have shape [batch, {self.x_star.shape[0]}, "
                              f"{self.x_star.shape[1]}], got {tuple(x.shape)}")
         out: dict[str, torch.Tensor] = {}
@@ -248,9 +251,12 @@ class OperatingPoint:
             if wanted.issubset(out):
                 raise _Stop  # nothing downstream is needed: skip later layers and the unembedding
 
-        hooks = self.hooks("replay") + [(source, inject)] + [(n, partial(capture, name=n)) for n in wanted]
+        store = self.values if start == 0 else {name: _from_position(self.sites, name, v, start)
+                                                   for name, v in self.values.items()}
+        hooks = (self.fwd_hooks + site_hooks(self.model, self.sites, store, "replay") + [(source, inject)]
+                 + [(n, partial(capture, name=n)) for n in wanted])
         try:
-            run_hooks(self.model, self.tokens.expand(x.shape[0], -1), hooks)
+            run_hooks(self.model, self.tokens[:, start:].expand(x.shape[0], -1), hooks)
         except _Stop:
             pass
         return out
@@ -274,22 +280,10 @@ class OperatingPoint:
         ``finally``: ``torch.func.functional_call`` would not touch the model, but on a
         TransformerBridge it leaves the substituted tensors behind.
         """
-        biases = bias_tensors(self.model)
-        saved = {n: t.detach().clone() for n, t in biases.items()}
         parts: dict[str, torch.Tensor] = {}
-        try:
-            with torch.no_grad():
-                for t in biases.values():
-                    t.zero_()
-                for bias_name, t in biases.items():
-                    t.copy_(saved[bias_name])
-                    parts[bias_name] = self.bias_term([name])[name]
-                    t.zero_()
-                parts["(other)"] = self.bias_term([name])[name]
-        finally:
-            with torch.no_grad():
-                for bias_name, t in biases.items():
-                    t.copy_(saved[bias_name])
+        for bias_name in [*bias_tensors(self.model), None]:
+            with biases_zeroed(self.model, keep=bias_name):
+                parts[bias_name or "(other)"] = self.bias_term([name])[name]
         return parts
 
     def jvp(self, v: Float[torch.Tensor, "pos d_model"], name: str) -> torch.Tensor:
@@ -327,6 +321,33 @@ class OperatingPoint:
             if err > tol:
                 return int(name.split(".")[1]), err
         return None, None
+
+
+def _from_position(sites: Sequence[Site], name: str, value: torch.Tensor, start: int) -> torch.Tensor:
+    """A frozen value cut to positions ``start..`` (patterns on both query and key axes)."""
+    kind = next(s.kind for s in sites if s.name == name)
+    return value[:, :, start:, start:] if kind == "attn" else value[:, start:]
+
+
+@contextlib.contextmanager
+def biases_zeroed(model: torch.nn.Module, keep: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Zero every bias (but ``keep``) in place; restore them bit-for-bit on exit, even on error.
+
+    ``torch.func.functional_call`` would not touch the model, but on a TransformerBridge it
+    leaves the substituted tensors behind, so the swap is done by hand.
+    """
+    biases = bias_tensors(model)
+    saved = {n: t.detach().clone() for n, t in biases.items()}
+    try:
+        with torch.no_grad():
+            for name, t in biases.items():
+                if name != keep:
+                    t.zero_()
+        yield biases
+    finally:
+        with torch.no_grad():
+            for name, t in biases.items():
+                t.copy_(saved[name])
 
 
 class _Stop(Exception):

@@ -1,0 +1,57 @@
+"""Jacobians of every ``hook_resid_post`` at the last position, SmolLM2: ours vs a per-layer loop.
+
+Baseline: the seed paper code's method, one ``torch.autograd.functional.jacobian(vectorize=True)``
+call per layer on the detached function (each call runs the full model forward).
+
+Cost model used to choose the engine (n positions, d = d_model, L layers, token-layer passes):
+* reverse, one batched-VJP Jacobian per layer: n · d · Σ_l (l + 1) ≈ L² · n · d / 2;
+* forward replay products, one pass per input direction, all layers read off it, a
+  direction at position i run on positions i.. only: d · L · n(n + 1)/2 ≈ L · n² · d / 2.
+Forward wins when n < L (short prompts, deep models), reverse for long prompts; a forward
+token-layer pass costs ~1.8 backward rows here, which moves the break-even to n ≈ L / 1.8.
+Peak memory: resident-set growth per method, sampled, with freed memory handed back
+between methods (one process).
+
+Usage: python benchmarks/layers.py [--lengths 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import lens_linear as ll
+from lens_linear.hooks import detached_function
+
+from jacobian import TEXT, measure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32])
+    args = parser.parse_args()
+    model = ll.load_model()
+    hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    all_tokens = model.to_tokens(TEXT)
+    print(f"{'tokens':>6} {'method':<30} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max rel ΔJ':>10}")
+    for n in args.lengths:
+        tokens = all_tokens[:, :n]
+        t_ours, m_ours, ours = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False).jacobians(hooks))
+        engine = ll.run_with_linear_cache(model, tokens, check=False)._cheaper(hooks, n - 1)
+        x = ll.run_with_linear_cache(model, tokens, check=False).x
+
+        def loop():
+            return {h: torch.autograd.functional.jacobian(detached_function(model, tokens, h), x, vectorize=True)
+                    for h in hooks}
+
+        t_base, m_base, base = measure(loop)
+        err = max(float((base[h].transpose(0, 1) - ours[h]).norm() / base[h].norm()) for h in hooks)
+        print(f"{n:>6} {'lens_linear (' + engine + ')':<30} {t_ours:8.1f} {m_ours / 2**20:8.0f} {1:8.2f} {1:10.2f} {0:10.1e}")
+        print(f"{n:>6} {'per-layer vectorize=True loop':<30} {t_base:8.1f} {m_base / 2**20:8.0f} "
+              f"{t_base / t_ours:8.2f} {m_base / m_ours:10.2f} {err:10.1e}", flush=True)
+        del ours, base
+
+
+if __name__ == "__main__":
+    main()
