@@ -13,6 +13,8 @@ from lens_linear._validation import (LinearizationError, normalize_position, req
                                      require_tl_model, tolerance)
 from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, _rel_err,
                                                biases_zeroed, hooks_on, output_hook)
+from lens_linear import decode
+from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows, forward_jacobians, jacobian_of
 
@@ -264,9 +266,47 @@ class LinearCache:
         hook, pos = self._resolve(hook, pos)
         return {k: v[pos].reshape(-1) for k, v in self.point.bias_contributions(hook).items()}
 
-    def contributions(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "pos_in d_out"]:
-        """``J_i x_i`` for every input position ``i``; with the bias term they sum to the activation."""
-        return torch.einsum("pod,pd->po", self._jacobian(hook, pos, False), self.x)
+    def contributions(self, hook: str | None = None, pos: int | None = None,
+                      by: str = "position") -> Float[torch.Tensor, "pos_in d_out"] | dict[str, torch.Tensor]:
+        """Exact additive parts of the activation at ``hook[pos]``; with the bias term they sum to it.
+
+        ``by="position"``: ``J_i x_i`` per input position, ``[pos_in, d_out]`` (add
+        :meth:`bias_term_at`). ``by="component"``: for a residual-stream hook or the output,
+        ``{"embed", "blocks.L.attn", "blocks.L.mlp", ..., "bias"}``: each component's own output
+        at ``pos`` (the direct path), carried through the frozen final norm for the output;
+        ``"bias"`` is what the final norm adds.
+        """
+        if by == "position":
+            return torch.einsum("pod,pd->po", self._jacobian(hook, pos, False), self.x)
+        if by != "component":
+            raise ValueError(f"by must be 'position' or 'component', got {by!r}")
+        hook, pos = self._resolve(hook, pos)
+        n_layers = self.model.cfg.n_layers
+        if hook == self.output:
+            upto, lens = n_layers, self._readout(f"blocks.{n_layers - 1}.hook_resid_post", pos)
+        elif layer_of(hook) is not None and hook.rsplit(".", 1)[-1] in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
+            upto, lens = layer_of(hook) + (hook.endswith("post")), None
+        else:
+            raise ValueError(f"by='component' needs a residual-stream hook (hook_resid_pre/mid/post) or "
+                             f"the output {self.output!r}, got {hook!r}")
+        names = [("embed", INPUT_HOOK)]
+        for layer in range(upto):
+            names += [(f"blocks.{layer}.attn", f"blocks.{layer}.hook_attn_out"),
+                      (f"blocks.{layer}.mlp", f"blocks.{layer}.hook_mlp_out")]
+        if hook.endswith("hook_resid_mid"):
+            names.append((f"blocks.{upto}.attn", f"blocks.{upto}.hook_attn_out"))
+        parts = {label: self.activations[name][0, pos] for label, name in names}
+        resid = sum(parts.values())
+        target = self.activation(f"blocks.{n_layers - 1}.hook_resid_post" if lens is not None else hook, pos)
+        if _rel_err(resid, target) > 10 * tolerance(self.x.dtype):
+            raise ValueError(f"the residual stream of {self.model.cfg.model_name} is not the sum of "
+                             f"hook_embed/hook_attn_out/hook_mlp_out (relative error "
+                             f"{_rel_err(resid, target):.1e}): a component decomposition would be wrong here")
+        if lens is None:
+            return {**parts, "bias": torch.zeros_like(resid)}
+        out = {label: lens @ v for label, v in parts.items()}
+        out["bias"] = self.activation(hook, pos) - lens @ target
+        return out
 
     def reconstruction(self, hook: str | None = None, pos: int | None = None, plain: bool = False) -> torch.Tensor:
         """``Σ_i J_i x_i + bias_term`` (with the plain Jacobian if ``plain``)."""
@@ -301,6 +341,86 @@ class LinearCache:
                 f"or a component without a freezing rule (MoE router, attention pattern the model "
                 f"reads before hook_pattern fires).", layer=layer, error=err)
         return err
+
+    # ---- SVD, decoding, dimensionality ------------------------------------------------
+    def svd(self, hook: str | None = None, position: int | str = "all", k: int | None = None,
+            pos: int | None = None) -> SVDResult:
+        """SVD of the Jacobian of ``hook`` at output ``pos``: for one input ``position``, or
+        for all input positions side by side (``"all"``). ``k`` triplets (default 10)."""
+        hook, pos = self._resolve(hook, pos)
+        jac = self.jacobian(hook, pos)
+        if position != "all":
+            position = normalize_position(position, self.n_pos, "position")
+        return decode.svd(jac, hook, position, k, self.activation(hook, pos))
+
+    def _readout(self, hook: str, pos: int) -> torch.Tensor | None:
+        """The frozen final norm's linear map at ``pos`` (``[d_model, d_model]``), to read an
+        intermediate residual the way the output is read (a logit lens on the frozen map)."""
+        if hook == self.output:
+            return None
+        final_resid = f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
+        return self.jacobian(self.output, pos, source=final_resid)[pos]
+
+    def decode(self, hook: str | None = None, position: int | str = "all", k: int = 3, n: int = 5,
+               readout: bool = True, pos: int | None = None) -> list[Direction]:
+        """The top ``k`` singular triplets as tokens: left vectors through the unembedding
+        (after the frozen final norm when ``readout`` and ``hook`` is an intermediate residual),
+        right vectors as the nearest input-token embeddings."""
+        hook, pos = self._resolve(hook, pos)
+        result = self.svd(hook, position, k, pos)
+        decode.check_output_space(self.model, result.U.shape[0], hook)
+        lens = self._readout(hook, pos) if readout else None
+        out = []
+        for j in range(result.S.shape[0]):
+            u = result.U[:, j] if lens is None else lens @ result.U[:, j]
+            # all positions: read the right vector at the input position where it is largest
+            where = position if position != "all" else int(result.V[:, :, j].norm(dim=-1).argmax())
+            v = result.V[0 if position != "all" else where, :, j]
+            out.append(Direction(j, float(result.S[j]), decode.output_tokens(self.model, u, n),
+                                 decode.input_tokens(self.model, v, n), where))
+        return out
+
+    def top_rows(self, position: int, hook: str | None = None, n_rows: int = 3, n: int = 5,
+                 pos: int | None = None) -> list[Direction]:
+        """Rows of largest norm of input ``position``'s Jacobian: the input features that
+        the most strongly driven output units select for, as nearest input tokens."""
+        hook, pos = self._resolve(hook, pos)
+        jac = self.jacobian(hook, pos)[normalize_position(position, self.n_pos, "position")]
+        norms = jac.norm(dim=1)
+        idx = norms.topk(min(n_rows, len(norms))).indices
+        return [Direction(int(i), float(norms[i]), None, decode.input_tokens(self.model, jac[i], n)) for i in idx]
+
+    def top_columns(self, position: int, hook: str | None = None, n_cols: int = 3, n: int = 5,
+                    pos: int | None = None) -> list[Direction]:
+        """Columns of largest norm of input ``position``'s Jacobian, read through the unembedding."""
+        hook, pos = self._resolve(hook, pos)
+        jac = self.jacobian(hook, pos)[normalize_position(position, self.n_pos, "position")]
+        decode.check_output_space(self.model, jac.shape[0], hook)
+        norms = jac.norm(dim=0)
+        idx = norms.topk(min(n_cols, len(norms))).indices
+        return [Direction(int(i), float(norms[i]), decode.output_tokens(self.model, jac[:, i], n), None) for i in idx]
+
+    def stable_rank(self, hook: str | None = None, position: int | str = "all", pos: int | None = None) -> float:
+        """``‖J‖_F² / ‖J‖_2²`` of the Jacobian (one input position or all side by side)."""
+        return self.svd(hook, position, 1, pos).stable_rank
+
+    def spectra(self, hooks: Sequence[str], position: int | str = "all",
+                pos: int | None = None) -> dict[str, torch.Tensor]:
+        """Normalized singular value spectra (``S / S[0]``) of several hooks' Jacobians,
+        computed together (e.g. every layer's ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_post``)."""
+        self.jacobians(hooks, pos)
+        return {h: (lambda s: s / s[0])(self.svd(h, position, 1, pos).spectrum) for h in hooks}
+
+    def alignment(self, hooks: Sequence[str] | None = None, reference: str | None = None, k: int = 3,
+                  pos: int | None = None) -> Float[torch.Tensor, "n_hooks k"]:
+        """``|⟨u_j(hook), u_j(reference)⟩|`` for the top ``k`` left singular vectors of each
+        hook's all-positions Jacobian against the reference's (default: the last layer's
+        residual): how early the final layer's leading directions appear (paper fig. 6B)."""
+        hooks = list(hooks or [f"blocks.{l}.hook_resid_post" for l in range(self.model.cfg.n_layers)])
+        reference = reference or hooks[-1]
+        self.jacobians([*hooks, reference], pos)
+        ref = self.svd(reference, "all", k, pos).U
+        return torch.stack([(self.svd(h, "all", k, pos).U * ref).sum(0).abs() for h in hooks])
 
     def __repr__(self) -> str:
         top = self.top_predictions(1)[0]

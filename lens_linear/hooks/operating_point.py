@@ -188,9 +188,7 @@ class OperatingPoint:
         before its hook fired). Each site is perturbed in its own batch element; a site whose
         perturbation leaves the output bit-for-bit unchanged is ignored by the model."""
         out_name = output_hook(self.model)
-        patterns_frozen = any(s.kind == "attn" for s in self.sites)
-        # q/k norms feed only the attention pattern: once it is frozen they cannot matter
-        checked = [s for s in self.sites if not (patterns_frozen and s.kind == "norm" and ".attn." in s.name)]
+        checked = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
         ignored = [s.name for s in checked if s.name not in self.values]  # never fired at all
         checked = [s for s in checked if s.name in self.values]
         for start in range(0, len(checked), batch):
@@ -251,9 +249,11 @@ class OperatingPoint:
             if wanted.issubset(out):
                 raise _Stop  # nothing downstream is needed: skip later layers and the unembedding
 
-        store = self.values if start == 0 else {name: _from_position(self.sites, name, v, start)
-                                                   for name, v in self.values.items()}
-        hooks = (self.fwd_hooks + site_hooks(self.model, self.sites, store, "replay") + [(source, inject)]
+        sites, store = self.sites, self.values
+        if start:  # q/k norms feed only the frozen pattern: they may run live on the suffix
+            sites = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
+            store = {s.name: _from_position(s, store[s.name], start) for s in sites}
+        hooks = (self.fwd_hooks + site_hooks(self.model, sites, store, "replay") + [(source, inject)]
                  + [(n, partial(capture, name=n)) for n in wanted])
         try:
             run_hooks(self.model, self.tokens[:, start:].expand(x.shape[0], -1), hooks)
@@ -323,10 +323,15 @@ class OperatingPoint:
         return None, None
 
 
-def _from_position(sites: Sequence[Site], name: str, value: torch.Tensor, start: int) -> torch.Tensor:
+def _from_position(site: Site, value: torch.Tensor, start: int) -> torch.Tensor:
     """A frozen value cut to positions ``start..`` (patterns on both query and key axes)."""
-    kind = next(s.kind for s in sites if s.name == name)
-    return value[:, :, start:, start:] if kind == "attn" else value[:, start:]
+    return value[:, :, start:, start:] if site.kind == "attn" else value[:, start:]
+
+
+def feeds_pattern_only(site: Site, sites: Sequence[Site]) -> bool:
+    """A norm inside attention (q/k norm) matters only through the pattern; once the pattern
+    is frozen it cannot reach the output."""
+    return site.kind == "norm" and ".attn." in site.name and any(s.kind == "attn" for s in sites)
 
 
 @contextlib.contextmanager

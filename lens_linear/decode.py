@@ -1,0 +1,129 @@
+"""Singular vectors, rows and columns of detached Jacobians, read as tokens.
+
+Output-space vectors (left singular vectors, Jacobian columns) are read through the
+unembedding: the tokens whose logits they raise most. Input-space vectors (right singular
+vectors, Jacobian rows) are read as the input tokens whose embeddings (rows of ``W_E``)
+are nearest by cosine. Signs follow one convention: each left singular vector points
+along the activation it explains (``u · y ≥ 0``), its right vector flipped with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Tokens with the score that ranked them (a logit weight or a cosine)."""
+
+    tokens: list[str]
+    scores: list[float]
+
+    def __repr__(self) -> str:
+        return ", ".join(f"{t!r} {s:.3g}" for t, s in zip(self.tokens, self.scores))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": list(self.tokens), "scores": list(self.scores)}
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One singular triplet (or one row/column) with its decoded tokens."""
+
+    index: int
+    value: float  # singular value, or the row/column norm
+    output: TokenScores | None = None
+    input: TokenScores | None = None
+    input_position: int | None = None  # where the input-space vector was read
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "value": self.value, "input_position": self.input_position,
+                "output": self.output.to_dict() if self.output else None,
+                "input": self.input.to_dict() if self.input else None}
+
+
+@dataclass(frozen=True)
+class SVDResult:
+    """``J ≈ U diag(S) Vᵀ`` for one input position or all side by side.
+
+    ``U`` is ``[d_out, k]``, ``S`` is ``[k]``, ``V`` is ``[pos_in, d_in, k]`` (``pos_in`` is 1 for
+    a single position). ``spectrum`` keeps every singular value, for stable rank and plots.
+    """
+
+    hook: str
+    position: int | str
+    U: Float[torch.Tensor, "d_out k"]
+    S: Float[torch.Tensor, "k"]
+    V: Float[torch.Tensor, "pos_in d_in k"]
+    spectrum: Float[torch.Tensor, "rank"] = field(repr=False)
+
+    @property
+    def stable_rank(self) -> float:
+        """``‖J‖_F² / ‖J‖_2²``: how many directions carry the map (1 = rank one)."""
+        return stable_rank(self.spectrum)
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{s:.3g}" for s in self.S[:5].tolist())
+        return (f"SVDResult({self.hook!r}, position={self.position!r}, k={len(self.S)}, "
+                f"S=[{top}{', ...' if len(self.S) > 5 else ''}], stable_rank={self.stable_rank:.2f})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hook": self.hook, "position": self.position, "S": self.S.tolist(),
+                "stable_rank": self.stable_rank, "spectrum": self.spectrum.tolist()}
+
+
+def stable_rank(spectrum: torch.Tensor) -> float:
+    s = spectrum.double()
+    return float((s ** 2).sum() / (s[0] ** 2).clamp_min(1e-300))
+
+
+def svd(jac: Float[torch.Tensor, "pos_in d_out d_in"], hook: str, position: int | str,
+        k: int | None, explains: Float[torch.Tensor, "d_out"]) -> SVDResult:
+    """SVD of one position's Jacobian (``position`` an int) or of all positions side by side."""
+    if position == "all":
+        mat = jac.permute(1, 0, 2).reshape(jac.shape[1], -1)
+        n_in = jac.shape[0]
+    else:
+        mat, n_in = jac[position], 1
+    rank = min(mat.shape)
+    k = min(10, rank) if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rank:
+        raise ValueError(f"k={k} must be between 1 and the matrix rank bound {rank} "
+                         f"({mat.shape[0]} x {mat.shape[1]})")
+    U, S, Vh = torch.linalg.svd(mat.double(), full_matrices=False)
+    sign = torch.sign(explains.double() @ U[:, :k])
+    sign[sign == 0] = 1
+    U_k = (U[:, :k] * sign).to(jac.dtype)
+    V_k = (Vh[:k].T * sign).to(jac.dtype).reshape(n_in, -1, k)
+    return SVDResult(hook, position, U_k, S[:k].to(jac.dtype), V_k, S.to(jac.dtype))
+
+
+def _decode_tokens(model: Any, ids: torch.Tensor) -> list[str]:
+    if model.tokenizer is None:
+        raise ValueError("decoding needs a tokenizer: this model has none (tokens can't be named)")
+    return [model.tokenizer.decode([int(i)]) for i in ids]
+
+
+def output_tokens(model: Any, vector: Float[torch.Tensor, "d_model"], n: int = 5) -> TokenScores:
+    """Tokens whose logits ``vector`` raises most (through ``W_U``, no bias)."""
+    scores = vector.to(model.W_U.dtype) @ model.W_U
+    top = scores.topk(n)
+    return TokenScores(_decode_tokens(model, top.indices), top.values.tolist())
+
+
+def input_tokens(model: Any, vector: Float[torch.Tensor, "d_model"], n: int = 5) -> TokenScores:
+    """Input tokens whose embeddings are nearest to ``vector`` by cosine."""
+    W_E = model.W_E
+    cos = (W_E @ vector.to(W_E.dtype)) / (W_E.norm(dim=-1) * vector.norm()).clamp_min(1e-30)
+    top = cos.topk(n)
+    return TokenScores(_decode_tokens(model, top.indices), top.values.tolist())
+
+
+def check_output_space(model: Any, d_out: int, hook: str) -> None:
+    if d_out != model.cfg.d_model:
+        raise ValueError(f"{hook} has {d_out} outputs, not d_model={model.cfg.d_model}: its output "
+                         f"vectors cannot be read through the unembedding")

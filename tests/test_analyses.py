@@ -1,0 +1,108 @@
+"""LinearCache analyses on tiny models: Jacobians anywhere, both engines, decompositions, SVD."""
+
+import pytest
+import torch
+
+import lens_linear as ll
+
+from conftest import PROMPT, cached_tiny, rel
+
+
+def component_hooks(model):
+    names = [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers)
+             for h in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")]
+    return [n for n in names if n in model.hook_dict]  # parallel blocks have no resid_mid
+
+
+def test_every_hook_reconstructs_and_engines_agree(tiny):
+    hooks = component_hooks(tiny)
+    fwd = ll.run_with_linear_cache(tiny, PROMPT).jacobians(hooks, method="forward")
+    lc = ll.run_with_linear_cache(tiny, PROMPT)
+    rev = lc.jacobians(hooks, method="reverse")
+    for h in hooks:
+        assert lc.reconstruction_error(h) <= 1e-5, h
+        assert rel(fwd[h], rev[h]) <= 1e-5, h
+    assert lc.reconstruction_error(pos=3) <= 1e-5  # another output position
+    assert torch.equal(lc.jacobian(hooks[0]), lc[hooks[0]])  # memoized, same object
+
+
+def test_contributions_sum_to_the_activation(tiny):
+    lc = ll.run_with_linear_cache(tiny, PROMPT)
+    for hook in [None, "blocks.1.hook_resid_mid", "blocks.0.hook_resid_post"]:
+        if hook and hook not in tiny.hook_dict:
+            continue
+        y = lc.activation(hook)
+        by_pos = lc.contributions(hook)
+        assert rel(by_pos.sum(0) + lc.bias_term_at(hook), y) <= 1e-5
+        by_comp = lc.contributions(hook, by="component")
+        assert rel(sum(by_comp.values()), y) <= 1e-5, hook
+    assert set(by_comp) == {"embed", "blocks.0.attn", "blocks.0.mlp", "bias"}
+    with pytest.raises(ValueError, match="residual-stream hook"):
+        lc.contributions("blocks.0.hook_attn_out", by="component")
+
+
+def test_layerwise_maps_compose():
+    model = cached_tiny("bridge", "llama")
+    lc = ll.run_with_linear_cache(model, "H", prepend_bos=False)
+    prod = lc.layerwise_jacobian(1)[0] @ lc.layerwise_jacobian(0)[0]
+    assert rel(prod, lc.layerwise_jacobian(1, cumulative=True)[0]) <= 1e-5
+    lc2 = ll.run_with_linear_cache(model, PROMPT)  # several tokens: block map reconstructs its output
+    step = lc2.layerwise_jacobian(1)
+    resid_pre = lc2.activations["blocks.1.hook_resid_pre"][0]
+    recon = torch.einsum("pod,pd->o", step, resid_pre) + lc2.point.bias_term(
+        ["blocks.1.hook_resid_post"], "blocks.1.hook_resid_pre", resid_pre)["blocks.1.hook_resid_post"][lc2.pos]
+    assert rel(recon, lc2.activation("blocks.1.hook_resid_post")) <= 1e-5
+    with pytest.raises(IndexError, match="layer=2 is out of range"):
+        lc2.layerwise_jacobian(2)
+
+
+def test_svd_matches_dense_and_sign_convention(tiny):
+    lc = ll.run_with_linear_cache(tiny, PROMPT)
+    jac = lc.jacobian()
+    for position in ["all", 2]:
+        res = lc.svd(position=position, k=4)
+        mat = jac.permute(1, 0, 2).reshape(jac.shape[1], -1) if position == "all" else jac[2]
+        assert rel(res.S, torch.linalg.svdvals(mat)[:4]) <= 1e-5
+        recon = res.U @ torch.diag(res.S) @ res.V.reshape(-1, 4).T
+        top4 = torch.linalg.svd(mat)
+        assert rel(recon, top4.U[:, :4] @ torch.diag(top4.S[:4]) @ top4.Vh[:4]) <= 1e-4
+        assert (res.U.T @ lc.activation() >= 0).all()
+        s = torch.linalg.svdvals(mat).double()
+        assert abs(res.stable_rank - float((s ** 2).sum() / s[0] ** 2)) <= 1e-6 * res.stable_rank
+    assert "stable_rank" in repr(res) and res.to_dict()["S"] == res.S.tolist()
+
+
+def test_decode_reads_tokens():
+    model = cached_tiny("bridge", "gpt2")
+    lc = ll.run_with_linear_cache(model, PROMPT)
+    dirs = lc.decode(k=2, n=3)
+    assert len(dirs) == 2 and len(dirs[0].output.tokens) == 3 and len(dirs[0].input.tokens) == 3
+    u = lc.svd(k=1).U[:, 0]
+    assert dirs[0].output.tokens[0] == model.tokenizer.decode([int((u @ model.W_U).argmax())])
+    rows = lc.top_rows(1, n_rows=2)
+    norms = lc.jacobian()[1].norm(dim=1)
+    assert rows[0].value == pytest.approx(float(norms.max()))
+    assert lc.top_columns(1, n_cols=1)[0].value == pytest.approx(float(lc.jacobian()[1].norm(dim=0).max()))
+    spectra = lc.spectra(["blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"])
+    assert all(float(s[0]) == 1.0 and (s[:-1] >= s[1:]).all() for s in spectra.values())
+    align = lc.alignment(k=2)
+    assert align.shape == (2, 2) and torch.allclose(align[-1], torch.ones(2), atol=1e-5)
+
+
+def test_analysis_errors():
+    model = cached_tiny("bridge", "gpt2")
+    lc = ll.run_with_linear_cache(model, "abcd")
+    with pytest.raises(ValueError, match=r"k=65 must be between 1 and the matrix rank bound 64"):
+        lc.svd(position=0, k=65)
+    with pytest.raises(IndexError, match="position=7 is out of range"):
+        lc.svd(position=7)
+    with pytest.raises(ValueError, match="cannot be read through the unembedding"):
+        ll.decode.check_output_space(model, 256, "blocks.0.mlp.hook_post")
+    with pytest.raises(ValueError, match="method must be"):
+        lc.jacobians(method="sideways")
+    tokenizer, model.tokenizer = model.tokenizer, None
+    try:
+        with pytest.raises(ValueError, match="decoding needs a tokenizer"):
+            lc.decode(k=1)
+    finally:
+        model.tokenizer = tokenizer
