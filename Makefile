@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/jacobian.py
+	cd benchmarks && ../$(BIN)/python layers.py
 
 clean:
 	rm -rf .venv .venv-* *.egg-info

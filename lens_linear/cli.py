@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--backend", default="auto", choices=["auto", "bridge", "hooked"])
     a.add_argument("--pos", type=int, default=-1, help="output position (default: last)")
     a.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    a.add_argument("--no-layers", dest="layers", action="store_false",
+                   help="skip the per-layer table (it needs every layer's Jacobian)")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return parser
 
@@ -35,6 +37,20 @@ def analyze(args: argparse.Namespace) -> dict:
     lcache = run_with_linear_cache(model, args.prompt, pos=args.pos, progress=not args.json)
     t2 = time.perf_counter()
     contrib = lcache.contributions().norm(dim=-1)
+    per_token = []
+    for i, tok in enumerate(lcache.str_tokens):
+        top = lcache.decode(position=i, k=1, n=3)[0]
+        per_token.append({"token": tok, "sigma": top.value, "stable_rank": lcache.stable_rank(position=i),
+                          "U": top.output.tokens, "V": top.input.tokens})
+    layers = []
+    if args.layers:
+        hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+        lcache.jacobians(hooks)
+        for layer, hook in enumerate(hooks):
+            top = lcache.decode(hook, k=1, n=3)[0]
+            layers.append({"layer": layer, "sigma": top.value, "stable_rank": lcache.stable_rank(hook),
+                           "U": top.output.tokens, "V": top.input.tokens, "V_position": top.input_position})
+    t3 = time.perf_counter()
     return {
         "model": model.cfg.model_name,
         "backend": type(model).__name__,
@@ -46,7 +62,9 @@ def analyze(args: argparse.Namespace) -> dict:
                                  "plain": lcache.reconstruction_error(plain=True)},
         "bias_term_norm": float(lcache.bias_term.norm()),
         "contribution_norms": [float(c) for c in contrib],
-        "seconds": {"load": round(t1 - t0, 2), "linearize": round(t2 - t1, 2)},
+        "per_token": per_token,
+        "layers": layers,
+        "seconds": {"load": round(t1 - t0, 2), "linearize": round(t2 - t1, 2), "analyses": round(t3 - t2, 2)},
     }
 
 
@@ -66,8 +84,24 @@ def _print_text(r: dict) -> None:
     top = max(r["contribution_norms"]) or 1.0
     for tok, c in zip(r["tokens"], r["contribution_norms"]):
         print(f"  {tok!r:<18} {c:9.3f}  {'█' * round(30 * c / top)}")
+    print("\nper input token: leading singular triplet of J_i (U read as output tokens, V as input tokens)")
+    print(f"  {'token':<14} {'σ1':>7} {'s.rank':>6}  {'U (output)':<36} V (input)")
+    for t in r["per_token"]:
+        print(f"  {t['token']!r:<14} {t['sigma']:7.3g} {t['stable_rank']:6.2f}  {_toks(t['U']):<36} {_toks(t['V'])}")
+    if r["layers"]:
+        print("\nper layer: leading singular triplet of the residual stream's Jacobian (all positions),")
+        print("U read through the frozen final norm and the unembedding")
+        print(f"  {'layer':>5} {'σ1':>7} {'s.rank':>6}  {'U (output)':<36} V (input, at token)")
+        for l in r["layers"]:
+            where = r["tokens"][l["V_position"]]
+            print(f"  {l['layer']:>5} {l['sigma']:7.3g} {l['stable_rank']:6.2f}  {_toks(l['U']):<36} "
+                  f"{_toks(l['V'])}  @{where!r}")
     s = r["seconds"]
-    print(f"\n(load {s['load']} s, linearize {s['linearize']} s)")
+    print(f"\n(load {s['load']} s, linearize {s['linearize']} s, analyses {s['analyses']} s)")
+
+
+def _toks(tokens: list[str]) -> str:
+    return " ".join(repr(t) for t in tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
