@@ -75,6 +75,12 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return check_dtype(dtype)
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``std(a − b) / std(b)``: the seed paper's reconstruction error."""
+    a, b = a.double(), b.double()
+    return float((a - b).std() / b.std().clamp_min(1e-300))
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """Largest relative reconstruction error we accept as exact for a dtype."""
     return {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)

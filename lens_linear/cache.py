@@ -9,12 +9,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from jaxtyping import Float, Int
 
-from lens_linear._validation import (LinearizationError, normalize_position, require_hook,
-                                     require_tl_model, tolerance)
-from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, _rel_err,
-                                               biases_zeroed, hooks_on, output_hook)
 from lens_linear import decode
+from lens_linear._validation import (LinearizationError, normalize_position, relative_error, require_hook,
+                                     require_tl_model, tolerance)
 from lens_linear.decode import Direction, SVDResult
+from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, hooks_on,
+                                               output_hook)
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows, forward_jacobians, jacobian_of
 
@@ -298,10 +298,10 @@ class LinearCache:
         parts = {label: self.activations[name][0, pos] for label, name in names}
         resid = sum(parts.values())
         target = self.activation(f"blocks.{n_layers - 1}.hook_resid_post" if lens is not None else hook, pos)
-        if _rel_err(resid, target) > 10 * tolerance(self.x.dtype):
+        if relative_error(resid, target) > 10 * tolerance(self.x.dtype):
             raise ValueError(f"the residual stream of {self.model.cfg.model_name} is not the sum of "
                              f"hook_embed/hook_attn_out/hook_mlp_out (relative error "
-                             f"{_rel_err(resid, target):.1e}): a component decomposition would be wrong here")
+                             f"{relative_error(resid, target):.1e}): a component decomposition would be wrong here")
         if lens is None:
             return {**parts, "bias": torch.zeros_like(resid)}
         out = {label: lens @ v for label, v in parts.items()}
@@ -315,7 +315,7 @@ class LinearCache:
 
     def reconstruction_error(self, hook: str | None = None, pos: int | None = None, plain: bool = False) -> float:
         """``std(reconstruction − y) / std(y)``: ~1e-7 detached in float32, O(1) plain."""
-        return _rel_err(self.reconstruction(hook, pos, plain), self.activation(hook, pos))
+        return relative_error(self.reconstruction(hook, pos, plain), self.activation(hook, pos))
 
     def check(self, hook: str | None = None, pos: int | None = None) -> float:
         """Raise :class:`LinearizationError` unless every frozen coefficient provably reaches

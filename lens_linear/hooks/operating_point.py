@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from jaxtyping import Float, Int
 
-from lens_linear._validation import LinearizationError, require_hook, require_tl_model, tolerance
+from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
+                                     tolerance)
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
 Hook = tuple[str, Callable[..., Any]]
@@ -35,12 +36,6 @@ def output_hook(model: Any) -> str:
 
 def block_outputs(model: Any) -> list[str]:
     return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative error ``std(a − b) / std(b)`` (the seed paper's definition)."""
-    a, b = a.double(), b.double()
-    return float((a - b).std() / b.std().clamp_min(1e-300))
 
 
 @contextlib.contextmanager
@@ -313,7 +308,7 @@ class OperatingPoint:
         a = self.x_star
         with torch.no_grad():
             out = self.replay(torch.stack([a, b, a + b, torch.zeros_like(a)]), names)
-        return {n: _rel_err(v[0] + v[1] - v[3], v[2]) for n, v in out.items()}
+        return {n: relative_error(v[0] + v[1] - v[3], v[2]) for n, v in out.items()}
 
     def locate_break(self, tol: float) -> tuple[int | None, float | None]:
         """First block whose output is not affine in the input (``None`` if all are)."""
