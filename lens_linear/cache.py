@@ -210,10 +210,10 @@ class LinearCache:
             method = "reverse" if self.point.fwd_hooks else self._cheaper(todo, pos)
         if todo and method == "forward":
             def apply(start: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-                out = self.point.replay(x, todo, start=start)
-                return {h: v[:, pos - start].reshape(x.shape[0], -1) for h, v in out.items()}
+                out = self.point.replay(x, todo, start=start, at=pos - start)
+                return {h: v.reshape(x.shape[0], -1) for h, v in out.items()}
 
-            chunk = chunk_rows(self.x.shape[-1], self._row_bytes() // 2, self.max_memory, cap=512)
+            chunk = chunk_rows(self.x.shape[-1], self._row_bytes() // 2, self.max_memory, cap=256)
             with eval_mode(self.model), biases_zeroed(self.model):
                 found = forward_jacobians(apply, *self.x.shape, pos, chunk, self.x, self.progress)
             for h, jac in found.items():

@@ -211,7 +211,7 @@ class OperatingPoint:
         return self.fwd_hooks + site_hooks(self.model, self.sites, store, mode)
 
     def replay(self, x: Float[torch.Tensor, "batch pos d_in"], names: Sequence[str],
-               source: str = INPUT_HOOK, start: int = 0) -> dict[str, torch.Tensor]:
+               source: str = INPUT_HOOK, start: int = 0, at: int | None = None) -> dict[str, torch.Tensor]:
         """Run the frozen map on inputs ``x`` placed at hook ``source``; return ``names``.
 
         With the default source this is ``F``, the map from the input embeddings. Any other
@@ -220,7 +220,7 @@ class OperatingPoint:
         the outputs carry the graph. ``start > 0`` replays positions ``start..`` alone, with
         every frozen value cut to them: exact for the map's linear part (biases zeroed), since
         frozen patterns make the map blind to absolute position and causal attention keeps
-        earlier positions out of later ones.
+        earlier positions out of later ones. ``at`` keeps only that position of each output.
         """
         for name in [source, *names]:
             require_hook(self.model, name)
@@ -240,7 +240,7 @@ class OperatingPoint:
         wanted = set(names)
 
         def capture(value: torch.Tensor, hook: Any, name: str) -> None:
-            out[name] = value
+            out[name] = value if at is None else value[:, at]
             if wanted.issubset(out):
                 raise _Stop  # nothing downstream is needed: skip later layers and the unembedding
 
