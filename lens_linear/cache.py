@@ -16,7 +16,7 @@ from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, hooks_on,
                                                output_hook)
 from lens_linear.hooks.sites import PARTS, layer_of
-from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows, forward_jacobians, jacobian_of
+from lens_linear.jacobian import DEFAULT_MEMORY, batched_vjp_jacobian, chunk_rows, forward_jacobians
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = 
     return tokens.to(model.cfg.device if getattr(model.cfg, "device", None) else tokens.device)
 
 
+RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 FORWARD_PASS_COST = 1.8  # forward token-layer pass vs backward row, measured (see LinearCache.jacobians)
 
 
@@ -173,11 +174,12 @@ class LinearCache:
             if plain:
                 fn = self._plain_fn(hook, pos)
             else:
-                fn = lambda x: self.point.replay(x, [hook], source)[hook][0, pos].reshape(-1)  # noqa: E731
-            d_out = self.activation(hook, pos).numel()
-            chunk = chunk_rows(d_out, self._row_bytes(), self.max_memory)
-            with eval_mode(self.model):
-                jac = jacobian_of(fn, self._source_value(source), chunk, self.progress)  # [d_out, pos_in, d_in]
+                fn = lambda x: self.point.replay(x, [hook], source, at=pos)[hook][0].reshape(-1)  # noqa: E731
+            x = self._source_value(source).detach().clone().requires_grad_(True)
+            with eval_mode(self.model), torch.enable_grad():
+                y = fn(x)
+                chunk = chunk_rows(y.numel(), self._row_bytes(), self.max_memory)
+                jac = batched_vjp_jacobian(y, x, chunk, self.progress)  # [d_out, pos_in, d_in]
             self._jacobians[key] = jac.transpose(0, 1).contiguous()
         return self._jacobians[key]
 
@@ -220,11 +222,17 @@ class LinearCache:
                 self._jacobians[(h, pos, False, INPUT_HOOK)] = jac
         return {h: self.jacobian(h, pos) for h in hooks}
 
+    def _width(self, hook: str, pos: int) -> int:
+        """Output size of a hook, without filling the full activation cache for it."""
+        if hook == self.output or hook.rsplit(".", 1)[-1] in RESIDUAL_WIDTH_HOOKS:
+            return self.model.cfg.d_model
+        return self.activation(hook, pos).numel()
+
     def _cheaper(self, hooks: Sequence[str], pos: int) -> str:
         """Pick the engine by counted token-layer passes (see :meth:`jacobians`)."""
         n, d_in = self.x.shape
         depth = {h: (layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers) for h in hooks}
-        reverse = sum(depth[h] * self.activation(h, pos).numel() for h in hooks) * n
+        reverse = sum(depth[h] * self._width(h, pos) for h in hooks) * n
         suffixes = sum(n - i for i in range(pos + 1))
         forward = FORWARD_PASS_COST * d_in * suffixes * max(depth.values())
         return "forward" if forward < reverse else "reverse"

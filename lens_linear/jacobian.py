@@ -60,19 +60,6 @@ def batched_vjp_jacobian(
     return torch.cat(rows)
 
 
-def jacobian_of(
-    fn: Callable[[torch.Tensor], Float[torch.Tensor, "d_out"]],
-    x: torch.Tensor,
-    chunk_size: int,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Jacobian of ``fn`` at ``x`` from one forward pass and chunked batched VJPs."""
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        y = fn(x)
-        return batched_vjp_jacobian(y, x, chunk_size, progress)
-
-
 def forward_jacobians(
     apply: Callable[[int, torch.Tensor], dict[str, torch.Tensor]],
     n_pos: int,
@@ -91,8 +78,7 @@ def forward_jacobians(
     absolute position, so it is run on positions ``i..`` only: half the work of full-length
     passes. Each batch carries one zero input, subtracted from the others (``J e = F(e) − F(0)``).
     """
-    cols: dict[str, list[torch.Tensor]] = {}
-    zero = None
+    jacs: dict[str, torch.Tensor] = {}  # filled in place: no list of chunks, no final copy
     steps = [(i, k) for i in range(pos + 1) for k in range(0, d_in, chunk_size)]
     with torch.no_grad():
         for i, k in tqdm(steps, desc="Jacobians (forward)", disable=not progress, leave=False):
@@ -100,8 +86,7 @@ def forward_jacobians(
             x = torch.zeros(len(dims) + 1, n_pos - i, d_in, dtype=like.dtype, device=like.device)
             x[torch.arange(len(dims)), 0, dims] = 1.0
             for name, value in apply(i, x).items():
-                cols.setdefault(name, []).append(value[:-1] - value[-1:])
-        zero = {name: torch.zeros((n_pos - pos - 1) * d_in, c[0].shape[-1], dtype=like.dtype, device=like.device)
-                for name, c in cols.items()}  # inputs after pos do not reach it
-    return {name: torch.cat([*c, zero[name]]).view(n_pos, d_in, -1).transpose(1, 2).contiguous()
-            for name, c in cols.items()}
+                if name not in jacs:  # inputs after pos do not reach it: those stay zero
+                    jacs[name] = torch.zeros(n_pos, value.shape[-1], d_in, dtype=like.dtype, device=like.device)
+                jacs[name][i, :, k:k + len(dims)] = (value[:-1] - value[-1:]).T
+    return jacs

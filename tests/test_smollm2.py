@@ -94,7 +94,7 @@ def test_contributions_sum(marin):
 
 
 def test_one_token_cumulative_map_is_the_product_of_layer_maps(smollm2):
-    lc = ll.run_with_linear_cache(smollm2, "Bridge")
+    lc = ll.run_with_linear_cache(smollm2, torch.tensor([[504]]))  # "The"
     assert lc.n_pos == 1
     prod = torch.eye(smollm2.cfg.d_model)
     for layer in range(smollm2.cfg.n_layers):
