@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -215,7 +216,11 @@ class LinearCache:
                 out = self.point.replay(x, todo, start=start, at=pos - start)
                 return {h: v.reshape(x.shape[0], -1) for h, v in out.items()}
 
-            chunk = chunk_rows(self.x.shape[-1], self._row_bytes() // 2, self.max_memory, cap=256)
+            # balanced batches of at most 160 directions: measured on SmolLM2 at 8 tokens,
+            # 144 per batch took 39 s / 472 MB, 256 per batch 37 s / 812 MB
+            d_in = self.x.shape[-1]
+            cap = math.ceil(d_in / math.ceil(d_in / 160))
+            chunk = chunk_rows(d_in, self._row_bytes() // 2, self.max_memory, cap=cap)
             with eval_mode(self.model), biases_zeroed(self.model):
                 found = forward_jacobians(apply, *self.x.shape, pos, chunk, self.x, self.progress)
             for h, jac in found.items():
