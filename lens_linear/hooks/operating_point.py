@@ -194,14 +194,8 @@ class OperatingPoint:
                 f = torch.ones(n, dtype=self.x_star.dtype, device=self.x_star.device)
                 f[k + 1] = 0.5
                 factors[site.name] = f.reshape(n, *([1] * (self.values[site.name].ndim - 1)))
-            out: dict[str, torch.Tensor] = {}
-            x = self.x_star.expand(n, *self.x_star.shape)
-            inject = (INPUT_HOOK, lambda value, hook: x.to(value.dtype))
-            capture = (out_name, lambda v, hook: out.__setitem__("y", v))
-            hooks = self.fwd_hooks + site_hooks(self.model, self.sites, self.values, "replay", factors)
             with torch.no_grad():
-                run_hooks(self.model, self.tokens.expand(n, -1), [inject] + hooks + [capture])
-            y = out["y"]
+                y = self.replay(self.x_star.expand(n, *self.x_star.shape), [out_name], factors=factors)[out_name]
             ignored += [s.name for k, s in enumerate(chunk) if torch.equal(y[k + 1], y[0])]
         return ignored
 
@@ -211,7 +205,8 @@ class OperatingPoint:
         return self.fwd_hooks + site_hooks(self.model, self.sites, store, mode)
 
     def replay(self, x: Float[torch.Tensor, "batch pos d_in"], names: Sequence[str],
-               source: str = INPUT_HOOK, start: int = 0, at: int | None = None) -> dict[str, torch.Tensor]:
+               source: str = INPUT_HOOK, start: int = 0, at: int | None = None,
+               factors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run the frozen map on inputs ``x`` placed at hook ``source``; return ``names``.
 
         With the default source this is ``F``, the map from the input embeddings. Any other
@@ -220,7 +215,8 @@ class OperatingPoint:
         the outputs carry the graph. ``start > 0`` replays positions ``start..`` alone, with
         every frozen value cut to them: exact for the map's linear part (biases zeroed), since
         frozen patterns make the map blind to absolute position and causal attention keeps
-        earlier positions out of later ones. ``at`` keeps only that position of each output.
+        earlier positions out of later ones. ``at`` keeps only that position of each output;
+        ``factors`` perturbs chosen frozen values per batch element (see :func:`site_hooks`).
         """
         for name in [source, *names]:
             require_hook(self.model, name)
@@ -248,7 +244,7 @@ class OperatingPoint:
         if start:  # q/k norms feed only the frozen pattern: they may run live on the suffix
             sites = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
             store = {s.name: _from_position(s, store[s.name], start) for s in sites}
-        hooks = (self.fwd_hooks + site_hooks(self.model, sites, store, "replay") + [(source, inject)]
+        hooks = (self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors) + [(source, inject)]
                  + [(n, partial(capture, name=n)) for n in wanted])
         try:
             run_hooks(self.model, self.tokens[:, start:].expand(x.shape[0], -1), hooks)
