@@ -14,8 +14,8 @@ from lens_linear import decode
 from lens_linear._validation import (LinearizationError, normalize_position, relative_error, require_hook,
                                      require_tl_model, tolerance)
 from lens_linear.decode import Direction, SVDResult
-from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, hooks_on,
-                                               output_hook)
+from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, block_outputs,
+                                               hooks_on, output_hook)
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY, batched_vjp_jacobian, chunk_rows, forward_jacobians
 
@@ -202,7 +202,7 @@ class LinearCache:
         forward for short prompts and many layers, reverse for long prompts, and reverse
         whenever user hooks are on (they may index absolute positions).
         """
-        hooks = list(hooks or [f"blocks.{l}.hook_resid_post" for l in range(self.model.cfg.n_layers)])
+        hooks = list(hooks or block_outputs(self.model))
         pos = self._resolve(None, pos)[1]
         for hook in hooks:
             self._resolve(hook, pos)
@@ -429,7 +429,7 @@ class LinearCache:
         """``|⟨u_j(hook), u_j(reference)⟩|`` for the top ``k`` left singular vectors of each
         hook's all-positions Jacobian against the reference's (default: the last layer's
         residual): how early the final layer's leading directions appear (paper fig. 6B)."""
-        hooks = list(hooks or [f"blocks.{l}.hook_resid_post" for l in range(self.model.cfg.n_layers)])
+        hooks = list(hooks or block_outputs(self.model))
         reference = reference or hooks[-1]
         self.jacobians([*hooks, reference], pos)
         ref = self.svd(reference, "all", k, pos).U
