@@ -15,7 +15,7 @@ from lens_linear._validation import (LinearizationError, normalize_position, rel
                                      require_tl_model, tolerance)
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, block_outputs,
-                                               hooks_on, output_hook)
+                                               hooks_on, linears_skipped, output_hook)
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY, batched_vjp_jacobian, chunk_rows, forward_jacobians
 
@@ -180,8 +180,7 @@ class LinearCache:
             with eval_mode(self.model), torch.enable_grad():
                 y = fn(x)
                 chunk = chunk_rows(y.numel(), self._row_bytes(), self.max_memory)
-                jac = batched_vjp_jacobian(y, x, chunk, self.progress)  # [d_out, pos_in, d_in]
-            self._jacobians[key] = jac.transpose(0, 1).contiguous()
+                self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
         return self._jacobians[key]
 
     def jacobians(self, hooks: Sequence[str] | None = None, pos: int | None = None,
@@ -221,7 +220,9 @@ class LinearCache:
             d_in = self.x.shape[-1]
             cap = math.ceil(d_in / math.ceil(d_in / 160))
             chunk = chunk_rows(d_in, self._row_bytes() // 2, self.max_memory, cap=cap)
-            with eval_mode(self.model), biases_zeroed(self.model):
+            with eval_mode(self.model):
+                dead = self.point.dead_linears(todo)
+            with eval_mode(self.model), biases_zeroed(self.model), linears_skipped(dead):
                 found = forward_jacobians(apply, *self.x.shape, pos, chunk, self.x, self.progress)
             for h, jac in found.items():
                 self._jacobians[(h, pos, False, INPUT_HOOK)] = jac

@@ -28,36 +28,38 @@ def chunk_rows(d_out: int, row_bytes: int, max_memory: int = DEFAULT_MEMORY, cap
 
 def batched_vjp_jacobian(
     output: Float[torch.Tensor, "d_out"],
-    inputs: Float[torch.Tensor, "*in_shape"],
+    inputs: Float[torch.Tensor, "pos_in *rest"],
     chunk_size: int,
     progress: bool = False,
-) -> Float[torch.Tensor, "d_out *in_shape"]:
+) -> Float[torch.Tensor, "pos_in d_out *rest"]:
     """Rows ``∂output[i]/∂inputs`` for every ``i``, by chunked batched backward passes.
 
     ``output`` must be attached to a graph that contains ``inputs``; the graph is kept
-    until the last chunk. Falls back to one backward per row (with a warning) where an op
-    in the graph has no batching rule.
+    until the last chunk. Each chunk is written straight into its place in the result
+    (laid out per input position), so no list of chunks or transposed copy is ever held.
+    Falls back to one backward per row (with a warning) where an op in the graph has no
+    batching rule.
     """
     d_out = output.shape[0]
+    jac = inputs.new_empty(inputs.shape[0], d_out, *inputs.shape[1:])
     eye = torch.eye(d_out, dtype=output.dtype, device=output.device)
-    rows = []
     n_chunks = math.ceil(d_out / chunk_size)
     batched = True
     for k in tqdm(range(n_chunks), desc="Jacobian", disable=not progress, leave=False):
-        cot = eye[k * chunk_size:(k + 1) * chunk_size]
+        rows = slice(k * chunk_size, min((k + 1) * chunk_size, d_out))
         last = k == n_chunks - 1
         if batched:
             try:
-                (grad,) = torch.autograd.grad(output, inputs, grad_outputs=cot, retain_graph=not last,
+                (grad,) = torch.autograd.grad(output, inputs, grad_outputs=eye[rows], retain_graph=not last,
                                               is_grads_batched=True)
-                rows.append(grad)
+                jac[:, rows] = grad.transpose(0, 1)
                 continue
             except RuntimeError as exc:  # an op without a vmap rule
                 warnings.warn(f"batched backward unavailable ({exc}); using one backward per row")
                 batched = False
-        rows.extend(torch.autograd.grad(output, inputs, grad_outputs=c, retain_graph=True)[0].unsqueeze(0)
-                    for c in cot)
-    return torch.cat(rows)
+        for row in range(rows.start, rows.stop):
+            jac[:, row] = torch.autograd.grad(output, inputs, grad_outputs=eye[row], retain_graph=True)[0]
+    return jac
 
 
 def forward_jacobians(

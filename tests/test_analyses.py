@@ -26,6 +26,27 @@ def test_every_hook_reconstructs_and_engines_agree(tiny):
     assert torch.equal(lc.jacobian(hooks[0]), lc[hooks[0]])  # memoized, same object
 
 
+def dead_names(model, lc, hooks):
+    dead = lc.point.dead_linears(hooks)
+    return {n.replace("._original_component", "") for n, m in model.named_modules() if any(m is d for d in dead)}
+
+
+def test_forward_engine_skips_only_dead_projections():
+    """Query, key and gate projections feed only frozen coefficients: skipped, and only them."""
+    model = cached_tiny("bridge", "llama")
+    lc = ll.run_with_linear_cache(model, PROMPT)
+    dead = dead_names(model, lc, ["blocks.1.hook_resid_post"])
+    assert sorted({n.split(".", 2)[2] for n in dead}) == ["mlp.gate_proj", "self_attn.k_proj", "self_attn.q_proj"]
+    assert len(dead) == 3 * model.cfg.n_layers
+    q_hook = "blocks.1.attn.q.hook_out"  # asked for, the query projection is live
+    assert "blocks.1.self_attn.q_proj" not in dead_names(model, lc, [q_hook])
+    hooks = [q_hook, "blocks.1.hook_resid_post"]
+    fwd = lc.jacobians(hooks, method="forward")
+    rev = ll.run_with_linear_cache(model, PROMPT).jacobians(hooks, method="reverse")
+    assert all(rel(fwd[h], rev[h]) <= 1e-5 for h in hooks)
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m)]  # the model is as it was
+
+
 def test_contributions_sum_to_the_activation(tiny):
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     for hook in [None, "blocks.1.hook_resid_mid", "blocks.0.hook_resid_post"]:

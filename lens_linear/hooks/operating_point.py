@@ -252,6 +252,41 @@ class OperatingPoint:
             pass
         return out
 
+    def dead_linears(self, names: Sequence[str]) -> list[torch.nn.Module]:
+        """Linear layers whose output cannot reach ``names`` once the coefficients are frozen.
+
+        Under replay the query and key projections feed only the substituted pattern, and a
+        gated MLP's gate projection only the substituted gate: about a third of a SwiGLU
+        model's multiply-adds. Found from the replay graph (an output with no gradient path
+        to ``names``), then confirmed by value: the replay with them skipped must equal the
+        full replay at a random input, else nothing is skipped.
+        """
+        found: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        keep = lambda module, args, output: found.append((module, output))  # noqa: E731
+        linears = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+        handles = [m.register_forward_hook(keep) for m in linears]
+        gen = torch.Generator(self.x_star.device).manual_seed(0)  # the user's RNG stays untouched
+        x = torch.randn(1, *self.x_star.shape, generator=gen, device=self.x_star.device).to(self.x_star.dtype)
+        try:
+            with torch.enable_grad():
+                out = self.replay(x.clone().requires_grad_(True), names)
+        finally:
+            for handle in handles:
+                handle.remove()
+        found = [(m, o) for m, o in found if isinstance(o, torch.Tensor) and o.requires_grad]
+        total = sum(v.sum() for v in out.values())
+        grads = torch.autograd.grad(total, [o for _, o in found], allow_unused=True) if found else []
+        live = {id(m) for (m, _), g in zip(found, grads) if g is not None}
+        dead = list({id(m): m for m, _ in found if id(m) not in live}.values())
+        if dead:
+            with torch.no_grad(), linears_skipped(dead):
+                skipped = self.replay(x, names)
+            with torch.no_grad():
+                full = self.replay(x, names)
+            if any(not torch.equal(skipped[n], full[n]) for n in names):
+                return []
+        return dead
+
     def bias_term(self, names: Sequence[str], source: str = INPUT_HOOK,
                   like: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``F(0)`` at each hook: what the frozen map adds with no input (0 without biases).
@@ -344,6 +379,22 @@ def biases_zeroed(model: torch.nn.Module, keep: str | None = None) -> Iterator[d
         with torch.no_grad():
             for name, t in biases.items():
                 t.copy_(saved[name])
+
+
+@contextlib.contextmanager
+def linears_skipped(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Let these linear layers return zeros instead of computing (see
+    :meth:`OperatingPoint.dead_linears`); their own ``forward`` is back on exit, even on error."""
+    def zeros(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], module.out_features)
+
+    try:
+        for module in modules:
+            module.forward = partial(zeros, module)
+        yield
+    finally:
+        for module in modules:
+            vars(module).pop("forward", None)
 
 
 class _Stop(Exception):
