@@ -9,8 +9,11 @@ Entry points:
 * :class:`OperatingPoint` — the frozen coefficients of one forward pass, and their replay.
 * :func:`run_with_linear_cache` → :class:`LinearCache` — detached Jacobians, bias terms,
   per-token contributions and reconstruction checks.
+* ``lcache.attention`` (:class:`AttentionCircuits`) and :func:`induction_heads` — frozen
+  patterns, token-to-token attention Jacobians as ``FactoredMatrix``, their QK term.
 """
 
+from lens_linear.attention import AttentionCircuits, induction_heads
 from lens_linear._validation import LinearizationError, ModelUnavailableError
 from lens_linear.cache import LinearCache, run_with_linear_cache
 from lens_linear.hooks import OperatingPoint, detach_hooks, detached
@@ -18,6 +21,6 @@ from lens_linear.models import load_model
 from lens_linear.tiny import tiny_architectures, tiny_model
 
 __version__ = "0.1.0"
-__all__ = ["LinearCache", "LinearizationError", "ModelUnavailableError", "OperatingPoint",
-           "detach_hooks", "detached", "load_model", "run_with_linear_cache", "tiny_architectures",
+__all__ = ["AttentionCircuits", "LinearCache", "LinearizationError", "ModelUnavailableError", "OperatingPoint",
+           "detach_hooks", "detached", "induction_heads", "load_model", "run_with_linear_cache", "tiny_architectures",
            "tiny_model"]

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float, Int
+from transformer_lens import FactoredMatrix
 
 from lens_linear import decode
+from lens_linear.attention import AttentionCircuits
 from lens_linear._validation import (LinearizationError, normalize_position, relative_error, require_hook,
                                      require_tl_model, tolerance)
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, block_outputs,
-                                               hooks_on, linears_skipped, output_hook)
+                                               eval_mode, hooks_on, linears_skipped, output_hook)
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY, batched_vjp_jacobian, chunk_rows, forward_jacobians
 
@@ -25,18 +27,6 @@ class Prediction:
     token: str
     token_id: int
     prob: float
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Run in eval mode (no dropout) and restore every module's train/eval flag after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = None) -> Int[torch.Tensor, "1 pos"]:
@@ -357,6 +347,17 @@ class LinearCache:
         return err
 
     # ---- SVD, decoding, dimensionality ------------------------------------------------
+    @functools.cached_property
+    def attention(self) -> AttentionCircuits:
+        """Attention circuits at this operating point: frozen patterns, per-head OV/QK
+        ``FactoredMatrix`` circuits, token-to-token Jacobians and their QK term."""
+        return AttentionCircuits(self)
+
+    def attention_jacobian(self, layer: int, query_pos: int, key_pos: int, head: int | None = None,
+                           include_norm: bool = False) -> FactoredMatrix:
+        """``Σ_h A[h, q, k] W_V^h W_O^h``: see :meth:`AttentionCircuits.jacobian`."""
+        return self.attention.jacobian(layer, query_pos, key_pos, head, include_norm)
+
     def svd(self, hook: str | None = None, position: int | str = "all", k: int | None = None,
             pos: int | None = None) -> SVDResult:
         """SVD of the Jacobian of ``hook`` at output ``pos``: for one input ``position``, or

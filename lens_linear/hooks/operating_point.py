@@ -422,6 +422,18 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run in eval mode (no dropout) and restore every module's train/eval flag after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
 def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     """Add forward hooks for the duration; removes exactly these hooks, even on error."""
     with _quiet_bridge(), model.hooks(fwd_hooks=list(hooks)):
