@@ -440,6 +440,22 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
         yield
 
 
+def input_embeddings(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "pos d_model"]:
+    """The input variable ``x`` (``blocks.0.hook_resid_pre``) of ``tokens``; the forward stops there."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(value: torch.Tensor, hook: Any) -> None:
+        seen["x"] = value.detach()[0]
+        raise _Stop
+
+    try:
+        with torch.no_grad():
+            run_hooks(model, tokens, [(INPUT_HOOK, grab)])
+    except _Stop:
+        pass
+    return seen["x"]
+
+
 def run_hooks(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook]) -> torch.Tensor:
     with hooks_on(model, hooks):
         return model(tokens)

@@ -1,0 +1,370 @@
+"""Activation patching, its Jacobian prediction, and steering with a detached Jacobian.
+
+* :func:`activation_patching` — patch clean activations into the corrupted run, one sweep
+  (residual stream, attention/MLP outputs, heads) as a few batched forwards: the patched runs
+  of a chunk share one batch, and the layers before a chunk's first patch run once, on the
+  unpatched prompts, before the batch is expanded. ``frozen=True`` runs every patch through the
+  corrupted run's operating point instead (the frozen map: exactly affine).
+* :func:`predicted_patching` — the same table from one backward pass of the corrupted run:
+  with the detach hooks on it is exact for the frozen map; without them it is the plain
+  gradient (attribution patching).
+* :func:`steer` — the paper's equation 16: a layer's activation mixed with the concept
+  prompt's frozen map applied to the new prompt's embeddings, token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from tqdm.auto import tqdm
+
+from lens_linear._validation import require_tl_model
+from lens_linear.hooks.detach import detach_hooks
+from lens_linear.hooks.operating_point import (OperatingPoint, _Stop, biases_zeroed, eval_mode, input_embeddings,
+                                               run_hooks)
+from lens_linear.jacobian import DEFAULT_MEMORY
+
+MAX_PATCHES = 64  # patched runs per batch; beyond this a batch only costs memory
+
+
+def pairs_dtype_size(model: Any) -> int:
+    return torch.empty((), dtype=model.cfg.dtype).element_size()
+
+
+# sweep name → (hook in each block, axes of one patch)
+SWEEPS: dict[str, tuple[str, str]] = {
+    "resid_pre": ("hook_resid_pre", "pos"),
+    "resid_mid": ("hook_resid_mid", "pos"),
+    "resid_post": ("hook_resid_post", "pos"),
+    "attn_out": ("hook_attn_out", "pos"),
+    "mlp_out": ("hook_mlp_out", "pos"),
+    "head": ("attn.hook_z", "head"),  # one head at every position
+    "head_by_pos": ("attn.hook_z", "pos_head"),
+}
+
+
+@dataclass
+class PromptPairs:
+    """Clean and corrupted prompts of equal token counts per pair, right-padded to one length.
+
+    Right padding is harmless under causal attention (no real token sees a later one), so
+    no attention mask is needed: the metric reads each pair's last real position and
+    ``mask`` keeps padding and special tokens (BOS) out of every patch.
+    """
+
+    clean: Int[torch.Tensor, "n pos"]
+    corrupted: Int[torch.Tensor, "n pos"]
+    answers: Int[torch.Tensor, "n"]  # correct for the clean prompt
+    wrong: Int[torch.Tensor, "n"]  # correct for the corrupted prompt
+    last: Int[torch.Tensor, "n"]  # position of each pair's final real token
+    mask: Bool[torch.Tensor, "n pos"]  # positions a patch may touch
+    str_tokens: list[str] = field(default_factory=list)  # of the first clean prompt
+
+    def logit_diff(self, final: Float[torch.Tensor, "batch vocab"]) -> Float[torch.Tensor, "batch"]:
+        """``logit[answer] − logit[wrong]`` from the logits at each pair's last real position;
+        the batch is any number of copies of the pairs, in order."""
+        copies = final.shape[0] // len(self.answers)
+        rows = torch.arange(final.shape[0], device=final.device)
+        return final[rows, self.answers.repeat(copies)] - final[rows, self.wrong.repeat(copies)]
+
+    def final_logits(self, model: Any, tokens: Int[torch.Tensor, "batch pos"],
+                     hooks: Sequence = ()) -> Float[torch.Tensor, "batch vocab"]:
+        """Logits at each pair's last real position only: the unembedding's input is taken by a
+        pre-hook that ends the forward, then only those rows are unembedded (a 50k-word
+        unembedding of every position can cost as much as the rest of a short forward)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module: Any, args: tuple) -> None:
+            seen["x"] = args[0]
+            raise _Stop
+
+        handle = model.unembed.register_forward_pre_hook(grab)
+        try:
+            run_hooks(model, tokens, hooks)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        x = seen["x"]
+        rows = torch.arange(x.shape[0], device=x.device)
+        return model.unembed(x[rows, self.last.repeat(x.shape[0] // len(self.last))][:, None])[:, 0]
+
+
+def single_token(model: Any, text: str) -> int:
+    ids = model.to_tokens(text, prepend_bos=False)[0]
+    if len(ids) != 1:
+        pieces = [model.tokenizer.decode([int(i)]) for i in ids]
+        raise ValueError(f"answer {text!r} is {len(ids)} tokens ({pieces}); answers must be single tokens "
+                         f"(a leading space usually makes a name one token)")
+    return int(ids[0])
+
+
+def prompt_pairs(model: Any, clean: str | Sequence[str], corrupted: str | Sequence[str],
+                 answers: str | Sequence[str], wrong: str | Sequence[str]) -> PromptPairs:
+    """Tokenize clean/corrupted pairs (each pair must have equal token counts) and answers."""
+    require_tl_model(model)
+    as_list = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
+    clean, corrupted, answers, wrong = map(as_list, (clean, corrupted, answers, wrong))
+    if not len(clean) == len(corrupted) == len(answers) == len(wrong) or not clean:
+        raise ValueError(f"need as many clean prompts, corrupted prompts, answers and wrong answers "
+                         f"(got {len(clean)}, {len(corrupted)}, {len(answers)}, {len(wrong)}), at least one")
+    rows_c, rows_x = [], []
+    for i, (c, x) in enumerate(zip(clean, corrupted)):
+        tc, tx = model.to_tokens(c)[0], model.to_tokens(x)[0]
+        if len(tc) != len(tx):
+            raise ValueError(f"pair {i}: the clean prompt has {len(tc)} tokens and the corrupted one {len(tx)}; "
+                             f"position-wise patching needs equal lengths (choose names or words that "
+                             f"tokenize alike): {c!r} vs {x!r}")
+        rows_c.append(tc)
+        rows_x.append(tx)
+    n_pos = max(len(t) for t in rows_c)
+    pad = lambda rows: torch.stack([torch.cat([t, t.new_zeros(n_pos - len(t))]) for t in rows])  # noqa: E731
+    clean_t, corrupt_t = pad(rows_c), pad(rows_x)
+    lengths = torch.tensor([len(t) for t in rows_c])
+    mask = torch.arange(n_pos)[None] < lengths[:, None]
+    special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
+    if special:
+        mask &= ~torch.isin(clean_t, torch.tensor(sorted(special)))
+    device = model.cfg.device
+    return PromptPairs(clean_t.to(device), corrupt_t.to(device),
+                       torch.tensor([single_token(model, a) for a in answers], device=device),
+                       torch.tensor([single_token(model, w) for w in wrong], device=device),
+                       (lengths - 1).to(device), mask.to(device),
+                       [model.tokenizer.decode([int(t)]) for t in rows_c[0]] if model.tokenizer else [])
+
+
+IOI_TEMPLATE = "After {a} and {b} went to the store, {s} gave a bottle of milk to"
+IOI_NAMES = ("John", "Mary", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Lisa", "Sarah", "Paul", "Anna")
+
+
+def ioi_pairs(model: Any, n_pairs: int = 4, names: Sequence[str] = IOI_NAMES,
+              template: str = IOI_TEMPLATE) -> PromptPairs:
+    """IOI prompt pairs: clean ``… {B} gave … to`` (answer the other name, ``{A}``), corrupted
+    with the repeated subject swapped (answer ``{B}``). Only names that are one token with a
+    leading space are used; consecutive name pairs, both orders, as in the seed tutorial."""
+    usable = [n for n in names if len(model.to_tokens(" " + n, prepend_bos=False)[0]) == 1]
+    if len(usable) < 2:
+        raise ValueError(f"fewer than two of the names {list(names)} are single tokens for this tokenizer")
+    pairs = [(usable[i % len(usable)], usable[(i + 1) % len(usable)]) for i in range(0, 2 * n_pairs, 2)]
+    clean, corrupt, answers, wrong = [], [], [], []
+    for k in range(n_pairs):
+        a, b = pairs[k // 2] if k % 2 == 0 else pairs[k // 2][::-1]
+        clean.append(template.format(a=a, b=b, s=b))
+        corrupt.append(template.format(a=a, b=b, s=a))
+        answers.append(" " + a)
+        wrong.append(" " + b)
+    return prompt_pairs(model, clean, corrupt, answers, wrong)
+
+
+@dataclass
+class PatchingResult:
+    """A patching table: ``values`` normalized (0 = corrupted, 1 = clean), ``raw`` the metric."""
+
+    sweep: str
+    values: Float[torch.Tensor, "layer ..."]
+    raw: Float[torch.Tensor, "layer ..."]
+    clean: float
+    corrupted: float
+    axes: tuple[str, ...]
+    str_tokens: list[str]
+
+    def __repr__(self) -> str:
+        best = torch.topk(self.values.flatten().abs(), min(3, self.values.numel())).indices
+        where = [tuple(int(i) for i in torch.unravel_index(b, self.values.shape)) for b in best]
+        tops = ", ".join(f"{w}={float(self.values[w]):+.3f}" for w in where)
+        return (f"PatchingResult({self.sweep}, {'×'.join(self.axes)} {tuple(self.values.shape)}, "
+                f"clean={self.clean:+.3f}, corrupted={self.corrupted:+.3f}; largest {tops})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sweep": self.sweep, "axes": list(self.axes), "values": self.values.tolist(), "raw": self.raw.tolist(),
+                "clean": self.clean, "corrupted": self.corrupted, "str_tokens": self.str_tokens}
+
+
+def _sweep(model: Any, sweep: str, pairs: PromptPairs) -> tuple[list[str], list[tuple[int, int | None, int | None]],
+                                                                  tuple[str, ...], tuple[int, ...]]:
+    """Hook names per layer, every patch as ``(layer, pos, head)``, the table's axes and shape."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; choose from {sorted(SWEEPS)}")
+    leaf, kind = SWEEPS[sweep]
+    hooks = [f"blocks.{layer}.{leaf}" for layer in range(model.cfg.n_layers)]
+    if hooks[0] not in model.hook_dict:
+        raise ValueError(f"this model has no {hooks[0]} (a parallel block has no resid_mid, say)")
+    sizes = {"layer": model.cfg.n_layers, "pos": pairs.clean.shape[1], "head": model.cfg.n_heads}
+    axes = ("layer",) + {"pos": ("pos",), "head": ("head",), "pos_head": ("pos", "head")}[kind]
+    grid = torch.cartesian_prod(*[torch.arange(sizes[a]) for a in axes]).reshape(-1, len(axes)).tolist()
+    patches = [(g[0], g[axes.index("pos")] if "pos" in axes else None, g[axes.index("head")] if "head" in axes else None)
+               for g in grid]
+    return hooks, patches, axes, tuple(sizes[a] for a in axes)
+
+
+def _capture(model: Any, pairs: PromptPairs, tokens: torch.Tensor, names: Sequence[str],
+             extra: Sequence = ()) -> tuple[float, dict[str, torch.Tensor]]:
+    """The mean logit difference of a run, and its activations at ``names``."""
+    acts: dict[str, torch.Tensor] = {}
+    hooks = list(extra) + [(n, lambda v, hook, n=n: acts.__setitem__(n, v.detach().clone())) for n in names]
+    with torch.no_grad():
+        return float(pairs.logit_diff(pairs.final_logits(model, tokens, hooks)).mean()), acts
+
+
+def _region(pairs: PromptPairs, patch: tuple[int, int | None, int | None], like: torch.Tensor) -> torch.Tensor:
+    """Boolean mask over one copy of the pairs ``[n, pos, (heads)]`` of what a patch replaces."""
+    _, pos, head = patch
+    region = torch.zeros(like.shape[:3] if like.ndim == 4 else like.shape[:2], dtype=torch.bool, device=like.device)
+    cols = slice(None) if pos is None else slice(pos, pos + 1)
+    if like.ndim == 4:
+        region[:, cols, slice(None) if head is None else head] = True
+        region &= pairs.mask[:, :, None]
+    else:
+        region[:, cols] = True
+        region &= pairs.mask
+    return region
+
+
+def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", scale: float = 1.0,
+                        frozen: bool = False, max_memory: int = DEFAULT_MEMORY,
+                        progress: bool = True) -> PatchingResult:
+    """Patch ``corrupted + scale · (clean − corrupted)`` at every (layer, position / head) of a
+    sweep into the corrupted run and read the logit difference.
+
+    ``frozen=True`` keeps the corrupted run's norm scales, patterns and gates (replay of its
+    operating point), which makes the metric exactly affine in the patch: the ground truth
+    that :func:`predicted_patching` reproduces. Chunks of patched runs share one batch, sized
+    so that their logits fit ``max_memory``.
+    """
+    require_tl_model(model)
+    hooks, patches, axes, shape = _sweep(model, sweep, pairs)
+    n = len(pairs.answers)
+    with eval_mode(model):
+        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks)
+        base = OperatingPoint.record(model, pairs.corrupted)[0].hooks("replay") if frozen else []
+        corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, base)
+        # a patched run's largest intermediates: about 8 MLP-wide activations per position
+        width = max(model.cfg.d_model, getattr(model.cfg, "d_mlp", None) or 4 * model.cfg.d_model)
+        per_patch = n * pairs.clean.shape[1] * width * pairs_dtype_size(model) * 8
+        chunk = max(1, min(len(patches), MAX_PATCHES, max_memory // per_patch))
+        raw = []
+        grow = True
+        for start in tqdm(range(0, len(patches), chunk), desc=f"patching {sweep}", disable=not progress, leave=False):
+            todo = patches[start:start + chunk]
+            first = hooks[min(p[0] for p in todo)]
+
+            def patch(value: torch.Tensor, hook: Any, name: str, grow: bool) -> torch.Tensor:
+                if grow and name == first:  # the layers before ran once, on the unpatched prompts
+                    value = value.repeat(len(todo), *([1] * (value.ndim - 1)))
+                else:
+                    value = value.clone()
+                target = corrupt_acts[name] + scale * (clean_acts[name] - corrupt_acts[name])
+                for e, p in enumerate(todo):
+                    if hooks[p[0]] == name:
+                        region = _region(pairs, p, target)
+                        value[e * n:(e + 1) * n][region] = target[region]
+                return value
+
+            names = sorted({hooks[p[0]] for p in todo}, key=hooks.index)
+            with torch.no_grad():
+                try:
+                    final = pairs.final_logits(model, pairs.corrupted if grow else pairs.corrupted.repeat(len(todo), 1),
+                                               base + [(h, partial(patch, name=h, grow=grow)) for h in names])
+                except RuntimeError:
+                    if not grow:
+                        raise
+                    grow = False  # a model whose masks keep the first batch size: full batches from here
+                    final = pairs.final_logits(model, pairs.corrupted.repeat(len(todo), 1),
+                                               base + [(h, partial(patch, name=h, grow=False)) for h in names])
+            raw.append(pairs.logit_diff(final).reshape(len(todo), n).mean(-1))
+    raw_t = torch.cat(raw).reshape(shape)
+    return PatchingResult(sweep, (raw_t - corrupt_m) / (clean_m - corrupt_m), raw_t, clean_m, corrupt_m, axes,
+                          pairs.str_tokens)
+
+
+def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", scale: float = 1.0,
+                       detached: bool = True) -> PatchingResult:
+    """The patching table of :func:`activation_patching` from one forward and one backward
+    pass of the corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
+
+    ``detached=True`` takes the gradient with the detach hooks on: the corrupted run's frozen
+    map is affine, so this equals ``activation_patching(..., frozen=True)`` exactly.
+    ``detached=False`` is the plain gradient (attribution patching), a first-order estimate.
+    """
+    require_tl_model(model)
+    hooks, patches, axes, shape = _sweep(model, sweep, pairs)
+    leaves: dict[str, torch.Tensor] = {}
+    corrupt_acts: dict[str, torch.Tensor] = {}
+
+    def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
+        corrupt_acts[name] = value.detach().clone()
+        leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient is the activation's
+        return value + leaves[name]
+
+    with eval_mode(model):
+        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks)
+        freeze = detach_hooks(model) if detached else []
+        with torch.enable_grad():
+            final = pairs.final_logits(model, pairs.corrupted, freeze + [(h, partial(attach, name=h)) for h in hooks])
+            metric = pairs.logit_diff(final).mean()
+            grads = torch.autograd.grad(metric, [leaves[h] for h in hooks])
+    corrupt_m = float(metric.detach())
+    table = []
+    for h, g in zip(hooks, grads):
+        change = (g * scale * (clean_acts[h] - corrupt_acts[h])).sum(-1)  # [n, pos(, heads)]
+        change = change * (pairs.mask if change.ndim == 2 else pairs.mask[:, :, None])
+        keep = {"pos": (0,), "head": (0, 1), "pos_head": (0,)}[SWEEPS[sweep][1]]
+        table.append(change.sum(keep))
+    raw = corrupt_m + torch.stack(table).reshape(shape).detach()
+    return PatchingResult(sweep, (raw - corrupt_m) / (clean_m - corrupt_m), raw, clean_m, corrupt_m, axes,
+                          pairs.str_tokens)
+
+
+@dataclass
+class SteeringResult:
+    tokens: Int[torch.Tensor, "1 pos"]  # prompt and generated tokens
+    text: str  # the generated continuation
+    first_logits: Float[torch.Tensor, "vocab"]  # next-token logits at the first step, steered
+
+
+def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5,
+          max_new_tokens: int = 10) -> SteeringResult:
+    """Greedy generation with ``blocks.{layer}.hook_resid_post`` replaced, at every step, by
+    ``lam · f(x_new) + (1 − lam) · J⁺_concept x_new`` (the seed paper's equation 16).
+
+    ``J⁺_concept x_new`` is the concept prompt's frozen map (its operating point, biases
+    zeroed: the Jacobian's linear part) applied to the new prompt's input embeddings by
+    replay, so no ``d_model × d_model`` matrix is stored. Positions are matched from the end:
+    the new prompt's last token meets the concept's last token, and so on back; where the new
+    sequence is longer, its earliest positions are left unsteered, and where it is shorter,
+    the concept's suffix map is used (exact: frozen patterns are blind to absolute position).
+    ``lam = 1`` is ordinary greedy generation.
+    """
+    require_tl_model(model)
+    n_layers = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+        raise IndexError(f"layer={layer} is out of range for a model with {n_layers} layers")
+    hook = f"blocks.{layer % n_layers}.hook_resid_post"
+    from lens_linear.cache import to_tokens
+
+    with eval_mode(model):
+        concept_tokens = to_tokens(model, concept)
+        point = OperatingPoint.record(model, concept_tokens)[0]
+        tokens = to_tokens(model, prompt)
+        first = None
+        for _ in range(max_new_tokens):
+            x_new = input_embeddings(model, tokens)
+            k = min(x_new.shape[0], concept_tokens.shape[1])
+            with torch.no_grad(), biases_zeroed(model):
+                term = point.replay(x_new[-k:].unsqueeze(0), [hook], start=concept_tokens.shape[1] - k)[hook]
+
+            def mix(value: torch.Tensor, hook: Any) -> torch.Tensor:
+                value = value.clone()
+                value[:, -k:] = lam * value[:, -k:] + (1 - lam) * term
+                return value
+
+            with torch.no_grad():
+                logits = run_hooks(model, tokens, [(hook, mix)])[0, -1]
+            first = logits if first is None else first
+            tokens = torch.cat([tokens, logits.argmax().reshape(1, 1)], dim=1)
+    new = tokens[0, -max_new_tokens:] if max_new_tokens else tokens[0, :0]
+    return SteeringResult(tokens, model.tokenizer.decode(new.tolist()) if model.tokenizer else "", first)
