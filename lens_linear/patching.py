@@ -26,6 +26,7 @@ from lens_linear._validation import require_tl_model
 from lens_linear.hooks.detach import detach_hooks
 from lens_linear.hooks.operating_point import (OperatingPoint, _Stop, biases_zeroed, eval_mode, input_embeddings,
                                                run_hooks)
+from lens_linear.hooks.sites import layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY
 
 MAX_PATCHES = 64  # patched runs per batch; beyond this a batch only costs memory
@@ -171,6 +172,7 @@ class PatchingResult:
     corrupted: float
     axes: tuple[str, ...]
     str_tokens: list[str]
+    layers: list[int] = field(default_factory=list)  # the block of each row
 
     def __repr__(self) -> str:
         best = torch.topk(self.values.flatten().abs(), min(3, self.values.numel())).indices
@@ -181,19 +183,29 @@ class PatchingResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sweep": self.sweep, "axes": list(self.axes), "values": self.values.tolist(), "raw": self.raw.tolist(),
-                "clean": self.clean, "corrupted": self.corrupted, "str_tokens": self.str_tokens}
+                "clean": self.clean, "corrupted": self.corrupted, "str_tokens": self.str_tokens, "layers": self.layers}
 
 
-def _sweep(model: Any, sweep: str, pairs: PromptPairs) -> tuple[list[str], list[tuple[int, int | None, int | None]],
-                                                                  tuple[str, ...], tuple[int, ...]]:
-    """Hook names per layer, every patch as ``(layer, pos, head)``, the table's axes and shape."""
+def _layers(model: Any, layers: Sequence[int] | None) -> list[int]:
+    n = model.cfg.n_layers
+    layers = list(range(n)) if layers is None else list(layers)
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+            raise IndexError(f"layer={layer} is out of range for a model with {n} layers (valid: {-n}..{n - 1})")
+    return [layer % n for layer in layers]
+
+
+def _sweep(model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | None
+           ) -> tuple[list[str], list[tuple[int, int | None, int | None]], tuple[str, ...], tuple[int, ...]]:
+    """Hook names (one per swept layer), every patch as ``(row, pos, head)`` with ``row`` an
+    index into those hooks, the table's axes and its shape."""
     if sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {sweep!r}; choose from {sorted(SWEEPS)}")
     leaf, kind = SWEEPS[sweep]
-    hooks = [f"blocks.{layer}.{leaf}" for layer in range(model.cfg.n_layers)]
+    hooks = [f"blocks.{layer}.{leaf}" for layer in _layers(model, layers)]
     if hooks[0] not in model.hook_dict:
         raise ValueError(f"this model has no {hooks[0]} (a parallel block has no resid_mid, say)")
-    sizes = {"layer": model.cfg.n_layers, "pos": pairs.clean.shape[1], "head": model.cfg.n_heads}
+    sizes = {"layer": len(hooks), "pos": pairs.clean.shape[1], "head": model.cfg.n_heads}
     axes = ("layer",) + {"pos": ("pos",), "head": ("head",), "pos_head": ("pos", "head")}[kind]
     grid = torch.cartesian_prod(*[torch.arange(sizes[a]) for a in axes]).reshape(-1, len(axes)).tolist()
     patches = [(g[0], g[axes.index("pos")] if "pos" in axes else None, g[axes.index("head")] if "head" in axes else None)
@@ -225,18 +237,18 @@ def _region(pairs: PromptPairs, patch: tuple[int, int | None, int | None], like:
 
 
 def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", scale: float = 1.0,
-                        frozen: bool = False, max_memory: int = DEFAULT_MEMORY,
-                        progress: bool = True) -> PatchingResult:
+                        frozen: bool = False, layers: Sequence[int] | None = None,
+                        max_memory: int = DEFAULT_MEMORY, progress: bool = True) -> PatchingResult:
     """Patch ``corrupted + scale · (clean − corrupted)`` at every (layer, position / head) of a
     sweep into the corrupted run and read the logit difference.
 
     ``frozen=True`` keeps the corrupted run's norm scales, patterns and gates (replay of its
     operating point), which makes the metric exactly affine in the patch: the ground truth
-    that :func:`predicted_patching` reproduces. Chunks of patched runs share one batch, sized
-    so that their logits fit ``max_memory``.
+    that :func:`predicted_patching` reproduces. ``layers`` sweeps only those blocks (the
+    table's rows, in that order). Chunks of patched runs share one batch, sized to ``max_memory``.
     """
     require_tl_model(model)
-    hooks, patches, axes, shape = _sweep(model, sweep, pairs)
+    hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     n = len(pairs.answers)
     with eval_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks)
@@ -278,11 +290,11 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
             raw.append(pairs.logit_diff(final).reshape(len(todo), n).mean(-1))
     raw_t = torch.cat(raw).reshape(shape)
     return PatchingResult(sweep, (raw_t - corrupt_m) / (clean_m - corrupt_m), raw_t, clean_m, corrupt_m, axes,
-                          pairs.str_tokens)
+                          pairs.str_tokens, [layer_of(h) for h in hooks])
 
 
 def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", scale: float = 1.0,
-                       detached: bool = True) -> PatchingResult:
+                       detached: bool = True, layers: Sequence[int] | None = None) -> PatchingResult:
     """The patching table of :func:`activation_patching` from one forward and one backward
     pass of the corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
 
@@ -291,7 +303,7 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
     ``detached=False`` is the plain gradient (attribution patching), a first-order estimate.
     """
     require_tl_model(model)
-    hooks, patches, axes, shape = _sweep(model, sweep, pairs)
+    hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     leaves: dict[str, torch.Tensor] = {}
     corrupt_acts: dict[str, torch.Tensor] = {}
 
@@ -316,7 +328,7 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
         table.append(change.sum(keep))
     raw = corrupt_m + torch.stack(table).reshape(shape).detach()
     return PatchingResult(sweep, (raw - corrupt_m) / (clean_m - corrupt_m), raw, clean_m, corrupt_m, axes,
-                          pairs.str_tokens)
+                          pairs.str_tokens, [layer_of(h) for h in hooks])
 
 
 @dataclass
@@ -340,10 +352,7 @@ def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5,
     ``lam = 1`` is ordinary greedy generation.
     """
     require_tl_model(model)
-    n_layers = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-        raise IndexError(f"layer={layer} is out of range for a model with {n_layers} layers")
-    hook = f"blocks.{layer % n_layers}.hook_resid_post"
+    hook = f"blocks.{_layers(model, [layer])[0]}.hook_resid_post"
     from lens_linear.cache import to_tokens
 
     with eval_mode(model):

@@ -1,0 +1,164 @@
+"""Patching: batched sweeps vs one forward per patch and TransformerLens' patching module;
+Jacobian-predicted patching vs the frozen map; steering."""
+
+import pytest
+import torch
+
+import lens_linear as ll
+from lens_linear.patching import (SWEEPS, activation_patching, ioi_pairs, predicted_patching, prompt_pairs,
+                                  steer)
+
+from conftest import HOOKED, cached_tiny, rel
+
+IOI_CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
+IOI_CORRUPT = "After John and Mary went to the store, John gave a bottle of milk to"
+BACKENDS = ["bridge", "hooked"] if HOOKED else ["bridge"]
+
+
+def naive(model, pairs, sweep, scale=1.0):
+    """One forward per patch, written directly on the model's hooks."""
+    leaf, kind = SWEEPS[sweep]
+    _, clean = model.run_with_cache(pairs.clean)
+    _, corrupt = model.run_with_cache(pairs.corrupted)
+    n_layers, n_pos, n_heads = model.cfg.n_layers, pairs.clean.shape[1], model.cfg.n_heads
+
+    def metric(logits):
+        rows = torch.arange(len(pairs.answers))
+        final = logits[rows, pairs.last]
+        return float((final[rows, pairs.answers] - final[rows, pairs.wrong]).mean())
+
+    def run(layer, pos, head):
+        name = f"blocks.{layer}.{leaf}"
+        target = corrupt[name] + scale * (clean[name] - corrupt[name])
+
+        def hook(value, hook):
+            value = value.clone()
+            for i in range(len(pairs.answers)):
+                for p in ([pos] if pos is not None else range(n_pos)):
+                    if pairs.mask[i, p]:
+                        if head is None:
+                            value[i, p] = target[i, p]
+                        else:
+                            value[i, p, head] = target[i, p, head]
+            return value
+
+        with torch.no_grad():
+            return metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=[(name, hook)]))
+
+    grid = {"pos": [[run(l, p, None) for p in range(n_pos)] for l in range(n_layers)],
+            "head": [[run(l, None, h) for h in range(n_heads)] for l in range(n_layers)],
+            "pos_head": [[[run(l, p, h) for h in range(n_heads)] for p in range(n_pos)] for l in range(n_layers)]}[kind]
+    return torch.tensor(grid)
+
+
+def tiny_pairs(model):
+    """Two pairs of different lengths (right-padded), one with a BOS: padding and special
+    tokens must stay out of every patch."""
+    return prompt_pairs(model, ["Hello there, friend!", "abcdefgh"], ["Hello where, friend!", "abcxefgh"],
+                        ["a", "b"], ["c", "d"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_sweeps_equal_one_forward_per_patch(backend, arch):
+    model = cached_tiny(backend, arch)
+    pairs = tiny_pairs(model)
+    assert not pairs.mask[1, 9:].any() and bool(pairs.mask[0, 1])
+    assert bool(pairs.mask[0, 0]) is (model.tokenizer.bos_token_id is None or not model.cfg.default_prepend_bos)
+    for sweep in ["resid_pre", "resid_post", "mlp_out", "head", "head_by_pos"]:
+        ours = activation_patching(model, pairs, sweep, progress=False, max_memory=1 << 20)  # many small chunks
+        assert (ours.raw - naive(model, pairs, sweep)).abs().max() <= 1e-4, sweep
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_transformer_lens_patching(backend):
+    import transformer_lens.patching as tlp
+
+    model = cached_tiny(backend, "gpt2")
+    pairs = prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "a", "c")
+    _, cache = model.run_with_cache(pairs.clean)
+    metric = lambda logits: logits[0, -1, pairs.answers[0]] - logits[0, -1, pairs.wrong[0]]  # noqa: E731
+    theirs = {"resid_pre": tlp.get_act_patch_resid_pre, "mlp_out": tlp.get_act_patch_mlp_out,
+              "head": tlp.get_act_patch_attn_head_out_all_pos}
+    for sweep, fn in theirs.items():
+        reference = fn(model, pairs.corrupted, cache, metric)
+        ours = activation_patching(model, pairs, sweep, progress=False)
+        if sweep != "head":  # TransformerLens patches BOS too; ours keeps special tokens out
+            reference = reference[:, 1:]
+            ours.raw = ours.raw[:, 1:]
+        assert (ours.raw - reference).abs().max() <= 1e-4, sweep
+
+
+def test_predicted_patching_is_exact_for_the_frozen_map():
+    """float64, so that the check is sharp: detached prediction = replay through the
+    corrupted run's operating point; the plain gradient is a first-order estimate."""
+    model = cached_tiny("bridge", "llama", torch.float64)
+    pairs = tiny_pairs(model)
+    for sweep in ["resid_pre", "attn_out", "head", "head_by_pos"]:
+        frozen = activation_patching(model, pairs, sweep, frozen=True, progress=False)
+        predicted = predicted_patching(model, pairs, sweep)
+        assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, sweep
+        small = activation_patching(model, pairs, sweep, scale=1e-3, progress=False)
+        plain = predicted_patching(model, pairs, sweep, scale=1e-3, detached=False)
+        assert rel(plain.raw - plain.corrupted, small.raw - small.corrupted) <= 1e-2, sweep
+
+
+def test_ioi_pairs_and_bad_input():
+    model = cached_tiny("bridge", "gpt2")  # a character tokenizer: no name is one token
+    with pytest.raises(ValueError, match="single tokens"):
+        ioi_pairs(model)
+    with pytest.raises(ValueError, match="pair 0: the clean prompt has 6 tokens and the corrupted one 7"):
+        prompt_pairs(model, "Hello", "Hellos", "a", "b")
+    with pytest.raises(ValueError, match="answer 'ab' is 2 tokens"):
+        prompt_pairs(model, "Hello", "Jello", "ab", "b")
+    pairs = prompt_pairs(model, "Hello", "Jello", "a", "b")
+    with pytest.raises(ValueError, match="unknown sweep"):
+        activation_patching(model, pairs, "resid")
+    with pytest.raises(IndexError, match="layer=5 is out of range"):
+        steer(model, "Hello", "Hi", layer=5)
+
+
+def test_steering_with_lam_one_is_greedy_generation():
+    model = cached_tiny("bridge", "llama")
+    tokens = model.to_tokens("Hello")
+    with torch.no_grad():
+        for _ in range(6):
+            tokens = torch.cat([tokens, model(tokens)[0, -1].argmax().reshape(1, 1)], dim=1)
+    steered = steer(model, "The Golden Gate", "Hello", layer=1, lam=1.0, max_new_tokens=6)
+    assert torch.equal(steered.tokens, tokens)
+    long_concept = steer(model, "Hi", "Hello there", layer=0, lam=0.3, max_new_tokens=2)  # concept shorter
+    assert long_concept.tokens.shape[-1] == model.to_tokens("Hello there").shape[-1] + 2
+
+
+def test_smollm2_ioi_patching(smollm2):
+    import pandas as pd
+    import transformer_lens.patching as tlp
+
+    pairs = prompt_pairs(smollm2, IOI_CLEAN, IOI_CORRUPT, " John", " Mary")
+    result = activation_patching(smollm2, pairs, "resid_pre", progress=False)
+    assert result.clean > 0 > result.corrupted
+    changed = pairs.str_tokens.index(" Mary", 5)  # the second "Mary", replaced by "John"
+    assert result.values[0, changed] == pytest.approx(1.0, abs=1e-4)  # all the information is there
+    post = activation_patching(smollm2, pairs, "resid_post", layers=[-1], progress=False)
+    assert post.layers == [29] and post.values[0, -1] == pytest.approx(1.0, abs=1e-4)
+    frozen = activation_patching(smollm2, pairs, "resid_pre", frozen=True, layers=[0, 12, 24], progress=False)
+    predicted = predicted_patching(smollm2, pairs, "resid_pre", layers=[0, 12, 24])
+    assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-5
+
+    _, cache = smollm2.run_with_cache(pairs.clean)
+    metric = lambda logits: pairs.logit_diff(logits[:, -1]).mean()  # noqa: E731
+    layers = [0, 15, 29]
+    index = pd.DataFrame([(l, p) for l in layers for p in range(pairs.clean.shape[1])], columns=["layer", "pos"])
+    reference = tlp.generic_activation_patch(smollm2, pairs.corrupted, cache, metric, tlp.layer_pos_patch_setter,
+                                             "resid_pre", index_df=index)
+    assert (result.raw[layers].flatten() - reference).abs().max() <= 1e-4
+
+
+def test_smollm2_steering_raises_the_concept(smollm2):
+    concept = ll.run_with_linear_cache(smollm2, "The Golden Gate", check=False)
+    bridge = concept.top_predictions(1)[0]
+    assert bridge.token == " Bridge"
+    plain = steer(smollm2, "The Golden Gate", "Here is a painting of the", layer=15, lam=1.0, max_new_tokens=1)
+    steered = steer(smollm2, "The Golden Gate", "Here is a painting of the", layer=15, lam=0.5, max_new_tokens=1)
+    rank = lambda logits: int((logits > logits[bridge.token_id]).sum())  # noqa: E731
+    assert rank(steered.first_logits) < rank(plain.first_logits)
