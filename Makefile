@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/jacobian.py
 	cd benchmarks && ../$(BIN)/python layers.py
+	$(BIN)/python benchmarks/patching.py
 
 clean:
 	rm -rf .venv .venv-* *.egg-info
