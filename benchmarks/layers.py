@@ -10,7 +10,9 @@ Cost model used to choose the engine (n positions, d = d_model, L layers, token-
 Forward wins when n < L (short prompts, deep models), reverse for long prompts; a forward
 token-layer pass costs ~1.8 backward rows here, which moves the break-even to n ≈ L / 1.8.
 Peak memory: resident-set growth per method, sampled, with freed memory handed back
-between methods (one process).
+between methods (one process, after a warm-up pass that both methods would otherwise pay
+for unequally). Both hold their results: all-layer Jacobians are 30 · n · d² floats
+(318 MB at 8 tokens, 1.27 GB at 32).
 
 Usage: python benchmarks/layers.py [--lengths 8 32]
 """
@@ -34,6 +36,9 @@ def main() -> None:
     model = ll.load_model()
     hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     all_tokens = model.to_tokens(TEXT)
+    # warm-up: the first forward/backward of a process allocates ~0.5 GB that stays (thread
+    # pools, allocator arenas); without it, whichever method runs first is charged for it
+    ll.run_with_linear_cache(model, all_tokens[:, :2], check=False).jacobians(hooks[:2])
     print(f"{'tokens':>6} {'method':<30} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max rel ΔJ':>10}")
     for n in args.lengths:
         tokens = all_tokens[:, :n]
