@@ -58,6 +58,14 @@ def normalize_position(pos: int, n_pos: int, what: str = "pos") -> int:
     return pos % n_pos
 
 
+def normalize_index(value: int, size: int, what: str = "layer", unit: str = "layers") -> int:
+    """Resolve a possibly negative layer or head index; raise naming the valid range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not -size <= value < size:
+        raise IndexError(f"{what}={value} is out of range for a model with {size} {unit} "
+                         f"(valid: {-size}..{size - 1})")
+    return value % size
+
+
 def check_dtype(dtype: torch.dtype, allowed: Iterable[torch.dtype] | None = None) -> torch.dtype:
     allowed = tuple(allowed or (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if not isinstance(dtype, torch.dtype) or dtype not in allowed:

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens import FactoredMatrix
 
-from lens_linear._validation import normalize_position, tolerance
+from lens_linear._validation import normalize_index, normalize_position, tolerance
 from lens_linear.hooks.operating_point import eval_mode, hooks_on
 from lens_linear.jacobian import batched_vjp_jacobian, chunk_rows
 
@@ -96,18 +96,11 @@ class AttentionCircuits:
 
     # -- validation -----------------------------------------------------------------------
     def _layer(self, layer: int) -> int:
-        n = self.cfg.n_layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-            raise IndexError(f"layer={layer} is out of range for a model with {n} layers (valid: {-n}..{n - 1})")
-        return layer % n
+        return normalize_index(layer, self.cfg.n_layers)
 
     def _heads(self, head: int | None) -> list[int]:
         n = self.cfg.n_heads
-        if head is None:
-            return list(range(n))
-        if isinstance(head, bool) or not isinstance(head, int) or not -n <= head < n:
-            raise IndexError(f"head={head} is out of range for a model with {n} heads per layer (valid: {-n}..{n - 1})")
-        return [head % n]
+        return list(range(n)) if head is None else [normalize_index(head, n, "head", "heads per layer")]
 
     def _positions(self, query_pos: int, key_pos: int) -> tuple[int, int]:
         q = normalize_position(query_pos, self.lc.n_pos, "query_pos")

@@ -13,8 +13,8 @@ from transformer_lens import FactoredMatrix
 
 from lens_linear import decode
 from lens_linear.attention import AttentionCircuits
-from lens_linear._validation import (LinearizationError, normalize_position, relative_error, require_hook,
-                                     require_tl_model, tolerance)
+from lens_linear._validation import (LinearizationError, normalize_index, normalize_position, relative_error,
+                                     require_hook, require_tl_model, tolerance)
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, block_outputs,
                                                eval_mode, hooks_on, linears_skipped, output_hook)
@@ -237,10 +237,7 @@ class LinearCache:
                            cumulative: bool = False) -> Float[torch.Tensor, "pos_in d_model d_model"]:
         """The map of block ``layer`` from its input residual stream (every position) to its
         output at ``pos``; with ``cumulative``, the map from the input embeddings up to it."""
-        n_layers = self.model.cfg.n_layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-            raise IndexError(f"layer={layer} is out of range for a model with {n_layers} layers")
-        layer %= n_layers
+        layer = normalize_index(layer, self.model.cfg.n_layers)
         out = f"blocks.{layer}.hook_resid_post"
         return self.jacobian(out, pos, source=None if cumulative else f"blocks.{layer}.hook_resid_pre")
 

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from lens_linear._validation import require_tl_model
+from lens_linear._validation import normalize_index, require_tl_model
 from lens_linear.hooks.detach import detach_hooks
 from lens_linear.hooks.operating_point import (OperatingPoint, _Stop, biases_zeroed, eval_mode, input_embeddings,
                                                run_hooks)
@@ -188,11 +188,7 @@ class PatchingResult:
 
 def _layers(model: Any, layers: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
-    layers = list(range(n)) if layers is None else list(layers)
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-            raise IndexError(f"layer={layer} is out of range for a model with {n} layers (valid: {-n}..{n - 1})")
-    return [layer % n for layer in layers]
+    return [normalize_index(layer, n) for layer in (range(n) if layers is None else layers)]
 
 
 def _sweep(model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | None
