@@ -1,0 +1,137 @@
+"""Dataset statistics: sensitivity vs brute force, Hutchinson, Welford (merge, resume, distributed)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lens_linear as ll
+from lens_linear.hooks import detached_function
+from lens_linear.stats import Welford, dataset_sensitivity, sensitivity
+
+from conftest import PROMPT, cached_tiny, rel
+
+SHORT = "Hello there"
+PROMPTS = ["Hello there", "abc", "The fox", "Hi", "jumps over", "ok then"]
+MAX = 12
+
+
+def brute_force(model, tokens, plain=False):
+    """Full Jacobian of the output embedding w.r.t. every input embedding, then norms."""
+    lc = ll.run_with_linear_cache(model, tokens, check=False)
+    n = lc.n_pos
+    rows = []
+    for i in range(n):
+        if plain:
+            fn = lc._plain_fn(lc.output, i)
+        else:
+            fn = detached_function(model, lc.tokens, lc.output, i)
+        jac = torch.autograd.functional.jacobian(fn, lc.x, vectorize=True)  # [d_out, pos, d_in]
+        rows.append(jac.double().pow(2).sum((0, 2)))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_exact_sensitivity_equals_brute_force(plain):
+    model = cached_tiny("bridge", "llama")
+    exact = sensitivity(model, SHORT, plain=plain).values
+    assert rel(exact, brute_force(model, SHORT, plain)) <= 1e-5
+    assert float(exact.triu(1).abs().max()) == 0.0  # causal: nothing flows backwards
+
+
+def test_hutchinson_is_unbiased_and_the_constant_cotangent_shortcut_is_not_a_norm():
+    model = cached_tiny("bridge", "gpt2")
+    exact = sensitivity(model, PROMPT).values
+    est = sensitivity(model, PROMPT, method="hutchinson", probes=64)
+    causal = torch.ones_like(exact, dtype=torch.bool).tril()
+    z = ((est.values - exact) / est.stderr.clamp_min(1e-30))[causal]
+    assert float(z.abs().mean()) <= 3.0
+    # one VJP with the constant cotangent 1/sqrt(d) per output position: ‖(1/√d)ᵀ J_ij‖², not ‖J_ij‖²_F
+    lc = ll.run_with_linear_cache(model, PROMPT, check=False)
+    d = model.cfg.d_model
+    v = torch.full((d,), d ** -0.5)
+    shortcut = torch.stack([torch.einsum("o,poi->pi", v, lc.jacobian(None, i)).double().pow(2).sum(-1)
+                            for i in range(lc.n_pos)])
+    assert rel(shortcut * d, exact) >= 0.1 and rel(shortcut, exact) >= 0.1
+
+
+def test_welford_equals_two_pass_and_merges_exactly():
+    torch.manual_seed(0)
+    samples = torch.randn(50, 4, 4, dtype=torch.float64) * 3 + 1
+    masks = torch.rand(50, 4, 4) > 0.3
+    acc = Welford((4, 4))
+    for s, m in zip(samples, masks):
+        acc.update(s, m)
+    counts = masks.sum(0)
+    mean = (samples * masks).sum(0) / counts
+    var = (((samples - mean) ** 2) * masks).sum(0) / (counts - 1)
+    assert torch.equal(acc.count, counts.double())
+    assert rel(acc.mean, mean) <= 1e-12 and rel(acc.var, var) <= 1e-12
+    a, b = Welford((4, 4)), Welford((4, 4))
+    for k, (s, m) in enumerate(zip(samples, masks)):
+        (a if k < 20 else b).update(s, m)
+    merged = a.merge(b)
+    assert rel(merged.mean, acc.mean) <= 1e-12 and rel(merged.var, acc.var) <= 1e-12
+
+
+def test_dataset_sensitivity_resumes_without_losing_or_repeating(tmp_path):
+    model = cached_tiny("bridge", "gpt2")
+    path = str(tmp_path / "run.pt")
+    whole = dataset_sensitivity(model, PROMPTS, max_len=MAX, checkpoint=path, progress=False)
+    assert torch.load(path)["done"] == len(PROMPTS)
+    # a run killed after 2 prompts: its checkpoint holds 2; the rerun finishes the other 4
+    partial = Welford((MAX, MAX))
+    for p in PROMPTS[:2]:
+        tokens = model.to_tokens(p)
+        n = tokens.shape[-1]
+        value = torch.zeros(MAX, MAX, dtype=torch.float64)
+        value[:n, :n] = sensitivity(model, tokens).values
+        mask = torch.zeros(MAX, MAX, dtype=torch.bool)
+        mask[:n, :n] = True
+        partial.update(value, mask)
+    killed = str(tmp_path / "killed.pt")
+    torch.save({"welford": partial.state_dict(), "done": 2, "prompts": PROMPTS, "max_len": MAX}, killed)
+    resumed = dataset_sensitivity(model, PROMPTS, max_len=MAX, checkpoint=killed, progress=False)
+    assert torch.equal(resumed.count, whole.count)
+    assert rel(resumed.mean, whole.mean) <= 1e-10
+    lengths = [model.to_tokens(p).shape[-1] for p in PROMPTS]
+    assert float(whole.count[0, 0]) == 6 and float(whole.count[MAX - 1, MAX - 1]) == sum(n >= MAX for n in lengths)
+    short = min(lengths)  # an entry only the longer prompts have: padding is not counted as zeros
+    assert float(whole.count[short, short]) == sum(n > short for n in lengths)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        dataset_sensitivity(model, PROMPTS[:2], max_len=MAX, checkpoint=killed, progress=False)
+
+
+WORKER = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from lens_linear.stats import Welford
+dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=int(sys.argv[1]), world_size=2)
+torch.manual_seed(0)
+samples = torch.randn(40, 3, 3, dtype=torch.float64)
+acc = Welford((3, 3))
+for s in samples[int(sys.argv[1])::2]:
+    acc.update(s)
+acc.all_reduce()
+if dist.get_rank() == 0:
+    torch.save(acc.state_dict(), {out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_gloo_run_equals_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    out = str(tmp_path / "state.pt")
+    script.write_text(WORKER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), store=str(tmp_path / "store"), out=out))
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank)]) for rank in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    torch.manual_seed(0)
+    samples = torch.randn(40, 3, 3, dtype=torch.float64)
+    one = Welford((3, 3))
+    for s in samples:
+        one.update(s)
+    two = Welford.from_state_dict(torch.load(out))
+    assert torch.equal(two.count, one.count)
+    assert rel(two.mean, one.mean) <= 1e-6 and rel(two.var, one.var) <= 1e-6
