@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +20,9 @@ from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint,
                                                eval_mode, hooks_on, linears_skipped, output_hook)
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY, batched_vjp_jacobian, chunk_rows, forward_jacobians
+
+if TYPE_CHECKING:
+    from lens_linear.matfree import MatrixFreeSVD
 
 
 @dataclass(frozen=True)
@@ -344,6 +347,14 @@ class LinearCache:
         return err
 
     # ---- SVD, decoding, dimensionality ------------------------------------------------
+    def svd_matrix_free(self, hook: str | None = None, pos: int | None = None, position: int | str = "all",
+                        k: int = 3, **kwargs: Any) -> "MatrixFreeSVD":
+        """Top-``k`` singular triplets from replay products only (no Jacobian is formed):
+        see :func:`lens_linear.matfree.matrix_free_svd`."""
+        from lens_linear.matfree import matrix_free_svd
+
+        return matrix_free_svd(self, hook, pos, position, k, **kwargs)
+
     @functools.cached_property
     def attention(self) -> AttentionCircuits:
         """Attention circuits at this operating point: frozen patterns, per-head OV/QK

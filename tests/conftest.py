@@ -12,6 +12,8 @@ CASES = [("bridge", a) for a in tiny_architectures("bridge")]
 if HOOKED:
     CASES += [("hooked", a) for a in tiny_architectures("hooked")]
 CASE_IDS = [f"{b}-{a}" for b, a in CASES]
+# heavy SmolLM2 checks that test no version-specific code path run in CI's newest-TL leg only
+newest_tl_only = pytest.mark.skipif(HOOKED, reason="heavy SmolLM2 check: run with the newest TransformerLens only")
 
 
 @functools.lru_cache(maxsize=None)

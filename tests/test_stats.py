@@ -11,7 +11,7 @@ import lens_linear as ll
 from lens_linear.hooks import detached_function
 from lens_linear.stats import Welford, dataset_sensitivity, sensitivity
 
-from conftest import PROMPT, cached_tiny, rel
+from conftest import PROMPT, cached_tiny, newest_tl_only, rel
 
 SHORT = "Hello there"
 PROMPTS = ["Hello there", "abc", "The fox", "Hi", "jumps over", "ok then"]
@@ -135,3 +135,42 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     two = Welford.from_state_dict(torch.load(out))
     assert torch.equal(two.count, one.count)
     assert rel(two.mean, one.mean) <= 1e-6 and rel(two.var, one.var) <= 1e-6
+
+
+def principal_angle(a, b):
+    """Largest principal angle between the column spaces of a and b (radians)."""
+    qa, qb = torch.linalg.qr(a.double()).Q, torch.linalg.qr(b.double()).Q
+    return float(torch.arccos(torch.linalg.svdvals(qa.T @ qb).min().clamp(max=1.0)))
+
+
+@pytest.mark.parametrize("position", ["all", 3])
+def test_matrix_free_svd_matches_the_full_svd(position):
+    model = cached_tiny("bridge", "llama")
+    lc = ll.run_with_linear_cache(model, PROMPT)
+    jac = lc.jacobian()  # [pos, d_out, d_in]
+    full = jac.permute(1, 0, 2).reshape(jac.shape[1], -1) if position == "all" else jac[position]
+    u, s, vh = torch.linalg.svd(full.double())
+    mf = lc.svd_matrix_free(position=position, k=3)
+    assert mf.converged and float(mf.residuals.max()) <= 1e-3
+    assert rel(mf.S, s[:3]) <= 1e-3
+    assert principal_angle(mf.U, u[:, :3]) <= 1e-2 and principal_angle(mf.V, vh[:3].T) <= 1e-2
+    with pytest.raises(ValueError, match="k=0 must be between 1"):
+        lc.svd_matrix_free(k=0)
+
+
+@newest_tl_only
+def test_smollm2_matrix_free_svd(smollm2):
+    text = " ".join(["The bridge out of Marin is the longest in the region"] * 4)
+    lc = ll.run_with_linear_cache(smollm2, smollm2.to_tokens(text)[:, :32], check=False)
+    jac = lc.jacobian()
+    u, s, vh = torch.linalg.svd(jac.permute(1, 0, 2).reshape(jac.shape[1], -1).double(), full_matrices=False)
+    mf = lc.svd_matrix_free(k=3)
+    assert mf.converged and rel(mf.S, s[:3]) <= 1e-3
+    assert principal_angle(mf.U, u[:, :3]) <= 1e-2 and principal_angle(mf.V, vh[:3].T) <= 1e-2
+
+
+@newest_tl_only
+def test_smollm2_float64_reconstructs_to_1e_10():
+    model = ll.load_model(dtype=torch.float64)
+    lc = ll.run_with_linear_cache(model, "The bridge out of Marin is the")
+    assert lc.reconstruction_error() <= 1e-10

@@ -1,0 +1,50 @@
+"""Matrix-free top-3 singular triplets vs the full Jacobian + ``torch.linalg.svd`` on SmolLM2.
+
+The matrix is the detached Jacobian of the output embedding at the last position w.r.t.
+the input embeddings of all positions side by side (``d_model × positions·d_model``).
+Baseline: ``LinearCache.jacobian()`` (chunked batched VJPs, d_model rows) then a dense
+SVD. Ours: randomized subspace iteration from replay JVPs and batched VJPs only
+(``LinearCache.svd_matrix_free``), never forming the matrix. Peak memory: resident-set
+growth per method (one process, after a warm-up).
+
+Usage: python benchmarks/svd.py [--lengths 32 128 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import lens_linear as ll
+
+from jacobian import TEXT, measure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
+    args = parser.parse_args()
+    model = ll.load_model()
+    text = " ".join([TEXT] * 64)
+    ll.run_with_linear_cache(model, model.to_tokens(text)[:, :4], check=False).svd_matrix_free(k=3)  # warm-up
+    print(f"{'tokens':>6} {'method':<28} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} "
+          f"{'max rel ΔS':>10} {'iters':>5}")
+    for n in args.lengths:
+        tokens = model.to_tokens(text)[:, :n]
+        t_ours, m_ours, mf = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False).svd_matrix_free(k=3))
+
+        def full():
+            jac = ll.run_with_linear_cache(model, tokens, check=False).jacobian()
+            return torch.linalg.svdvals(jac.permute(1, 0, 2).reshape(jac.shape[1], -1))[:3]
+
+        t_full, m_full, s = measure(full)
+        err = float(((mf.S - s).abs() / s).max())
+        print(f"{n:>6} {'matrix-free (replay products)':<28} {t_ours:8.1f} {m_ours / 2**20:8.0f} {1:8.2f} {1:10.2f} "
+              f"{err:10.1e} {mf.iterations:>5}")
+        print(f"{n:>6} {'full Jacobian + svd':<28} {t_full:8.1f} {m_full / 2**20:8.0f} {t_full / t_ours:8.2f} "
+              f"{m_full / m_ours:10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
