@@ -39,11 +39,15 @@ def require_tl_model(model: Any) -> None:
         )
 
 
-def require_hook(model: Any, name: str) -> None:
-    if name not in model.hook_dict:
-        close = difflib.get_close_matches(name, list(model.hook_dict), n=5, cutoff=0.6)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise KeyError(f"unknown hook name {name!r} for this model.{hint}")
+def require_hook(model: Any, *names: str) -> None:
+    """Every name must be a hook point (``hook_dict`` is read once: a TL 3.9 bridge rebuilds
+    its aliases on every access)."""
+    hook_dict = model.hook_dict
+    for name in names:
+        if name not in hook_dict:
+            close = difflib.get_close_matches(name, list(hook_dict), n=5, cutoff=0.6)
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            raise KeyError(f"unknown hook name {name!r} for this model.{hint}")
 
 
 def normalize_position(pos: int, n_pos: int, what: str = "pos") -> int:

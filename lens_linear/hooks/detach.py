@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_tl_model
-from lens_linear.hooks.operating_point import INPUT_HOOK, Hook, _quiet_bridge, hooks_on, output_hook, site_hooks
+from lens_linear.hooks.operating_point import INPUT_HOOK, Hook, hooks_on, output_hook, site_hooks
 from lens_linear.hooks.sites import PARTS, find_sites
 
 
@@ -40,7 +40,7 @@ def detached(model: Any, parts: Sequence[str] = PARTS) -> Iterator[Any]:
         ...     logits = model(tokens)  # same values; gradients are those of J⁺
     """
     hooks = detach_hooks(model, parts)
-    with _quiet_bridge(), model.hooks(fwd_hooks=hooks):
+    with hooks_on(model, hooks):
         yield model
 
 

@@ -11,6 +11,7 @@ frozen affine map ``F``. Both are built here from one set of hook functions:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ from lens_linear._validation import (LinearizationError, relative_error, require
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
 Hook = tuple[str, Callable[..., Any]]
+_LEVELS = itertools.count(1 << 40)  # hook context levels of our own, apart from TransformerLens' small ones
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 
 
@@ -218,8 +220,7 @@ class OperatingPoint:
         earlier positions out of later ones. ``at`` keeps only that position of each output;
         ``factors`` perturbs chosen frozen values per batch element (see :func:`site_hooks`).
         """
-        for name in [source, *names]:
-            require_hook(self.model, name)
+        require_hook(self.model, source, *names)
         if x.ndim == 2:
             x = x.unsqueeze(0)
         if source == INPUT_HOOK and x.shape[1:] != self.x_star[start:].shape:
@@ -435,9 +436,26 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
-    """Add forward hooks for the duration; removes exactly these hooks, even on error."""
-    with _quiet_bridge(), model.hooks(fwd_hooks=list(hooks)):
-        yield
+    """Add forward hooks for the duration; removes exactly these hooks, even on error.
+
+    The hook points are looked up in one read of ``hook_dict`` and the hooks attached at a
+    context level of our own, so removal touches nothing else. (``model.hooks()`` reads
+    ``hook_dict`` once per hook, and a TransformerLens 3.9 bridge rebuilds its aliases on
+    every read: replaying 200 hooks spent most of its time there.)
+    """
+    level = next(_LEVELS)
+    hook_dict = model.hook_dict
+    require_hook(model, *[name for name, _ in hooks])
+    points = []
+    try:
+        with _quiet_bridge():
+            for name, fn in hooks:
+                hook_dict[name].add_hook(fn, dir="fwd", level=level)
+                points.append(hook_dict[name])
+            yield
+    finally:
+        for point in points:
+            point.remove_hooks("fwd", level=level)
 
 
 def input_embeddings(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "pos d_model"]:
