@@ -29,11 +29,7 @@ from lens_linear.hooks.operating_point import (OperatingPoint, _Stop, biases_zer
 from lens_linear.hooks.sites import layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY
 
-MAX_PATCHES = 64  # patched runs per batch; beyond this a batch only costs memory
-
-
-def pairs_dtype_size(model: Any) -> int:
-    return torch.empty((), dtype=model.cfg.dtype).element_size()
+MAX_PATCHES = 64  # patched runs per batch at most: a memory bound, not tuned (10 s for 480 IOI patches)
 
 
 # sweep name → (hook in each block, axes of one patch)
@@ -252,7 +248,7 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
         corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, base)
         # a patched run's largest intermediates: about 8 MLP-wide activations per position
         width = max(model.cfg.d_model, getattr(model.cfg, "d_mlp", None) or 4 * model.cfg.d_model)
-        per_patch = n * pairs.clean.shape[1] * width * pairs_dtype_size(model) * 8
+        per_patch = n * pairs.clean.shape[1] * width * model.cfg.dtype.itemsize * 8
         chunk = max(1, min(len(patches), MAX_PATCHES, max_memory // per_patch))
         raw = []
         grow = True
