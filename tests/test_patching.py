@@ -145,6 +145,11 @@ def test_smollm2_ioi_patching(smollm2):
     predicted = predicted_patching(smollm2, pairs, "resid_pre", layers=[0, 12, 24])
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-5
 
+    ioi = ioi_pairs(smollm2, n_pairs=4)  # names that are one token with a leading space
+    assert ioi.clean.shape == ioi.corrupted.shape == (4, pairs.clean.shape[1]) and bool(ioi.mask.all())
+    assert (ioi.clean != ioi.corrupted).sum(1).tolist() == [1, 1, 1, 1]  # only the repeated subject differs
+    assert torch.equal(ioi.answers[::2], ioi.wrong[1::2]) and not bool((ioi.answers == ioi.wrong).any())
+
     _, cache = smollm2.run_with_cache(pairs.clean)
     metric = lambda logits: pairs.logit_diff(logits[:, -1]).mean()  # noqa: E731
     layers = [0, 15, 29]
