@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 
 from lens_linear._validation import normalize_position
-from lens_linear.hooks.operating_point import biases_zeroed, eval_mode
+from lens_linear.hooks.operating_point import biases_zeroed, eval_mode, linears_skipped
 
 if TYPE_CHECKING:
     from lens_linear.cache import LinearCache
@@ -58,8 +58,10 @@ def matrix_free_svd(lcache: "LinearCache", hook: str | None = None, pos: int | N
         return x
 
     with eval_mode(model), biases_zeroed(model):
+        dead = point.dead_linears([hook])  # projections that feed only frozen coefficients
+
         def jv(v: torch.Tensor) -> torch.Tensor:  # [b, width] → [b, d_out]
-            with torch.no_grad():
+            with torch.no_grad(), linears_skipped(dead):
                 return point.replay(place(v), [hook], at=pos)[hook].reshape(v.shape[0], -1)
 
         x = torch.zeros(n, d_in, dtype=dtype, requires_grad=True)
