@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from transformer_lens import FactoredMatrix
 
 from lens_linear._validation import normalize_index, normalize_position, tolerance
-from lens_linear.hooks.operating_point import eval_mode, hooks_on
+from lens_linear.hooks.operating_point import _Stop, eval_mode, hooks_on
 from lens_linear.jacobian import batched_vjp_jacobian, chunk_rows
 
 if TYPE_CHECKING:
@@ -46,9 +46,9 @@ def attention_input(model: Any, layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
 
 
-def _per_head(value: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``[pos, heads, d_head]`` activations with shared key/value heads repeated."""
-    return value.repeat_interleave(n_heads // value.shape[-2], dim=-2) if value.shape[-2] != n_heads else value
+def _per_head(value: torch.Tensor, n_heads: int, dim: int = -2) -> torch.Tensor:
+    """Shared key/value heads (grouped-query attention) repeated for the query heads they serve."""
+    return value.repeat_interleave(n_heads // value.shape[dim], dim=dim) if value.shape[dim] != n_heads else value
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,9 @@ class AttentionCircuits:
             for name in "QKV":
                 m = self._local_map(source, f"blocks.{layer}.attn.hook_{name.lower()}", 0)
                 m = m.reshape(m.shape[0], -1, self.cfg.d_head).transpose(0, 1)  # [heads, d_in, d_head]
-                w[f"W_{name}"] = m.repeat_interleave(n // m.shape[0], dim=0) if m.shape[0] != n else m
+                w[f"W_{name}"] = _per_head(m, n, dim=0)
             w_o = self.model.blocks[layer].attn.W_O.detach()
-            w["W_O"] = w_o.repeat_interleave(n // w_o.shape[0], dim=0) if w_o.shape[0] != n else w_o
+            w["W_O"] = _per_head(w_o, n, dim=0)
             self._weights[layer] = w
         return self._weights[layer]
 
@@ -240,14 +240,14 @@ class AttentionCircuits:
 
         def capture(value: torch.Tensor, hook: Any) -> None:
             out["z"] = value
-            raise _Done  # nothing after this layer's mixed values is needed
+            raise _Stop  # nothing after this layer's mixed values is needed
 
         hooks = [(source, lambda value, hook: x.unsqueeze(0).to(value.dtype)), (f"blocks.{layer}.attn.hook_z", capture)]
         with eval_mode(self.model), torch.enable_grad():
             with hooks_on(self.model, self.lc.point.fwd_hooks + hooks):
                 try:
                     self.model(self.lc.tokens)
-                except _Done:
+                except _Stop:
                     pass
             z = _per_head(out["z"][0, q], self.cfg.n_heads)[heads]
             y = torch.einsum("hd,hdo->o", z, w_o)
@@ -321,10 +321,6 @@ class AttentionCircuits:
     @functools.cached_property
     def _unembed_embed(self) -> Float[torch.Tensor, "d_model d_model"]:
         return self.model.W_U.detach() @ self.model.W_E.detach()
-
-
-class _Done(Exception):
-    pass
 
 
 def repeated_random_tokens(model: Any, seq_len: int, seed: int = 0,

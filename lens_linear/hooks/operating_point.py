@@ -282,9 +282,7 @@ class OperatingPoint:
         if dead:
             with torch.no_grad(), linears_skipped(dead):
                 skipped = self.replay(x, names)
-            with torch.no_grad():
-                full = self.replay(x, names)
-            if any(not torch.equal(skipped[n], full[n]) for n in names):
+            if any(not torch.equal(skipped[n], out[n].detach()) for n in names):
                 return []
         return dead
 
@@ -445,7 +443,9 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     """
     level = next(_LEVELS)
     hook_dict = model.hook_dict
-    require_hook(model, *[name for name, _ in hooks])
+    missing = [name for name, _ in hooks if name not in hook_dict]
+    if missing:
+        require_hook(model, *missing)  # raises, naming close matches
     points = []
     try:
         with _quiet_bridge():
