@@ -32,8 +32,9 @@ class Prediction:
     prob: float
 
 
-def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = None) -> Int[torch.Tensor, "1 pos"]:
-    """One sequence as ``[1, pos]`` token ids; rejects empty or batched input."""
+def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = None,
+              max_len: int | None = None) -> Int[torch.Tensor, "1 pos"]:
+    """One sequence as ``[1, pos]`` token ids (cut to ``max_len``); rejects empty or batched input."""
     if isinstance(input, str):
         if not input.strip():
             raise ValueError("empty prompt: give at least one token of text")
@@ -49,11 +50,13 @@ def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = 
             raise TypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
     else:
         raise TypeError(f"input must be a string or a tensor of token ids, got {type(input).__name__}")
+    tokens = tokens[:, :max_len]
     if tokens.shape[-1] == 0:
         raise ValueError("empty prompt: give at least one token")
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and tokens.shape[-1] > n_ctx:
-        raise ValueError(f"prompt has {tokens.shape[-1]} tokens, more than the model's context of {n_ctx}")
+        raise ValueError(f"prompt has {tokens.shape[-1]} tokens, more than the model's context of {n_ctx}"
+                         + ("; pass max_len to cut prompts" if max_len is None else ""))
     return tokens.to(model.cfg.device if getattr(model.cfg, "device", None) else tokens.device)
 
 

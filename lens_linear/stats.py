@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from lens_linear.hooks.operating_point import eval_mode
+from lens_linear._validation import require_hook, require_tl_model
+from lens_linear.hooks.operating_point import INPUT_HOOK, _Stop, eval_mode, output_hook, run_hooks, site_hooks
+from lens_linear.hooks.sites import find_sites
+from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows
 
 
 class Welford:
@@ -84,76 +87,170 @@ class Welford:
 
 @dataclass
 class Sensitivity:
-    """``values[i, j] = ‖∂y_i/∂x_j‖²_F`` (zero for ``j > i``); ``stderr`` for estimates."""
+    """``values[..., i, j] = ‖∂y_i/∂x_j‖²_F`` (zero for ``j > i``); ``stderr`` for estimates.
 
-    values: Float[torch.Tensor, "pos pos"]
-    stderr: Float[torch.Tensor, "pos pos"] | None = None
+    One prompt: ``[pos, pos]``. A batch: ``[batch, pos, pos]`` with ``lengths``; entries past
+    a prompt's length are padding, not zeros (``mask``)."""
+
+    values: Float[torch.Tensor, "*batch pos pos"]
+    stderr: Float[torch.Tensor, "*batch pos pos"] | None = None
+    lengths: Int[torch.Tensor, "batch"] | None = None
+
+    @property
+    def mask(self) -> Bool[torch.Tensor, "*batch pos pos"]:
+        n = self.values.shape[-1]
+        if self.lengths is None:
+            return torch.ones(n, n, dtype=torch.bool)
+        real = torch.arange(n)[None] < self.lengths[:, None]
+        return real[:, :, None] & real[:, None, :]
 
 
-def sensitivity(model: Any, tokens: Any, hook: str | None = None, plain: bool = False,
-                method: str = "exact", probes: int = 16, seed: int = 0) -> Sensitivity:
-    """Position-to-position sensitivity of ``hook`` (default: the output embedding) for one prompt.
+def right_padded(model: Any, prompts: Sequence[str] | str | torch.Tensor,
+                 max_len: int | None = None) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch"]]:
+    """Tokenize prompts (BOS as the model adds it), cut to ``max_len``, right-pad to one length.
 
-    ``"exact"``: every output position's full Jacobian by batched VJPs (d_out rows each),
-    then Frobenius norms. ``"hutchinson"``: ``probes`` Rademacher cotangents per output
-    position, ``E‖vᵀ J_ij‖² = ‖J_ij‖²_F``; unbiased, with the standard error of the mean.
+    Right padding needs no attention mask: under causal attention no real token sees a later
+    one, so each prompt's Jacobian blocks are those of the prompt alone."""
+    from lens_linear.cache import to_tokens
+
+    require_tl_model(model)
+    n_ctx = model.cfg.n_ctx
+    if max_len is not None and max_len > n_ctx:
+        raise ValueError(f"max_len={max_len} exceeds the model's context of {n_ctx} tokens; use max_len <= {n_ctx}")
+    if isinstance(prompts, torch.Tensor):
+        prompts = list(prompts.reshape(-1, prompts.shape[-1]))
+    elif isinstance(prompts, str):
+        prompts = [prompts]
+    if len(prompts) == 0:
+        raise ValueError("no prompts: the data set is empty")
+    rows = [to_tokens(model, p, max_len=max_len)[0] for p in prompts]
+    n = max(len(r) for r in rows)
+    tokens = torch.stack([torch.cat([r, r.new_zeros(n - len(r))]) for r in rows])
+    return tokens, torch.tensor([len(r) for r in rows])
+
+
+def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, plain: bool = False):
+    """``x ↦`` activation of ``hook`` for a batch of prompts, each frozen at its own operating
+    point (``plain``: nothing frozen), and the inputs ``x*`` ``[batch, pos, d_model]``.
+
+    The map takes ``[m · batch, pos, d_model]`` (``m`` copies of the batch, copy-major),
+    so many cotangents or directions run through one graph for every prompt at once."""
+    sites = [] if plain else find_sites(model)
+    store: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+    grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()))
+    with torch.no_grad():
+        run_hooks(model, tokens, site_hooks(model, sites, store, "record") + [grab])
+
+    def apply(x: Float[torch.Tensor, "mb pos d_in"]) -> torch.Tensor:
+        out: dict[str, torch.Tensor] = {}
+
+        def capture(value: torch.Tensor, hook: Any) -> None:
+            out["y"] = value
+            raise _Stop
+
+        hooks = site_hooks(model, sites, store, "replay") + [(INPUT_HOOK, lambda v, hook: x.to(v.dtype)),
+                                                            (hook, capture)]
+        try:
+            run_hooks(model, tokens.repeat(x.shape[0] // tokens.shape[0], 1), hooks)
+        except _Stop:
+            pass
+        return out["y"].reshape(x.shape[0], x.shape[1], -1)
+
+    return apply, seen["x"]
+
+
+def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool = False,
+                method: str = "exact", probes: int = 16, seed: int = 0, max_len: int | None = None,
+                max_memory: int = DEFAULT_MEMORY) -> Sensitivity:
+    """Position-to-position sensitivity of ``hook`` (default: the output embedding).
+
+    ``prompts``: one prompt (values ``[pos, pos]``) or a list run as one right-padded batch
+    (``[batch, pos, pos]``, with ``lengths``). ``"exact"``: for each output position, batched
+    VJPs with one-hot cotangents (``d_out`` rows, every prompt at once) through a graph of
+    that position's prefix, then squared norms.
+    ``"hutchinson"``: ``probes`` Rademacher cotangents per output position,
+    ``E‖vᵀ J_ij‖² = ‖J_ij‖²_F``; unbiased, with the standard error of the mean.
     """
-    from lens_linear.cache import run_with_linear_cache
-
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
-    lc = run_with_linear_cache(model, tokens, check=False)
-    n = lc.n_pos
-    values = torch.zeros(n, n, dtype=torch.float64)
-    if method == "exact":
-        for i in range(n):
-            jac = lc.plain_jacobian(hook, i) if plain else lc.jacobian(hook, i)
-            values[i] = jac.double().pow(2).sum((1, 2))
-            lc._jacobians.clear()  # one position at a time: memory stays one Jacobian
-        return Sensitivity(values)
-    stderr = torch.zeros_like(values)
+    if method == "hutchinson" and probes < 1:
+        raise ValueError(f"probes must be at least 1 (2 or more for a standard error), got {probes}")
+    single = isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and (prompts.ndim == 1 or prompts.shape[0] == 1))
+    tokens, lengths = right_padded(model, prompts, max_len)
+    tokens = tokens.to(model.cfg.device)
+    hook = hook or output_hook(model)
+    require_hook(model, hook)
+    batch, n = tokens.shape
+    values = torch.zeros(batch, n, n, dtype=torch.float64)
+    stderr = torch.zeros_like(values) if method == "hutchinson" else None
     gen = torch.Generator().manual_seed(seed)
-    name = lc._resolve(hook, 0)[0]
-    fn = lc._plain_fn(name, slice(None)) if plain else (lambda x: lc.point.replay(x, [name])[name][0])
-    x = lc.x.detach().clone().requires_grad_(True)
-    with eval_mode(model), torch.enable_grad():
-        y = fn(x).reshape(n, -1)
+    with eval_mode(model):
         for i in range(n):
-            cot = torch.zeros(probes, *y.shape, dtype=y.dtype)
-            cot[:, i] = torch.randint(0, 2, (probes, y.shape[-1]), generator=gen).to(y.dtype) * 2 - 1
-            (grad,) = torch.autograd.grad(y, x, grad_outputs=cot.to(y.device), retain_graph=i < n - 1,
-                                          is_grads_batched=True)
-            est = grad.double().pow(2).sum(-1)  # [probes, pos_in]
-            values[i] = est.mean(0)
-            stderr[i] = est.std(0) / probes ** 0.5
-    return Sensitivity(values, stderr)
+            # output i sees inputs 0..i only (causal): its graph is built on that prefix alone,
+            # which halves the work of a full-length graph; the prefix's frozen values are the
+            # full run's (recorded again: one forward, against d_out backward rows)
+            apply, x_star = frozen_batch_map(model, tokens[:, :i + 1], hook, plain)
+            x = x_star.clone().requires_grad_(True)
+            with torch.enable_grad():
+                y = apply(x)[:, i]  # [batch, d_out]
+                d_out = y.shape[-1]
+                if method == "exact":
+                    rows = chunk_rows(d_out, batch * (i + 1) * x.shape[-1] * 4 * 8, max_memory)
+                    cots = [torch.eye(d_out, dtype=y.dtype, device=y.device)[k:k + rows, None].expand(-1, batch, -1)
+                            for k in range(0, d_out, rows)]
+                else:
+                    signs = torch.randint(0, 2, (probes, batch, d_out), generator=gen).to(y.dtype) * 2 - 1
+                    cots = [signs.to(y.device)]
+                for c, cot in enumerate(cots):
+                    (grad,) = torch.autograd.grad(y, x, grad_outputs=cot, retain_graph=c < len(cots) - 1,
+                                                  is_grads_batched=True)
+                    est = grad.double().pow(2).sum(-1).cpu()  # [rows, batch, i + 1]
+                    if method == "exact":
+                        values[:, i, :i + 1] += est.sum(0)
+                    else:
+                        values[:, i, :i + 1] = est.mean(0)
+                        stderr[:, i, :i + 1] = est.std(0) / probes ** 0.5 if probes > 1 else torch.nan
+    if single:
+        return Sensitivity(values[0], None if stderr is None else stderr[0])
+    return Sensitivity(values, stderr, lengths)
 
 
 def dataset_sensitivity(model: Any, prompts: Sequence[str], hook: str | None = None, plain: bool = False,
-                        method: str = "exact", max_len: int = 64, checkpoint: str | None = None,
-                        progress: bool = True, **kwargs: Any) -> Welford:
-    """Welford statistics of :func:`sensitivity` over prompts (each truncated to ``max_len``
-    tokens; shorter prompts add only their own entries). With ``checkpoint`` the
-    accumulator and the number of prompts done are saved after every prompt, and a rerun
-    resumes from there: nothing is lost or counted twice."""
+                        method: str = "exact", max_len: int = 64, batch_size: int = 16,
+                        checkpoint: str | None = None, progress: bool = True, **kwargs: Any) -> Welford:
+    """Welford statistics of :func:`sensitivity` over prompts, ``batch_size`` prompts per
+    right-padded batch (each cut to ``max_len`` tokens; shorter prompts add only their own
+    entries: padding is never counted). With ``checkpoint`` the accumulator and the number of
+    prompts done are saved atomically after every batch, and a rerun resumes from there:
+    nothing is lost or counted twice."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts: the data set is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    right_padded(model, prompts[:1], max_len)  # bad max_len or tokens fail before any work
     acc, done = Welford((max_len, max_len)), 0
     if checkpoint and os.path.exists(checkpoint):
-        state = torch.load(checkpoint)
-        if state["prompts"] != list(prompts) or state["max_len"] != max_len:
+        state = torch.load(checkpoint, weights_only=True)  # tensors, strings and ints only
+        if state["prompts"] != prompts or state["max_len"] != max_len:
             raise ValueError(f"{checkpoint} belongs to another run (different prompts or max_len); "
                              f"delete it or pass another path")
         acc, done = Welford.from_state_dict(state["welford"]), state["done"]
-    for k in tqdm(range(done, len(prompts)), desc="sensitivity", disable=not progress, leave=False):
-        tokens = model.to_tokens(prompts[k])[:, :max_len]
-        n = tokens.shape[-1]
-        value = torch.zeros(max_len, max_len, dtype=torch.float64)
-        value[:n, :n] = sensitivity(model, tokens, hook, plain, method, **kwargs).values
-        mask = torch.zeros(max_len, max_len, dtype=torch.bool)
-        mask[:n, :n] = True
-        acc.update(value, mask)
+    starts = range(done, len(prompts), batch_size)
+    for start in tqdm(starts, desc="sensitivity", unit="batch", disable=not progress, leave=False):
+        chunk = prompts[start:start + batch_size]
+        found = sensitivity(model, chunk, hook, plain, method, max_len=max_len, **kwargs)
+        n = found.values.shape[-1]
+        for value, mask in zip(found.values, found.mask):
+            padded = torch.zeros(max_len, max_len, dtype=torch.float64)
+            padded[:n, :n] = value
+            seen = torch.zeros(max_len, max_len, dtype=torch.bool)
+            seen[:n, :n] = mask
+            acc.update(padded, seen)
         if checkpoint:
             tmp = checkpoint + ".tmp"
-            torch.save({"welford": acc.state_dict(), "done": k + 1, "prompts": list(prompts),
+            torch.save({"welford": acc.state_dict(), "done": start + len(chunk), "prompts": prompts,
                         "max_len": max_len}, tmp)
             os.replace(tmp, checkpoint)  # atomic: a kill leaves the previous checkpoint whole
     return acc

@@ -76,32 +76,73 @@ def test_welford_equals_two_pass_and_merges_exactly():
     assert rel(merged.mean, acc.mean) <= 1e-12 and rel(merged.var, acc.var) <= 1e-12
 
 
-def test_dataset_sensitivity_resumes_without_losing_or_repeating(tmp_path):
+def test_batched_prompts_equal_one_prompt_at_a_time(tiny):
+    """Right padding changes nothing: each prompt's block of a batch is its own sensitivity."""
+    batch = sensitivity(tiny, PROMPTS[:4])
+    assert batch.values.shape[0] == 4 and batch.lengths.tolist() == [len(tiny.to_tokens(p)[0]) for p in PROMPTS[:4]]
+    for k, p in enumerate(PROMPTS[:4]):
+        n = int(batch.lengths[k])
+        alone = sensitivity(tiny, p).values
+        assert rel(batch.values[k, :n, :n], alone) <= 1e-5
+        assert batch.mask[k].sum() == n * n
+    est = sensitivity(tiny, PROMPTS[:4], method="hutchinson", probes=4)
+    assert est.stderr.shape == batch.values.shape
+
+
+def test_dataset_sensitivity_resumes_without_losing_or_repeating(tmp_path, monkeypatch):
     model = cached_tiny("bridge", "gpt2")
     path = str(tmp_path / "run.pt")
-    whole = dataset_sensitivity(model, PROMPTS, max_len=MAX, checkpoint=path, progress=False)
-    assert torch.load(path)["done"] == len(PROMPTS)
-    # a run killed after 2 prompts: its checkpoint holds 2; the rerun finishes the other 4
-    partial = Welford((MAX, MAX))
-    for p in PROMPTS[:2]:
-        tokens = model.to_tokens(p)
-        n = tokens.shape[-1]
-        value = torch.zeros(MAX, MAX, dtype=torch.float64)
-        value[:n, :n] = sensitivity(model, tokens).values
-        mask = torch.zeros(MAX, MAX, dtype=torch.bool)
-        mask[:n, :n] = True
-        partial.update(value, mask)
+    whole = dataset_sensitivity(model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=path, progress=False)
+    assert torch.load(path, weights_only=True)["done"] == len(PROMPTS)
+    # a run killed in its second batch: its checkpoint holds the first batch; the rerun does the rest
+    import lens_linear.stats as stats
+    real, calls = stats.sensitivity, []
+
+    def dies_in_batch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
     killed = str(tmp_path / "killed.pt")
-    torch.save({"welford": partial.state_dict(), "done": 2, "prompts": PROMPTS, "max_len": MAX}, killed)
-    resumed = dataset_sensitivity(model, PROMPTS, max_len=MAX, checkpoint=killed, progress=False)
+    monkeypatch.setattr(stats, "sensitivity", dies_in_batch_two)
+    with pytest.raises(KeyboardInterrupt):
+        dataset_sensitivity(model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=killed, progress=False)
+    assert torch.load(killed, weights_only=True)["done"] == 2 and not os.path.exists(killed + ".tmp")
+    monkeypatch.setattr(stats, "sensitivity", real)
+    resumed = dataset_sensitivity(model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=killed, progress=False)
     assert torch.equal(resumed.count, whole.count)
-    assert rel(resumed.mean, whole.mean) <= 1e-10
+    assert rel(resumed.mean, whole.mean) <= 1e-12 and rel(resumed.m2, whole.m2) <= 1e-12
     lengths = [model.to_tokens(p).shape[-1] for p in PROMPTS]
     assert float(whole.count[0, 0]) == 6 and float(whole.count[MAX - 1, MAX - 1]) == sum(n >= MAX for n in lengths)
     short = min(lengths)  # an entry only the longer prompts have: padding is not counted as zeros
     assert float(whole.count[short, short]) == sum(n > short for n in lengths)
+    # Welford over batches = a two-pass mean and variance over every prompt's own sensitivity
+    k = short - 1  # an entry every prompt has
+    column = torch.cat([sensitivity(model, PROMPTS[b:b + 2], max_len=MAX).values[:, k, 0] for b in range(0, 6, 2)])
+    assert rel(whole.mean[k, 0], column.mean()) <= 1e-6 and rel(whole.var[k, 0], column.var()) <= 1e-6
     with pytest.raises(ValueError, match="belongs to another run"):
         dataset_sensitivity(model, PROMPTS[:2], max_len=MAX, checkpoint=killed, progress=False)
+
+
+def test_bad_input_gets_clear_errors():
+    model = cached_tiny("bridge", "gpt2")
+    with pytest.raises(ValueError, match="data set is empty"):
+        dataset_sensitivity(model, [], progress=False)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        dataset_sensitivity(model, PROMPTS, max_len=model.cfg.n_ctx + 1, progress=False)
+    with pytest.raises(ValueError, match="more than the model.s context of 64; pass max_len"):
+        sensitivity(model, "word " * (model.cfg.n_ctx + 5))
+    with pytest.raises(ValueError, match="probes must be at least 1"):
+        sensitivity(model, SHORT, method="hutchinson", probes=0)
+    with pytest.raises(ValueError, match="method must be"):
+        sensitivity(model, SHORT, method="fast")
+
+
+@newest_tl_only
+def test_smollm2_exact_sensitivity_equals_brute_force(smollm2):
+    tokens = smollm2.to_tokens("The bridge out of")
+    assert rel(sensitivity(smollm2, tokens).values, brute_force(smollm2, tokens)) <= 1e-5
 
 
 WORKER = """
