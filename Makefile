@@ -29,7 +29,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/jacobian.py
-	cd benchmarks && ../$(BIN)/python layers.py && ../$(BIN)/python svd.py
+	cd benchmarks && ../$(BIN)/python layers.py && ../$(BIN)/python run.py
 	$(BIN)/python benchmarks/patching.py
 
 clean:

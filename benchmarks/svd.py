@@ -21,7 +21,13 @@ import lens_linear as ll
 from jacobian import TEXT, measure
 
 
-def main() -> None:
+def principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest principal angle between the column spaces of a and b (radians)."""
+    qa, qb = torch.linalg.qr(a.double()).Q, torch.linalg.qr(b.double()).Q
+    return float(torch.arccos(torch.linalg.svdvals(qa.T @ qb).min().clamp(max=1.0)))
+
+
+def main() -> list[dict]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
     args = parser.parse_args()
@@ -29,21 +35,26 @@ def main() -> None:
     text = " ".join([TEXT] * 64)
     ll.run_with_linear_cache(model, model.to_tokens(text)[:, :4], check=False).svd_matrix_free(k=3)  # warm-up
     print(f"{'tokens':>6} {'method':<28} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} "
-          f"{'max rel ΔS':>10} {'iters':>5}")
+          f"{'max rel ΔS':>10} {'angle U':>8} {'angle V':>8} {'iters':>5}")
+    rows = []
     for n in args.lengths:
         tokens = model.to_tokens(text)[:, :n]
         t_ours, m_ours, mf = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False).svd_matrix_free(k=3))
 
         def full():
             jac = ll.run_with_linear_cache(model, tokens, check=False).jacobian()
-            return torch.linalg.svdvals(jac.permute(1, 0, 2).reshape(jac.shape[1], -1))[:3]
+            u, s, vh = torch.linalg.svd(jac.permute(1, 0, 2).reshape(jac.shape[1], -1), full_matrices=False)
+            return u[:, :3].clone(), s[:3].clone(), vh[:3].T.clone()
 
-        t_full, m_full, s = measure(full)
+        t_full, m_full, (u, s, v) = measure(full)
         err = float(((mf.S - s).abs() / s).max())
         print(f"{n:>6} {'matrix-free (replay products)':<28} {t_ours:8.1f} {m_ours / 2**20:8.0f} {1:8.2f} {1:10.2f} "
-              f"{err:10.1e} {mf.iterations:>5}")
+              f"{err:10.1e} {principal_angle(mf.U, u):8.1e} {principal_angle(mf.V, v):8.1e} {mf.iterations:>5}")
         print(f"{n:>6} {'full Jacobian + svd':<28} {t_full:8.1f} {m_full / 2**20:8.0f} {t_full / t_ours:8.2f} "
               f"{m_full / m_ours:10.2f}", flush=True)
+        rows.append(dict(benchmark="top-3 SVD", size=f"{n} tokens", ours_s=t_ours, anchor_s=t_full,
+                         ours_mb=m_ours / 2**20, anchor_mb=m_full / 2**20, anchor="full Jacobian + torch.linalg.svd"))
+    return rows
 
 
 if __name__ == "__main__":

@@ -448,6 +448,12 @@ class LinearCache:
         ref = self.svd(reference, "all", k, pos).U
         return torch.stack([(self.svd(h, "all", k, pos).U * ref).sum(0).abs() for h in hooks])
 
+    def _repr_html_(self) -> str:
+        """Notebook summary: prediction, reconstruction errors, token contributions."""
+        from lens_linear.render import summary_html
+
+        return summary_html(self)
+
     def __repr__(self) -> str:
         top = self.top_predictions(1)[0]
         return (f"LinearCache({self.model.cfg.model_name}, {self.n_pos} tokens, pos={self.pos}, "

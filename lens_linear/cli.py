@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-layers", dest="layers", action="store_false",
                    help="skip the per-layer table (it needs every layer's Jacobian)")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    a.add_argument("--report", metavar="FILE.html", help="also write a self-contained HTML report (figures, "
+                   "attention patterns, token views; opens with no network)")
     return parser
 
 
@@ -50,6 +52,10 @@ def analyze(args: argparse.Namespace) -> dict:
             top = lcache.decode(hook, k=1, n=3)[0]
             layers.append({"layer": layer, "sigma": top.value, "stable_rank": lcache.stable_rank(hook),
                            "U": top.output.tokens, "V": top.input.tokens, "V_position": top.input_position})
+    if args.report:
+        from lens_linear.render import report
+
+        report(lcache, args.report, layers=args.layers)
     t3 = time.perf_counter()
     return {
         "model": model.cfg.model_name,
@@ -64,6 +70,7 @@ def analyze(args: argparse.Namespace) -> dict:
         "contribution_norms": [float(c) for c in contrib],
         "per_token": per_token,
         "layers": layers,
+        "report": args.report,
         "seconds": {"load": round(t1 - t0, 2), "linearize": round(t2 - t1, 2), "analyses": round(t3 - t2, 2)},
     }
 
@@ -96,6 +103,8 @@ def _print_text(r: dict) -> None:
             where = r["tokens"][l["V_position"]]
             print(f"  {l['layer']:>5} {l['sigma']:7.3g} {l['stable_rank']:6.2f}  {_toks(l['U']):<36} "
                   f"{_toks(l['V'])}  @{where!r}")
+    if r["report"]:
+        print(f"\nreport    {r['report']}")
     s = r["seconds"]
     print(f"\n(load {s['load']} s, linearize {s['linearize']} s, analyses {s['analyses']} s)")
 

@@ -19,8 +19,9 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from lens_linear._validation import require_hook, require_tl_model
-from lens_linear.hooks.operating_point import INPUT_HOOK, _Stop, eval_mode, output_hook, run_hooks, site_hooks
-from lens_linear.hooks.sites import find_sites
+from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, _Stop, eval_mode, feeds_pattern_only,
+                                              linears_skipped, output_hook, run_hooks, site_hooks)
+from lens_linear.hooks.sites import Site, find_sites
 from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows
 
 
@@ -129,35 +130,60 @@ def right_padded(model: Any, prompts: Sequence[str] | str | torch.Tensor,
     return tokens, torch.tensor([len(r) for r in rows])
 
 
+def _cut(site: Site, value: torch.Tensor, batch: int, n: int, end: int) -> torch.Tensor:
+    """A frozen value cut to positions ``:end`` (patterns on both axes; values whose leading
+    dimension flattens batch and positions, as some MLPs have, cut per prompt)."""
+    if site.kind == "attn":
+        return value[:, :, :end, :end]
+    if value.shape[0] == batch * n != batch:
+        return value.reshape(batch, n, *value.shape[1:])[:, :end].reshape(batch * end, *value.shape[1:])
+    return value[:, :end]
+
+
 def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, plain: bool = False):
     """``x ↦`` activation of ``hook`` for a batch of prompts, each frozen at its own operating
     point (``plain``: nothing frozen), and the inputs ``x*`` ``[batch, pos, d_model]``.
 
-    The map takes ``[m · batch, pos, d_model]`` (``m`` copies of the batch, copy-major),
-    so many cotangents or directions run through one graph for every prompt at once."""
+    The map takes ``[m · batch, end, d_model]``: ``m`` copies of the batch (copy-major), so
+    many cotangents or directions run through one graph for every prompt at once, on the
+    first ``end`` positions (a prefix: under causal attention its frozen values are the full
+    run's, cut). One recording serves every prefix."""
     sites = [] if plain else find_sites(model)
     store: dict[str, torch.Tensor] = {}
     seen: dict[str, torch.Tensor] = {}
     grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()))
     with torch.no_grad():
         run_hooks(model, tokens, site_hooks(model, sites, store, "record") + [grab])
+    batch, n = tokens.shape
 
-    def apply(x: Float[torch.Tensor, "mb pos d_in"]) -> torch.Tensor:
+    def apply(x: Float[torch.Tensor, "mb end d_in"]) -> torch.Tensor:
         out: dict[str, torch.Tensor] = {}
+        end = x.shape[1]
 
         def capture(value: torch.Tensor, hook: Any) -> None:
             out["y"] = value
             raise _Stop
 
-        hooks = site_hooks(model, sites, store, "replay") + [(INPUT_HOOK, lambda v, hook: x.to(v.dtype)),
-                                                            (hook, capture)]
+        live, cut = sites, store
+        if end < n:  # q/k norms feed only the frozen pattern: they may run live on a prefix
+            live = [s for s in sites if not feeds_pattern_only(s, sites)]
+            cut = {s.name: _cut(s, store[s.name], batch, n, end) for s in live}
+        hooks = site_hooks(model, live, cut, "replay") + [(INPUT_HOOK, lambda v, hook: x.to(v.dtype)),
+                                                         (hook, capture)]
         try:
-            run_hooks(model, tokens.repeat(x.shape[0] // tokens.shape[0], 1), hooks)
+            run_hooks(model, tokens[:, :end].repeat(x.shape[0] // batch, 1), hooks)
         except _Stop:
             pass
-        return out["y"].reshape(x.shape[0], x.shape[1], -1)
+        return out["y"].reshape(x.shape[0], end, -1)
 
     return apply, seen["x"]
+
+
+def _dead_projections(model: Any, tokens: Int[torch.Tensor, "1 pos"], hook: str) -> list[torch.nn.Module]:
+    """Projections that feed only frozen coefficients (query, key, gate), found and confirmed
+    on one prompt's operating point: which modules those are is a property of the model."""
+    point = OperatingPoint.record(model, tokens, names_filter=[])[0]
+    return point.dead_linears([hook])
 
 
 def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool = False,
@@ -186,13 +212,13 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool =
     stderr = torch.zeros_like(values) if method == "hutchinson" else None
     gen = torch.Generator().manual_seed(seed)
     with eval_mode(model):
+        apply, x_star = frozen_batch_map(model, tokens, hook, plain)
+        dead = [] if plain else _dead_projections(model, tokens[:1, :int(lengths[0])], hook)
         for i in range(n):
             # output i sees inputs 0..i only (causal): its graph is built on that prefix alone,
-            # which halves the work of a full-length graph; the prefix's frozen values are the
-            # full run's (recorded again: one forward, against d_out backward rows)
-            apply, x_star = frozen_batch_map(model, tokens[:, :i + 1], hook, plain)
-            x = x_star.clone().requires_grad_(True)
-            with torch.enable_grad():
+            # which halves the work of one full-length graph for every output position
+            x = x_star[:, :i + 1].clone().requires_grad_(True)
+            with torch.enable_grad(), linears_skipped(dead):
                 y = apply(x)[:, i]  # [batch, d_out]
                 d_out = y.shape[-1]
                 if method == "exact":

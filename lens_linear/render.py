@@ -1,0 +1,238 @@
+"""Pictures of a linearized run: circuitsvis components, plotly figures, one self-contained report.
+
+Figures draw what a :class:`~lens_linear.cache.LinearCache` has already computed and say
+what to compute first otherwise (a figure never starts minutes of work behind your back);
+:func:`report` computes everything it shows. Every renderer keeps the numbers it drew in
+``.data``, so what is on screen can be checked against the cache.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import circuitsvis as cv
+import plotly.graph_objects as go
+import torch
+
+from lens_linear._validation import normalize_index
+from lens_linear.hooks.operating_point import INPUT_HOOK
+
+if TYPE_CHECKING:
+    from lens_linear.cache import LinearCache
+    from lens_linear.patching import PatchingResult
+
+
+class NotComputedError(ValueError):
+    """A figure asked for something the cache has not computed; the message says how."""
+
+
+def _need(lcache: "LinearCache", hook: str, plain: bool, todo: str) -> torch.Tensor:
+    key = (hook, lcache.pos, plain, INPUT_HOOK)
+    if key not in lcache._jacobians:
+        raise NotComputedError(f"this figure needs the {'plain' if plain else 'detached'} Jacobian of {hook!r} "
+                               f"at position {lcache.pos}, not computed yet: run `{todo}` first")
+    return lcache._jacobians[key]
+
+
+def layer_hooks(model: Any) -> dict[str, list[str]]:
+    """Every layer's block, attention and MLP outputs (the stable-rank figure's hooks)."""
+    n = model.cfg.n_layers
+    return {"block": [f"blocks.{l}.hook_resid_post" for l in range(n)],
+            "attention": [f"blocks.{l}.hook_attn_out" for l in range(n)],
+            "mlp": [f"blocks.{l}.hook_mlp_out" for l in range(n)]}
+
+
+def _with_data(rendered: Any, **data: Any) -> Any:
+    rendered.data = data
+    return rendered
+
+
+# ---- circuitsvis ---------------------------------------------------------------------
+def attention_patterns(lcache: "LinearCache", layer: int) -> Any:
+    """Every head's frozen attention pattern of ``layer`` (circuitsvis ``attention_patterns``)."""
+    layer = normalize_index(layer, lcache.model.cfg.n_layers)
+    pattern = lcache.attention.pattern(layer)  # [heads, q, k]
+    names = [f"L{layer}H{h}" for h in range(pattern.shape[0])]
+    return _with_data(cv.attention.attention_patterns(tokens=lcache.str_tokens, attention=pattern.float(),
+                                                      attention_head_names=names),
+                      tokens=lcache.str_tokens, pattern=pattern, layer=layer)
+
+
+def token_contributions(lcache: "LinearCache", token: str | int | None = None) -> Any:
+    """Input tokens colored by their exact share of the output: ``‖J_i x_i‖``, or with
+    ``token`` the signed logit ``J_i x_i · W_U[:, token]`` it adds to that next token."""
+    _need(lcache, lcache.output, False, "lcache.jacobian()")
+    parts = lcache.contributions()  # [pos, d_model]
+    if token is None:
+        values, label = parts.norm(dim=-1), "‖J_i x_i‖"
+    else:
+        from lens_linear.patching import single_token
+
+        index = token if isinstance(token, int) else single_token(lcache.model, token)
+        values = parts @ lcache.model.W_U[:, index].to(parts)
+        label = f"logit of {lcache.model.tokenizer.decode([index]) if lcache.model.tokenizer else index!r}"
+    return _with_data(cv.tokens.colored_tokens(tokens=lcache.str_tokens, values=values.float()),
+                      tokens=lcache.str_tokens, values=values, label=label)
+
+
+def singular_tokens(lcache: "LinearCache", n: int = 5) -> Any:
+    """Each input token's leading singular vector of ``J_i``, decoded: the ``n`` output tokens
+    it raises most, colored by their unembedding weight (one row per input token)."""
+    _need(lcache, lcache.output, False, "lcache.jacobian()")
+    rows, shown, values = [], [], []
+    for i, tok in enumerate(lcache.str_tokens):
+        top = lcache.decode(position=i, k=1, n=n)[0]
+        rows.append({"token": tok, "sigma": top.value, "output": top.output.tokens, "scores": top.output.scores})
+        shown += [f"[{tok}] ", *top.output.tokens, "\n"]
+        values += [0.0, *top.output.scores, 0.0]
+    return _with_data(cv.tokens.colored_tokens(tokens=shown, values=values), rows=rows)
+
+
+# ---- plotly --------------------------------------------------------------------------
+def reconstruction_figure(lcache: "LinearCache") -> go.Figure:
+    """The output embedding against its detached and plain reconstructions (paper fig. 3)."""
+    _need(lcache, lcache.output, False, "lcache.jacobian()")
+    _need(lcache, lcache.output, True, "lcache.plain_jacobian()")
+    y = lcache.activation().reshape(-1).double()
+    fig = go.Figure()
+    for plain, name in ((True, "plain Jacobian"), (False, "detached Jacobian")):
+        rec = lcache.reconstruction(plain=plain).double()
+        err = lcache.reconstruction_error(plain=plain)
+        fig.add_trace(go.Scattergl(x=y.tolist(), y=rec.tolist(), mode="markers", marker=dict(size=4, opacity=0.6),
+                                   name=f"{name} (error {err:.1e})"))
+    lo, hi = float(y.min()), float(y.max())
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="gray"), name="y = x"))
+    fig.update_layout(title="Output embedding vs reconstruction Σ J_i x_i + bias",
+                      xaxis_title="output embedding y*", yaxis_title="reconstruction", template="plotly_white")
+    return fig
+
+
+def spectra_figure(lcache: "LinearCache") -> go.Figure:
+    """Singular values of each input token's Jacobian ``J_i`` (paper figs. 4B and 5)."""
+    jac = _need(lcache, lcache.output, False, "lcache.jacobian()")
+    fig = go.Figure()
+    for i, tok in enumerate(lcache.str_tokens):
+        s = torch.linalg.svdvals(jac[i].double())
+        fig.add_trace(go.Scatter(y=s.tolist(), mode="lines", name=f"{i}: {tok!r}"))
+    fig.update_layout(title="Singular values of J_i per input token", xaxis_title="index",
+                      yaxis_title="singular value", yaxis_type="log", template="plotly_white")
+    return fig
+
+
+def stable_rank_figure(lcache: "LinearCache") -> go.Figure:
+    """Stable rank of every layer's block, attention and MLP Jacobian, all input positions
+    side by side (paper fig. 6C/D)."""
+    groups = layer_hooks(lcache.model)
+    todo = "lcache.jacobians(sum(ll.render.layer_hooks(model).values(), []))"
+    fig = go.Figure()
+    for label, hooks in groups.items():
+        for h in hooks:
+            _need(lcache, h, False, todo)
+        ranks = [lcache.stable_rank(h) for h in hooks]
+        fig.add_trace(go.Scatter(x=list(range(len(hooks))), y=ranks, mode="lines+markers", name=label))
+    fig.update_layout(title="Stable rank ‖J‖²_F / ‖J‖²_2 by layer", xaxis_title="layer",
+                      yaxis_title="stable rank", template="plotly_white")
+    return fig
+
+
+def alignment_figure(lcache: "LinearCache", k: int = 3) -> go.Figure:
+    """``|⟨u_j(layer), u_j(last layer)⟩|`` of the top ``k`` left singular vectors (paper fig. 6B)."""
+    hooks = layer_hooks(lcache.model)["block"]
+    for h in hooks:
+        _need(lcache, h, False, "lcache.jacobians()")
+    align = lcache.alignment(hooks, k=k)  # [layers, k]
+    fig = go.Figure([go.Scatter(x=list(range(len(hooks))), y=align[:, j].tolist(), mode="lines+markers",
+                                name=f"u{j + 1}") for j in range(align.shape[1])])
+    fig.update_layout(title="Projection of each layer's top singular vectors onto the last layer's",
+                      xaxis_title="layer", yaxis_title="|⟨u_j(layer), u_j(last)⟩|", template="plotly_white")
+    return fig
+
+
+def patching_figure(result: "PatchingResult") -> go.Figure:
+    """A patching table as a heat map: layer × position, or layer × head (× position: one
+    panel per head is too many, so positions are summed)."""
+    values = result.values
+    if values.ndim == 3:  # head_by_pos: [layer, head, pos]
+        values = values.sum(-1)
+    columns = result.axes[1] if len(result.axes) > 1 else "position"
+    if columns == "position" and result.str_tokens:
+        x = [f"{i}: {t}" for i, t in enumerate(result.str_tokens[:values.shape[1]])]
+    else:
+        x = [f"{columns[0].upper()}{i}" for i in range(values.shape[1])]
+    rows = result.layers or list(range(values.shape[0]))
+    bound = float(values.abs().max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=values.tolist(), x=x, y=[f"L{l}" for l in rows], colorscale="RdBu",
+                               zmid=0, zmin=-bound, zmax=bound, colorbar=dict(title="normalized")))
+    fig.update_layout(title=f"Activation patching: {result.sweep} (clean {result.clean:+.2f}, "
+                            f"corrupted {result.corrupted:+.2f})", xaxis_title=columns, yaxis_title="layer",
+                      template="plotly_white")
+    return fig
+
+
+# ---- notebook summary ----------------------------------------------------------------
+def summary_html(lcache: "LinearCache") -> str:
+    """Prediction, reconstruction errors and token contributions as a small HTML block."""
+    esc = html.escape
+    preds = " ".join(f"<code>{esc(repr(p.token))}</code> {p.prob:.3f}" for p in lcache.top_predictions(5))
+    key = (lcache.output, lcache.pos, False, INPUT_HOOK)
+    lines = [f"<b>LinearCache</b> {esc(str(lcache.model.cfg.model_name))}, {lcache.n_pos} tokens, "
+             f"output at position {lcache.pos} ({esc(repr(lcache.str_tokens[lcache.pos]))})",
+             f"next token: {preds}"]
+    if key in lcache._jacobians:
+        errs = f"detached {lcache.reconstruction_error():.1e}"
+        if (lcache.output, lcache.pos, True, INPUT_HOOK) in lcache._jacobians:
+            errs += f", plain {lcache.reconstruction_error(plain=True):.1e}"
+        lines.append(f"reconstruction error: {errs}")
+        norms = lcache.contributions().norm(dim=-1)
+        top = float(norms.max()) or 1.0
+        spans = "".join(f'<span title="{float(v):.3g}" style="background: rgba(220, 80, 40, {float(v) / top:.2f}); '
+                        f'padding: 1px 2px; margin: 1px; border-radius: 3px">{esc(t)}</span>'
+                        for t, v in zip(lcache.str_tokens, norms))
+        lines.append(f"contribution ‖J_i x_i‖: {spans}")
+    else:
+        lines.append("Jacobian not computed yet: <code>lcache.jacobian()</code>")
+    return '<div class="lens-linear-summary">' + "<br>".join(lines) + "</div>"
+
+
+# ---- report --------------------------------------------------------------------------
+def _circuitsvis_js() -> str:
+    path = Path(cv.__file__).parent / "dist" / "cdn" / "iife.js"
+    return path.read_text(encoding="utf-8").replace("</script>", "")
+
+
+def report(lcache: "LinearCache", path: str | Path, layers: bool = True,
+           patching: Sequence["PatchingResult"] = (), attention_layers: Sequence[int] | None = None) -> Path:
+    """Write one self-contained HTML file (every script inlined: it opens with no network)
+    with the figures and circuitsvis components above; computes what they need."""
+    from plotly.offline import get_plotlyjs
+
+    lcache.jacobian()
+    lcache.plain_jacobian()
+    figures = [reconstruction_figure(lcache), spectra_figure(lcache)]
+    if layers:
+        lcache.jacobians(sum(layer_hooks(lcache.model).values(), []))
+        figures += [stable_rank_figure(lcache), alignment_figure(lcache)]
+    figures += [patching_figure(r) for r in patching]
+    n_layers = lcache.model.cfg.n_layers
+    attention_layers = [0, n_layers - 1] if attention_layers is None else attention_layers
+    views = [("Token contributions ‖J_i x_i‖", token_contributions(lcache)),
+             (f"Contributions to the logit of {lcache.top_predictions(1)[0].token!r}",
+              token_contributions(lcache, lcache.top_predictions(1)[0].token_id)),
+             ("Leading singular vector of each J_i, read as output tokens", singular_tokens(lcache))]
+    views += [(f"Attention patterns, layer {l}", attention_patterns(lcache, l)) for l in attention_layers]
+    js = _circuitsvis_js()
+    body = [f"<h1>lens_linear report</h1>{summary_html(lcache)}"]
+    body += [f'<div class="figure">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>' for fig in figures]
+    for title, view in views:
+        body.append(f'<h3>{html.escape(title)}</h3><div class="circuitsvis">{view.local_src.replace(js, "")}</div>')
+    meta = {"figures": len(figures), "components": len(views)}
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lens_linear report</title>"
+            f"<script>{get_plotlyjs()}</script><script>{js}</script>"
+            f"<style>body {{ font-family: sans-serif; margin: 24px; }} .figure {{ margin: 12px 0; }}</style></head>"
+            f"<body data-expected='{json.dumps(meta)}'>{''.join(body)}</body></html>")
+    path = Path(path)
+    path.write_text(page, encoding="utf-8")
+    return path

@@ -1,0 +1,37 @@
+"""Every notebook runs top to bottom on the default model, within its time budget."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import newest_tl_only
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+BUDGET = 180  # seconds per notebook on 2 CPU cores
+
+
+def test_notebooks_are_committed_without_outputs():
+    import nbformat
+
+    assert len(NOTEBOOKS) == 4
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        stale = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
+        assert not stale, f"{path.name} has committed outputs: regenerate it with notebooks/build.py"
+
+
+@newest_tl_only
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs(path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=BUDGET, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    elapsed = time.perf_counter() - start
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert elapsed <= BUDGET, f"{path.name} took {elapsed:.0f} s (budget {BUDGET} s)"
+    print(f"{path.name}: {elapsed:.1f} s")

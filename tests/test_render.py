@@ -1,0 +1,162 @@
+"""Renderers and figures show the cache's own numbers; the report renders in headless Chromium."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lens_linear as ll
+from lens_linear import render
+from lens_linear.patching import activation_patching, prompt_pairs
+
+from conftest import PROMPT, cached_tiny, newest_tl_only, rel
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(os.environ.get("LENS_LINEAR_ARTIFACTS", Path(__file__).parent.parent / "artifacts"))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def lcache(request):
+    lc = ll.run_with_linear_cache(cached_tiny("bridge", request.param), PROMPT)
+    lc.plain_jacobian()
+    lc.jacobians(sum(render.layer_hooks(lc.model).values(), []))
+    return lc
+
+
+def test_attention_patterns_show_every_head_of_the_frozen_pattern(lcache):
+    view = render.attention_patterns(lcache, 1)
+    expected = lcache.point.values["blocks.1.attn.hook_pattern"][0]
+    assert torch.equal(view.data["pattern"], expected) and view.data["tokens"] == lcache.str_tokens
+    assert view.data["pattern"].shape[0] == lcache.model.cfg.n_heads
+    for tok in lcache.str_tokens:
+        assert json.dumps(tok)[1:-1] in view.cdn_src
+    with pytest.raises(IndexError, match="layer"):
+        render.attention_patterns(lcache, 99)
+
+
+def test_token_contributions_are_exact_shares_of_the_output_and_its_logit(lcache):
+    view = render.token_contributions(lcache)
+    assert torch.equal(view.data["values"], lcache.contributions().norm(dim=-1))
+    top = lcache.top_predictions(1)[0]
+    signed = render.token_contributions(lcache, top.token_id).data["values"]
+    model, bias = lcache.model, lcache.bias_term
+    logit = signed.sum() + bias @ model.W_U[:, top.token_id] + (model.b_U[top.token_id] if getattr(model, "b_U", None) is not None else 0)
+    assert abs(float(logit - lcache.logits[lcache.pos, top.token_id])) <= 1e-4 * float(lcache.logits[lcache.pos].abs().max())
+
+
+def test_singular_tokens_decode_each_tokens_leading_direction(lcache):
+    view = render.singular_tokens(lcache, n=3)
+    assert [r["token"] for r in view.data["rows"]] == lcache.str_tokens
+    for i, row in enumerate(view.data["rows"]):
+        top = lcache.decode(position=i, k=1, n=3)[0]
+        assert row["output"] == top.output.tokens and row["sigma"] == top.value
+
+
+def test_figures_plot_the_cache_data(lcache):
+    fig = render.reconstruction_figure(lcache)
+    y = lcache.activation().reshape(-1).double()
+    plain, detached = fig.data[0], fig.data[1]
+    assert rel(torch.tensor(detached.x), y) == 0 and rel(torch.tensor(detached.y), y) <= 1e-5
+    assert rel(torch.tensor(plain.y), y) >= 1e-2  # the plain Jacobian does not reconstruct
+    spectra = render.spectra_figure(lcache)
+    assert len(spectra.data) == lcache.n_pos
+    assert rel(torch.tensor(spectra.data[2].y), torch.linalg.svdvals(lcache.jacobian()[2].double())) <= 1e-12
+    ranks = render.stable_rank_figure(lcache)
+    assert [t.name for t in ranks.data] == ["block", "attention", "mlp"]
+    assert list(ranks.data[2].y) == [lcache.stable_rank(h) for h in render.layer_hooks(lcache.model)["mlp"]]
+    align = render.alignment_figure(lcache, k=2)
+    expected = lcache.alignment(render.layer_hooks(lcache.model)["block"], k=2)
+    assert rel(torch.tensor(align.data[1].y), expected[:, 1]) <= 1e-6 and abs(align.data[0].y[-1] - 1) <= 1e-5
+
+
+def test_patching_figure_is_the_table():
+    model = cached_tiny("bridge", "llama")
+    pairs = prompt_pairs(model, "Hello there friend", "Hello where friend", " a", " b")
+    for sweep in ("resid_pre", "head"):
+        result = activation_patching(model, pairs, sweep, progress=False)
+        fig = render.patching_figure(result)
+        assert rel(torch.tensor(fig.data[0].z), result.values) <= 1e-7
+        assert list(fig.data[0].y) == [f"L{l}" for l in result.layers]
+
+
+def test_figures_say_what_to_compute_first():
+    lc = ll.run_with_linear_cache(cached_tiny("bridge", "llama"), PROMPT, check=False)
+    with pytest.raises(render.NotComputedError, match=r"run `lcache.jacobian\(\)` first"):
+        render.reconstruction_figure(lc)
+    with pytest.raises(render.NotComputedError, match="run `lcache.jacobian"):
+        render.token_contributions(lc)
+    assert "not computed yet" in lc._repr_html_()
+    lc.jacobian()
+    with pytest.raises(render.NotComputedError, match=r"plain_jacobian\(\)"):
+        render.reconstruction_figure(lc)
+    with pytest.raises(render.NotComputedError, match="layer_hooks"):
+        render.stable_rank_figure(lc)
+    with pytest.raises(render.NotComputedError, match=r"lcache.jacobians\(\)"):
+        render.alignment_figure(lc)
+
+
+def test_repr_html_summarizes_prediction_errors_and_contributions(lcache):
+    page = lcache._repr_html_()
+    assert repr(lcache.top_predictions(1)[0].token).replace("'", "&#x27;") in page
+    assert f"detached {lcache.reconstruction_error():.1e}" in page
+    assert f"plain {lcache.reconstruction_error(plain=True):.1e}" in page
+    norms = lcache.contributions().norm(dim=-1)
+    assert f'title="{float(norms[0]):.3g}"' in page
+
+
+def check_in_chromium(path: Path, screenshot: Path) -> dict:
+    """Open a report with no network; return console errors, what rendered, pixel variance."""
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+            page.goto(path.resolve().as_uri())
+            expected = json.loads(page.get_attribute("body", "data-expected"))
+            page.wait_for_function(f"document.querySelectorAll('.plotly-graph-div .main-svg').length >= {expected['figures']}",
+                                   timeout=30000)
+            page.wait_for_function("[...document.querySelectorAll('.circuitsvis > div[id^=circuits-vis]')]"
+                                   ".every(d => d.querySelector('*') !== null)", timeout=30000)
+            found = {"figures": page.eval_on_selector_all(".plotly-graph-div", "els => els.filter(e => e.querySelector('.main-svg')).length"),
+                     "components": page.eval_on_selector_all(".circuitsvis > div[id^=circuits-vis]", "els => els.filter(e => e.children.length > 0).length"),
+                     "text": page.inner_text("body")}
+            png = page.screenshot(full_page=True)
+        finally:
+            browser.close()
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    screenshot.write_bytes(png)
+    pixels = np.asarray(Image.open(BytesIO(png)).convert("L"), dtype=np.float64)
+    return {**found, "expected": expected, "errors": errors, "variance": float(pixels.var()), "size": pixels.shape}
+
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("LENS_LINEAR_REQUIRE_BROWSER"),
+                                    reason="no chromium (CI installs Debian's chromium and sets LENS_LINEAR_REQUIRE_BROWSER)")
+
+
+@needs_chromium
+def test_report_opens_offline_in_headless_chromium(lcache, tmp_path):
+    pairs = prompt_pairs(lcache.model, "Hello there friend", "Hello where friend", " a", " b")
+    result = activation_patching(lcache.model, pairs, "resid_pre", progress=False)
+    path = render.report(lcache, tmp_path / "report.html", patching=[result])
+    text = path.read_text()
+    assert "<script src" not in text and "https://" not in text.split("<body", 1)[1].split("<script", 1)[0]
+    seen = check_in_chromium(path, ARTIFACTS / f"report-{lcache.model.cfg.model_name}.png")
+    assert seen["errors"] == []
+    assert seen["figures"] == seen["expected"]["figures"] == 5
+    assert seen["components"] == seen["expected"]["components"] == 5
+    assert all(t.strip() in seen["text"] for t in lcache.str_tokens if t.strip())
+    assert seen["variance"] > 100, "the screenshot is blank"
