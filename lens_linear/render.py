@@ -52,12 +52,12 @@ def _with_data(rendered: Any, **data: Any) -> Any:
 
 # ---- circuitsvis ---------------------------------------------------------------------
 def attention_patterns(lcache: "LinearCache", layer: int) -> Any:
-    """Every head's frozen attention pattern of ``layer`` (circuitsvis ``attention_patterns``)."""
+    """Every head's frozen attention pattern of ``layer`` (circuitsvis ``attention_heads``)."""
     layer = normalize_index(layer, lcache.model.cfg.n_layers)
     pattern = lcache.attention.pattern(layer)  # [heads, q, k]
     names = [f"L{layer}H{h}" for h in range(pattern.shape[0])]
-    return _with_data(cv.attention.attention_patterns(tokens=lcache.str_tokens, attention=pattern.float(),
-                                                      attention_head_names=names),
+    return _with_data(cv.attention.attention_heads(attention=pattern.float(), tokens=lcache.str_tokens,
+                                                   attention_head_names=names, mask_upper_tri=True),
                       tokens=lcache.str_tokens, pattern=pattern, layer=layer)
 
 
@@ -157,7 +157,7 @@ def patching_figure(result: "PatchingResult") -> go.Figure:
     values = result.values
     if values.ndim == 3:  # head_by_pos: [layer, head, pos]
         values = values.sum(-1)
-    columns = result.axes[1] if len(result.axes) > 1 else "position"
+    columns = "position" if result.axes[1] == "pos" else result.axes[1]
     if columns == "position" and result.str_tokens:
         x = [f"{i}: {t}" for i, t in enumerate(result.str_tokens[:values.shape[1]])]
     else:
