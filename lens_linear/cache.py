@@ -426,9 +426,18 @@ class LinearCache:
         idx = norms.topk(min(n_cols, len(norms))).indices
         return [Direction(int(i), float(norms[i]), decode.output_tokens(self.model, jac[:, i], n), None) for i in idx]
 
+    def _gram(self, hook: str | None, position: int | str, pos: int | None) -> Float[torch.Tensor, "d_out d_out"]:
+        """``J Jᵀ`` in float64: its top eigenpairs are the top singular pairs (``σ² , u``),
+        from a ``d_out × d_out`` matrix instead of an SVD of the wide ``d_out × pos·d_in`` one."""
+        jac = self.jacobian(hook, pos)
+        mat = (jac.permute(1, 0, 2).reshape(jac.shape[1], -1) if position == "all"
+               else jac[normalize_position(position, self.n_pos, "position")]).double()
+        return mat @ mat.T
+
     def stable_rank(self, hook: str | None = None, position: int | str = "all", pos: int | None = None) -> float:
         """``‖J‖_F² / ‖J‖_2²`` of the Jacobian (one input position or all side by side)."""
-        return self.svd(hook, position, 1, pos).stable_rank
+        gram = self._gram(hook, position, pos)
+        return float(gram.trace() / torch.linalg.eigvalsh(gram)[-1])
 
     def spectra(self, hooks: Sequence[str], position: int | str = "all",
                 pos: int | None = None) -> dict[str, torch.Tensor]:
@@ -445,8 +454,9 @@ class LinearCache:
         hooks = list(hooks or block_outputs(self.model))
         reference = reference or hooks[-1]
         self.jacobians([*hooks, reference], pos)
-        ref = self.svd(reference, "all", k, pos).U
-        return torch.stack([(self.svd(h, "all", k, pos).U * ref).sum(0).abs() for h in hooks])
+        top = lambda h: torch.linalg.eigh(self._gram(h, "all", pos)).eigenvectors[:, -k:].flip(-1)  # noqa: E731
+        ref = top(reference)
+        return torch.stack([(top(h) * ref).sum(0).abs() for h in hooks]).to(self.x.dtype)
 
     def _repr_html_(self) -> str:
         """Notebook summary: prediction, reconstruction errors, token contributions."""

@@ -108,6 +108,12 @@ def test_decode_reads_tokens():
     assert all(float(s[0]) == 1.0 and (s[:-1] >= s[1:]).all() for s in spectra.values())
     align = lc.alignment(k=2)
     assert align.shape == (2, 2) and torch.allclose(align[-1], torch.ones(2), atol=1e-5)
+    # both come from J Jᵀ's top eigenpairs: the same numbers as the SVD of the wide matrix
+    hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
+    by_svd = torch.stack([(lc.svd(h, k=2).U * lc.svd(hooks[-1], k=2).U).sum(0).abs() for h in hooks])
+    assert float((align - by_svd).abs().max()) <= 1e-5
+    for position in ("all", 1):
+        assert lc.stable_rank(position=position) == pytest.approx(lc.svd(position=position, k=1).stable_rank, rel=1e-6)
 
 
 def test_analysis_errors():

@@ -29,7 +29,7 @@ def test_notebook_runs(path):
 
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=BUDGET, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(nb, timeout=BUDGET, kernel_name="python3", resources={"metadata": {"path": str(path.parent.parent)}}).execute()
     elapsed = time.perf_counter() - start
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
