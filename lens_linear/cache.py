@@ -481,7 +481,7 @@ def run_with_linear_cache(
     check: bool = True,
     names_filter: Any = None,
     max_memory: int = DEFAULT_MEMORY,
-    progress: bool = False,
+    progress: bool = True,
 ) -> LinearCache:
     """Record the operating point of one input and return its :class:`LinearCache`.
 
@@ -496,7 +496,7 @@ def run_with_linear_cache(
         names_filter: which activations the ``ActivationCache`` keeps (as ``run_with_cache``);
             by default all of them, recorded on first access to ``lcache.activations``.
         max_memory: bytes of backward intermediates per batched-VJP chunk.
-        progress: show a progress bar while Jacobians are computed.
+        progress: show progress bars (notebook-aware) while Jacobians are computed.
 
     Example:
         >>> lcache = run_with_linear_cache(model, "The bridge out of Marin is the")
