@@ -67,11 +67,11 @@ def main() -> None:
         tokens = all_tokens[:, :n]
 
         def ours():
-            return ll.run_with_linear_cache(model, tokens, check=False).jacobian()
+            return ll.run_with_linear_cache(model, tokens, check=False, progress=False).jacobian()
 
         frozen = detached_function(model, tokens)
 
-        x = ll.run_with_linear_cache(model, tokens, check=False).x
+        x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
         t_ours, m_ours, j_ours = measure(ours)
         rows = [("lens_linear", t_ours, m_ours, 0.0)]
         for name, vec in (("autograd vectorize=True", True), ("autograd vectorize=False", False)):

@@ -38,13 +38,13 @@ def main() -> None:
     all_tokens = model.to_tokens(TEXT)
     # warm-up: the first forward/backward of a process allocates ~0.5 GB that stays (thread
     # pools, allocator arenas); without it, whichever method runs first is charged for it
-    ll.run_with_linear_cache(model, all_tokens[:, :2], check=False).jacobians(hooks[:2])
+    ll.run_with_linear_cache(model, all_tokens[:, :2], check=False, progress=False).jacobians(hooks[:2])
     print(f"{'tokens':>6} {'method':<30} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max rel ΔJ':>10}")
     for n in args.lengths:
         tokens = all_tokens[:, :n]
-        t_ours, m_ours, ours = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False).jacobians(hooks))
-        engine = ll.run_with_linear_cache(model, tokens, check=False)._cheaper(hooks, n - 1)
-        x = ll.run_with_linear_cache(model, tokens, check=False).x
+        t_ours, m_ours, ours = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False).jacobians(hooks))
+        engine = ll.run_with_linear_cache(model, tokens, check=False, progress=False)._cheaper(hooks, n - 1)
+        x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
 
         def loop():
             return {h: torch.autograd.functional.jacobian(detached_function(model, tokens, h), x, vectorize=True)

@@ -33,16 +33,16 @@ def main() -> list[dict]:
     args = parser.parse_args()
     model = ll.load_model()
     text = " ".join([TEXT] * 64)
-    ll.run_with_linear_cache(model, model.to_tokens(text)[:, :4], check=False).svd_matrix_free(k=3)  # warm-up
+    ll.run_with_linear_cache(model, model.to_tokens(text)[:, :4], check=False, progress=False).svd_matrix_free(k=3)  # warm-up
     print(f"{'tokens':>6} {'method':<28} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} "
           f"{'max rel ΔS':>10} {'angle U':>8} {'angle V':>8} {'iters':>5}")
     rows = []
     for n in args.lengths:
         tokens = model.to_tokens(text)[:, :n]
-        t_ours, m_ours, mf = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False).svd_matrix_free(k=3))
+        t_ours, m_ours, mf = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False).svd_matrix_free(k=3))
 
         def full():
-            jac = ll.run_with_linear_cache(model, tokens, check=False).jacobian()
+            jac = ll.run_with_linear_cache(model, tokens, check=False, progress=False).jacobian()
             u, s, vh = torch.linalg.svd(jac.permute(1, 0, 2).reshape(jac.shape[1], -1), full_matrices=False)
             return u[:, :3].clone(), s[:3].clone(), vh[:3].T.clone()
 
