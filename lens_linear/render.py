@@ -29,12 +29,15 @@ class NotComputedError(ValueError):
     """A figure asked for something the cache has not computed; the message says how."""
 
 
+def _computed(lcache: "LinearCache", hook: str, plain: bool = False) -> bool:
+    return (hook, lcache.pos, plain, INPUT_HOOK) in lcache._jacobians
+
+
 def _need(lcache: "LinearCache", hook: str, plain: bool, todo: str) -> torch.Tensor:
-    key = (hook, lcache.pos, plain, INPUT_HOOK)
-    if key not in lcache._jacobians:
+    if not _computed(lcache, hook, plain):
         raise NotComputedError(f"this figure needs the {'plain' if plain else 'detached'} Jacobian of {hook!r} "
                                f"at position {lcache.pos}, not computed yet: run `{todo}` first")
-    return lcache._jacobians[key]
+    return lcache._jacobians[(hook, lcache.pos, plain, INPUT_HOOK)]
 
 
 def layer_hooks(model: Any) -> dict[str, list[str]]:
@@ -177,13 +180,12 @@ def summary_html(lcache: "LinearCache") -> str:
     """Prediction, reconstruction errors and token contributions as a small HTML block."""
     esc = html.escape
     preds = " ".join(f"<code>{esc(repr(p.token))}</code> {p.prob:.3f}" for p in lcache.top_predictions(5))
-    key = (lcache.output, lcache.pos, False, INPUT_HOOK)
     lines = [f"<b>LinearCache</b> {esc(str(lcache.model.cfg.model_name))}, {lcache.n_pos} tokens, "
              f"output at position {lcache.pos} ({esc(repr(lcache.str_tokens[lcache.pos]))})",
              f"next token: {preds}"]
-    if key in lcache._jacobians:
+    if _computed(lcache, lcache.output):
         errs = f"detached {lcache.reconstruction_error():.1e}"
-        if (lcache.output, lcache.pos, True, INPUT_HOOK) in lcache._jacobians:
+        if _computed(lcache, lcache.output, plain=True):
             errs += f", plain {lcache.reconstruction_error(plain=True):.1e}"
         lines.append(f"reconstruction error: {errs}")
         norms = lcache.contributions().norm(dim=-1)
@@ -218,9 +220,9 @@ def report(lcache: "LinearCache", path: str | Path, layers: bool = True,
     figures += [patching_figure(r) for r in patching]
     n_layers = lcache.model.cfg.n_layers
     attention_layers = [0, n_layers - 1] if attention_layers is None else attention_layers
+    top = lcache.top_predictions(1)[0]
     views = [("Token contributions ‖J_i x_i‖", token_contributions(lcache)),
-             (f"Contributions to the logit of {lcache.top_predictions(1)[0].token!r}",
-              token_contributions(lcache, lcache.top_predictions(1)[0].token_id)),
+             (f"Contributions to the logit of {top.token!r}", token_contributions(lcache, top.token_id)),
              ("Leading singular vector of each J_i, read as output tokens", singular_tokens(lcache))]
     views += [(f"Attention patterns, layer {l}", attention_patterns(lcache, l)) for l in attention_layers]
     js = _circuitsvis_js()

@@ -19,9 +19,10 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from lens_linear._validation import require_hook, require_tl_model
-from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, _Stop, eval_mode, feeds_pattern_only,
-                                              linears_skipped, output_hook, run_hooks, site_hooks)
-from lens_linear.hooks.sites import Site, find_sites
+from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, _Stop, cut_positions, eval_mode,
+                                              feeds_pattern_only, linears_skipped, output_hook, run_hooks,
+                                              site_hooks)
+from lens_linear.hooks.sites import find_sites
 from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows
 
 
@@ -130,16 +131,6 @@ def right_padded(model: Any, prompts: Sequence[str] | str | torch.Tensor,
     return tokens, torch.tensor([len(r) for r in rows])
 
 
-def _cut(site: Site, value: torch.Tensor, batch: int, n: int, end: int) -> torch.Tensor:
-    """A frozen value cut to positions ``:end`` (patterns on both axes; values whose leading
-    dimension flattens batch and positions, as some MLPs have, cut per prompt)."""
-    if site.kind == "attn":
-        return value[:, :, :end, :end]
-    if value.shape[0] == batch * n != batch:
-        return value.reshape(batch, n, *value.shape[1:])[:, :end].reshape(batch * end, *value.shape[1:])
-    return value[:, :end]
-
-
 def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, plain: bool = False):
     """``x ↦`` activation of ``hook`` for a batch of prompts, each frozen at its own operating
     point (``plain``: nothing frozen), and the inputs ``x*`` ``[batch, pos, d_model]``.
@@ -167,7 +158,7 @@ def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: s
         live, cut = sites, store
         if end < n:  # q/k norms feed only the frozen pattern: they may run live on a prefix
             live = [s for s in sites if not feeds_pattern_only(s, sites)]
-            cut = {s.name: _cut(s, store[s.name], batch, n, end) for s in live}
+            cut = {s.name: cut_positions(s, store[s.name], slice(None, end), batch, n) for s in live}
         hooks = site_hooks(model, live, cut, "replay") + [(INPUT_HOOK, lambda v, hook: x.to(v.dtype)),
                                                          (hook, capture)]
         try:

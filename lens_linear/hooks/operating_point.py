@@ -244,7 +244,7 @@ class OperatingPoint:
         sites, store = self.sites, self.values
         if start:  # q/k norms feed only the frozen pattern: they may run live on the suffix
             sites = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
-            store = {s.name: _from_position(s, store[s.name], start) for s in sites}
+            store = {s.name: cut_positions(s, store[s.name], slice(start, None), 1, len(self.x_star)) for s in sites}
         hooks = (self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors) + [(source, inject)]
                  + [(n, partial(capture, name=n)) for n in wanted])
         try:
@@ -348,9 +348,15 @@ class OperatingPoint:
         return None, None
 
 
-def _from_position(site: Site, value: torch.Tensor, start: int) -> torch.Tensor:
-    """A frozen value cut to positions ``start..`` (patterns on both query and key axes)."""
-    return value[:, :, start:, start:] if site.kind == "attn" else value[:, start:]
+def cut_positions(site: Site, value: torch.Tensor, keep: slice, batch: int, n: int) -> torch.Tensor:
+    """A frozen value of ``batch`` prompts of ``n`` positions cut to positions ``keep``:
+    patterns on both query and key axes; values whose leading dimension flattens batch and
+    positions (as some MLPs have) are cut per prompt."""
+    if site.kind == "attn":
+        return value[:, :, keep, keep]
+    if value.shape[0] == batch * n != batch:
+        return value.reshape(batch, n, *value.shape[1:])[:, keep].flatten(0, 1)
+    return value[:, keep]
 
 
 def feeds_pattern_only(site: Site, sites: Sequence[Site]) -> bool:
