@@ -26,7 +26,7 @@ import time
 import torch
 
 import lens_linear as ll
-from lens_linear.hooks.operating_point import eval_mode, output_hook
+from lens_linear.hooks.operating_point import analysis_mode, output_hook
 from lens_linear.stats import Welford, dataset_sensitivity, frozen_batch_map, right_padded
 
 from jacobian import TEXT, measure
@@ -38,7 +38,7 @@ def per_sample_loop(model, prompts, tokens_per_prompt, method, probes, max_vjps=
     hook = output_hook(model)
     for prompt in prompts:
         tokens, _ = right_padded(model, [prompt], tokens_per_prompt)
-        with eval_mode(model):
+        with analysis_mode(model):
             apply, x_star = frozen_batch_map(model, tokens, hook)
             x = x_star.clone().requires_grad_(True)
             with torch.enable_grad():

@@ -3,7 +3,7 @@
 The matrix is the detached Jacobian of the output embedding at the last position w.r.t.
 the input embeddings of all positions side by side (``d_model × positions·d_model``).
 Baseline: ``LinearCache.jacobian()`` (chunked batched VJPs, d_model rows) then a dense
-SVD. Ours: randomized subspace iteration from replay JVPs and batched VJPs only
+SVD. Ours: block Golub–Kahan–Lanczos from replay JVPs and batched VJPs only
 (``LinearCache.svd_matrix_free``), never forming the matrix. Peak memory: resident-set
 growth per method (one process, after a warm-up).
 
@@ -35,7 +35,7 @@ def main() -> list[dict]:
     text = " ".join([TEXT] * 64)
     ll.run_with_linear_cache(model, model.to_tokens(text)[:, :4], check=False, progress=False).svd_matrix_free(k=3)  # warm-up
     print(f"{'tokens':>6} {'method':<28} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} "
-          f"{'max rel ΔS':>10} {'angle U':>8} {'angle V':>8} {'iters':>5}")
+          f"{'max rel ΔS':>10} {'angle U':>8} {'angle V':>8} {'steps':>5} {'products':>8}")
     rows = []
     for n in args.lengths:
         tokens = model.to_tokens(text)[:, :n]
@@ -49,7 +49,7 @@ def main() -> list[dict]:
         t_full, m_full, (u, s, v) = measure(full)
         err = float(((mf.S - s).abs() / s).max())
         print(f"{n:>6} {'matrix-free (replay products)':<28} {t_ours:8.1f} {m_ours / 2**20:8.0f} {1:8.2f} {1:10.2f} "
-              f"{err:10.1e} {principal_angle(mf.U, u):8.1e} {principal_angle(mf.V, v):8.1e} {mf.iterations:>5}")
+              f"{err:10.1e} {principal_angle(mf.U, u):8.1e} {principal_angle(mf.V, v):8.1e} {mf.iterations:>5} {mf.products:>8}")
         print(f"{n:>6} {'full Jacobian + svd':<28} {t_full:8.1f} {m_full / 2**20:8.0f} {t_full / t_ours:8.2f} "
               f"{m_full / m_ours:10.2f}", flush=True)
         rows.append(dict(benchmark="top-3 SVD", size=f"{n} tokens", ours_s=t_ours, anchor_s=t_full,

@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from transformer_lens import FactoredMatrix
 
 from lens_linear._validation import normalize_index, normalize_position, tolerance
-from lens_linear.hooks.operating_point import _Stop, eval_mode, hooks_on
+from lens_linear.hooks.operating_point import _Stop, analysis_mode, hooks_on
 from lens_linear.jacobian import batched_vjp_jacobian, chunk_rows
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class AttentionCircuits:
         if key not in self._local:
             base = self.lc.activations[source][0].detach()
             x_pos = base[pos:pos + 1].clone().requires_grad_(True)
-            with eval_mode(self.model), torch.enable_grad():
+            with analysis_mode(self.model), torch.enable_grad():
                 x = torch.cat([base[:pos], x_pos, base[pos + 1:]])
                 y = self.lc.point.replay(x.unsqueeze(0), [target], source, at=pos)[target][0].reshape(-1)
                 jac = batched_vjp_jacobian(y, x_pos, chunk_rows(y.numel(), x.numel() * x.element_size() * 4))
@@ -243,7 +243,7 @@ class AttentionCircuits:
             raise _Stop  # nothing after this layer's mixed values is needed
 
         hooks = [(source, lambda value, hook: x.unsqueeze(0).to(value.dtype)), (f"blocks.{layer}.attn.hook_z", capture)]
-        with eval_mode(self.model), torch.enable_grad():
+        with analysis_mode(self.model), torch.enable_grad():
             with hooks_on(self.model, self.lc.point.fwd_hooks + hooks):
                 try:
                     self.model(self.lc.tokens)

@@ -17,7 +17,7 @@ from lens_linear._validation import (LinearizationError, normalize_index, normal
                                      require_hook, require_tl_model, tolerance)
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, block_outputs,
-                                               eval_mode, hooks_on, linears_skipped, output_hook)
+                                               analysis_mode, hooks_on, linears_skipped, output_hook)
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY, batched_vjp_jacobian, chunk_rows, forward_jacobians
 
@@ -111,7 +111,7 @@ class LinearCache:
         filled on first use by running the same recording again: a Jacobian alone never
         pays for caching every hook."""
         if not self._complete:
-            with eval_mode(self.model), torch.no_grad(), hooks_on(self.model, self.point.hooks("record")):
+            with analysis_mode(self.model), torch.no_grad(), hooks_on(self.model, self.point.hooks("record")):
                 _, self._activations = self.model.run_with_cache(self.tokens)
             self._complete = True
         return self._activations
@@ -173,7 +173,7 @@ class LinearCache:
             else:
                 fn = lambda x: self.point.replay(x, [hook], source, at=pos)[hook][0].reshape(-1)  # noqa: E731
             x = self._source_value(source).detach().clone().requires_grad_(True)
-            with eval_mode(self.model), torch.enable_grad():
+            with analysis_mode(self.model), torch.enable_grad():
                 y = fn(x)
                 chunk = chunk_rows(y.numel(), self._row_bytes(), self.max_memory)
                 self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
@@ -216,9 +216,9 @@ class LinearCache:
             d_in = self.x.shape[-1]
             cap = math.ceil(d_in / math.ceil(d_in / 160))
             chunk = chunk_rows(d_in, self._row_bytes() // 2, self.max_memory, cap=cap)
-            with eval_mode(self.model):
+            with analysis_mode(self.model):
                 dead = self.point.dead_linears(todo)
-            with eval_mode(self.model), biases_zeroed(self.model), linears_skipped(dead):
+            with analysis_mode(self.model), biases_zeroed(self.model), linears_skipped(dead):
                 found = forward_jacobians(apply, *self.x.shape, pos, chunk, self.x, self.progress)
             for h, jac in found.items():
                 self._jacobians[(h, pos, False, INPUT_HOOK)] = jac
@@ -506,7 +506,7 @@ def run_with_linear_cache(
     tokens = to_tokens(model, input, prepend_bos)
     pos = normalize_position(pos, tokens.shape[-1])
     keep = _with_output(names_filter, output_hook(model))
-    with eval_mode(model):
+    with analysis_mode(model):
         point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep)
     lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress,
                          complete=names_filter is not None)

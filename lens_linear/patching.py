@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_index, require_tl_model
 from lens_linear.hooks.detach import detach_hooks
-from lens_linear.hooks.operating_point import (OperatingPoint, _Stop, biases_zeroed, eval_mode, input_embeddings,
+from lens_linear.hooks.operating_point import (OperatingPoint, _Stop, biases_zeroed, analysis_mode, input_embeddings,
                                                run_hooks)
 from lens_linear.hooks.sites import layer_of
 from lens_linear.jacobian import DEFAULT_MEMORY
@@ -242,7 +242,7 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
     require_tl_model(model)
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     n = len(pairs.answers)
-    with eval_mode(model):
+    with analysis_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks)
         base = OperatingPoint.record(model, pairs.corrupted)[0].hooks("replay") if frozen else []
         corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, base)
@@ -304,7 +304,7 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
         leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient is the activation's
         return value + leaves[name]
 
-    with eval_mode(model):
+    with analysis_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks)
         freeze = detach_hooks(model) if detached else []
         with torch.enable_grad():
@@ -347,7 +347,7 @@ def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5,
     hook = f"blocks.{_layers(model, [layer])[0]}.hook_resid_post"
     from lens_linear.cache import to_tokens
 
-    with eval_mode(model):
+    with analysis_mode(model):
         concept_tokens = to_tokens(model, concept)
         point = OperatingPoint.record(model, concept_tokens)[0]
         tokens = to_tokens(model, prompt)

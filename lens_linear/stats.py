@@ -19,7 +19,7 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from lens_linear._validation import require_hook, require_tl_model
-from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, _Stop, cut_positions, eval_mode,
+from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, _Stop, cut_positions, analysis_mode,
                                               feeds_pattern_only, linears_skipped, output_hook, run_hooks,
                                               site_hooks)
 from lens_linear.hooks.sites import find_sites
@@ -202,7 +202,7 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool =
     values = torch.zeros(batch, n, n, dtype=torch.float64)
     stderr = torch.zeros_like(values) if method == "hutchinson" else None
     gen = torch.Generator().manual_seed(seed)
-    with eval_mode(model):
+    with analysis_mode(model):
         apply, x_star = frozen_batch_map(model, tokens, hook, plain)
         dead = [] if plain else _dead_projections(model, tokens[:1, :int(lengths[0])], hook)
         for i in range(n):
