@@ -2,17 +2,21 @@
 
 Only two products are needed: ``Jᵀ u`` (a backward through one retained replay graph of the
 frozen map, biases zeroed) and ``J v`` (a backward through that backward: ``Jᵀ w`` is linear
-in ``w``, so its gradient w.r.t. ``w`` along ``v`` is ``J v``). Block Golub–Kahan–Lanczos
-bidiagonalization with full reorthogonalization builds orthonormal bases ``U`` (outputs)
-and ``V`` (inputs) with ``J V = U B`` for a small matrix ``B``; the SVD of ``B`` gives the
-Ritz triplets, and the next ``Jᵀ u`` product gives each one's residual for free. Every
-product enters the Krylov space, so far fewer are needed than by subspace iteration: on
-SmolLM2 at 128 tokens, residuals of 1e-4 after 57 products of block 3, where randomized
-subspace iteration with 13 vectors spent ~240 and stopped at angles of 1e-3.
+in ``w``, so its gradient w.r.t. ``w`` along ``v`` is ``J v``). The second graph holds the
+frozen map's linear ops alone; a replay forward would also recompute every attention score
+and softmax only to replace them by the frozen pattern (measured at 512 tokens on SmolLM2:
+3.4 s / 391 MB for three vectors by replay, 2.6 s / 110 MB through the backward).
 
-The block (default ``k``) matters: one vector at a time needs fewer products, but can meet
-a lower singular value first and hold it with a small residual (on that matrix it did, with
-residuals of 6e-3 and the wrong subspace), a trap a block of ``k`` avoids.
+Block Golub–Kahan–Lanczos bidiagonalization with full reorthogonalization builds orthonormal
+bases ``U`` (outputs) and ``V`` (inputs) with ``J V = U B`` for a small matrix ``B``; the
+SVD of ``B`` gives the Ritz triplets, and the next ``Jᵀ u`` product gives each one's
+residual for free. Every product stays in the Krylov space, so far fewer are needed than
+by subspace iteration: on SmolLM2 at 128 tokens 69 products reach residuals of 1e-5, where
+randomized subspace iteration with 13 vectors spent ~240 to reach angles of 1e-3.
+
+The block (default ``k``) matters: one vector at a time needs fewer products, but a Krylov
+space of one start vector holds one direction of a repeated singular value, so it can
+return a lower singular value with a small residual in its place (see the tests).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
-from lens_linear.hooks.operating_point import analysis_mode, biases_zeroed
+from lens_linear.hooks.operating_point import analysis_mode, biases_zeroed, linears_skipped
 
 if TYPE_CHECKING:
     from lens_linear.cache import LinearCache
@@ -53,11 +57,11 @@ def _project_out(x: torch.Tensor, blocks: list[torch.Tensor]) -> tuple[torch.Ten
     """``x`` minus its part in the span of orthonormal ``blocks``, twice over (one pass loses
     orthogonality); returns the remainder and the coefficients removed. The basis stays a
     list of blocks: concatenating it every step would copy all of it (85 MB at 512 tokens)."""
-    coef = x.new_zeros(sum(b.shape[1] for b in blocks), x.shape[1])
+    x, coef = x.clone(), x.new_zeros(sum(b.shape[1] for b in blocks), x.shape[1])
     for _ in range(2):
-        c = torch.cat([b.T @ x for b in blocks]) if blocks else coef
+        c = torch.cat([b.to(x.dtype).T @ x for b in blocks]) if blocks else coef
         for b, part in zip(blocks, c.split([b.shape[1] for b in blocks])):
-            x = torch.addmm(x, b, part, alpha=-1)
+            x.addmm_(b.to(x.dtype), part, alpha=-1)  # in place: no new 300k-long vector per block
         coef = coef + c
     return x, coef
 
@@ -79,17 +83,36 @@ def _next_block(blocks: list[torch.Tensor], x: torch.Tensor, floor: float,
     return q, coef, r
 
 
+class _Blocks(list):
+    """The input-side basis: blocks stored in the products' precision (float32 halves 85 MB at
+    512 tokens; projections still run in float64), in slabs of ``per_slab`` blocks allocated
+    up front: a block allocated alone between two products' short-lived buffers pins the heap
+    and the freed memory around it stays resident."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, per_slab: int = 8):
+        super().__init__()
+        self.shape, self.dtype, self.per_slab, self.slab = shape, dtype, per_slab, torch.empty(0)
+
+    def add(self, block: torch.Tensor) -> torch.Tensor:
+        """Store ``block``; returns it as stored (rounded to the storage precision)."""
+        if len(self) % self.per_slab == 0:
+            self.slab = block.new_empty(self.per_slab, *self.shape, dtype=self.dtype)
+        self.append(self.slab[len(self) % self.per_slab].copy_(block))
+        return self[-1].to(block.dtype)
+
+
 def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: int, block: int, tol: float,
-                        max_iter: int, eps: float, seed: int = 0, progress: bool = False):
+                        max_iter: int, dtype: torch.dtype, seed: int = 0, progress: bool = False):
     """Top-``k`` triplets of ``J`` (``d_out × width``) given ``jv: [width, b] → [d_out, b]`` and
-    ``jtu: [d_out, b] → [width, b]`` on float64 tensors, whose results are exact to ``eps``
-    relative. The bases stay in float64 whatever the products' precision: in float32, inner
-    products over 300k-long vectors (512 tokens × d_model) lose ~1e-4 and with it the
-    residual estimates. Returns ``(U, S, V, steps, products)`` in float64."""
+    ``jtu: [d_out, b] → [width, b]`` on float64 tensors, computed in ``dtype``. Inner products
+    and projections run in float64 whatever the products' precision: in float32, sums over
+    300k-long vectors (512 tokens × d_model) lose ~1e-4 and with it the residual estimates.
+    Returns ``(U, S, V, steps, products)`` in float64."""
+    eps = torch.finfo(dtype).eps
     p = block
     gen = torch.Generator().manual_seed(seed)
     U = [torch.linalg.qr(torch.randn(d_out, p, generator=gen, dtype=torch.float64)).Q]  # start on the small side
-    V: list[torch.Tensor] = []
+    V = _Blocks((width, p), dtype)
     B = torch.zeros(p, 0, dtype=torch.float64)  # [U]ᵀ J [V] = B (block lower bidiagonal)
     steps = min(max_iter, min(d_out, width) // p - 1)  # U gets one block more than V
     products, step, scale = 0, 0, 0.0
@@ -107,8 +130,7 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
         bar.update()
         if step == steps:
             break
-        V.append(V_next)
-        z = jv(V_next)
+        z = jv(V.add(V_next))  # the product of the block as stored keeps J [V] = [U] B exact
         products, scale = products + p, max(scale, float(z.norm(dim=0).max()))
         U_next, C, L = _next_block(U, z, 100 * eps * scale, gen)  # J V_j = [U] C + U_next L
         B = torch.cat([torch.cat([B, B.new_zeros(p, B.shape[1])]), torch.cat([C, L])], 1)
@@ -118,7 +140,7 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
         raise ValueError(f"a {d_out} × {width} Jacobian is too small for {k} triplets by block {p}: "
                          f"form it (lcache.jacobian()) and use torch.linalg.svd")
     ub, s, vbt = torch.linalg.svd(B, full_matrices=False)
-    combine = lambda blocks, coef: sum(b @ c for b, c in zip(blocks, coef[:, :k].split(p)))  # noqa: E731
+    combine = lambda blocks, coef: sum(b.double() @ c for b, c in zip(blocks, coef[:, :k].split(p)))  # noqa: E731
     return combine(U, ub), s[:k], combine(V, vbt.T), step, products
 
 
@@ -154,7 +176,8 @@ def matrix_free_svd(lcache: "LinearCache", hook: str | None = None, pos: int | N
 
     with analysis_mode(model), biases_zeroed(model), torch.enable_grad():
         x = torch.zeros(n, d_in, dtype=dtype, requires_grad=True)
-        y = point.replay(x, [hook], at=pos)[hook][0].reshape(-1)
+        with linears_skipped(point.dead_linears([hook])):  # q, k: no scores graph to build and drop
+            y = point.replay(x, [hook], at=pos)[hook][0].reshape(-1)
         # Jᵀ w for a symbolic w: linear in w, so its gradient w.r.t. w along v is J v. This
         # graph holds the frozen map's linear ops alone: no scores or softmax are recomputed
         # (a replay forward would compute them and then discard them for the frozen pattern)
@@ -171,7 +194,7 @@ def matrix_free_svd(lcache: "LinearCache", hook: str | None = None, pos: int | N
                               for part in u.split(chunk, 1)]).T.double()
 
         u, s, v, steps, products = golub_kahan_lanczos(
-            jv, jtu, d_out, width, k, block, tol, max_iter, torch.finfo(dtype).eps, seed,
+            jv, jtu, d_out, width, k, block, tol, max_iter, dtype, seed,
             lcache.progress)
         residuals = ((jv(v) - u * s).norm(dim=0) ** 2 + (jtu(u) - v * s).norm(dim=0) ** 2).sqrt() / s.clamp_min(1e-300)
     return MatrixFreeSVD(u.to(dtype), s.to(dtype), v.to(dtype), steps, products + 2 * k,

@@ -232,7 +232,7 @@ def test_block_lanczos_finds_a_repeated_singular_value_that_one_vector_misses():
     a = spectrum_matrix(values)
     u_ref, s_ref, vh_ref = torch.linalg.svd(a)
     run = lambda block: golub_kahan_lanczos(lambda v: a @ v, lambda u: a.T @ u, *a.shape, k=3, block=block,
-                                            tol=1e-10, max_iter=100, eps=2e-16)
+                                            tol=1e-10, max_iter=100, dtype=torch.float64)
     u, s, v, steps, products = run(3)
     assert rel(s, s_ref[:3]) <= 1e-10 and products < 2 * a.shape[0]
     assert principal_angle(u, u_ref[:, :3]) <= 1e-6 and principal_angle(v, vh_ref[:3].T) <= 1e-6  # arccos: ~1e-8 floor
