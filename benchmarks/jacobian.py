@@ -33,25 +33,36 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(fn):
-    """(seconds, peak RSS growth in bytes, result)."""
+def measure(fn, prepare=None):
+    """(seconds, peak RSS growth in bytes, result) of ``fn()``; with ``prepare``, of
+    ``fn(prepare())``, and then also ``(seconds, peak growth)`` of the ``fn`` stage alone,
+    counted from where ``prepare`` left off (a step both methods share, such as recording)."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so each method's growth is its own
-    base, peak, done = rss(), [0], threading.Event()
+    base, peak, stage_peak, done = rss(), [0], [0, None], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], rss() - base)
+            now = rss()
+            peak[0] = max(peak[0], now - base)
+            if stage_peak[1] is not None:
+                stage_peak[0] = max(stage_peak[0], now - stage_peak[1])
             time.sleep(0.005)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    t0 = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - t0
+    t0 = t1 = time.perf_counter()
+    if prepare is None:
+        result = fn()
+    else:
+        prepared = prepare()
+        t1, stage_peak[1] = time.perf_counter(), rss()
+        result = fn(prepared)
+    end = time.perf_counter()
     done.set()
     thread.join()
-    return elapsed, max(peak[0], rss() - base), result
+    total = (end - t0, max(peak[0], rss() - base), result)
+    return total if prepare is None else (*total, (end - t1, max(stage_peak[0], rss() - stage_peak[1])))
 
 
 def main() -> None:

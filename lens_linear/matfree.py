@@ -29,6 +29,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
+from lens_linear.jacobian import chunk_rows
 from lens_linear.hooks.operating_point import analysis_mode, biases_zeroed, linears_skipped
 
 if TYPE_CHECKING:
@@ -152,8 +153,8 @@ def matrix_free_svd(lcache: "LinearCache", hook: str | None = None, pos: int | N
 
     Stops once every triplet's residual is below ``tol`` (relative to its singular value),
     then measures the residuals with one more product each way. ``block`` vectors enter
-    each step (default ``k``); they are multiplied ``chunk`` at a time (default: one on CPU,
-    where that is leaner and about as fast, the whole block on an accelerator)."""
+    each step (default ``k``); they are multiplied ``chunk`` at a time (default: as many as
+    ``lcache.max_memory`` holds: the whole block for short prompts, one vector at 512 tokens)."""
     hook, pos = lcache._resolve(hook, pos)
     n, d_in = lcache.x.shape
     cols = slice(None) if position == "all" else normalize_position(position, n, "position")
@@ -166,8 +167,10 @@ def matrix_free_svd(lcache: "LinearCache", hook: str | None = None, pos: int | N
     if block < 1 or (chunk is not None and chunk < 1):
         raise ValueError(f"block ({block}) and chunk ({chunk}) must be at least 1")
 
-    if chunk is None:  # measured at 512 tokens on 2 CPU cores, blocks of 3: one vector at a time
-        chunk = 1 if lcache.x.device.type == "cpu" else block  # 59.6 s / 789 MB, all three 55.3 s / 1159 MB
+    if chunk is None:  # as many vectors as lcache.max_memory holds. Each costs ~3 backward rows of
+        # resident memory (at 512 tokens on SmolLM2, 185 MB more peak RSS per vector; one vector at
+        # a time 59.6 s / 789 MB, three 55.3 s / 1159 MB); short prompts take the whole block at once
+        chunk = chunk_rows(block, 3 * lcache._row_bytes(), lcache.max_memory)
 
     def place(v: torch.Tensor) -> torch.Tensor:  # [width, b] → inputs [b, n, d_in]
         x = torch.zeros(v.shape[1], n, d_in, dtype=dtype, device=v.device)
