@@ -57,7 +57,7 @@ class MatrixFreeSVD:
 def _project_out(x: torch.Tensor, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` minus its part in the span of orthonormal ``blocks``, twice over (one pass loses
     orthogonality); returns the remainder and the coefficients removed. The basis stays a
-    list of blocks: concatenating it every step would copy all of it (85 MB at 512 tokens)."""
+    list of blocks: concatenating it every step would copy all of it (tens of MB at 512 tokens)."""
     x, coef = x.clone(), x.new_zeros(sum(b.shape[1] for b in blocks), x.shape[1])
     for _ in range(2):
         c = torch.cat([b.to(x.dtype).T @ x for b in blocks]) if blocks else coef
