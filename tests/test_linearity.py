@@ -123,6 +123,7 @@ def test_unfrozen_nonlinearity_names_its_layer(tiny):
 
 def test_model_is_returned_as_it_was(tiny):
     tiny.train()
+    frozen_by_user = next(tiny.parameters()).requires_grad_(False)  # Jacobians unfreeze nothing
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     flags = {n: p.requires_grad for n, p in tiny.named_parameters()}
     with ll.detached(tiny):
@@ -139,9 +140,10 @@ def test_model_is_returned_as_it_was(tiny):
 
     with pytest.raises(RuntimeError, match="boom inside forward"):
         ll.run_with_linear_cache(tiny, PROMPT, fwd_hooks=[("blocks.1.hook_resid_pre", explode)])
-    ll.run_with_linear_cache(tiny, PROMPT)
+    ll.run_with_linear_cache(tiny, PROMPT).svd_matrix_free(k=2)  # analysis_mode freezes, then restores
     assert not hooks_left(tiny)
     assert tiny.training and all(m.training for m in tiny.modules())
     assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
-    assert flags == {n: p.requires_grad for n, p in tiny.named_parameters()}
+    assert flags == {n: p.requires_grad for n, p in tiny.named_parameters()} and not frozen_by_user.requires_grad
+    frozen_by_user.requires_grad_(True)
     tiny.eval()
