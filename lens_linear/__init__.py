@@ -20,7 +20,7 @@ from lens_linear.hooks import OperatingPoint, detach_hooks, detached
 from lens_linear.models import load_model
 from lens_linear.tiny import tiny_architectures, tiny_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["AttentionCircuits", "LinearCache", "LinearizationError", "ModelUnavailableError", "OperatingPoint",
            "detach_hooks", "detached", "induction_heads", "load_model", "run_with_linear_cache", "tiny_architectures",
            "tiny_model"]

@@ -39,6 +39,30 @@ def require_tl_model(model: Any) -> None:
         )
 
 
+def hook_name(model: Any, key: str | tuple) -> str:
+    """A full hook name from a name or an ``ActivationCache`` shorthand: ``"resid_post", 3``,
+    ``("scale", 2, "ln1")``, ``"embed"`` (``transformer_lens.utils.get_act_name``); negative
+    layers count from the end. Raises naming close matches when nothing fits."""
+    try:
+        from transformer_lens.utilities import get_act_name  # TransformerLens 4
+    except ImportError:
+        from transformer_lens.utils import get_act_name  # TransformerLens 3
+
+    hook_dict = model.hook_dict
+    if isinstance(key, str) and key in hook_dict:
+        return key
+    if isinstance(key, tuple):
+        if len(key) > 1 and isinstance(key[1], int) and not isinstance(key[1], bool):
+            key = (key[0], normalize_index(key[1], model.cfg.n_layers), *key[2:])
+        name = get_act_name(*key)
+    elif isinstance(key, str):
+        name = get_act_name(key)
+    else:
+        raise TypeError(f"a hook is a name or an ActivationCache shorthand like ('resid_post', 3), got {key!r}")
+    require_hook(model, name)
+    return name
+
+
 def require_hook(model: Any, *names: str) -> None:
     """Every name must be a hook point (``hook_dict`` is read once: a TL 3.9 bridge rebuilds
     its aliases on every access)."""

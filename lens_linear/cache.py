@@ -1,28 +1,45 @@
-"""LinearCache: detached Jacobians of one input, next to the ordinary ActivationCache."""
+"""LinearCache: detached Jacobians of one input, next to the ordinary ActivationCache.
+
+A thin façade: the operating point (:mod:`lens_linear.hooks`) holds the frozen map, the
+engines (:mod:`lens_linear.jacobian`, :mod:`lens_linear.matfree`) compute, and
+:mod:`lens_linear.decode` and :mod:`lens_linear.attention` read results. The cache keys
+Jacobians and keeps the vocabulary of every signature:
+
+* ``hook`` — the output hook (default: the final-normed residual, the unembedding's input);
+  a full name or an ``ActivationCache`` shorthand such as ``("resid_post", 3)``;
+* ``pos`` — the output position (default: the cache's own, ``lcache.pos``);
+* ``input_hook`` / ``input_pos`` — where the input variable sits (default: the embeddings,
+  ``blocks.0.hook_resid_pre``) and which input position (or ``"all"`` side by side);
+* ``detached`` — the frozen map's Jacobian (``True``) or the ordinary one (``False``);
+* ``n_triplets`` — singular triplets; ``n_tokens`` — tokens shown per vector.
+
+Every Jacobian is ``[pos_in, d_out, d_in]`` and acts on column vectors: ``y = Σ_i J[i] @ x_i + c``.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from transformer_lens import FactoredMatrix
 
 from lens_linear import decode
+from lens_linear._validation import (LinearizationError, hook_name, normalize_index, normalize_position,
+                                     relative_error, require_hook, require_tl_model, tolerance)
 from lens_linear.attention import AttentionCircuits
-from lens_linear._validation import (LinearizationError, normalize_index, normalize_position, relative_error,
-                                     require_hook, require_tl_model, tolerance)
 from lens_linear.decode import Direction, SVDResult
-from lens_linear.hooks.operating_point import (INPUT_HOOK, Hook, OperatingPoint, biases_zeroed, block_outputs,
-                                               analysis_mode, hooks_on, linears_skipped, output_hook)
+from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
+                                               block_outputs, linears_skipped, output_hook)
+from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, layer_of
-from lens_linear.jacobian import DEFAULT_MEMORY, batched_vjp_jacobian, chunk_rows, forward_jacobians
-
-if TYPE_CHECKING:
-    from lens_linear.matfree import MatrixFreeSVD
+from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
+from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
+from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.tokens import to_tokens, token_strings
 
 
 @dataclass(frozen=True)
@@ -32,45 +49,17 @@ class Prediction:
     prob: float
 
 
-def to_tokens(model: Any, input: str | torch.Tensor, prepend_bos: bool | None = None,
-              max_len: int | None = None) -> Int[torch.Tensor, "1 pos"]:
-    """One sequence as ``[1, pos]`` token ids (cut to ``max_len``); rejects empty or batched input."""
-    if isinstance(input, str):
-        if not input.strip():
-            raise ValueError("empty prompt: give at least one token of text")
-        if model.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids as a tensor instead of text")
-        tokens = model.to_tokens(input, prepend_bos=prepend_bos, truncate=False)
-    elif isinstance(input, torch.Tensor):
-        tokens = input.unsqueeze(0) if input.ndim == 1 else input
-        if tokens.ndim != 2 or tokens.shape[0] != 1:
-            raise ValueError(f"expected one sequence of token ids [pos] or [1, pos], got shape {tuple(input.shape)}; "
-                             f"a linearization is for one input, so loop over a batch")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"token ids must be an integer tensor, got {tokens.dtype}")
-    else:
-        raise TypeError(f"input must be a string or a tensor of token ids, got {type(input).__name__}")
-    tokens = tokens[:, :max_len]
-    if tokens.shape[-1] == 0:
-        raise ValueError("empty prompt: give at least one token")
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if n_ctx and tokens.shape[-1] > n_ctx:
-        raise ValueError(f"prompt has {tokens.shape[-1]} tokens, more than the model's context of {n_ctx}"
-                         + ("; pass max_len to cut prompts" if max_len is None else ""))
-    return tokens.to(model.cfg.device if getattr(model.cfg, "device", None) else tokens.device)
-
-
 RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-FORWARD_PASS_COST = 1.8  # forward token-layer pass vs backward row, measured (see LinearCache.jacobians)
+HookKey = str | tuple  # a hook name or an ActivationCache shorthand
 
 
 class LinearCache:
     """Detached Jacobians of one input sequence, computed lazily and memoized.
 
-    ``lcache[hook_name]`` is the Jacobian ``[pos_in, d_out, d_in]`` of that activation at the
+    ``lcache[hook]`` is the Jacobian ``[pos_in, d_out, d_in]`` of that activation at the
     cache's output position ``pos`` with respect to the input variable
-    (``blocks.0.hook_resid_pre`` at every position). The default hook is the final-normed
-    residual (the unembedding's input). The ordinary ``ActivationCache``, the operating
+    (``blocks.0.hook_resid_pre`` at every position); ``hook`` may be an ``ActivationCache``
+    shorthand (``lcache["resid_post", 3]``). The ordinary ``ActivationCache``, the operating
     point, tokens and logits are kept alongside.
     """
 
@@ -80,13 +69,13 @@ class LinearCache:
         self.point = point
         self.tokens = point.tokens
         self.logits: Float[torch.Tensor, "pos d_vocab"] = logits[0]
-        self._activations = activations
+        self._recorded = activations
         self._complete = complete
         self.pos = pos
         self.output = output_hook(model)
         self.max_memory = max_memory
         self.progress = progress
-        self._jacobians: dict[tuple[str, int, bool], torch.Tensor] = {}
+        self._jacobians: dict[tuple[str, int, bool, str], torch.Tensor] = {}
 
     # ---- basic facts -------------------------------------------------------------------
     @property
@@ -95,9 +84,7 @@ class LinearCache:
 
     @property
     def str_tokens(self) -> list[str]:
-        if self.model.tokenizer is None:
-            return [str(int(t)) for t in self.tokens[0]]
-        return [self.model.tokenizer.decode([int(t)]) for t in self.tokens[0]]
+        return token_strings(self.model, self.tokens[0])
 
     @property
     def x(self) -> Float[torch.Tensor, "pos d_model"]:
@@ -106,191 +93,149 @@ class LinearCache:
 
     @property
     def activations(self) -> Any:
-        """The ``ActivationCache`` of the recorded forward pass (with the coefficients frozen,
-        which leaves every value unchanged). Unless a ``names_filter`` was given, it is
-        filled on first use by running the same recording again: a Jacobian alone never
-        pays for caching every hook."""
-        if not self._complete:
-            with analysis_mode(self.model), torch.no_grad(), hooks_on(self.model, self.point.hooks("record")):
-                _, self._activations = self.model.run_with_cache(self.tokens)
-            self._complete = True
-        return self._activations
+        """The ``ActivationCache`` of the recorded forward pass (coefficients frozen, which
+        leaves every value unchanged): the hooks ``names_filter`` kept, or, without one, every
+        hook, filled on first use by running the recording again (a Jacobian alone never pays
+        for caching every hook)."""
+        return self._recorded if self._complete else self.point.activations
 
-    def activation(self, hook: str | None = None, pos: int | None = None) -> torch.Tensor:
-        """The recorded activation at ``hook`` and position (flattened trailing dims)."""
+    def activation(self, hook: HookKey | None = None, *, pos: int | None = None) -> torch.Tensor:
+        """The recorded activation at ``hook`` and output position (trailing dims flattened)."""
         hook, pos = self._resolve(hook, pos)
-        cache = self._activations if hook in self._activations else self.activations
+        cache = self._recorded if hook in self._recorded else self.point.activations
         return cache[hook][0, pos].reshape(-1)
 
-    def top_predictions(self, k: int = 5, pos: int | None = None) -> list[Prediction]:
-        """The ``k`` most likely next tokens at ``pos`` with their probabilities."""
+    def top_predictions(self, n_tokens: int = 5, *, pos: int | None = None) -> list[Prediction]:
+        """The ``n_tokens`` most likely next tokens at ``pos`` with their probabilities."""
         _, pos = self._resolve(None, pos)
-        probs = self.logits[pos].double().softmax(-1)
-        top = probs.topk(k)
-        decode = (lambda i: self.model.tokenizer.decode([i])) if self.model.tokenizer else str
-        return [Prediction(decode(int(i)), int(i), float(p)) for p, i in zip(top.values, top.indices)]
+        top = self.logits[pos].double().softmax(-1).topk(n_tokens)
+        names = token_strings(self.model, top.indices)
+        return [Prediction(t, int(i), float(p)) for t, p, i in zip(names, top.values, top.indices)]
 
     # ---- Jacobians ---------------------------------------------------------------------
-    def _resolve(self, hook: str | None, pos: int | None) -> tuple[str, int]:
-        hook = hook or self.output
-        require_hook(self.model, hook)
+    def _resolve(self, hook: HookKey | None, pos: int | None) -> tuple[str, int]:
+        hook = self.output if hook is None else hook_name(self.model, hook)
         return hook, normalize_position(self.pos if pos is None else pos, self.n_pos)
 
     def _row_bytes(self) -> int:
-        """Bytes one backward row (or one forward direction) keeps alive, roughly."""
-        cfg = self.model.cfg
-        width = 8 * cfg.d_model + 4 * (cfg.d_mlp or 4 * cfg.d_model) + 4 * cfg.n_heads * self.n_pos
-        return self.x.element_size() * self.n_pos * width
+        """Bytes one backward row (or one forward direction) keeps alive."""
+        return sequence_bytes(self.model.cfg, self.n_pos, self.x.dtype)
 
-    def jacobian(self, hook: str | None = None, pos: int | None = None,
-                 source: str | None = None) -> Float[torch.Tensor, "pos_in d_out d_in"]:
-        """Detached Jacobian of ``hook`` at ``pos`` w.r.t. the input at every position.
+    def jacobian(self, hook: HookKey | None = None, *, pos: int | None = None, input_hook: HookKey | None = None,
+                 detached: bool = True) -> Float[torch.Tensor, "pos_in d_out d_in"]:
+        """Jacobian of ``hook`` at output position ``pos`` w.r.t. the input at every position.
 
-        ``source`` (default: the input embeddings, ``blocks.0.hook_resid_pre``) may be any
+        ``detached`` (default): the frozen map's Jacobian J⁺, which reconstructs the
+        activation; ``False``: the ordinary Jacobian (nothing frozen), for comparison.
+        ``input_hook`` (default: the input embeddings, ``blocks.0.hook_resid_pre``) may be any
         earlier hook, e.g. ``blocks.3.hook_resid_pre``: the Jacobian is then that of the frozen
-        map from there on. One replay forward, then chunked batched VJPs; memoized.
+        map from there on. One forward, then chunked batched VJPs; memoized.
         """
-        return self._jacobian(hook, pos, plain=False, source=source)
-
-    def __getitem__(self, hook: str) -> Float[torch.Tensor, "pos_in d_out d_in"]:
-        return self.jacobian(hook)
-
-    def plain_jacobian(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "pos_in d_out d_in"]:
-        """The ordinary Jacobian (nothing frozen), for comparison: it does not reconstruct."""
-        return self._jacobian(hook, pos, plain=True)
-
-    def _source_value(self, source: str) -> torch.Tensor:
-        return self.x if source == INPUT_HOOK else self.activations[source][0]
-
-    def _jacobian(self, hook: str | None, pos: int | None, plain: bool, source: str | None = None) -> torch.Tensor:
         hook, pos = self._resolve(hook, pos)
-        source = source or INPUT_HOOK
-        require_hook(self.model, source)
-        key = (hook, pos, plain, source)
+        input_hook = INPUT_HOOK if input_hook is None else hook_name(self.model, input_hook)
+        key = (hook, pos, detached, input_hook)
         if key not in self._jacobians:
-            if plain:
-                fn = self._plain_fn(hook, pos)
-            else:
-                fn = lambda x: self.point.replay(x, [hook], source, at=pos)[hook][0].reshape(-1)  # noqa: E731
-            x = self._source_value(source).detach().clone().requires_grad_(True)
+            x = (self.x if input_hook == INPUT_HOOK else self.activations[input_hook][0]).detach().clone()
+            x.requires_grad_(True)
             with analysis_mode(self.model), torch.enable_grad():
-                y = fn(x)
-                chunk = chunk_rows(y.numel(), self._row_bytes(), self.max_memory)
+                if detached:
+                    y = self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook]
+                else:
+                    y = run_to(self.model, self.tokens, self.point.fwd_hooks, inject=(input_hook, x[None]),
+                               capture=[hook], pos=pos)[hook]
+                y = y[0].reshape(-1)
+                chunk = chunk_size(y.numel(), self._row_bytes(), self.max_memory)
                 self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
         return self._jacobians[key]
 
-    def jacobians(self, hooks: Sequence[str] | None = None, pos: int | None = None,
+    def __getitem__(self, hook: HookKey) -> Float[torch.Tensor, "pos_in d_out d_in"]:
+        return self.jacobian(hook)
+
+    def is_computed(self, hook: HookKey | None = None, *, pos: int | None = None, detached: bool = True) -> bool:
+        """Whether that Jacobian (from the input embeddings) is already in the cache."""
+        hook, pos = self._resolve(hook, pos)
+        return (hook, pos, detached, INPUT_HOOK) in self._jacobians
+
+    def jacobians(self, hooks: Sequence[HookKey] | None = None, *, pos: int | None = None,
                   method: str = "auto") -> dict[str, Float[torch.Tensor, "pos_in d_out d_in"]]:
         """Detached Jacobians of many hooks at once (default: every ``hook_resid_post``).
 
-        Two engines, counted in token-layer passes (n positions, output at ``pos``):
-
-        * ``"reverse"``: one batched-VJP Jacobian per hook, each row a backward through the
-          hook's depth over all positions: ``n · Σ_hooks depth · d_out`` (layers² · n · d for
-          every layer's residual).
-        * ``"forward"``: one replay per input direction, every hook read off the same pass; a
-          direction at position ``i`` runs on positions ``i..`` only:
-          ``d_in · Σ_{i≤pos} (n − i) · depth_max`` (layers · n² · d / 2).
-
-        ``"auto"`` takes the cheaper, weighting a forward pass ×1.8 (measured: per token-layer
-        a batched forward ran at 17k/s and a batched backward row at 30k/s on 2 CPU cores):
+        Two engines (see :func:`lens_linear.jacobian.cheaper_engine` for their counted cost):
+        ``"reverse"``, one batched-VJP Jacobian per hook, and ``"forward"``, one replay per
+        input direction with every hook read off the same pass. ``"auto"`` takes the cheaper:
         forward for short prompts and many layers, reverse for long prompts, and reverse
         whenever user hooks are on (they may index absolute positions).
         """
-        hooks = list(hooks or block_outputs(self.model))
         pos = self._resolve(None, pos)[1]
-        for hook in hooks:
-            self._resolve(hook, pos)
-        todo = [h for h in hooks if (h, pos, False, INPUT_HOOK) not in self._jacobians]
+        hooks = [self._resolve(h, pos)[0] for h in (hooks or block_outputs(self.model))]
+        todo = [h for h in hooks if (h, pos, True, INPUT_HOOK) not in self._jacobians]
         if method not in ("auto", "forward", "reverse"):
             raise ValueError(f"method must be 'auto', 'forward' or 'reverse', got {method!r}")
+        n, d_in = self.x.shape
         if todo and method == "auto":
-            method = "reverse" if self.point.fwd_hooks else self._cheaper(todo, pos)
+            depths = {h: layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers for h in todo}
+            widths = {h: self._width(h, pos) for h in todo}
+            method = "reverse" if self.point.fwd_hooks else cheaper_engine(depths, widths, n, d_in, pos)
         if todo and method == "forward":
             def apply(start: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
-                out = self.point.replay(x, todo, start=start, at=pos - start)
+                out = self.point.replay(x, todo, start_pos=start, pos=pos - start)
                 return {h: v.reshape(x.shape[0], -1) for h, v in out.items()}
 
             # balanced batches of at most 160 directions: measured on SmolLM2 at 8 tokens,
             # 144 per batch took 39 s / 472 MB, 256 per batch 37 s / 812 MB
-            d_in = self.x.shape[-1]
             cap = math.ceil(d_in / math.ceil(d_in / 160))
-            chunk = chunk_rows(d_in, self._row_bytes() // 2, self.max_memory, cap=cap)
+            chunk = chunk_size(d_in, self._row_bytes() // 2, self.max_memory, cap=cap)
             with analysis_mode(self.model):
                 dead = self.point.dead_linears(todo)
             with analysis_mode(self.model), biases_zeroed(self.model), linears_skipped(dead):
-                found = forward_jacobians(apply, *self.x.shape, pos, chunk, self.x, self.progress)
+                found = forward_jacobians(apply, n, d_in, pos, chunk, self.x, self.progress)
             for h, jac in found.items():
-                self._jacobians[(h, pos, False, INPUT_HOOK)] = jac
-        return {h: self.jacobian(h, pos) for h in hooks}
+                self._jacobians[(h, pos, True, INPUT_HOOK)] = jac
+        return {h: self.jacobian(h, pos=pos) for h in hooks}
 
     def _width(self, hook: str, pos: int) -> int:
         """Output size of a hook, without filling the full activation cache for it."""
         if hook == self.output or hook.rsplit(".", 1)[-1] in RESIDUAL_WIDTH_HOOKS:
             return self.model.cfg.d_model
-        return self.activation(hook, pos).numel()
+        return self.activation(hook, pos=pos).numel()
 
-    def _cheaper(self, hooks: Sequence[str], pos: int) -> str:
-        """Pick the engine by counted token-layer passes (see :meth:`jacobians`)."""
-        n, d_in = self.x.shape
-        depth = {h: (layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers) for h in hooks}
-        reverse = sum(depth[h] * self._width(h, pos) for h in hooks) * n
-        suffixes = sum(n - i for i in range(pos + 1))
-        forward = FORWARD_PASS_COST * d_in * suffixes * max(depth.values())
-        return "forward" if forward < reverse else "reverse"
-
-    def layerwise_jacobian(self, layer: int, pos: int | None = None,
+    def layerwise_jacobian(self, layer: int, *, pos: int | None = None,
                            cumulative: bool = False) -> Float[torch.Tensor, "pos_in d_model d_model"]:
         """The map of block ``layer`` from its input residual stream (every position) to its
         output at ``pos``; with ``cumulative``, the map from the input embeddings up to it."""
         layer = normalize_index(layer, self.model.cfg.n_layers)
         out = f"blocks.{layer}.hook_resid_post"
-        return self.jacobian(out, pos, source=None if cumulative else f"blocks.{layer}.hook_resid_pre")
-
-    def _plain_fn(self, hook: str, pos: int):
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            out: dict[str, torch.Tensor] = {}
-            hooks: list[Hook] = [(INPUT_HOOK, lambda v, hook: x.unsqueeze(0).to(v.dtype)),
-                                 (hook, lambda v, hook: out.__setitem__("y", v))]
-            with hooks_on(self.model, self.point.fwd_hooks + hooks):
-                self.model(self.tokens)
-            return out["y"][0, pos].reshape(-1)
-        return fn
+        return self.jacobian(out, pos=pos, input_hook=None if cumulative else f"blocks.{layer}.hook_resid_pre")
 
     # ---- decomposition -----------------------------------------------------------------
-    def bias_term_at(self, hook: str | None = None, pos: int | None = None) -> Float[torch.Tensor, "d_out"]:
-        """``F(0)``: the biases' total contribution to ``hook`` at ``pos``."""
+    def bias_term(self, hook: HookKey | None = None, *, pos: int | None = None) -> Float[torch.Tensor, "d_out"]:
+        """``F(0)``: the biases' total contribution to ``hook`` at ``pos`` (zero for bias-free models)."""
         hook, pos = self._resolve(hook, pos)
-        return self.point.bias_term([hook])[hook][pos].reshape(-1)
+        return self.point.bias_term(hook)[pos].reshape(-1)
 
-    @property
-    def bias_term(self) -> Float[torch.Tensor, "d_out"]:
-        """The biases' contribution to the default output (zero for bias-free models)."""
-        return self.bias_term_at()
-
-    def bias_contributions(self, hook: str | None = None, pos: int | None = None) -> dict[str, torch.Tensor]:
+    def bias_contributions(self, hook: HookKey | None = None, *, pos: int | None = None) -> dict[str, torch.Tensor]:
         """``bias_term`` split exactly into one vector per bias parameter (plus ``"(other)"``)."""
         hook, pos = self._resolve(hook, pos)
         return {k: v[pos].reshape(-1) for k, v in self.point.bias_contributions(hook).items()}
 
-    def contributions(self, hook: str | None = None, pos: int | None = None,
+    def contributions(self, hook: HookKey | None = None, *, pos: int | None = None,
                       by: str = "position") -> Float[torch.Tensor, "pos_in d_out"] | dict[str, torch.Tensor]:
         """Exact additive parts of the activation at ``hook[pos]``; with the bias term they sum to it.
 
         ``by="position"``: ``J_i x_i`` per input position, ``[pos_in, d_out]`` (add
-        :meth:`bias_term_at`). ``by="component"``: for a residual-stream hook or the output,
+        :meth:`bias_term`). ``by="component"``: for a residual-stream hook or the output,
         ``{"embed", "blocks.L.attn", "blocks.L.mlp", ..., "bias"}``: each component's own output
         at ``pos`` (the direct path), carried through the frozen final norm for the output;
         ``"bias"`` is what the final norm adds.
         """
         if by == "position":
-            return torch.einsum("pod,pd->po", self._jacobian(hook, pos, False), self.x)
+            return torch.einsum("pod,pd->po", self.jacobian(hook, pos=pos), self.x)
         if by != "component":
             raise ValueError(f"by must be 'position' or 'component', got {by!r}")
         hook, pos = self._resolve(hook, pos)
         n_layers = self.model.cfg.n_layers
         if hook == self.output:
-            upto, lens = n_layers, self._readout(f"blocks.{n_layers - 1}.hook_resid_post", pos)
+            upto, lens = n_layers, self.final_norm_map(pos=pos)
         elif layer_of(hook) is not None and hook.rsplit(".", 1)[-1] in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
             upto, lens = layer_of(hook) + (hook.endswith("post")), None
         else:
@@ -304,7 +249,7 @@ class LinearCache:
             names.append((f"blocks.{upto}.attn", f"blocks.{upto}.hook_attn_out"))
         parts = {label: self.activations[name][0, pos] for label, name in names}
         resid = sum(parts.values())
-        target = self.activation(f"blocks.{n_layers - 1}.hook_resid_post" if lens is not None else hook, pos)
+        target = self.activation(f"blocks.{n_layers - 1}.hook_resid_post" if lens is not None else hook, pos=pos)
         if relative_error(resid, target) > 10 * tolerance(self.x.dtype):
             raise ValueError(f"the residual stream of {self.model.cfg.model_name} is not the sum of "
                              f"hook_embed/hook_attn_out/hook_mlp_out (relative error "
@@ -312,19 +257,28 @@ class LinearCache:
         if lens is None:
             return {**parts, "bias": torch.zeros_like(resid)}
         out = {label: lens @ v for label, v in parts.items()}
-        out["bias"] = self.activation(hook, pos) - lens @ target
+        out["bias"] = self.activation(hook, pos=pos) - lens @ target
         return out
 
-    def reconstruction(self, hook: str | None = None, pos: int | None = None, plain: bool = False) -> torch.Tensor:
-        """``Σ_i J_i x_i + bias_term`` (with the plain Jacobian if ``plain``)."""
-        jac = self._jacobian(hook, pos, plain)
-        return torch.einsum("pod,pd->o", jac, self.x) + self.bias_term_at(hook, pos)
+    def final_norm_map(self, *, pos: int | None = None) -> Float[torch.Tensor, "d_model d_model"]:
+        """The frozen final norm at ``pos`` as a Jacobian (last residual stream → output), to
+        read an intermediate residual the way the output is read (a logit lens on the frozen map)."""
+        _, pos = self._resolve(None, pos)
+        final_resid = f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
+        return self.jacobian(self.output, pos=pos, input_hook=final_resid)[pos]
 
-    def reconstruction_error(self, hook: str | None = None, pos: int | None = None, plain: bool = False) -> float:
-        """``std(reconstruction − y) / std(y)``: ~1e-7 detached in float32, O(1) plain."""
-        return relative_error(self.reconstruction(hook, pos, plain), self.activation(hook, pos))
+    def reconstruction(self, hook: HookKey | None = None, *, pos: int | None = None,
+                       detached: bool = True) -> torch.Tensor:
+        """``Σ_i J_i x_i + bias_term`` (with the ordinary Jacobian if not ``detached``)."""
+        jac = self.jacobian(hook, pos=pos, detached=detached)
+        return torch.einsum("pod,pd->o", jac, self.x) + self.bias_term(hook, pos=pos)
 
-    def check(self, hook: str | None = None, pos: int | None = None) -> float:
+    def reconstruction_error(self, hook: HookKey | None = None, *, pos: int | None = None,
+                             detached: bool = True) -> float:
+        """``std(reconstruction − y) / std(y)``: ~1e-7 detached in float32, O(1) otherwise."""
+        return relative_error(self.reconstruction(hook, pos=pos, detached=detached), self.activation(hook, pos=pos))
+
+    def check(self, hook: HookKey | None = None, *, pos: int | None = None) -> float:
         """Raise :class:`LinearizationError` unless every frozen coefficient provably reaches
         the output and the reconstruction is exact for the dtype; returns the error."""
         ignored = self.point.ignored_sites()
@@ -336,7 +290,7 @@ class LinearCache:
                 f"hook_pattern after the attention has used it on some architectures), so "
                 f"freezing it there is silently ignored. Ignored: {', '.join(ignored[:6])}"
                 f"{' ...' if len(ignored) > 6 else ''}.", layer=layer)
-        err = self.reconstruction_error(hook, pos)
+        err = self.reconstruction_error(hook, pos=pos)
         tol = tolerance(self.x.dtype)
         if not err <= tol:
             layer, layer_err = self.point.locate_break(tol)
@@ -350,117 +304,104 @@ class LinearCache:
         return err
 
     # ---- SVD, decoding, dimensionality ------------------------------------------------
-    def svd_matrix_free(self, hook: str | None = None, pos: int | None = None, position: int | str = "all",
-                        k: int = 3, **kwargs: Any) -> "MatrixFreeSVD":
-        """Top-``k`` singular triplets from replay products only (no Jacobian is formed):
-        see :func:`lens_linear.matfree.matrix_free_svd`."""
-        from lens_linear.matfree import matrix_free_svd
-
-        return matrix_free_svd(self, hook, pos, position, k, **kwargs)
-
-    @functools.cached_property
-    def attention(self) -> AttentionCircuits:
-        """Attention circuits at this operating point: frozen patterns, per-head OV/QK
-        ``FactoredMatrix`` circuits, token-to-token Jacobians and their QK term."""
-        return AttentionCircuits(self)
-
-    def attention_jacobian(self, layer: int, query_pos: int, key_pos: int, head: int | None = None,
-                           include_norm: bool = False) -> FactoredMatrix:
-        """``Σ_h A[h, q, k] W_V^h W_O^h``: see :meth:`AttentionCircuits.jacobian`."""
-        return self.attention.jacobian(layer, query_pos, key_pos, head, include_norm)
-
-    def svd(self, hook: str | None = None, position: int | str = "all", k: int | None = None,
-            pos: int | None = None) -> SVDResult:
-        """SVD of the Jacobian of ``hook`` at output ``pos``: for one input ``position``, or
-        for all input positions side by side (``"all"``). ``k`` triplets (default 10)."""
+    def svd(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all",
+            n_triplets: int | None = None) -> SVDResult:
+        """SVD of the Jacobian of ``hook`` at output position ``pos``: for one ``input_pos``, or
+        all input positions side by side (``"all"``). ``n_triplets`` (default 10); unpacks as
+        ``U, S, V``."""
         hook, pos = self._resolve(hook, pos)
-        jac = self.jacobian(hook, pos)
-        if position != "all":
-            position = normalize_position(position, self.n_pos, "position")
-        return decode.svd(jac, hook, position, k, self.activation(hook, pos))
+        return decode.svd(self.jacobian(hook, pos=pos), hook, input_pos, n_triplets, self.activation(hook, pos=pos))
 
-    def _readout(self, hook: str, pos: int) -> torch.Tensor | None:
-        """The frozen final norm's linear map at ``pos`` (``[d_model, d_model]``), to read an
-        intermediate residual the way the output is read (a logit lens on the frozen map)."""
-        if hook == self.output:
-            return None
-        final_resid = f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
-        return self.jacobian(self.output, pos, source=final_resid)[pos]
-
-    def decode(self, hook: str | None = None, position: int | str = "all", k: int = 3, n: int = 5,
-               readout: bool = True, pos: int | None = None) -> list[Direction]:
-        """The top ``k`` singular triplets as tokens: left vectors through the unembedding
-        (after the frozen final norm when ``readout`` and ``hook`` is an intermediate residual),
-        right vectors as the nearest input-token embeddings."""
+    def svd_matrix_free(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all",
+                        n_triplets: int = 3, **kwargs: Any) -> MatrixFreeSVD:
+        """Top ``n_triplets`` of the same SVD from replay products only (no Jacobian is formed):
+        see :func:`lens_linear.matfree.matrix_free_svd` for ``tol``, ``block``, ``chunk``."""
         hook, pos = self._resolve(hook, pos)
-        result = self.svd(hook, position, k, pos)
+        kwargs = {"max_memory": self.max_memory, "progress": self.progress, **kwargs}
+        return matrix_free_svd(self.point, hook, pos=pos, input_pos=input_pos, n_triplets=n_triplets, **kwargs)
+
+    def decode(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all",
+               n_triplets: int = 3, n_tokens: int = 5, readout: bool = True) -> list[Direction]:
+        """The top singular triplets as tokens: left vectors through the unembedding (after the
+        frozen final norm when ``readout`` and ``hook`` is an intermediate residual), right
+        vectors as the nearest input-token embeddings."""
+        hook, pos = self._resolve(hook, pos)
+        result = self.svd(hook, pos=pos, input_pos=input_pos, n_triplets=n_triplets)
         decode.check_output_space(self.model, result.U.shape[0], hook)
-        lens = self._readout(hook, pos) if readout else None
+        lens = self.final_norm_map(pos=pos) if readout and hook != self.output else None
         out = []
         for j in range(result.S.shape[0]):
             u = result.U[:, j] if lens is None else lens @ result.U[:, j]
             # all positions: read the right vector at the input position where it is largest
-            where = position if position != "all" else int(result.V[:, :, j].norm(dim=-1).argmax())
-            v = result.V[0 if position != "all" else where, :, j]
-            out.append(Direction(j, float(result.S[j]), decode.output_tokens(self.model, u, n),
-                                 decode.input_tokens(self.model, v, n), where))
+            where = (normalize_position(input_pos, self.n_pos, "input_pos") if input_pos != "all"
+                     else int(result.V[:, :, j].norm(dim=-1).argmax()))
+            v = result.V[0 if input_pos != "all" else where, :, j]
+            out.append(Direction(j, float(result.S[j]), decode.output_tokens(self.model, u, n_tokens),
+                                 decode.input_tokens(self.model, v, n_tokens), where))
         return out
 
-    def top_rows(self, position: int, hook: str | None = None, n_rows: int = 3, n: int = 5,
-                 pos: int | None = None) -> list[Direction]:
-        """Rows of largest norm of input ``position``'s Jacobian: the input features that
-        the most strongly driven output units select for, as nearest input tokens."""
-        hook, pos = self._resolve(hook, pos)
-        jac = self.jacobian(hook, pos)[normalize_position(position, self.n_pos, "position")]
+    def top_rows(self, hook: HookKey | None = None, *, input_pos: int, pos: int | None = None, n_rows: int = 3,
+                 n_tokens: int = 5) -> list[Direction]:
+        """Rows of largest norm of ``input_pos``'s Jacobian block: the input features that the
+        most strongly driven output units select for, as nearest input tokens."""
+        jac = decode.flatten(self.jacobian(hook, pos=pos), input_pos)
         norms = jac.norm(dim=1)
         idx = norms.topk(min(n_rows, len(norms))).indices
-        return [Direction(int(i), float(norms[i]), None, decode.input_tokens(self.model, jac[i], n)) for i in idx]
+        return [Direction(int(i), float(norms[i]), None, decode.input_tokens(self.model, jac[i], n_tokens))
+                for i in idx]
 
-    def top_columns(self, position: int, hook: str | None = None, n_cols: int = 3, n: int = 5,
-                    pos: int | None = None) -> list[Direction]:
-        """Columns of largest norm of input ``position``'s Jacobian, read through the unembedding."""
+    def top_columns(self, hook: HookKey | None = None, *, input_pos: int, pos: int | None = None, n_cols: int = 3,
+                    n_tokens: int = 5) -> list[Direction]:
+        """Columns of largest norm of ``input_pos``'s Jacobian block, read through the unembedding."""
         hook, pos = self._resolve(hook, pos)
-        jac = self.jacobian(hook, pos)[normalize_position(position, self.n_pos, "position")]
+        jac = decode.flatten(self.jacobian(hook, pos=pos), input_pos)
         decode.check_output_space(self.model, jac.shape[0], hook)
         norms = jac.norm(dim=0)
         idx = norms.topk(min(n_cols, len(norms))).indices
-        return [Direction(int(i), float(norms[i]), decode.output_tokens(self.model, jac[:, i], n), None) for i in idx]
+        return [Direction(int(i), float(norms[i]), decode.output_tokens(self.model, jac[:, i], n_tokens), None)
+                for i in idx]
 
-    def _gram(self, hook: str | None, position: int | str, pos: int | None) -> Float[torch.Tensor, "d_out d_out"]:
-        """``J Jᵀ`` in float64: its top eigenpairs are the top singular pairs (``σ² , u``),
-        from a ``d_out × d_out`` matrix instead of an SVD of the wide ``d_out × pos·d_in`` one."""
-        jac = self.jacobian(hook, pos)
-        mat = (jac.permute(1, 0, 2).reshape(jac.shape[1], -1) if position == "all"
-               else jac[normalize_position(position, self.n_pos, "position")]).double()
-        return mat @ mat.T
-
-    def stable_rank(self, hook: str | None = None, position: int | str = "all", pos: int | None = None) -> float:
+    def stable_rank(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all") -> float:
         """``‖J‖_F² / ‖J‖_2²`` of the Jacobian (one input position or all side by side)."""
-        gram = self._gram(hook, position, pos)
-        return float(gram.trace() / torch.linalg.eigvalsh(gram)[-1])
+        return decode.gram_stable_rank(self.jacobian(hook, pos=pos), input_pos)
 
-    def spectra(self, hooks: Sequence[str], position: int | str = "all",
-                pos: int | None = None) -> dict[str, torch.Tensor]:
+    def spectra(self, hooks: Sequence[HookKey], *, pos: int | None = None,
+                input_pos: int | str = "all") -> dict[str, torch.Tensor]:
         """Normalized singular value spectra (``S / S[0]``) of several hooks' Jacobians,
         computed together (e.g. every layer's ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_post``)."""
-        self.jacobians(hooks, pos)
-        return {h: (lambda s: s / s[0])(self.svd(h, position, 1, pos).spectrum) for h in hooks}
+        jacs = self.jacobians(hooks, pos=pos)
+        return {h: (lambda s: s / s[0])(self.svd(h, pos=pos, input_pos=input_pos, n_triplets=1).spectrum)
+                for h in jacs}
 
-    def alignment(self, hooks: Sequence[str] | None = None, reference: str | None = None, k: int = 3,
-                  pos: int | None = None) -> Float[torch.Tensor, "n_hooks k"]:
-        """``|⟨u_j(hook), u_j(reference)⟩|`` for the top ``k`` left singular vectors of each
-        hook's all-positions Jacobian against the reference's (default: the last layer's
-        residual): how early the final layer's leading directions appear (paper fig. 6B)."""
+    def alignment(self, hooks: Sequence[HookKey] | None = None, *, reference: HookKey | None = None,
+                  n_triplets: int = 3, pos: int | None = None) -> Float[torch.Tensor, "n_hooks n_triplets"]:
+        """``|⟨u_j(hook), u_j(reference)⟩|`` for the top left singular vectors of each hook's
+        all-positions Jacobian against the reference's (default: the last hook): how early the
+        final layer's leading directions appear (paper fig. 6B)."""
         hooks = list(hooks or block_outputs(self.model))
-        reference = reference or hooks[-1]
-        self.jacobians([*hooks, reference], pos)
-        top = lambda h: torch.linalg.eigh(self._gram(h, "all", pos)).eigenvectors[:, -k:].flip(-1)  # noqa: E731
-        ref = top(reference)
-        return torch.stack([(top(h) * ref).sum(0).abs() for h in hooks]).to(self.x.dtype)
+        reference = reference if reference is not None else hooks[-1]
+        jacs = self.jacobians([*hooks, reference], pos=pos)
+        names = list(jacs)
+        ref = decode.top_left_vectors(jacs[names[-1]], n_triplets)
+        return torch.stack([(decode.top_left_vectors(jacs[h], n_triplets) * ref).sum(0).abs()
+                            for h in names[:len(hooks)]]).to(self.x.dtype)
+
+    # ---- attention ----------------------------------------------------------------------
+    @functools.cached_property
+    def attention(self) -> AttentionCircuits:
+        """Attention circuits at this operating point: frozen patterns, per-head OV/QK
+        circuits (row convention), token-to-token Jacobians and their QK term (column convention)."""
+        return AttentionCircuits(self.point, self.max_memory)
+
+    def attention_jacobian(self, layer: int, query_pos: int, key_pos: int, *, head: int | None = None,
+                           include_norm: bool = False) -> FactoredMatrix:
+        """``∂ attn_out[query_pos] / ∂ x[key_pos]`` with the pattern frozen, a column-convention
+        ``FactoredMatrix``: see :meth:`AttentionCircuits.jacobian`."""
+        return self.attention.jacobian(layer, query_pos, key_pos, head=head, include_norm=include_norm)
 
     def _repr_html_(self) -> str:
         """Notebook summary: prediction, reconstruction errors, token contributions."""
-        from lens_linear.render import summary_html
+        from lens_linear.render import summary_html  # plotly and circuitsvis load only when shown
 
         return summary_html(self)
 
@@ -474,6 +415,7 @@ class LinearCache:
 def run_with_linear_cache(
     model: Any,
     input: str | torch.Tensor,
+    *,
     pos: int = -1,
     parts: Sequence[str] = PARTS,
     fwd_hooks: Sequence[Hook] = (),
@@ -490,12 +432,13 @@ def run_with_linear_cache(
         input: a prompt or one sequence of token ids.
         pos: the output position the Jacobians describe (negative counts from the end).
         parts: which nonlinearities to freeze (``"norm"``, ``"attn"``, ``"mlp"``).
-        fwd_hooks: your own hooks, active in the recording and in every replay.
+        fwd_hooks: your own hooks ``[(name or name filter, fn)]`` as in ``run_with_hooks``,
+            active in the recording and in every replay.
         check: compute the final output's Jacobian now and raise
             :class:`LinearizationError` unless it reconstructs the output exactly.
-        names_filter: which activations the ``ActivationCache`` keeps (as ``run_with_cache``);
-            by default all of them, recorded on first access to ``lcache.activations``.
-        max_memory: bytes of backward intermediates per batched-VJP chunk.
+        names_filter: which activations ``lcache.activations`` keeps (a name, a list or a
+            callable, as in ``run_with_cache``); by default all of them, recorded on first access.
+        max_memory: bytes of intermediates per chunk of batched products.
         progress: show progress bars (notebook-aware) while Jacobians are computed.
 
     Example:
@@ -523,5 +466,5 @@ def _with_output(names_filter: Any, output: str) -> Any:
     if isinstance(names_filter, str):
         names_filter = [names_filter]
     if callable(names_filter):
-        return lambda name: name == output or names_filter(name)
+        return lambda name: name == output or bool(names_filter(name))
     return list({*names_filter, output})

@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", default="smollm2", help="'smollm2' (offline default) or a TransformerLens model name")
     a.add_argument("--backend", default="auto", choices=["auto", "bridge", "hooked"])
     a.add_argument("--pos", type=int, default=-1, help="output position (default: last)")
-    a.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    a.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16 or float16")
     a.add_argument("--no-layers", dest="layers", action="store_false",
                    help="skip the per-layer table (it needs every layer's Jacobian)")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -37,21 +37,22 @@ def analyze(args: argparse.Namespace) -> dict:
     model = load_model(args.model, backend=args.backend, dtype=dtype)
     t1 = time.perf_counter()
     lcache = run_with_linear_cache(model, args.prompt, pos=args.pos, progress=not args.json)
+    lcache.jacobian(detached=False)
     t2 = time.perf_counter()
     contrib = lcache.contributions().norm(dim=-1)
     per_token = []
     for i, tok in enumerate(lcache.str_tokens):
-        top = lcache.decode(position=i, k=1, n=3)[0]
-        per_token.append({"token": tok, "sigma": top.value, "stable_rank": lcache.stable_rank(position=i),
+        top = lcache.decode(input_pos=i, n_triplets=1, n_tokens=3)[0]
+        per_token.append({"token": tok, "sigma": top.value, "stable_rank": lcache.stable_rank(input_pos=i),
                           "U": top.output.tokens, "V": top.input.tokens})
     layers = []
     if args.layers:
         hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
         lcache.jacobians(hooks)
         for layer, hook in enumerate(hooks):
-            top = lcache.decode(hook, k=1, n=3)[0]
+            top = lcache.decode(hook, n_triplets=1, n_tokens=3)[0]
             layers.append({"layer": layer, "sigma": top.value, "stable_rank": lcache.stable_rank(hook),
-                           "U": top.output.tokens, "V": top.input.tokens, "V_position": top.input_position})
+                           "U": top.output.tokens, "V": top.input.tokens, "V_input_pos": top.input_pos})
     if args.report:
         from lens_linear.render import report
 
@@ -65,8 +66,8 @@ def analyze(args: argparse.Namespace) -> dict:
         "pos": lcache.pos,
         "top": [{"token": p.token, "prob": p.prob} for p in lcache.top_predictions(5)],
         "reconstruction_error": {"detached": lcache.reconstruction_error(),
-                                 "plain": lcache.reconstruction_error(plain=True)},
-        "bias_term_norm": float(lcache.bias_term.norm()),
+                                 "ordinary": lcache.reconstruction_error(detached=False)},
+        "bias_term_norm": float(lcache.bias_term().norm()),
         "contribution_norms": [float(c) for c in contrib],
         "per_token": per_token,
         "layers": layers,
@@ -85,7 +86,7 @@ def _print_text(r: dict) -> None:
     e = r["reconstruction_error"]
     print("\nreconstruction error  std(Σ J_i x_i + bias − y) / std(y)")
     print(f"  detached Jacobian   {e['detached']:.2e}")
-    print(f"  plain Jacobian      {e['plain']:.2e}")
+    print(f"  ordinary Jacobian   {e['ordinary']:.2e}")
     print(f"  bias term norm      {r['bias_term_norm']:.3g}")
     print("\ncontribution ‖J_i x_i‖ per input token")
     top = max(r["contribution_norms"]) or 1.0
@@ -100,7 +101,7 @@ def _print_text(r: dict) -> None:
         print("U read through the frozen final norm and the unembedding")
         print(f"  {'layer':>5} {'σ1':>7} {'s.rank':>6}  {'U (output)':<36} V (input, at token)")
         for l in r["layers"]:
-            where = r["tokens"][l["V_position"]]
+            where = r["tokens"][l["V_input_pos"]]
             print(f"  {l['layer']:>5} {l['sigma']:7.3g} {l['stable_rank']:6.2f}  {_toks(l['U']):<36} "
                   f"{_toks(l['V'])}  @{where!r}")
     if r["report"]:

@@ -22,18 +22,15 @@ return a lower singular value with a small residual in its place (see the tests)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Iterator
 
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
-from lens_linear.jacobian import chunk_rows
-from lens_linear.hooks.operating_point import analysis_mode, biases_zeroed, linears_skipped
-
-if TYPE_CHECKING:
-    from lens_linear.cache import LinearCache
+from lens_linear.hooks.operating_point import OperatingPoint, analysis_mode, biases_zeroed, linears_skipped
+from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,6 +44,10 @@ class MatrixFreeSVD:
     products: int  # vectors multiplied by J or Jᵀ in all, the final residual check included
     converged: bool  # every measured residual <= tol
     residuals: Float[torch.Tensor, "k"]  # measured: √(‖J v − s u‖² + ‖Jᵀ u − s v‖²) / s
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """``U, S, V = result``, as with ``torch.svd``."""
+        return iter((self.U, self.S, self.V))
 
     def __repr__(self) -> str:
         state = "converged" if self.converged else "NOT converged"
@@ -78,7 +79,7 @@ def _next_block(blocks: list[torch.Tensor], x: torch.Tensor, floor: float,
     q, r = torch.linalg.qr(rest)
     lost = r.diagonal().abs() <= floor
     for i in torch.nonzero(lost).flatten().tolist():
-        fresh = torch.randn(x.shape[0], 1, generator=gen, dtype=x.dtype).to(x.device)
+        fresh = torch.randn(x.shape[0], 1, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
         fresh, _ = _project_out(fresh, blocks + [q[:, ~lost]])
         q[:, i:i + 1], r[i], lost[i] = fresh / fresh.norm(), 0, False
     return q, coef, r
@@ -103,18 +104,22 @@ class _Blocks(list):
 
 
 def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: int, block: int, tol: float,
-                        max_iter: int, dtype: torch.dtype, seed: int = 0, progress: bool = False):
+                        max_iter: int, dtype: torch.dtype, seed: int = 0, progress: bool = False,
+                        device: torch.device | str = "cpu"):
     """Top-``k`` triplets of ``J`` (``d_out × width``) given ``jv: [width, b] → [d_out, b]`` and
     ``jtu: [d_out, b] → [width, b]`` on float64 tensors, computed in ``dtype``. Inner products
     and projections run in float64 whatever the products' precision: in float32, sums over
     300k-long vectors (512 tokens × d_model) lose ~1e-4 and with it the residual estimates.
+    Every tensor lives on ``device`` (the products'); the random start comes from a seeded
+    CPU generator, so every device starts from the same vectors.
     Returns ``(U, S, V, steps, products)`` in float64."""
     eps = torch.finfo(dtype).eps
     p = block
-    gen = torch.Generator().manual_seed(seed)
-    U = [torch.linalg.qr(torch.randn(d_out, p, generator=gen, dtype=torch.float64)).Q]  # start on the small side
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.randn(d_out, p, generator=gen, dtype=torch.float64, device="cpu").to(device)
+    U = [torch.linalg.qr(start).Q]  # start on the small side
     V = _Blocks((width, p), dtype)
-    B = torch.zeros(p, 0, dtype=torch.float64)  # [U]ᵀ J [V] = B (block lower bidiagonal)
+    B = torch.zeros(p, 0, dtype=torch.float64, device=device)  # [U]ᵀ J [V] = B (block lower bidiagonal)
     steps = min(max_iter, min(d_out, width) // p - 1)  # U gets one block more than V
     products, step, scale = 0, 0, 0.0
     bar = tqdm(total=steps, desc="Lanczos SVD", disable=not progress, leave=False)
@@ -145,42 +150,43 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
     return combine(U, ub), s[:k], combine(V, vbt.T), step, products
 
 
-def matrix_free_svd(lcache: "LinearCache", hook: str | None = None, pos: int | None = None,
-                    position: int | str = "all", k: int = 3, tol: float = 1e-4, block: int | None = None,
-                    max_iter: int = 200, seed: int = 0, chunk: int | None = None) -> MatrixFreeSVD:
-    """Top-``k`` SVD of the detached Jacobian of ``hook`` at output ``pos`` w.r.t. the input at
-    ``position`` (or all positions side by side), from replay products only.
+def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: int | str = "all",
+                    n_triplets: int = 3, tol: float = 1e-4, block: int | None = None, max_iter: int = 200,
+                    seed: int = 0, chunk: int | None = None, max_memory: int = DEFAULT_MEMORY,
+                    progress: bool = False) -> MatrixFreeSVD:
+    """Top ``n_triplets`` SVD of the detached Jacobian of ``hook`` at output position ``pos``
+    w.r.t. the input at ``input_pos`` (or all positions side by side), from replay products only.
 
     Stops once every triplet's residual is below ``tol`` (relative to its singular value),
     then measures the residuals with one more product each way. ``block`` vectors enter
-    each step (default ``k``); they are multiplied ``chunk`` at a time (default: as many as
-    ``lcache.max_memory`` holds: the whole block for short prompts, one vector at 512 tokens)."""
-    hook, pos = lcache._resolve(hook, pos)
-    n, d_in = lcache.x.shape
-    cols = slice(None) if position == "all" else normalize_position(position, n, "position")
-    width = (n if position == "all" else 1) * d_in
-    d_out = lcache._width(hook, pos)
-    model, point, dtype = lcache.model, lcache.point, lcache.x.dtype
-    if not 1 <= k <= min(width, d_out):
-        raise ValueError(f"k={k} must be between 1 and the Jacobian's rank bound {min(width, d_out)}")
-    block = min(block or k, d_out, width)
-    if block < 1 or (chunk is not None and chunk < 1):
+    each step (default ``n_triplets``); they are multiplied ``chunk`` at a time (default: as
+    many as ``max_memory`` holds: the whole block for short prompts, one vector at 512 tokens)."""
+    model, x_star = point.model, point.x_star
+    n, d_in = x_star.shape
+    k = n_triplets
+    cols = slice(None) if input_pos == "all" else normalize_position(input_pos, n, "input_pos")
+    width = (n if input_pos == "all" else 1) * d_in
+    dtype, device = x_star.dtype, x_star.device
+    if chunk is None:  # as many vectors as max_memory holds. Each costs ~3 backward rows of resident
+        # memory (at 512 tokens on SmolLM2, 185 MB more peak RSS per vector; one vector at a time
+        # 59.6 s / 789 MB, three 55.3 s / 1159 MB); short prompts take the whole block at once
+        chunk = chunk_size(block or k, 3 * sequence_bytes(model.cfg, n, dtype), max_memory)
+    if (block is not None and block < 1) or chunk < 1:
         raise ValueError(f"block ({block}) and chunk ({chunk}) must be at least 1")
-
-    if chunk is None:  # as many vectors as lcache.max_memory holds. Each costs ~3 backward rows of
-        # resident memory (at 512 tokens on SmolLM2, 185 MB more peak RSS per vector; one vector at
-        # a time 59.6 s / 789 MB, three 55.3 s / 1159 MB); short prompts take the whole block at once
-        chunk = chunk_rows(block, 3 * lcache._row_bytes(), lcache.max_memory)
 
     def place(v: torch.Tensor) -> torch.Tensor:  # [width, b] → inputs [b, n, d_in]
         x = torch.zeros(v.shape[1], n, d_in, dtype=dtype, device=v.device)
-        x[:, cols] = v.T.reshape(v.shape[1], -1, d_in) if position == "all" else v.T
+        x[:, cols] = v.T.reshape(v.shape[1], -1, d_in) if input_pos == "all" else v.T
         return x
 
     with analysis_mode(model), biases_zeroed(model), torch.enable_grad():
-        x = torch.zeros(n, d_in, dtype=dtype, requires_grad=True)
+        x = torch.zeros(n, d_in, dtype=dtype, device=device, requires_grad=True)
         with linears_skipped(point.dead_linears([hook])):  # q, k: no scores graph to build and drop
-            y = point.replay(x, [hook], at=pos)[hook][0].reshape(-1)
+            y = point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
+        d_out = y.numel()
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(width, d_out):
+            raise ValueError(f"n_triplets={k} must be between 1 and the Jacobian's rank bound {min(width, d_out)}")
+        block = min(block or k, d_out, width)
         # Jᵀ w for a symbolic w: linear in w, so its gradient w.r.t. w along v is J v. This
         # graph holds the frozen map's linear ops alone: no scores or softmax are recomputed
         # (a replay forward would compute them and then discard them for the frozen pattern)
@@ -196,9 +202,8 @@ def matrix_free_svd(lcache: "LinearCache", hook: str | None = None, pos: int | N
                                                   is_grads_batched=True)[0][:, cols].reshape(part.shape[1], -1)
                               for part in u.split(chunk, 1)]).T.double()
 
-        u, s, v, steps, products = golub_kahan_lanczos(
-            jv, jtu, d_out, width, k, block, tol, max_iter, dtype, seed,
-            lcache.progress)
+        u, s, v, steps, products = golub_kahan_lanczos(jv, jtu, d_out, width, k, block, tol, max_iter, dtype, seed,
+                                                       progress, device)
         residuals = ((jv(v) - u * s).norm(dim=0) ** 2 + (jtu(u) - v * s).norm(dim=0) ** 2).sqrt() / s.clamp_min(1e-300)
     return MatrixFreeSVD(u.to(dtype), s.to(dtype), v.to(dtype), steps, products + 2 * k,
                          bool(residuals.max() <= tol), residuals.to(dtype))

@@ -3,11 +3,17 @@
 * :func:`activation_patching` — patch clean activations into the corrupted run, one sweep
   (residual stream, attention/MLP outputs, heads) as a few batched forwards: the patched runs
   of a chunk share one batch, and the layers before a chunk's first patch run once, on the
-  unpatched prompts, before the batch is expanded. ``frozen=True`` runs every patch through the
-  corrupted run's operating point instead (the frozen map: exactly affine).
+  unpatched prompts, before the batch is expanded. ``detached=True`` runs every patch through
+  the corrupted run's operating point instead (the frozen map: exactly affine).
 * :func:`predicted_patching` — the same table from one backward pass of the corrupted run:
-  with the detach hooks on it is exact for the frozen map; without them it is the plain
-  gradient (attribution patching).
+  ``detached=True`` (default) takes the gradient of the frozen map, exact for it (for a
+  metric linear in the logits); ``detached=False`` is the ordinary gradient (attribution
+  patching, as ``transformer_lens.tools.analysis.attribution_patch``).
+
+Metrics follow ``transformer_lens.patching``'s ``patching_metric``: a function of logits
+returning a scalar. Here it receives the logits at each pair's last real position,
+``[n_pairs, d_vocab]`` (only those rows are unembedded); the default is the mean logit
+difference between each pair's answer and wrong answer.
 * :func:`steer` — the paper's equation 16: a layer's activation mixed with the concept
   prompt's frozen map applied to the new prompt's embeddings, token by token.
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -24,12 +30,15 @@ from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_index, require_tl_model
 from lens_linear.hooks.detach import detach_hooks
-from lens_linear.hooks.operating_point import (OperatingPoint, _Stop, biases_zeroed, analysis_mode, input_embeddings,
-                                               run_hooks)
+from lens_linear.hooks.operating_point import (OperatingPoint, analysis_mode, biases_zeroed, input_embeddings,
+                                               output_hook)
+from lens_linear.hooks.run import Hook, forward, run_to
 from lens_linear.hooks.sites import layer_of
-from lens_linear.jacobian import DEFAULT_MEMORY
+from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 
 MAX_PATCHES = 64  # patched runs per batch at most: a memory bound, not tuned (10 s for 480 IOI patches)
+Metric = Callable[[Float[torch.Tensor, "n_pairs d_vocab"]], torch.Tensor]
 
 
 # sweep name → (hook in each block, axes of one patch)
@@ -61,43 +70,25 @@ class PromptPairs:
     mask: Bool[torch.Tensor, "n pos"]  # positions a patch may touch
     str_tokens: list[str] = field(default_factory=list)  # of the first clean prompt
 
-    def logit_diff(self, final: Float[torch.Tensor, "batch vocab"]) -> Float[torch.Tensor, "batch"]:
-        """``logit[answer] − logit[wrong]`` from the logits at each pair's last real position;
-        the batch is any number of copies of the pairs, in order."""
-        copies = final.shape[0] // len(self.answers)
+    def logit_diff(self, final: Float[torch.Tensor, "n_pairs d_vocab"]) -> Float[torch.Tensor, "n_pairs"]:
+        """``logit[answer] − logit[wrong]`` of each pair, from the logits at its last real position."""
         rows = torch.arange(final.shape[0], device=final.device)
-        return final[rows, self.answers.repeat(copies)] - final[rows, self.wrong.repeat(copies)]
+        return final[rows, self.answers] - final[rows, self.wrong]
+
+    def mean_logit_diff(self, final: Float[torch.Tensor, "n_pairs d_vocab"]) -> torch.Tensor:
+        """The default metric: the mean of :meth:`logit_diff` over pairs."""
+        return self.logit_diff(final).mean()
 
     def final_logits(self, model: Any, tokens: Int[torch.Tensor, "batch pos"],
-                     hooks: Sequence = ()) -> Float[torch.Tensor, "batch vocab"]:
-        """Logits at each pair's last real position only: the unembedding's input is taken by a
-        pre-hook that ends the forward, then only those rows are unembedded (a 50k-word
-        unembedding of every position can cost as much as the rest of a short forward)."""
-        seen: dict[str, torch.Tensor] = {}
-
-        def grab(module: Any, args: tuple) -> None:
-            seen["x"] = args[0]
-            raise _Stop
-
-        handle = model.unembed.register_forward_pre_hook(grab)
-        try:
-            run_hooks(model, tokens, hooks)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        x = seen["x"]
+                     hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "batch d_vocab"]:
+        """Logits at each pair's last real position only (the batch is any number of copies
+        of the pairs, in order): the forward stops at the unembedding's input, then only those
+        rows are unembedded (a 50k-word unembedding of every position can cost as much as
+        the rest of a short forward)."""
+        name = output_hook(model)
+        x = run_to(model, tokens, hooks, capture=[name])[name]
         rows = torch.arange(x.shape[0], device=x.device)
         return model.unembed(x[rows, self.last.repeat(x.shape[0] // len(self.last))][:, None])[:, 0]
-
-
-def single_token(model: Any, text: str) -> int:
-    ids = model.to_tokens(text, prepend_bos=False)[0]
-    if len(ids) != 1:
-        pieces = [model.tokenizer.decode([int(i)]) for i in ids]
-        raise ValueError(f"answer {text!r} is {len(ids)} tokens ({pieces}); answers must be single tokens "
-                         f"(a leading space usually makes a name one token)")
-    return int(ids[0])
 
 
 def prompt_pairs(model: Any, clean: str | Sequence[str], corrupted: str | Sequence[str],
@@ -109,9 +100,10 @@ def prompt_pairs(model: Any, clean: str | Sequence[str], corrupted: str | Sequen
     if not len(clean) == len(corrupted) == len(answers) == len(wrong) or not clean:
         raise ValueError(f"need as many clean prompts, corrupted prompts, answers and wrong answers "
                          f"(got {len(clean)}, {len(corrupted)}, {len(answers)}, {len(wrong)}), at least one")
+    device = model_device(model)
     rows_c, rows_x = [], []
     for i, (c, x) in enumerate(zip(clean, corrupted)):
-        tc, tx = model.to_tokens(c)[0], model.to_tokens(x)[0]
+        tc, tx = to_tokens(model, c)[0], to_tokens(model, x)[0]
         if len(tc) != len(tx):
             raise ValueError(f"pair {i}: the clean prompt has {len(tc)} tokens and the corrupted one {len(tx)}; "
                              f"position-wise patching needs equal lengths (choose names or words that "
@@ -121,17 +113,14 @@ def prompt_pairs(model: Any, clean: str | Sequence[str], corrupted: str | Sequen
     n_pos = max(len(t) for t in rows_c)
     pad = lambda rows: torch.stack([torch.cat([t, t.new_zeros(n_pos - len(t))]) for t in rows])  # noqa: E731
     clean_t, corrupt_t = pad(rows_c), pad(rows_x)
-    lengths = torch.tensor([len(t) for t in rows_c])
-    mask = torch.arange(n_pos)[None] < lengths[:, None]
-    special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
+    lengths = torch.tensor([len(t) for t in rows_c], device=device)
+    mask = torch.arange(n_pos, device=device)[None] < lengths[:, None]
+    special = sorted(set(getattr(model.tokenizer, "all_special_ids", []) or []))
     if special:
-        mask &= ~torch.isin(clean_t, torch.tensor(sorted(special)))
-    device = model.cfg.device
-    return PromptPairs(clean_t.to(device), corrupt_t.to(device),
-                       torch.tensor([single_token(model, a) for a in answers], device=device),
-                       torch.tensor([single_token(model, w) for w in wrong], device=device),
-                       (lengths - 1).to(device), mask.to(device),
-                       [model.tokenizer.decode([int(t)]) for t in rows_c[0]] if model.tokenizer else [])
+        mask &= ~torch.isin(clean_t, torch.tensor(special, device=device))
+    ids = lambda texts: torch.tensor([single_token(model, t) for t in texts], device=device)  # noqa: E731
+    return PromptPairs(clean_t, corrupt_t, ids(answers), ids(wrong), lengths - 1, mask,
+                       token_strings(model, rows_c[0]))
 
 
 IOI_TEMPLATE = "After {a} and {b} went to the store, {s} gave a bottle of milk to"
@@ -205,13 +194,32 @@ def _sweep(model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | N
     return hooks, patches, axes, tuple(sizes[a] for a in axes)
 
 
-def _capture(model: Any, pairs: PromptPairs, tokens: torch.Tensor, names: Sequence[str],
-             extra: Sequence = ()) -> tuple[float, dict[str, torch.Tensor]]:
-    """The mean logit difference of a run, and its activations at ``names``."""
+def _metric_per_copy(pairs: PromptPairs, metric: Metric, final: torch.Tensor) -> torch.Tensor:
+    """The metric of each copy of the pairs in a batch of final logits ``[copies · n, d_vocab]``."""
+    n = len(pairs.answers)
+    return torch.stack([torch.as_tensor(metric(final[c * n:(c + 1) * n])).reshape(()) for c in range(final.shape[0] // n)])
+
+
+def _capture(model: Any, pairs: PromptPairs, tokens: torch.Tensor, names: Sequence[str], metric: Metric,
+             extra: Sequence[Hook] = ()) -> tuple[float, dict[str, torch.Tensor]]:
+    """The metric of a run, and its activations at ``names``."""
     acts: dict[str, torch.Tensor] = {}
     hooks = list(extra) + [(n, lambda v, hook, n=n: acts.__setitem__(n, v.detach().clone())) for n in names]
     with torch.no_grad():
-        return float(pairs.logit_diff(pairs.final_logits(model, tokens, hooks)).mean()), acts
+        return float(metric(pairs.final_logits(model, tokens, hooks))), acts
+
+
+def _normalized(raw: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:
+    return (raw - corrupted) / (clean - corrupted)
+
+
+def _check_gap(clean: float, corrupted: float) -> None:
+    """Normalized patching divides by ``clean − corrupted``: refuse a metric that does not
+    separate the runs (before any patched run)."""
+    if not abs(clean - corrupted) > 1e-6 * max(1.0, abs(clean), abs(corrupted)):
+        raise ValueError(f"the metric is {clean:.6g} on the clean run and {corrupted:.6g} on the corrupted run: "
+                         f"with no gap between them the normalized table is undefined. Choose answers (or a "
+                         f"metric) that the clean and corrupted prompts separate.")
 
 
 def _region(pairs: PromptPairs, patch: tuple[int, int | None, int | None], like: torch.Tensor) -> torch.Tensor:
@@ -228,28 +236,28 @@ def _region(pairs: PromptPairs, patch: tuple[int, int | None, int | None], like:
     return region
 
 
-def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", scale: float = 1.0,
-                        frozen: bool = False, layers: Sequence[int] | None = None,
+def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", *, metric: Metric | None = None,
+                        scale: float = 1.0, detached: bool = False, layers: Sequence[int] | None = None,
                         max_memory: int = DEFAULT_MEMORY, progress: bool = True) -> PatchingResult:
     """Patch ``corrupted + scale · (clean − corrupted)`` at every (layer, position / head) of a
-    sweep into the corrupted run and read the logit difference.
+    sweep into the corrupted run and read the metric (default: mean logit difference).
 
-    ``frozen=True`` keeps the corrupted run's norm scales, patterns and gates (replay of its
-    operating point), which makes the metric exactly affine in the patch: the ground truth
+    ``detached=True`` keeps the corrupted run's norm scales, patterns and gates (replay of its
+    operating point), which makes the logits exactly affine in the patch: the ground truth
     that :func:`predicted_patching` reproduces. ``layers`` sweeps only those blocks (the
     table's rows, in that order). Chunks of patched runs share one batch, sized to ``max_memory``.
     """
     require_tl_model(model)
+    metric = metric or pairs.mean_logit_diff
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     n = len(pairs.answers)
     with analysis_mode(model):
-        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks)
-        base = OperatingPoint.record(model, pairs.corrupted)[0].hooks("replay") if frozen else []
-        corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, base)
-        # a patched run's largest intermediates: about 8 MLP-wide activations per position
-        width = max(model.cfg.d_model, getattr(model.cfg, "d_mlp", None) or 4 * model.cfg.d_model)
-        per_patch = n * pairs.clean.shape[1] * width * model.cfg.dtype.itemsize * 8
-        chunk = max(1, min(len(patches), MAX_PATCHES, max_memory // per_patch))
+        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
+        base = OperatingPoint.record(model, pairs.corrupted)[0].hooks("replay") if detached else []
+        corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, metric, base)
+        _check_gap(clean_m, corrupt_m)
+        per_patch = sequence_bytes(model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n)
+        chunk = chunk_size(len(patches), per_patch, max_memory, cap=MAX_PATCHES)
         raw = []
         grow = True
         for start in tqdm(range(0, len(patches), chunk), desc=f"patching {sweep}", disable=not progress, leave=False):
@@ -279,22 +287,25 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
                     grow = False  # a model whose masks keep the first batch size: full batches from here
                     final = pairs.final_logits(model, pairs.corrupted.repeat(len(todo), 1),
                                                base + [(h, partial(patch, name=h, grow=False)) for h in names])
-            raw.append(pairs.logit_diff(final).reshape(len(todo), n).mean(-1))
-    raw_t = torch.cat(raw).reshape(shape)
-    return PatchingResult(sweep, (raw_t - corrupt_m) / (clean_m - corrupt_m), raw_t, clean_m, corrupt_m, axes,
+            raw.append(_metric_per_copy(pairs, metric, final))
+    raw_t = torch.cat(raw).reshape(shape).double().cpu()
+    return PatchingResult(sweep, _normalized(raw_t, clean_m, corrupt_m), raw_t, clean_m, corrupt_m, axes,
                           pairs.str_tokens, [layer_of(h) for h in hooks])
 
 
-def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", scale: float = 1.0,
-                       detached: bool = True, layers: Sequence[int] | None = None) -> PatchingResult:
+def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", *, metric: Metric | None = None,
+                       scale: float = 1.0, detached: bool = True,
+                       layers: Sequence[int] | None = None) -> PatchingResult:
     """The patching table of :func:`activation_patching` from one forward and one backward
     pass of the corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
 
     ``detached=True`` takes the gradient with the detach hooks on: the corrupted run's frozen
-    map is affine, so this equals ``activation_patching(..., frozen=True)`` exactly.
-    ``detached=False`` is the plain gradient (attribution patching), a first-order estimate.
+    map is affine, so for a metric linear in the logits (the default) this equals
+    ``activation_patching(..., detached=True)`` exactly. ``detached=False`` is the ordinary
+    gradient (attribution patching), a first-order estimate of real patching.
     """
     require_tl_model(model)
+    metric = metric or pairs.mean_logit_diff
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     leaves: dict[str, torch.Tensor] = {}
     corrupt_acts: dict[str, torch.Tensor] = {}
@@ -305,21 +316,22 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
         return value + leaves[name]
 
     with analysis_mode(model):
-        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks)
+        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
         freeze = detach_hooks(model) if detached else []
         with torch.enable_grad():
             final = pairs.final_logits(model, pairs.corrupted, freeze + [(h, partial(attach, name=h)) for h in hooks])
-            metric = pairs.logit_diff(final).mean()
-            grads = torch.autograd.grad(metric, [leaves[h] for h in hooks])
-    corrupt_m = float(metric.detach())
+            value = metric(final)
+            grads = torch.autograd.grad(value, [leaves[h] for h in hooks])
+    corrupt_m = float(value.detach())
+    _check_gap(clean_m, corrupt_m)
     table = []
     for h, g in zip(hooks, grads):
         change = (g * scale * (clean_acts[h] - corrupt_acts[h])).sum(-1)  # [n, pos(, heads)]
         change = change * (pairs.mask if change.ndim == 2 else pairs.mask[:, :, None])
         keep = {"pos": (0,), "head": (0, 1), "pos_head": (0,)}[SWEEPS[sweep][1]]
         table.append(change.sum(keep))
-    raw = corrupt_m + torch.stack(table).reshape(shape).detach()
-    return PatchingResult(sweep, (raw - corrupt_m) / (clean_m - corrupt_m), raw, clean_m, corrupt_m, axes,
+    raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
+    return PatchingResult(sweep, _normalized(raw, clean_m, corrupt_m), raw, clean_m, corrupt_m, axes,
                           pairs.str_tokens, [layer_of(h) for h in hooks])
 
 
@@ -330,7 +342,7 @@ class SteeringResult:
     first_logits: Float[torch.Tensor, "vocab"]  # next-token logits at the first step, steered
 
 
-def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5,
+def steer(model: Any, concept: str, prompt: str, *, layer: int, lam: float = 0.5,
           max_new_tokens: int = 10) -> SteeringResult:
     """Greedy generation with ``blocks.{layer}.hook_resid_post`` replaced, at every step, by
     ``lam · f(x_new) + (1 − lam) · J⁺_concept x_new`` (the seed paper's equation 16).
@@ -345,18 +357,16 @@ def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5,
     """
     require_tl_model(model)
     hook = f"blocks.{_layers(model, [layer])[0]}.hook_resid_post"
-    from lens_linear.cache import to_tokens
-
     with analysis_mode(model):
         concept_tokens = to_tokens(model, concept)
-        point = OperatingPoint.record(model, concept_tokens)[0]
+        point = OperatingPoint.record(model, concept_tokens, names_filter=[])[0]
         tokens = to_tokens(model, prompt)
         first = None
         for _ in range(max_new_tokens):
             x_new = input_embeddings(model, tokens)
             k = min(x_new.shape[0], concept_tokens.shape[1])
             with torch.no_grad(), biases_zeroed(model):
-                term = point.replay(x_new[-k:].unsqueeze(0), [hook], start=concept_tokens.shape[1] - k)[hook]
+                term = point.replay(x_new[-k:].unsqueeze(0), [hook], start_pos=concept_tokens.shape[1] - k)[hook]
 
             def mix(value: torch.Tensor, hook: Any) -> torch.Tensor:
                 value = value.clone()
@@ -364,7 +374,7 @@ def steer(model: Any, concept: str, prompt: str, layer: int, lam: float = 0.5,
                 return value
 
             with torch.no_grad():
-                logits = run_hooks(model, tokens, [(hook, mix)])[0, -1]
+                logits = forward(model, tokens, [(hook, mix)])[0, -1]
             first = logits if first is None else first
             tokens = torch.cat([tokens, logits.argmax().reshape(1, 1)], dim=1)
     new = tokens[0, -max_new_tokens:] if max_new_tokens else tokens[0, :0]

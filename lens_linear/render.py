@@ -1,9 +1,11 @@
 """Pictures of a linearized run: circuitsvis components, plotly figures, one self-contained report.
 
-Figures draw what a :class:`~lens_linear.cache.LinearCache` has already computed and say
-what to compute first otherwise (a figure never starts minutes of work behind your back);
-:func:`report` computes everything it shows. Every renderer keeps the numbers it drew in
-``.data``, so what is on screen can be checked against the cache.
+Figures draw what a :class:`~lens_linear.cache.LinearCache` (the ``lcache`` argument) has
+already computed and say what to compute first otherwise (a figure never starts minutes of
+work behind your back); :func:`report` computes everything it shows. Every renderer keeps the
+numbers it drew in ``.data``, so what is on screen can be checked against the cache. This
+module reads the cache through its public methods only (the cache imports nothing from here
+but :func:`summary_html`, lazily).
 """
 
 from __future__ import annotations
@@ -11,33 +13,28 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import circuitsvis as cv
 import plotly.graph_objects as go
 import torch
 
 from lens_linear._validation import normalize_index
-from lens_linear.hooks.operating_point import INPUT_HOOK
+from lens_linear.patching import PatchingResult
+from lens_linear.tokens import single_token
 
-if TYPE_CHECKING:
-    from lens_linear.cache import LinearCache
-    from lens_linear.patching import PatchingResult
+LinearCache = Any  # lens_linear.cache.LinearCache, which imports this module lazily
 
 
 class NotComputedError(ValueError):
     """A figure asked for something the cache has not computed; the message says how."""
 
 
-def _computed(lcache: "LinearCache", hook: str, plain: bool = False) -> bool:
-    return (hook, lcache.pos, plain, INPUT_HOOK) in lcache._jacobians
-
-
-def _need(lcache: "LinearCache", hook: str, plain: bool, todo: str) -> torch.Tensor:
-    if not _computed(lcache, hook, plain):
-        raise NotComputedError(f"this figure needs the {'plain' if plain else 'detached'} Jacobian of {hook!r} "
-                               f"at position {lcache.pos}, not computed yet: run `{todo}` first")
-    return lcache._jacobians[(hook, lcache.pos, plain, INPUT_HOOK)]
+def _need(lcache: LinearCache, hook: str, detached: bool, todo: str) -> torch.Tensor:
+    if not lcache.is_computed(hook, detached=detached):
+        raise NotComputedError(f"this figure needs the {'detached' if detached else 'ordinary'} Jacobian of "
+                               f"{hook!r} at position {lcache.pos}, not computed yet: run `{todo}` first")
+    return lcache.jacobian(hook, detached=detached)
 
 
 def layer_hooks(model: Any) -> dict[str, list[str]]:
@@ -54,7 +51,7 @@ def _with_data(rendered: Any, **data: Any) -> Any:
 
 
 # ---- circuitsvis ---------------------------------------------------------------------
-def attention_patterns(lcache: "LinearCache", layer: int) -> Any:
+def attention_patterns(lcache: LinearCache, layer: int) -> Any:
     """Every head's frozen attention pattern of ``layer`` (circuitsvis ``attention_heads``)."""
     layer = normalize_index(layer, lcache.model.cfg.n_layers)
     pattern = lcache.attention.pattern(layer)  # [heads, q, k]
@@ -64,16 +61,14 @@ def attention_patterns(lcache: "LinearCache", layer: int) -> Any:
                       tokens=lcache.str_tokens, pattern=pattern, layer=layer)
 
 
-def token_contributions(lcache: "LinearCache", token: str | int | None = None) -> Any:
+def token_contributions(lcache: LinearCache, token: str | int | None = None) -> Any:
     """Input tokens colored by their exact share of the output: ``‖J_i x_i‖``, or with
     ``token`` the signed logit ``J_i x_i · W_U[:, token]`` it adds to that next token."""
-    _need(lcache, lcache.output, False, "lcache.jacobian()")
+    _need(lcache, lcache.output, True, "lcache.jacobian()")
     parts = lcache.contributions()  # [pos, d_model]
     if token is None:
         values, label = parts.norm(dim=-1), "‖J_i x_i‖"
     else:
-        from lens_linear.patching import single_token
-
         index = token if isinstance(token, int) else single_token(lcache.model, token)
         values = parts @ lcache.model.W_U[:, index].to(parts)
         label = f"logit of {lcache.model.tokenizer.decode([index]) if lcache.model.tokenizer else index!r}"
@@ -81,13 +76,13 @@ def token_contributions(lcache: "LinearCache", token: str | int | None = None) -
                       tokens=lcache.str_tokens, values=values, label=label)
 
 
-def singular_tokens(lcache: "LinearCache", n: int = 5) -> Any:
-    """Each input token's leading singular vector of ``J_i``, decoded: the ``n`` output tokens
+def singular_tokens(lcache: LinearCache, n_tokens: int = 5) -> Any:
+    """Each input token's leading singular vector of ``J_i``, decoded: the ``n_tokens`` output tokens
     it raises most, colored by their unembedding weight (one row per input token)."""
-    _need(lcache, lcache.output, False, "lcache.jacobian()")
+    _need(lcache, lcache.output, True, "lcache.jacobian()")
     rows, shown, values = [], [], []
     for i, tok in enumerate(lcache.str_tokens):
-        top = lcache.decode(position=i, k=1, n=n)[0]
+        top = lcache.decode(input_pos=i, n_triplets=1, n_tokens=n_tokens)[0]
         rows.append({"token": tok, "sigma": top.value, "output": top.output.tokens, "scores": top.output.scores})
         shown += [f"[{tok}] ", *top.output.tokens, "\n"]
         values += [0.0, *top.output.scores, 0.0]
@@ -95,15 +90,15 @@ def singular_tokens(lcache: "LinearCache", n: int = 5) -> Any:
 
 
 # ---- plotly --------------------------------------------------------------------------
-def reconstruction_figure(lcache: "LinearCache") -> go.Figure:
-    """The output embedding against its detached and plain reconstructions (paper fig. 3)."""
-    _need(lcache, lcache.output, False, "lcache.jacobian()")
-    _need(lcache, lcache.output, True, "lcache.plain_jacobian()")
+def reconstruction_figure(lcache: LinearCache) -> go.Figure:
+    """The output embedding against its detached and ordinary reconstructions (paper fig. 3)."""
+    _need(lcache, lcache.output, True, "lcache.jacobian()")
+    _need(lcache, lcache.output, False, "lcache.jacobian(detached=False)")
     y = lcache.activation().reshape(-1).double()
     fig = go.Figure()
-    for plain, name in ((True, "plain Jacobian"), (False, "detached Jacobian")):
-        rec = lcache.reconstruction(plain=plain).double()
-        err = lcache.reconstruction_error(plain=plain)
+    for detached, name in ((False, "ordinary Jacobian"), (True, "detached Jacobian")):
+        rec = lcache.reconstruction(detached=detached).double()
+        err = lcache.reconstruction_error(detached=detached)
         fig.add_trace(go.Scattergl(x=y.tolist(), y=rec.tolist(), mode="markers", marker=dict(size=4, opacity=0.6),
                                    name=f"{name} (error {err:.1e})"))
     lo, hi = float(y.min()), float(y.max())
@@ -113,9 +108,9 @@ def reconstruction_figure(lcache: "LinearCache") -> go.Figure:
     return fig
 
 
-def spectra_figure(lcache: "LinearCache") -> go.Figure:
+def spectra_figure(lcache: LinearCache) -> go.Figure:
     """Singular values of each input token's Jacobian ``J_i`` (paper figs. 4B and 5)."""
-    jac = _need(lcache, lcache.output, False, "lcache.jacobian()")
+    jac = _need(lcache, lcache.output, True, "lcache.jacobian()")
     fig = go.Figure()
     for i, tok in enumerate(lcache.str_tokens):
         s = torch.linalg.svdvals(jac[i].double())
@@ -125,7 +120,7 @@ def spectra_figure(lcache: "LinearCache") -> go.Figure:
     return fig
 
 
-def stable_rank_figure(lcache: "LinearCache") -> go.Figure:
+def stable_rank_figure(lcache: LinearCache) -> go.Figure:
     """Stable rank of every layer's block, attention and MLP Jacobian, all input positions
     side by side (paper fig. 6C/D)."""
     groups = layer_hooks(lcache.model)
@@ -133,7 +128,7 @@ def stable_rank_figure(lcache: "LinearCache") -> go.Figure:
     fig = go.Figure()
     for label, hooks in groups.items():
         for h in hooks:
-            _need(lcache, h, False, todo)
+            _need(lcache, h, True, todo)
         ranks = [lcache.stable_rank(h) for h in hooks]
         fig.add_trace(go.Scatter(x=list(range(len(hooks))), y=ranks, mode="lines+markers", name=label))
     fig.update_layout(title="Stable rank ‖J‖²_F / ‖J‖²_2 by layer", xaxis_title="layer",
@@ -141,12 +136,12 @@ def stable_rank_figure(lcache: "LinearCache") -> go.Figure:
     return fig
 
 
-def alignment_figure(lcache: "LinearCache", k: int = 3) -> go.Figure:
-    """``|⟨u_j(layer), u_j(last layer)⟩|`` of the top ``k`` left singular vectors (paper fig. 6B)."""
+def alignment_figure(lcache: LinearCache, n_triplets: int = 3) -> go.Figure:
+    """``|⟨u_j(layer), u_j(last layer)⟩|`` of the top left singular vectors (paper fig. 6B)."""
     hooks = layer_hooks(lcache.model)["block"]
     for h in hooks:
-        _need(lcache, h, False, "lcache.jacobians()")
-    align = lcache.alignment(hooks, k=k)  # [layers, k]
+        _need(lcache, h, True, "lcache.jacobians()")
+    align = lcache.alignment(hooks, n_triplets=n_triplets)  # [layers, n_triplets]
     fig = go.Figure([go.Scatter(x=list(range(len(hooks))), y=align[:, j].tolist(), mode="lines+markers",
                                 name=f"u{j + 1}") for j in range(align.shape[1])])
     fig.update_layout(title="Projection of each layer's top singular vectors onto the last layer's",
@@ -154,7 +149,7 @@ def alignment_figure(lcache: "LinearCache", k: int = 3) -> go.Figure:
     return fig
 
 
-def patching_figure(result: "PatchingResult") -> go.Figure:
+def patching_figure(result: PatchingResult) -> go.Figure:
     """A patching table as a heat map: layer × position, or layer × head (× position: one
     panel per head is too many, so positions are summed)."""
     values = result.values
@@ -176,17 +171,17 @@ def patching_figure(result: "PatchingResult") -> go.Figure:
 
 
 # ---- notebook summary ----------------------------------------------------------------
-def summary_html(lcache: "LinearCache") -> str:
+def summary_html(lcache: LinearCache) -> str:
     """Prediction, reconstruction errors and token contributions as a small HTML block."""
     esc = html.escape
     preds = " ".join(f"<code>{esc(repr(p.token))}</code> {p.prob:.3f}" for p in lcache.top_predictions(5))
     lines = [f"<b>LinearCache</b> {esc(str(lcache.model.cfg.model_name))}, {lcache.n_pos} tokens, "
              f"output at position {lcache.pos} ({esc(repr(lcache.str_tokens[lcache.pos]))})",
              f"next token: {preds}"]
-    if _computed(lcache, lcache.output):
+    if lcache.is_computed():
         errs = f"detached {lcache.reconstruction_error():.1e}"
-        if _computed(lcache, lcache.output, plain=True):
-            errs += f", plain {lcache.reconstruction_error(plain=True):.1e}"
+        if lcache.is_computed(detached=False):
+            errs += f", ordinary {lcache.reconstruction_error(detached=False):.1e}"
         lines.append(f"reconstruction error: {errs}")
         norms = lcache.contributions().norm(dim=-1)
         top = float(norms.max()) or 1.0
@@ -205,14 +200,14 @@ def _circuitsvis_js() -> str:
     return path.read_text(encoding="utf-8").replace("</script>", "")
 
 
-def report(lcache: "LinearCache", path: str | Path, layers: bool = True,
-           patching: Sequence["PatchingResult"] = (), attention_layers: Sequence[int] | None = None) -> Path:
+def report(lcache: LinearCache, path: str | Path, layers: bool = True,
+           patching: Sequence[PatchingResult] = (), attention_layers: Sequence[int] | None = None) -> Path:
     """Write one self-contained HTML file (every script inlined: it opens with no network)
     with the figures and circuitsvis components above; computes what they need."""
     from plotly.offline import get_plotlyjs
 
     lcache.jacobian()
-    lcache.plain_jacobian()
+    lcache.jacobian(detached=False)
     figures = [reconstruction_figure(lcache), spectra_figure(lcache)]
     if layers:
         lcache.jacobians(sum(layer_hooks(lcache.model).values(), []))

@@ -18,18 +18,20 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from lens_linear._validation import require_hook, require_tl_model
-from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, _Stop, cut_positions, analysis_mode,
-                                              feeds_pattern_only, linears_skipped, output_hook, run_hooks,
-                                              site_hooks)
+from lens_linear._validation import hook_name, require_tl_model
+from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, analysis_mode, cut_positions,
+                                               feeds_pattern_only, linears_skipped, output_hook, site_hooks)
+from lens_linear.hooks.run import forward, run_to
 from lens_linear.hooks.sites import find_sites
-from lens_linear.jacobian import DEFAULT_MEMORY, chunk_rows
+from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.tokens import model_device, to_tokens
 
 
 class Welford:
     """Running mean and variance of a tensor-valued sample, entry by entry, with a mask."""
 
     def __init__(self, shape: Sequence[int], dtype: torch.dtype = torch.float64, device: Any = "cpu"):
+        """``device``: where the statistics live (the model's device lets ``all_reduce`` use NCCL)."""
         self.count = torch.zeros(tuple(shape), dtype=dtype, device=device)
         self.mean = torch.zeros_like(self.count)
         self.m2 = torch.zeros_like(self.count)
@@ -100,10 +102,10 @@ class Sensitivity:
 
     @property
     def mask(self) -> Bool[torch.Tensor, "*batch pos pos"]:
-        n = self.values.shape[-1]
+        n, device = self.values.shape[-1], self.values.device
         if self.lengths is None:
-            return torch.ones(n, n, dtype=torch.bool)
-        real = torch.arange(n)[None] < self.lengths[:, None]
+            return torch.ones(n, n, dtype=torch.bool, device=device)
+        real = torch.arange(n, device=device)[None] < self.lengths.to(device)[:, None]
         return real[:, :, None] & real[:, None, :]
 
 
@@ -113,8 +115,6 @@ def right_padded(model: Any, prompts: Sequence[str] | str | torch.Tensor,
 
     Right padding needs no attention mask: under causal attention no real token sees a later
     one, so each prompt's Jacobian blocks are those of the prompt alone."""
-    from lens_linear.cache import to_tokens
-
     require_tl_model(model)
     n_ctx = model.cfg.n_ctx
     if max_len is not None and max_len > n_ctx:
@@ -128,46 +128,37 @@ def right_padded(model: Any, prompts: Sequence[str] | str | torch.Tensor,
     rows = [to_tokens(model, p, max_len=max_len)[0] for p in prompts]
     n = max(len(r) for r in rows)
     tokens = torch.stack([torch.cat([r, r.new_zeros(n - len(r))]) for r in rows])
-    return tokens, torch.tensor([len(r) for r in rows])
+    return tokens, torch.tensor([len(r) for r in rows], device="cpu")
 
 
-def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, plain: bool = False):
+def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, detached: bool = True):
     """``x ↦`` activation of ``hook`` for a batch of prompts, each frozen at its own operating
-    point (``plain``: nothing frozen), and the inputs ``x*`` ``[batch, pos, d_model]``.
+    point (``detached=False``: nothing frozen), and the inputs ``x*`` ``[batch, pos, d_model]``.
 
     The map takes ``[m · batch, end, d_model]``: ``m`` copies of the batch (copy-major), so
     many cotangents or directions run through one graph for every prompt at once, on the
     first ``end`` positions (a prefix: under causal attention its frozen values are the full
     run's, cut). One recording serves every prefix."""
-    sites = [] if plain else find_sites(model)
+    sites = find_sites(model) if detached else []
     store: dict[str, torch.Tensor] = {}
     seen: dict[str, torch.Tensor] = {}
     grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()))
     with torch.no_grad():
-        run_hooks(model, tokens, site_hooks(model, sites, store, "record") + [grab])
+        forward(model, tokens, site_hooks(model, sites, store, "record") + [grab])
+    x_star = seen["x"]
     batch, n = tokens.shape
 
     def apply(x: Float[torch.Tensor, "mb end d_in"]) -> torch.Tensor:
-        out: dict[str, torch.Tensor] = {}
         end = x.shape[1]
-
-        def capture(value: torch.Tensor, hook: Any) -> None:
-            out["y"] = value
-            raise _Stop
-
         live, cut = sites, store
         if end < n:  # q/k norms feed only the frozen pattern: they may run live on a prefix
             live = [s for s in sites if not feeds_pattern_only(s, sites)]
             cut = {s.name: cut_positions(s, store[s.name], slice(None, end), batch, n) for s in live}
-        hooks = site_hooks(model, live, cut, "replay") + [(INPUT_HOOK, lambda v, hook: x.to(v.dtype)),
-                                                         (hook, capture)]
-        try:
-            run_hooks(model, tokens[:, :end].repeat(x.shape[0] // batch, 1), hooks)
-        except _Stop:
-            pass
-        return out["y"].reshape(x.shape[0], end, -1)
+        y = run_to(model, tokens[:, :end].repeat(x.shape[0] // batch, 1), site_hooks(model, live, cut, "replay"),
+                   inject=(INPUT_HOOK, x), capture=[hook])[hook]
+        return y.reshape(x.shape[0], end, -1)
 
-    return apply, seen["x"]
+    return apply, x_star
 
 
 def _dead_projections(model: Any, tokens: Int[torch.Tensor, "1 pos"], hook: str) -> list[torch.nn.Module]:
@@ -177,10 +168,11 @@ def _dead_projections(model: Any, tokens: Int[torch.Tensor, "1 pos"], hook: str)
     return point.dead_linears([hook])
 
 
-def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool = False,
+def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: bool = True,
                 method: str = "exact", probes: int = 16, seed: int = 0, max_len: int | None = None,
                 max_memory: int = DEFAULT_MEMORY) -> Sensitivity:
-    """Position-to-position sensitivity of ``hook`` (default: the output embedding).
+    """Position-to-position sensitivity of ``hook`` (default: the output embedding), of the
+    frozen map (``detached``, default) or of the model itself.
 
     ``prompts``: one prompt (values ``[pos, pos]``) or a list run as one right-padded batch
     (``[batch, pos, pos]``, with ``lengths``). ``"exact"``: for each output position, batched
@@ -188,6 +180,7 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool =
     that position's prefix, then squared norms.
     ``"hutchinson"``: ``probes`` Rademacher cotangents per output position,
     ``E‖vᵀ J_ij‖² = ‖J_ij‖²_F``; unbiased, with the standard error of the mean.
+    Values are float64, on the model's device.
     """
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
@@ -195,16 +188,15 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool =
         raise ValueError(f"probes must be at least 1 (2 or more for a standard error), got {probes}")
     single = isinstance(prompts, str) or (isinstance(prompts, torch.Tensor) and (prompts.ndim == 1 or prompts.shape[0] == 1))
     tokens, lengths = right_padded(model, prompts, max_len)
-    tokens = tokens.to(model.cfg.device)
-    hook = hook or output_hook(model)
-    require_hook(model, hook)
+    hook = output_hook(model) if hook is None else hook_name(model, hook)
     batch, n = tokens.shape
-    values = torch.zeros(batch, n, n, dtype=torch.float64)
+    device = tokens.device
+    values = torch.zeros(batch, n, n, dtype=torch.float64, device=device)
     stderr = torch.zeros_like(values) if method == "hutchinson" else None
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     with analysis_mode(model):
-        apply, x_star = frozen_batch_map(model, tokens, hook, plain)
-        dead = [] if plain else _dead_projections(model, tokens[:1, :int(lengths[0])], hook)
+        apply, x_star = frozen_batch_map(model, tokens, hook, detached)
+        dead = _dead_projections(model, tokens[:1, :int(lengths[0])], hook) if detached else []
         for i in range(n):
             # output i sees inputs 0..i only (causal): its graph is built on that prefix alone,
             # which halves the work of one full-length graph for every output position
@@ -213,16 +205,16 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool =
                 y = apply(x)[:, i]  # [batch, d_out]
                 d_out = y.shape[-1]
                 if method == "exact":
-                    rows = chunk_rows(d_out, batch * (i + 1) * x.shape[-1] * 4 * 8, max_memory)
-                    cots = [torch.eye(d_out, dtype=y.dtype, device=y.device)[k:k + rows, None].expand(-1, batch, -1)
+                    rows = chunk_size(d_out, sequence_bytes(model.cfg, i + 1, x.dtype, batch), max_memory)
+                    cots = [torch.eye(d_out, dtype=y.dtype, device=device)[k:k + rows, None].expand(-1, batch, -1)
                             for k in range(0, d_out, rows)]
                 else:
-                    signs = torch.randint(0, 2, (probes, batch, d_out), generator=gen).to(y.dtype) * 2 - 1
-                    cots = [signs.to(y.device)]
+                    signs = torch.randint(0, 2, (probes, batch, d_out), generator=gen, device="cpu")
+                    cots = [(signs.to(device, y.dtype) * 2 - 1)]
                 for c, cot in enumerate(cots):
                     (grad,) = torch.autograd.grad(y, x, grad_outputs=cot, retain_graph=c < len(cots) - 1,
                                                   is_grads_batched=True)
-                    est = grad.double().pow(2).sum(-1).cpu()  # [rows, batch, i + 1]
+                    est = grad.double().pow(2).sum(-1)  # [rows, batch, i + 1]
                     if method == "exact":
                         values[:, i, :i + 1] += est.sum(0)
                     else:
@@ -230,44 +222,46 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, plain: bool =
                         stderr[:, i, :i + 1] = est.std(0) / probes ** 0.5 if probes > 1 else torch.nan
     if single:
         return Sensitivity(values[0], None if stderr is None else stderr[0])
-    return Sensitivity(values, stderr, lengths)
+    return Sensitivity(values, stderr, lengths.to(device))
 
 
-def dataset_sensitivity(model: Any, prompts: Sequence[str], hook: str | None = None, plain: bool = False,
+def dataset_sensitivity(model: Any, prompts: Sequence[str], hook: str | None = None, *, detached: bool = True,
                         method: str = "exact", max_len: int = 64, batch_size: int = 16,
                         checkpoint: str | None = None, progress: bool = True, **kwargs: Any) -> Welford:
     """Welford statistics of :func:`sensitivity` over prompts, ``batch_size`` prompts per
     right-padded batch (each cut to ``max_len`` tokens; shorter prompts add only their own
     entries: padding is never counted). With ``checkpoint`` the accumulator and the number of
     prompts done are saved atomically after every batch, and a rerun resumes from there:
-    nothing is lost or counted twice."""
+    nothing is lost or counted twice. The statistics live on the model's device."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts: the data set is empty")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     right_padded(model, prompts[:1], max_len)  # bad max_len or tokens fail before any work
-    acc, done = Welford((max_len, max_len)), 0
+    device = model_device(model)
+    acc, done = Welford((max_len, max_len), device=device), 0
     if checkpoint and os.path.exists(checkpoint):
         state = torch.load(checkpoint, weights_only=True)  # tensors, strings and ints only
         if state["prompts"] != prompts or state["max_len"] != max_len:
             raise ValueError(f"{checkpoint} belongs to another run (different prompts or max_len); "
                              f"delete it or pass another path")
-        acc, done = Welford.from_state_dict(state["welford"]), state["done"]
+        acc, done = Welford.from_state_dict({k: v.to(device) for k, v in state["welford"].items()}), state["done"]
     starts = range(done, len(prompts), batch_size)
     for start in tqdm(starts, desc="sensitivity", unit="batch", disable=not progress, leave=False):
         chunk = prompts[start:start + batch_size]
-        found = sensitivity(model, chunk, hook, plain, method, max_len=max_len, **kwargs)
+        found = sensitivity(model, chunk, hook, detached=detached, method=method, max_len=max_len, **kwargs)
         n = found.values.shape[-1]
         for value, mask in zip(found.values, found.mask):
-            padded = torch.zeros(max_len, max_len, dtype=torch.float64)
+            padded = torch.zeros(max_len, max_len, dtype=torch.float64, device=device)
             padded[:n, :n] = value
-            seen = torch.zeros(max_len, max_len, dtype=torch.bool)
+            seen = torch.zeros(max_len, max_len, dtype=torch.bool, device=device)
             seen[:n, :n] = mask
             acc.update(padded, seen)
         if checkpoint:
             tmp = checkpoint + ".tmp"
-            torch.save({"welford": acc.state_dict(), "done": start + len(chunk), "prompts": prompts,
+            state = {k: v.cpu() for k, v in acc.state_dict().items()}  # loads on any machine
+            torch.save({"welford": state, "done": start + len(chunk), "prompts": prompts,
                         "max_len": max_len}, tmp)
             os.replace(tmp, checkpoint)  # atomic: a kill leaves the previous checkpoint whole
     return acc

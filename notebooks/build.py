@@ -19,8 +19,8 @@ NOTEBOOKS = {
         SETUP,
         "lcache = ll.run_with_linear_cache(model, \"The bridge out of Marin is the\")\nlcache  # prediction, "
         "reconstruction error and each token's contribution",
-        "## Reconstruction (figure 3)\nThe detached Jacobian reproduces the output embedding; the plain one is off by order one.",
-        "lcache.plain_jacobian()\nprint(f\"detached {lcache.reconstruction_error():.1e}, plain {lcache.reconstruction_error(plain=True):.2f}\")\n"
+        "## Reconstruction (figure 3)\nThe detached Jacobian reproduces the output embedding; the ordinary one is off by order one.",
+        "lcache.jacobian(detached=False)  # the ordinary Jacobian, for comparison\nprint(f\"detached {lcache.reconstruction_error():.1e}, ordinary {lcache.reconstruction_error(detached=False):.2f}\")\n"
         "render.reconstruction_figure(lcache)",
         "## Which input tokens matter\n`J_i x_i` is the exact share of input token `i`; projected on the "
         "predicted token's unembedding it is that token's share of the logit.",
@@ -49,7 +49,8 @@ NOTEBOOKS = {
         "head=top.head, include_norm=True)\nprint(fm.shape, \"copying score\", float(lcache.attention.copying_score(fm)))",
         "## What freezing the pattern leaves out\nThe full Jacobian is the OV term plus the QK term "
         "(the pattern's own response); rotary attention takes the autograd route.",
-        "ov = lcache.attention_jacobian(top.layer, q, q - S + 1).AB.T\nqk = lcache.attention.qk_term(top.layer, q, q - S + 1)\n"
+        "# Jacobians act on column vectors (J @ dx), like lcache.jacobian; circuits (ov_circuit) are TL's x @ M\n"
+        "ov = lcache.attention_jacobian(top.layer, q, q - S + 1).AB\nqk = lcache.attention.qk_term(top.layer, q, q - S + 1)\n"
         "print(f\"|OV| = {ov.norm():.3f}, |QK| = {qk.norm():.3f}\")",
     ],
     "3_ioi_patching.ipynb": [

