@@ -43,7 +43,7 @@ def main() -> None:
     for n in args.lengths:
         tokens = all_tokens[:, :n]
         t_ours, m_ours, ours = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False).jacobians(hooks))
-        engine = ll.run_with_linear_cache(model, tokens, check=False, progress=False)._cheaper(hooks, n - 1)
+        engine = ll.run_with_linear_cache(model, tokens, check=False, progress=False).engine(hooks)
         x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
 
         def loop():

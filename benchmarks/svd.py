@@ -36,7 +36,7 @@ def main() -> list[dict]:
     args = parser.parse_args()
     model = ll.load_model()
     text = " ".join([TEXT] * 64)
-    ll.run_with_linear_cache(model, model.to_tokens(text)[:, :4], check=False, progress=False).svd_matrix_free(k=3)  # warm-up
+    ll.run_with_linear_cache(model, model.to_tokens(text)[:, :4], check=False, progress=False).svd_matrix_free(n_triplets=3)  # warm-up
     print(f"{'tokens':>6} {'method':<28} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} "
           f"{'method s':>8} {'method MB':>9} {'max rel ΔS':>10} {'angle U':>8} {'angle V':>8} {'steps':>5} "
           f"{'products':>8}")
@@ -50,7 +50,7 @@ def main() -> list[dict]:
 
     for n in args.lengths:
         tokens = model.to_tokens(text)[:, :n]
-        t_ours, m_ours, mf, (ts_ours, ms_ours) = measure(lambda lc: lc.svd_matrix_free(k=3), record)
+        t_ours, m_ours, mf, (ts_ours, ms_ours) = measure(lambda lc: lc.svd_matrix_free(n_triplets=3), record)
         t_full, m_full, (u, s, v), (ts_full, ms_full) = measure(full, record)
         err = float(((mf.S - s).abs() / s).max())
         print(f"{n:>6} {'matrix-free (replay products)':<28} {t_ours:8.1f} {m_ours / 2**20:8.0f} {1:8.2f} {1:10.2f} "

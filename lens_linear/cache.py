@@ -173,9 +173,7 @@ class LinearCache:
             raise ValueError(f"method must be 'auto', 'forward' or 'reverse', got {method!r}")
         n, d_in = self.x.shape
         if todo and method == "auto":
-            depths = {h: layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers for h in todo}
-            widths = {h: self._width(h, pos) for h in todo}
-            method = "reverse" if self.point.fwd_hooks else cheaper_engine(depths, widths, n, d_in, pos)
+            method = self.engine(todo, pos=pos)
         if todo and method == "forward":
             def apply(start: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
                 out = self.point.replay(x, todo, start_pos=start, pos=pos - start)
@@ -192,6 +190,16 @@ class LinearCache:
             for h, jac in found.items():
                 self._jacobians[(h, pos, True, INPUT_HOOK)] = jac
         return {h: self.jacobian(h, pos=pos) for h in hooks}
+
+    def engine(self, hooks: Sequence[HookKey] | None = None, *, pos: int | None = None) -> str:
+        """The engine :meth:`jacobians` picks for these hooks: ``"forward"`` or ``"reverse"``."""
+        pos = self._resolve(None, pos)[1]
+        hooks = [self._resolve(h, pos)[0] for h in (hooks or block_outputs(self.model))]
+        if self.point.fwd_hooks:
+            return "reverse"
+        depths = {h: layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers for h in hooks}
+        widths = {h: self._width(h, pos) for h in hooks}
+        return cheaper_engine(depths, widths, *self.x.shape, pos)
 
     def _width(self, hook: str, pos: int) -> int:
         """Output size of a hook, without filling the full activation cache for it."""

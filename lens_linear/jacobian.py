@@ -47,6 +47,8 @@ def batched_vjp_jacobian(
     batching rule.
     """
     d_out = output.shape[0]
+    if not output.requires_grad:  # a frozen coefficient (or a value the input cannot reach)
+        return inputs.new_zeros(inputs.shape[0], d_out, *inputs.shape[1:])
     jac = inputs.new_empty(inputs.shape[0], d_out, *inputs.shape[1:])
     eye = torch.eye(d_out, dtype=output.dtype, device=output.device)
     n_chunks = math.ceil(d_out / chunk_size)

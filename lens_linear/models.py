@@ -131,7 +131,7 @@ def tl_has_hooked_transformer() -> bool:
     return True
 
 
-def _resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str) -> str:
     if backend not in ("auto", "bridge", "hooked"):
         raise ValueError(f"backend must be 'auto', 'bridge' or 'hooked', got {backend!r}")
     if backend == "hooked" and not tl_has_hooked_transformer():
@@ -174,7 +174,7 @@ def load_model(
     if not isinstance(name, str) or not name.strip():
         raise ValueError("model name must be a non-empty string, e.g. 'smollm2' or 'gpt2'")
     check_dtype(dtype, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
-    backend = _resolve_backend(backend)
+    backend = resolve_backend(backend)
     spec = DEFAULT_MODELS.get(name.lower())
     if spec is None:
         return _load_from_hub(name, backend, dtype, device)

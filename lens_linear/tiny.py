@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from lens_linear.models import _resolve_backend, wrap_bridge
+from lens_linear.models import resolve_backend, wrap_bridge
 
 VOCAB = 128
 _SIZES = dict(d_model=64, n_layers=2, n_heads=4, d_head=16, d_mlp=128, n_ctx=64)
@@ -112,7 +112,7 @@ def tiny_model(arch: str = "gpt2", backend: str = "bridge", seed: int = 0,
         seed: initialisation seed; the global RNG is left untouched.
         dtype: parameter dtype.
     """
-    backend = _resolve_backend(backend)
+    backend = resolve_backend(backend)
     table = _hf_configs() if backend == "bridge" else _hooked_configs()
     if arch not in table:
         raise ValueError(f"unknown tiny architecture {arch!r} for backend {backend!r}; "

@@ -15,17 +15,19 @@ IOI_CORRUPT = "After John and Mary went to the store, John gave a bottle of milk
 BACKENDS = ["bridge", "hooked"] if HOOKED else ["bridge"]
 
 
-def naive(model, pairs, sweep, scale=1.0):
-    """One forward per patch, written directly on the model's hooks."""
+def naive(model, pairs, sweep, scale=1.0, metric=None):
+    """One forward per patch, written directly on the model's hooks (``metric`` of full logits)."""
     leaf, kind = SWEEPS[sweep]
     _, clean = model.run_with_cache(pairs.clean)
     _, corrupt = model.run_with_cache(pairs.corrupted)
     n_layers, n_pos, n_heads = model.cfg.n_layers, pairs.clean.shape[1], model.cfg.n_heads
 
-    def metric(logits):
+    def logit_diff(logits):
         rows = torch.arange(len(pairs.answers))
         final = logits[rows, pairs.last]
         return float((final[rows, pairs.answers] - final[rows, pairs.wrong]).mean())
+
+    metric = metric or logit_diff
 
     def run(layer, pos, head):
         name = f"blocks.{layer}.{leaf}"
