@@ -32,8 +32,8 @@ from lens_linear._validation import (LinearizationError, hook_name, normalize_in
                                      relative_error, require_hook, require_tl_model, tolerance)
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
-from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
-                                               block_outputs, linears_skipped, output_hook)
+from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
+                                               block_outputs, computing_in, linears_skipped, output_hook)
 from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
@@ -49,6 +49,7 @@ class Prediction:
     prob: float
 
 
+WIDE_TOLERANCE = 1e-4  # affinity error of a half-precision model's frozen map replayed in float32
 RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 HookKey = str | tuple  # a hook name or an ActivationCache shorthand
 
@@ -298,6 +299,16 @@ class LinearCache:
                 f"hook_pattern after the attention has used it on some architectures), so "
                 f"freezing it there is silently ignored. Ignored: {', '.join(ignored[:6])}"
                 f"{' ...' if len(ignored) > 6 else ''}.", layer=layer)
+        if self.x.dtype in HALF:  # half-precision rounding (~1e-2) would hide a small nonlinearity:
+            # test the frozen map's linearity in float32, where its rounding is ~1e-7
+            with computing_in(self.model, torch.float32):
+                layer, layer_err = self.point.in_dtype(torch.float32).locate_break(WIDE_TOLERANCE)
+            if layer is not None:
+                raise LinearizationError(
+                    f"the frozen map is not linear: replayed in float32 (the model is {self.x.dtype}), "
+                    f"linearity first breaks at blocks.{layer} (affinity error {layer_err:.2e} > "
+                    f"{WIDE_TOLERANCE:.0e}). A nonlinearity is not frozen there: a user hook, or a component "
+                    f"without a freezing rule.", layer=layer, error=layer_err)
         err = self.reconstruction_error(hook, pos=pos)
         tol = tolerance(self.x.dtype)
         if not err <= tol:

@@ -94,7 +94,7 @@ def forward_jacobians(
         for i, k in tqdm(steps, desc="Jacobians (forward)", disable=not progress, leave=False):
             dims = torch.arange(k, min(k + chunk_size, d_in), device=like.device)
             x = torch.zeros(len(dims) + 1, n_pos - i, d_in, dtype=like.dtype, device=like.device)
-            x[torch.arange(len(dims)), 0, dims] = 1.0
+            x[torch.arange(len(dims), device=like.device), 0, dims] = 1.0
             for name, value in apply(i, x).items():
                 if name not in jacs:  # inputs after pos do not reach it: those stay zero
                     jacs[name] = torch.zeros(n_pos, value.shape[-1], d_in, dtype=like.dtype, device=like.device)

@@ -29,7 +29,8 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
-from lens_linear.hooks.operating_point import OperatingPoint, analysis_mode, biases_zeroed, linears_skipped
+from lens_linear.hooks.operating_point import (HALF, OperatingPoint, analysis_mode, biases_zeroed, computing_in,
+                                               linears_skipped)
 from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -93,7 +94,7 @@ class _Blocks(list):
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, per_slab: int = 8):
         super().__init__()
-        self.shape, self.dtype, self.per_slab, self.slab = shape, dtype, per_slab, torch.empty(0)
+        self.shape, self.dtype, self.per_slab, self.slab = shape, dtype, per_slab, None
 
     def add(self, block: torch.Tensor) -> torch.Tensor:
         """Store ``block``; returns it as stored (rounded to the storage precision)."""
@@ -160,7 +161,14 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     Stops once every triplet's residual is below ``tol`` (relative to its singular value),
     then measures the residuals with one more product each way. ``block`` vectors enter
     each step (default ``n_triplets``); they are multiplied ``chunk`` at a time (default: as
-    many as ``max_memory`` holds: the whole block for short prompts, one vector at 512 tokens)."""
+    many as ``max_memory`` holds: the whole block for short prompts, one vector at 512 tokens).
+    A half-precision model's frozen map is multiplied in float32 (its weights copied to float32
+    meanwhile), and the result is float32."""
+    if point.x_star.dtype in HALF:  # Lanczos needs products accurate well below 1e-2: run the frozen
+        with computing_in(point.model, torch.float32):  # map in float32 (the weights copied meanwhile)
+            return matrix_free_svd(point.in_dtype(torch.float32), hook, pos=pos, input_pos=input_pos,
+                                   n_triplets=n_triplets, tol=tol, block=block, max_iter=max_iter, seed=seed,
+                                   chunk=chunk, max_memory=max_memory, progress=progress)
     model, x_star = point.model, point.x_star
     n, d_in = x_star.shape
     k = n_triplets

@@ -188,7 +188,7 @@ def _sweep(model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | N
         raise ValueError(f"this model has no {hooks[0]} (a parallel block has no resid_mid, say)")
     sizes = {"layer": len(hooks), "pos": pairs.clean.shape[1], "head": model.cfg.n_heads}
     axes = ("layer",) + {"pos": ("pos",), "head": ("head",), "pos_head": ("pos", "head")}[kind]
-    grid = torch.cartesian_prod(*[torch.arange(sizes[a]) for a in axes]).reshape(-1, len(axes)).tolist()
+    grid = torch.cartesian_prod(*[torch.arange(sizes[a], device="cpu") for a in axes]).reshape(-1, len(axes)).tolist()
     patches = [(g[0], g[axes.index("pos")] if "pos" in axes else None, g[axes.index("head")] if "head" in axes else None)
                for g in grid]
     return hooks, patches, axes, tuple(sizes[a] for a in axes)

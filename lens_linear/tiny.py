@@ -76,12 +76,12 @@ def tiny_architectures(backend: str = "bridge") -> list[str]:
 
 def perturb_(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
     """Add noise to every bias and norm weight (every 1-D or ``b``/``b_*``/``bias`` parameter)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if p.ndim == 1 or leaf in ("b", "bias") or leaf.startswith("b_"):
-                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p))
+                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64, device="cpu").to(p))
     return module
 
 

@@ -2,8 +2,15 @@
 
 They share nothing with lens_linear's hook machinery: the detaches are placed by hand,
 so the Jacobians they give are an independent reference for J⁺.
+
+Two more, sharing no code with lens_linear either:
+
+* :func:`hf_frozen` runs any Hugging Face causal LM itself, with the coefficients detached by
+  temporary hooks chosen per kind of operation (norm modules, the softmax, MLP activations).
+* :func:`hooked_frozen` is a forward written from a HookedTransformer's weights and config.
 """
 
+import contextlib
 import math
 
 import torch
@@ -97,3 +104,188 @@ def gpt_neox(hf, x):
 
 
 FORWARDS = {"gpt2": gpt2, "llama": llama, "gpt_neox": gpt_neox}
+
+
+# ---- any Hugging Face causal LM, run itself with its coefficients detached -----------------
+
+def _rms_frozen_hook(module, args, out):
+    """RMS norm: recomputed in the input's precision (HF upcasts to float32, which for a float64
+    model is a downcast); its gain is ``weight`` or Gemma's ``1 + weight``, whichever reproduces
+    the module's own output."""
+    x = args[0]
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    inv = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    w = module.weight
+    with torch.no_grad():
+        gain = min((w, 1 + w), key=lambda g: float((x * inv * g - out).abs().max()))
+        assert torch.allclose(x * inv * gain, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown RMS form"
+    return x * (inv * gain).detach()
+
+
+def _ln_frozen_hook(module, args, out):
+    """LayerNorm: the centered input times a frozen ratio, plus the bias."""
+    x = args[0]
+    b = 0 if module.bias is None else module.bias
+    xc = x - x.mean(-1, keepdim=True)
+    return xc * ((out - b) / xc).detach() + b
+
+
+def _act_slope_at_0(act, like):
+    with torch.enable_grad():
+        z = torch.zeros((), dtype=like.dtype, requires_grad=True)
+        return torch.autograd.grad(act.forward(z), z)[0]  # .forward: not through our own hook
+
+
+def _gate_hook(module, args, out):
+    """Gated MLP (act(gate(h)) * up(h)): the whole activation output is the frozen gate."""
+    return out.detach()
+
+
+def _slope_hook(module, args, out):
+    """Plain MLP: act(pre) = pre * frozen act(pre)/pre (the slope at 0 where pre == 0)."""
+    pre = args[0]
+    ratio = torch.where(pre == 0, _act_slope_at_0(module, pre), out / pre)
+    return pre * ratio.detach()
+
+
+def _frozen_hooks(base):
+    """Forward hooks on every norm module and on every MLP's activation module."""
+    handles = []
+    for m in base.modules():
+        name = type(m).__name__
+        if "RMS" in name and "Norm" in name:
+            handles.append(m.register_forward_hook(_rms_frozen_hook))
+        elif "LayerNorm" in name:
+            handles.append(m.register_forward_hook(_ln_frozen_hook))
+        elif "Norm" in name:
+            raise NotImplementedError(f"no frozen form for norm module {name}")
+        elif "MLP" in name:
+            gated = any("gate" in n for n, _ in m.named_children())
+            acts = [c for c in m.children()  # parameter-free children: the activation (and dropout)
+                    if next(c.parameters(), None) is None and "Dropout" not in type(c).__name__]
+            assert len(acts) == 1, f"{name}: expected one activation module, got {acts}"
+            handles.append(acts[0].register_forward_hook(_gate_hook if gated else _slope_hook))
+    return handles
+
+
+@contextlib.contextmanager
+def full_precision_softmax(detach=False):
+    """Every ``F.softmax`` inside computes at no less than its input's precision (HF's eager
+    attention and TL's bridge ask for float32: an upcast for half precision, a downcast for
+    float64); with ``detach`` it returns a detached result."""
+    F, orig = torch.nn.functional, torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        if dtype is not None and torch.finfo(dtype).bits < torch.finfo(input.dtype).bits:
+            dtype = None
+        out = orig(input, dim=dim, dtype=dtype)
+        return out.detach() if detach else out
+
+    F.softmax = softmax
+    try:
+        yield
+    finally:
+        F.softmax = orig
+
+
+@contextlib.contextmanager
+def _eager_attention(hf):
+    prev = hf.config._attn_implementation
+    hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(prev)
+
+
+def hf_frozen(hf, x, frozen=True):
+    """The final-normed hidden state [pos, d_model] of a Hugging Face causal LM whose first
+    decoder layer receives ``x`` [pos, d_model] (TL's ``blocks.0.hook_resid_pre``), with norm
+    scales, attention patterns and MLP gates detached (``frozen=False``: the plain model)."""
+    base = hf.base_model
+    n = hf.config.num_hidden_layers
+    layers = next(m for m in base.children() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+
+    def inject(module, args, kwargs):
+        if args:
+            return (x[None], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x[None]}
+
+    handles = [layers[0].register_forward_pre_hook(inject, with_kwargs=True)]
+    try:
+        if frozen:
+            handles += _frozen_hooks(base)
+        with _eager_attention(hf), full_precision_softmax(detach=frozen):
+            out = base(inputs_embeds=torch.zeros_like(x)[None], use_cache=False)
+        return out.last_hidden_state[0]  # after the final norm in every family
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---- a HookedTransformer, written from its weights and config --------------------------------
+
+def _tl_norm(x, ln, cfg, center):
+    """TL's LN / RMS norm with the scale frozen; ``ln`` holds w (and b)."""
+    if center:
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + cfg.eps).sqrt().detach()
+    return x / scale * ln.w + (ln.b if center else 0)
+
+
+def _tl_rotary(cfg, n_pos, dtype):
+    r = cfg.rotary_dim
+    freq = cfg.rotary_base ** (torch.arange(r // 2, dtype=torch.float64) / (r / 2))
+    freq = freq.repeat_interleave(2) if cfg.rotary_adjacent_pairs else freq.repeat(2)
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] / freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _tl_rotate(x, cos, sin, adjacent):
+    """x: [heads, pos, d_head]; rotary on the first cos.shape[-1] dims."""
+    r = cos.shape[-1]
+    xr, xp = x[..., :r], x[..., r:]
+    if adjacent:
+        flip = torch.stack([-xr[..., 1::2], xr[..., ::2]], -1).flatten(-2)
+    else:
+        flip = torch.cat([-xr[..., r // 2:], xr[..., : r // 2]], -1)
+    return torch.cat([xr * cos + flip * sin, xp], -1)
+
+
+_TL_ACTS = {"gelu_new": lambda a: 0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a.pow(3)))),
+            "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu, "relu": torch.nn.functional.relu}
+
+
+def hooked_frozen(model, x):
+    """``ln_final`` output [pos, d_model] of a HookedTransformer from ``x`` = blocks.0.hook_resid_pre,
+    written from W_Q/W_K/W_V/W_O, b_*, ln w/b, W_in/W_gate/W_out and the config only."""
+    cfg = model.cfg
+    assert cfg.normalization_type in ("LN", "RMS") and cfg.positional_embedding_type in ("standard", "rotary")
+    center = cfg.normalization_type == "LN"
+    n = x.shape[0]
+    if cfg.positional_embedding_type == "rotary":
+        cos, sin = _tl_rotary(cfg, n, x.dtype)
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    for layer, blk in enumerate(model.blocks):
+        a = blk.attn
+        h = _tl_norm(x, blk.ln1, cfg, center)
+        q, k, v = (torch.einsum("pd,hde->hpe", h, W) + b[:, None]
+                   for W, b in ((a.W_Q, a.b_Q), (a.W_K, a.b_K), (a.W_V, a.b_V)))  # K, V: heads repeated for GQA
+        if cfg.positional_embedding_type == "rotary":
+            q, k = (_tl_rotate(t, cos, sin, cfg.rotary_adjacent_pairs) for t in (q, k))
+        scale = (cfg.attn_scale if cfg.use_attn_scale else 1.0) * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
+        pattern = (q @ k.transpose(-1, -2) / scale).masked_fill(~mask, float("-inf")).softmax(-1).detach()
+        attn_out = torch.einsum("hpe,hed->pd", pattern @ v, a.W_O) + a.b_O
+        resid = x if cfg.parallel_attn_mlp else x + attn_out
+        h = _tl_norm(resid, blk.ln2, cfg, center)
+        m = blk.mlp
+        pre = h @ (m.W_gate if cfg.gated_mlp else m.W_in) + (0 if cfg.gated_mlp else m.b_in)
+        if cfg.act_fn == "solu_ln":  # x * softmax(x) with the softmax frozen, then the MLP's own LN, scale frozen
+            assert not cfg.gated_mlp
+            post = _tl_norm(pre * pre.softmax(-1).detach(), m.ln, cfg, center=True)
+        elif cfg.gated_mlp:
+            post = _TL_ACTS[cfg.act_fn](pre).detach() * (h @ m.W_in) + m.b_in
+        else:
+            post = frozen_gate(pre, _TL_ACTS[cfg.act_fn](pre))
+        x = resid + post @ m.W_out + m.b_out + (attn_out if cfg.parallel_attn_mlp else 0)
+    return _tl_norm(x, model.ln_final, cfg, center)

@@ -319,6 +319,12 @@ class OperatingPoint:
             out = self.replay(torch.stack([a, b, a + b, torch.zeros_like(a)]), hooks)
         return {n: relative_error(v[0] + v[1] - v[3], v[2]) for n, v in out.items()}
 
+    def in_dtype(self, dtype: torch.dtype) -> "OperatingPoint":
+        """The same frozen map with its coefficients and input cast to ``dtype``: replay it
+        inside :func:`computing_in` to run a half-precision model's frozen map in float32."""
+        values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.values.items()}
+        return OperatingPoint(self.model, self.tokens, self.sites, values, self.x_star.to(dtype), self.fwd_hooks)
+
     def locate_break(self, tol: float) -> tuple[int | None, float | None]:
         """First block whose output is not affine in the input (``None`` if all are)."""
         for name, err in self.linearity_profile().items():
@@ -430,6 +436,34 @@ def analysis_mode(model: torch.nn.Module) -> Iterator[None]:
             module.training = training
         for param in params:
             param.requires_grad_(True)
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run the model's floating-point parameters and buffers in ``dtype`` for the duration.
+
+    The original tensors are put back on exit (the same storage: bit for bit), even on
+    error. Costs one copy of the weights in ``dtype`` while it lasts (for a bfloat16 model in
+    float32: twice the model's size)."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    cfg = getattr(model, "cfg", None)
+    cfg_dtype = getattr(cfg, "dtype", None)
+    try:
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and t.dtype != dtype:
+                saved.append((t, t.data))
+                t.data = t.data.to(dtype)
+        if cfg_dtype is not None:
+            cfg.dtype = dtype
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+        if cfg_dtype is not None:
+            cfg.dtype = cfg_dtype
 
 
 def input_embeddings(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "pos d_model"]:

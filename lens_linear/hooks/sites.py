@@ -84,7 +84,7 @@ def activation_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tens
 
 def slope_at_zero(act: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor) -> float:
     """``act'(0)``: the gate used where the pre-activation is exactly zero."""
-    x = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    x = torch.zeros((), dtype=torch.float64, device="cpu", requires_grad=True)
     try:
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(act(x), x)
