@@ -10,7 +10,7 @@ TL_SPEC    ?= transformer-lens
 PROMPT     ?= The bridge out of Marin is the
 BIN        := $(VENV)/bin
 
-.PHONY: install analyze test bench clean
+.PHONY: install analyze test bench gpu-check clean
 
 $(BIN)/lens-linear: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ bench: install
 	$(BIN)/python benchmarks/jacobian.py
 	cd benchmarks && ../$(BIN)/python layers.py && ../$(BIN)/python run.py
 	$(BIN)/python benchmarks/patching.py
+
+# on a CUDA machine: the device tests on the GPU, then the benchmarks' ratios measured there
+gpu-check: install
+	LENS_LINEAR_TEST_DEVICE=cuda $(BIN)/python -m pytest -q tests/test_device.py
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf .venv .venv-* *.egg-info

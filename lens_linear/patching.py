@@ -197,7 +197,8 @@ def _sweep(model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | N
 def _metric_per_copy(pairs: PromptPairs, metric: Metric, final: torch.Tensor) -> torch.Tensor:
     """The metric of each copy of the pairs in a batch of final logits ``[copies · n, d_vocab]``."""
     n = len(pairs.answers)
-    return torch.stack([torch.as_tensor(metric(final[c * n:(c + 1) * n])).reshape(()) for c in range(final.shape[0] // n)])
+    return torch.stack([torch.as_tensor(metric(final[c * n:(c + 1) * n]), device=final.device).reshape(())
+                        for c in range(final.shape[0] // n)])
 
 
 def _capture(model: Any, pairs: PromptPairs, tokens: torch.Tensor, names: Sequence[str], metric: Metric,
