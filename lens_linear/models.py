@@ -224,12 +224,14 @@ def _load_gguf(spec: WheelGGUF, dtype: torch.dtype) -> tuple[Any, Any]:
 def wrap_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: Any = None) -> Any:
     """Wrap a loaded Hugging Face causal LM as a ``TransformerBridge`` (no hub access).
 
-    The model is moved to ``device`` first: ``boot_transformers(hf_model=...)`` keeps a
-    pre-loaded model where it is, whatever ``device`` says."""
+    The model is moved to ``device`` first (default: where it already is):
+    ``boot_transformers(hf_model=...)`` keeps a pre-loaded model where it is, and without a
+    device it records CUDA as the model's device whenever a GPU exists, so tokens would land
+    on the GPU beside weights on the CPU."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    if device is not None:
-        hf_model = hf_model.to(device)
+    device = torch.device(device) if device is not None else next(hf_model.parameters()).device
+    hf_model = hf_model.to(device)
     return TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device
     )
