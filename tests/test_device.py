@@ -97,10 +97,14 @@ def test_public_api_creates_no_tensor_off_the_model_device(case, tmp_path):
         if isinstance(value, torch.Tensor):
             assert value.device.type in (DEVICE, "cpu"), name
     if DEVICE != "cpu":  # the same numbers as on the CPU
+        (tmp_path / "cpu").mkdir()
         ref = public_calls(cached_tiny(*case), tmp_path / "cpu")
-        for name, value in got.items():
+        off = {}
+        for name, value in got.items():  # relative to the scale, absolute for rounding-level values
             a, b = torch.as_tensor(value).cpu().double(), torch.as_tensor(ref[name]).double()
-            assert float((a - b).norm() / b.norm().clamp_min(1e-12)) <= 1e-3, name
+            if float((a - b).norm()) > 1e-3 * float(b.norm()) + 1e-5:
+                off[name] = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        assert not off, off
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
