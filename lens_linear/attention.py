@@ -39,7 +39,7 @@ from lens_linear._validation import normalize_index, normalize_position, toleran
 from lens_linear.hooks.operating_point import OperatingPoint, analysis_mode
 from lens_linear.hooks.run import run_to
 from lens_linear.jacobian import batched_vjp_jacobian
-from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device
 
 
@@ -98,7 +98,7 @@ class AttentionCircuits:
     Orientation: see the module docstring (Jacobians ``J @ x``, circuits ``x @ M``).
     """
 
-    def __init__(self, point: OperatingPoint, max_memory: int = DEFAULT_MEMORY):
+    def __init__(self, point: OperatingPoint, max_memory: int | None = None):
         self.point = point
         self.model = point.model
         self.cfg = point.model.cfg
@@ -124,7 +124,8 @@ class AttentionCircuits:
         return q, k
 
     def _chunk(self, n_rows: int) -> int:
-        return chunk_size(n_rows, sequence_bytes(self.cfg, self.n_pos, self.point.x_star.dtype), self.max_memory)
+        x = self.point.x_star
+        return chunk_size(n_rows, sequence_bytes(self.cfg, self.n_pos, x.dtype), self.max_memory, device=x.device)
 
     # -- frozen values ----------------------------------------------------------------------
     def pattern(self, layer: int, *, head: int | None = None) -> Float[torch.Tensor, "n_heads query_pos key_pos"]:
@@ -263,7 +264,7 @@ class AttentionCircuits:
         w_o = self.weights(layer)["W_O"][heads]
         x = self.point.activations[source][0].detach().clone().requires_grad_(True)
         z_hook = f"blocks.{layer}.attn.hook_z"
-        with analysis_mode(self.model), torch.enable_grad():
+        with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
             z = run_to(self.model, self.point.tokens, self.point.fwd_hooks, inject=(source, x.unsqueeze(0)),
                        capture=[z_hook])[z_hook]
             y = torch.einsum("hd,hdo->o", _per_head(z[0, q], self.cfg.n_heads)[heads], w_o)

@@ -28,8 +28,8 @@ from jaxtyping import Float
 from transformer_lens import FactoredMatrix
 
 from lens_linear import decode
-from lens_linear._validation import (LinearizationError, hook_name, normalize_index, normalize_position,
-                                     relative_error, require_hook, require_tl_model, tolerance)
+from lens_linear._validation import (LinearizationError, check_dtype, hook_name, normalize_index,
+                                     normalize_position, relative_error, require_tl_model, tolerance)
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
@@ -38,7 +38,7 @@ from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
-from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import to_tokens, token_strings
 
 
@@ -65,7 +65,7 @@ class LinearCache:
     """
 
     def __init__(self, model: Any, point: OperatingPoint, logits: torch.Tensor, activations: Any,
-                 pos: int, max_memory: int = DEFAULT_MEMORY, progress: bool = False, complete: bool = False):
+                 pos: int, max_memory: int | None = None, progress: bool = False, complete: bool = False):
         self.model = model
         self.point = point
         self.tokens = point.tokens
@@ -77,6 +77,7 @@ class LinearCache:
         self.max_memory = max_memory
         self.progress = progress
         self._jacobians: dict[tuple[str, int, bool, str], torch.Tensor] = {}
+        self._upcast = point.x_star.dtype != logits.dtype  # computing a half model's frozen map wider
 
     # ---- basic facts -------------------------------------------------------------------
     @property
@@ -101,10 +102,26 @@ class LinearCache:
         return self._recorded if self._complete else self.point.activations
 
     def activation(self, hook: HookKey | None = None, *, pos: int | None = None) -> torch.Tensor:
-        """The recorded activation at ``hook`` and output position (trailing dims flattened)."""
+        """The activation at ``hook`` and output position (trailing dims flattened): the
+        recorded one, or, when computing wider than the model (``dtype=``), the frozen map's
+        value at ``x*`` in that dtype (the model's own differs by :meth:`model_rounding`)."""
         hook, pos = self._resolve(hook, pos)
-        cache = self._recorded if hook in self._recorded else self.point.activations
+        cache = self._recorded if hook in self._recorded and not self._upcast else self.point.activations
         return cache[hook][0, pos].reshape(-1)
+
+    def model_rounding(self, hook: HookKey | None = None, *, pos: int | None = None) -> float:
+        """``std(y_model − F(x*)) / std(F(x*))``: how far the model's own (half-precision)
+        output is from its frozen map computed in the cache's dtype; 0 without ``dtype=``."""
+        hook, pos = self._resolve(hook, pos)
+        if not self._upcast:
+            return 0.0
+        recorded = self._recorded if hook in self._recorded else None
+        if recorded is None:
+            with analysis_mode(self.model), torch.no_grad():
+                y = run_to(self.model, self.tokens, self.point.hooks("record"), capture=[hook], pos=pos)[hook]
+        else:
+            y = recorded[hook][:, pos]
+        return relative_error(y[0].reshape(-1), self.activation(hook, pos=pos))
 
     def top_predictions(self, n_tokens: int = 5, *, pos: int | None = None) -> list[Prediction]:
         """The ``n_tokens`` most likely next tokens at ``pos`` with their probabilities."""
@@ -136,16 +153,16 @@ class LinearCache:
         input_hook = INPUT_HOOK if input_hook is None else hook_name(self.model, input_hook)
         key = (hook, pos, detached, input_hook)
         if key not in self._jacobians:
-            x = (self.x if input_hook == INPUT_HOOK else self.activations[input_hook][0]).detach().clone()
+            x = (self.x if input_hook == INPUT_HOOK else self.point.activations[input_hook][0]).detach().clone()
             x.requires_grad_(True)
-            with analysis_mode(self.model), torch.enable_grad():
+            with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
                 if detached:
                     y = self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook]
                 else:
                     y = run_to(self.model, self.tokens, self.point.fwd_hooks, inject=(input_hook, x[None]),
                                capture=[hook], pos=pos)[hook]
                 y = y[0].reshape(-1)
-                chunk = chunk_size(y.numel(), self._row_bytes(), self.max_memory)
+                chunk = chunk_size(y.numel(), self._row_bytes(), self.max_memory, device=x.device)
                 self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
         return self._jacobians[key]
 
@@ -182,11 +199,11 @@ class LinearCache:
 
             # balanced batches of at most 160 directions: measured on SmolLM2 at 8 tokens,
             # 144 per batch took 39 s / 472 MB, 256 per batch 37 s / 812 MB
-            cap = math.ceil(d_in / math.ceil(d_in / 160))
-            chunk = chunk_size(d_in, self._row_bytes() // 2, self.max_memory, cap=cap)
-            with analysis_mode(self.model):
+            cap = math.ceil(d_in / math.ceil(d_in / 160)) if self.x.device.type == "cpu" else None
+            chunk = chunk_size(d_in, self._row_bytes() // 2, self.max_memory, cap=cap, device=self.x.device)
+            with self.point.computing(), analysis_mode(self.model):
                 dead = self.point.dead_linears(todo)
-            with analysis_mode(self.model), biases_zeroed(self.model), linears_skipped(dead):
+            with self.point.computing(), analysis_mode(self.model), biases_zeroed(self.model), linears_skipped(dead):
                 found = forward_jacobians(apply, n, d_in, pos, chunk, self.x, self.progress)
             for h, jac in found.items():
                 self._jacobians[(h, pos, True, INPUT_HOOK)] = jac
@@ -441,8 +458,9 @@ def run_with_linear_cache(
     prepend_bos: bool | None = None,
     check: bool = True,
     names_filter: Any = None,
-    max_memory: int = DEFAULT_MEMORY,
+    max_memory: int | None = None,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> LinearCache:
     """Record the operating point of one input and return its :class:`LinearCache`.
 
@@ -457,8 +475,15 @@ def run_with_linear_cache(
             :class:`LinearizationError` unless it reconstructs the output exactly.
         names_filter: which activations ``lcache.activations`` keeps (a name, a list or a
             callable, as in ``run_with_cache``); by default all of them, recorded on first access.
-        max_memory: bytes of intermediates per chunk of batched products.
+        max_memory: bytes of intermediates per chunk of batched products (default: 128 MB on
+            a CPU, a quarter of the free memory on a GPU).
         progress: show progress bars (notebook-aware) while Jacobians are computed.
+        dtype: compute the frozen map in this dtype (``torch.float32`` or ``torch.float64`` for a
+            bfloat16/float16 model): the coefficients are recorded in the model's own dtype,
+            then every computation runs with the weights copied to ``dtype`` (one extra copy of
+            the weights while it runs: 2× a bfloat16 model's size in float32) and put back
+            bit for bit. Reconstruction is then exact to ``dtype``; ``lcache.model_rounding()``
+            reports the model's own rounding.
 
     Example:
         >>> lcache = run_with_linear_cache(model, "The bridge out of Marin is the")
@@ -470,6 +495,8 @@ def run_with_linear_cache(
     keep = _with_output(names_filter, output_hook(model))
     with analysis_mode(model):
         point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep)
+    if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
+        point = point.in_dtype(dtype)
     lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress,
                          complete=names_filter is not None)
     if check:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lens_linear._validation import normalize_position
 from lens_linear.hooks.operating_point import (HALF, OperatingPoint, analysis_mode, biases_zeroed, computing_in,
                                                linears_skipped)
-from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, sequence_bytes
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -153,7 +153,7 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
 
 def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: int | str = "all",
                     n_triplets: int = 3, tol: float = 1e-4, block: int | None = None, max_iter: int = 200,
-                    seed: int = 0, chunk: int | None = None, max_memory: int = DEFAULT_MEMORY,
+                    seed: int = 0, chunk: int | None = None, max_memory: int | None = None,
                     progress: bool = False) -> MatrixFreeSVD:
     """Top ``n_triplets`` SVD of the detached Jacobian of ``hook`` at output position ``pos``
     w.r.t. the input at ``input_pos`` (or all positions side by side), from replay products only.
@@ -178,7 +178,7 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     if chunk is None:  # as many vectors as max_memory holds. Each costs ~3 backward rows of resident
         # memory (at 512 tokens on SmolLM2, 185 MB more peak RSS per vector; one vector at a time
         # 59.6 s / 789 MB, three 55.3 s / 1159 MB); short prompts take the whole block at once
-        chunk = chunk_size(block or k, 3 * sequence_bytes(model.cfg, n, dtype), max_memory)
+        chunk = chunk_size(block or k, 3 * sequence_bytes(model.cfg, n, dtype), max_memory, device=device)
     if (block is not None and block < 1) or chunk < 1:
         raise ValueError(f"block ({block}) and chunk ({chunk}) must be at least 1")
 
@@ -187,7 +187,7 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
         x[:, cols] = v.T.reshape(v.shape[1], -1, d_in) if input_pos == "all" else v.T
         return x
 
-    with analysis_mode(model), biases_zeroed(model), torch.enable_grad():
+    with point.computing(), analysis_mode(model), biases_zeroed(model), torch.enable_grad():
         x = torch.zeros(n, d_in, dtype=dtype, device=device, requires_grad=True)
         with linears_skipped(point.dead_linears([hook])):  # q, k: no scores graph to build and drop
             y = point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)

@@ -34,7 +34,7 @@ from lens_linear.hooks.operating_point import (OperatingPoint, analysis_mode, bi
                                                output_hook)
 from lens_linear.hooks.run import Hook, forward, run_to
 from lens_linear.hooks.sites import layer_of
-from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 
 MAX_PATCHES = 64  # patched runs per batch at most: a memory bound, not tuned (10 s for 480 IOI patches)
@@ -239,7 +239,7 @@ def _region(pairs: PromptPairs, patch: tuple[int, int | None, int | None], like:
 
 def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", *, metric: Metric | None = None,
                         scale: float = 1.0, detached: bool = False, layers: Sequence[int] | None = None,
-                        max_memory: int = DEFAULT_MEMORY, progress: bool = True) -> PatchingResult:
+                        max_memory: int | None = None, progress: bool = True) -> PatchingResult:
     """Patch ``corrupted + scale · (clean − corrupted)`` at every (layer, position / head) of a
     sweep into the corrupted run and read the metric (default: mean logit difference).
 
@@ -258,7 +258,7 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
         corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, metric, base)
         _check_gap(clean_m, corrupt_m)
         per_patch = sequence_bytes(model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n)
-        chunk = chunk_size(len(patches), per_patch, max_memory, cap=MAX_PATCHES)
+        chunk = chunk_size(len(patches), per_patch, max_memory, cap=MAX_PATCHES, device=pairs.clean.device)
         raw = []
         grow = True
         for start in tqdm(range(0, len(patches), chunk), desc=f"patching {sweep}", disable=not progress, leave=False):

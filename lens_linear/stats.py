@@ -23,7 +23,7 @@ from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, analy
                                                feeds_pattern_only, linears_skipped, output_hook, site_hooks)
 from lens_linear.hooks.run import forward, run_to
 from lens_linear.hooks.sites import find_sites
-from lens_linear.memory import DEFAULT_MEMORY, chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, to_tokens
 
 
@@ -170,7 +170,7 @@ def _dead_projections(model: Any, tokens: Int[torch.Tensor, "1 pos"], hook: str)
 
 def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: bool = True,
                 method: str = "exact", probes: int = 16, seed: int = 0, max_len: int | None = None,
-                max_memory: int = DEFAULT_MEMORY) -> Sensitivity:
+                max_memory: int | None = None) -> Sensitivity:
     """Position-to-position sensitivity of ``hook`` (default: the output embedding), of the
     frozen map (``detached``, default) or of the model itself.
 
@@ -205,7 +205,7 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: 
                 y = apply(x)[:, i]  # [batch, d_out]
                 d_out = y.shape[-1]
                 if method == "exact":
-                    rows = chunk_size(d_out, sequence_bytes(model.cfg, i + 1, x.dtype, batch), max_memory)
+                    rows = chunk_size(d_out, sequence_bytes(model.cfg, i + 1, x.dtype, batch), max_memory, device=device)
                     cots = [torch.eye(d_out, dtype=y.dtype, device=device)[k:k + rows, None].expand(-1, batch, -1)
                             for k in range(0, d_out, rows)]
                 else:

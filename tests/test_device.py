@@ -131,6 +131,32 @@ def test_half_precision_is_verified_in_float32(dtype):
         lc.attention.copying_score(lc.attention_jacobian(1, 5, 2)))  # eigenvalues upcast: no half kernel needed
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_half_model_linearized_in_float32(dtype):
+    """dtype=float32: coefficients recorded in half precision, the frozen map computed in
+    float32: exact to float32 against an independent reference, the model untouched."""
+    from reference import hf_frozen
+    from lens_linear.tiny import tiny_hf_model
+
+    model = tiny_model("llama", dtype=dtype).to(DEVICE)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    lc = ll.run_with_linear_cache(model, PROMPT, dtype=torch.float32, progress=False)
+    assert lc.jacobian().dtype == torch.float32 and lc.reconstruction_error() <= 1e-5
+    assert 1e-5 < lc.model_rounding() <= 2e-2  # the model's own rounding, reported apart
+    assert lc.reconstruction_error("blocks.0.hook_resid_post") <= 1e-5
+    mf = lc.svd_matrix_free(n_triplets=2)
+    assert mf.converged and float(mf.residuals.max()) <= 1e-4
+    assert all(torch.equal(before[n], t) and t.dtype == dtype for n, t in model.state_dict().items())
+    # independent: the same half-precision weights in float32, frozen at the model's own coefficients
+    # differ from ours only by where the coefficients were computed (half vs float32): at rounding level
+    hf = tiny_hf_model("llama").to(DEVICE)
+    with torch.no_grad():
+        for p, q in zip(hf.parameters(), model.parameters()):
+            p.copy_(q.float())
+    ref = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[lc.pos], lc.x)
+    assert rel(ref.transpose(0, 1), lc.jacobian()) <= 3e-2
+
+
 def test_float32_computation_restores_the_model_bit_for_bit():
     model = tiny_model("llama", dtype=torch.bfloat16)
     before = {n: (t.data_ptr(), t.clone()) for n, t in model.state_dict().items()}

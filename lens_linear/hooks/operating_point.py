@@ -171,10 +171,20 @@ class OperatingPoint:
 
     @functools.cached_property
     def activations(self) -> Any:
-        """The full ``ActivationCache`` of the recorded pass (coefficients frozen, which leaves
-        every value unchanged), computed on first use by running the recording again."""
-        with analysis_mode(self.model), torch.no_grad(), hooks_on(self.model, self.hooks("record")):
+        """The full ``ActivationCache`` of the recorded pass, computed on first use by running
+        the recording again; for a point cast wider than its model (:meth:`in_dtype`), the
+        frozen map's values at ``x*`` in the point's dtype (one replay)."""
+        if self.x_star.dtype == model_dtype(self.model):
+            hooks = self.hooks("record")
+        else:
+            hooks = self.hooks("replay") + [(INPUT_HOOK, lambda value, hook: self.x_star[None].to(value.dtype))]
+        with self.computing(), analysis_mode(self.model), torch.no_grad(), hooks_on(self.model, hooks):
             return self.model.run_with_cache(self.tokens)[1]
+
+    def computing(self) -> contextlib.AbstractContextManager:
+        """Run the model in this point's dtype (a float32 point of a bfloat16 model: weights
+        copied to float32 meanwhile, restored bit for bit); a no-op where they agree."""
+        return computing_in(self.model, self.x_star.dtype)
 
     def ignored_sites(self, batch: int = 32) -> list[str]:
         """Sites whose frozen value never reaches the output (the model read the coefficient
@@ -227,9 +237,10 @@ class OperatingPoint:
             sites = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
             store = {s.name: cut_positions(s, store[s.name], slice(start_pos, None), 1, len(self.x_star))
                      for s in sites}
-        return run_to(self.model, self.tokens[:, start_pos:].expand(x.shape[0], -1),
-                      self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors),
-                      inject=(input_hook, x), capture=hooks, pos=pos)
+        with self.computing():
+            return run_to(self.model, self.tokens[:, start_pos:].expand(x.shape[0], -1),
+                          self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors),
+                          inject=(input_hook, x), capture=hooks, pos=pos)
 
     def dead_linears(self, hooks: Sequence[str]) -> list[torch.nn.Module]:
         """Linear layers whose output cannot reach ``hooks`` once the coefficients are frozen.
@@ -441,6 +452,11 @@ def analysis_mode(model: torch.nn.Module) -> Iterator[None]:
 HALF = (torch.float16, torch.bfloat16)
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 @contextlib.contextmanager
 def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Run the model's floating-point parameters and buffers in ``dtype`` for the duration.
@@ -448,12 +464,16 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     The original tensors are put back on exit (the same storage: bit for bit), even on
     error. Costs one copy of the weights in ``dtype`` while it lasts (for a bfloat16 model in
     float32: twice the model's size)."""
+    own = model_dtype(model) or dtype
+    if own == dtype:  # already there (or nested inside another computing_in): nothing to do
+        yield
+        return
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     cfg = getattr(model, "cfg", None)
     cfg_dtype = getattr(cfg, "dtype", None)
     try:
         for t in [*model.parameters(), *model.buffers()]:
-            if t.is_floating_point() and t.dtype != dtype:
+            if t.dtype == own:  # buffers kept in another precision (rotary frequencies) stay as they are
                 saved.append((t, t.data))
                 t.data = t.data.to(dtype)
         if cfg_dtype is not None:
