@@ -64,7 +64,8 @@ def gpt2(hf, x):
     return ln_frozen(x, t.ln_f)
 
 
-def llama(hf, x):
+def llama(hf, x, final_norm=True):
+    """``final_norm=False``: the last residual stream, before the final norm."""
     m, c = hf.model, hf.config
     H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     pos_ids = torch.arange(x.shape[0])[None]
@@ -80,7 +81,7 @@ def llama(hf, x):
         h = rms_frozen(x, blk.post_attention_layernorm)
         mlp = blk.mlp
         x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)).detach() * mlp.up_proj(h))
-    return rms_frozen(x, m.norm)
+    return rms_frozen(x, m.norm) if final_norm else x
 
 
 def gpt_neox(hf, x):

@@ -15,7 +15,7 @@ from lens_linear.stats import dataset_sensitivity, sensitivity
 from lens_linear.tiny import char_tokenizer, tiny_hf_model
 
 from conftest import HOOKED, PROMPT, cached_tiny, hooks_left, rel
-from reference import attend, rms_frozen, rotate
+from reference import llama
 from test_patching import naive
 from test_stats import brute_force
 
@@ -114,23 +114,6 @@ def test_metric_is_a_function_of_the_final_logits_and_a_zero_gap_is_refused():
         predicted_patching(model, same)
 
 
-def frozen_residual(hf, x):
-    """The tiny Llama's last residual stream (before the final norm), every coefficient detached."""
-    m, c = hf.model, hf.config
-    H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    cos, sin = (a[0] for a in m.rotary_emb(x[None], torch.arange(x.shape[0])[None]))
-    for blk in m.layers:
-        a = blk.self_attn
-        h = rms_frozen(x, blk.input_layernorm)
-        q = a.q_proj(h).view(-1, H, D).transpose(0, 1)
-        k = a.k_proj(h).view(-1, KV, D).transpose(0, 1).repeat_interleave(H // KV, 0)
-        v = a.v_proj(h).view(-1, KV, D).transpose(0, 1).repeat_interleave(H // KV, 0)
-        x = x + a.o_proj(attend(rotate(q, cos, sin), rotate(k, cos, sin), v).transpose(0, 1).reshape(x.shape[0], -1))
-        h = rms_frozen(x, blk.post_attention_layernorm)
-        x = x + blk.mlp.down_proj(blk.mlp.act_fn(blk.mlp.gate_proj(h)).detach() * blk.mlp.up_proj(h))
-    return x
-
-
 @pytest.mark.parametrize("concept,prompt", [("The Golden Gate", "Hi"), ("Hi", "Hello there")])
 def test_steering_is_equation_16(concept, prompt):
     """lam · f(x_new) + (1 − lam) · J⁺_concept x_new at the last block, with J⁺ from a hand-written
@@ -139,7 +122,7 @@ def test_steering_is_equation_16(concept, prompt):
     c_tokens, p_tokens = model.to_tokens(concept), model.to_tokens(prompt)
     _, c_cache = model.run_with_cache(c_tokens)
     x_c = c_cache["blocks.0.hook_resid_pre"][0]
-    J = torch.autograd.functional.jacobian(lambda x: frozen_residual(hf, x), x_c)  # [c, d, c, d]
+    J = torch.autograd.functional.jacobian(lambda x: llama(hf, x, final_norm=False), x_c)  # [c, d, c, d]
     _, p_cache = model.run_with_cache(p_tokens)
     x_p = p_cache["blocks.0.hook_resid_pre"][0]
     c, m = x_c.shape[0], x_p.shape[0]
