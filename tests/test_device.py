@@ -168,3 +168,53 @@ def test_float32_computation_restores_the_model_bit_for_bit():
     assert model.cfg.dtype == torch.bfloat16
     for name, (ptr, value) in before.items():
         assert after[name].data_ptr() == ptr and after[name].dtype == value.dtype and torch.equal(after[name], value)
+
+
+def accelerate_state(model):
+    """Every module's accelerate hook and instance ``forward``, by object identity."""
+    return {n: (id(vars(m).get("forward")), id(getattr(m, "_hf_hook", None))) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offloaded_models_give_the_plain_numbers_and_keep_their_hooks(offload, tmp_path):
+    import accelerate
+
+    plain, model = tiny_model("llama"), tiny_model("llama")
+    if offload == "cpu":
+        accelerate.cpu_offload(model.original_model, execution_device="cpu")
+    else:
+        accelerate.disk_offload(model.original_model, str(tmp_path), execution_device="cpu")
+    state = accelerate_state(model)
+    assert any(p.device.type == "meta" for p in model.parameters())  # really offloaded
+    tokens = plain.to_tokens(PROMPT)
+    ours, ref = (ll.run_with_linear_cache(m, tokens, progress=False) for m in (model, plain))
+    assert rel(ours.jacobian(), ref.jacobian()) <= 1e-5 and ours.reconstruction_error() <= 1e-5
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert all(rel(ours.jacobians(hooks)[h], ref.jacobians(hooks)[h]) <= 1e-5 for h in hooks)
+    assert rel(ours.svd_matrix_free(n_triplets=2).S, ref.svd_matrix_free(n_triplets=2).S) <= 1e-5
+    pairs = [prompt_pairs(m, "Hello there, friend!", "Hello where, friend!", "a", "c") for m in (model, plain)]
+    assert rel(activation_patching(model, pairs[0], progress=False).raw,
+               activation_patching(plain, pairs[1], progress=False).raw) <= 1e-5
+    assert rel(steer(model, "Hello", "Hi there", layer=1, max_new_tokens=1).first_logits,
+               steer(plain, "Hello", "Hi there", layer=1, max_new_tokens=1).first_logits) <= 1e-5
+
+    def explode(value, hook):
+        raise RuntimeError("boom inside")
+
+    with pytest.raises(RuntimeError, match="boom inside"):
+        ll.run_with_linear_cache(model, tokens, fwd_hooks=[("blocks.1.hook_resid_pre", explode)], progress=False)
+    assert accelerate_state(model) == state
+    assert all(p.device.type == "meta" for p in model.original_model.model.norm.parameters())  # offloaded again
+
+
+def test_offloaded_biases_are_refused_where_they_would_be_zeroed(monkeypatch):
+    """An offloaded bias (on ``meta``, reloaded by accelerate before each use) cannot be zeroed."""
+    import lens_linear.hooks.operating_point as op
+
+    model = tiny_model("gpt2")
+    real = op.bias_tensors(model)
+    name = next(iter(real))
+    monkeypatch.setattr(op, "bias_tensors", lambda m: {**real, name: torch.empty(real[name].shape, device="meta")})
+    with pytest.raises(ll.LinearizationError, match="offloaded by accelerate"):
+        with op.biases_zeroed(model):
+            pass

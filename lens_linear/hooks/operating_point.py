@@ -376,6 +376,13 @@ def biases_zeroed(model: torch.nn.Module, keep: str | None = None) -> Iterator[d
     leaves the substituted tensors behind, so the swap is done by hand.
     """
     biases = bias_tensors(model)
+    offloaded = [n for n, t in biases.items() if t.device.type == "meta"]
+    if offloaded:  # accelerate reloads them from its weights map before every use: a zero would not stick
+        raise LinearizationError(
+            f"{len(offloaded)} bias(es) of this model are offloaded by accelerate (first {offloaded[0]}), so they "
+            f"cannot be zeroed for the bias decomposition, the forward Jacobian engine, the matrix-free SVD or "
+            f"steering. Load the model without offloading its biased layers, or use lcache.jacobians(..., "
+            f"method='reverse').")
     saved = {n: t.detach().clone() for n, t in biases.items()}
     try:
         with torch.no_grad():
@@ -468,6 +475,9 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     if own == dtype:  # already there (or nested inside another computing_in): nothing to do
         yield
         return
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise LinearizationError(f"this model's weights are offloaded by accelerate: they cannot be copied to "
+                                 f"{dtype} for the computation. Compute in the model's own dtype ({own}).")
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     cfg = getattr(model, "cfg", None)
     cfg_dtype = getattr(cfg, "dtype", None)

@@ -52,6 +52,29 @@ def resolve_hooks(hook_dict: dict[str, Any], hooks: Sequence[Hook]) -> list[tupl
 
 
 @contextlib.contextmanager
+def offloaded_norms_loaded(model: Any) -> Iterator[None]:
+    """Load the weights of norm modules that accelerate offloads (``cpu_offload``,
+    ``disk_offload``, ``dispatch_model`` with offloaded layers) for the duration, and put them
+    back on ``meta`` after, even on error. Once a norm's scale is edited, TransformerLens'
+    bridge computes the norm itself and reads ``module.weight`` directly, bypassing the
+    module's forward, where accelerate would have loaded it. Costs the norms' weights only."""
+    loaded = []
+    try:
+        for module in model.modules():
+            if "Norm" not in type(module).__name__:
+                continue
+            top = getattr(module, "_hf_hook", None)
+            for hook in getattr(top, "hooks", None) or ([top] if top is not None else []):  # SequentialHook
+                if getattr(hook, "offload", False):
+                    hook.pre_forward(module)
+                    loaded.append((module, hook))
+        yield
+    finally:
+        for module, hook in loaded:
+            hook.post_forward(module, None)
+
+
+@contextlib.contextmanager
 def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     """Add forward hooks for the duration; removes exactly these hooks, even on error.
 
@@ -67,7 +90,7 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
         require_hook(model, *missing)  # raises, naming close matches
     points = []
     try:
-        with quiet_bridge():
+        with quiet_bridge(), offloaded_norms_loaded(model):
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)
