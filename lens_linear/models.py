@@ -157,6 +157,7 @@ def load_model(
     backend: Backend = "auto",
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
 ) -> Any:
     """Load a model as a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``).
 
@@ -167,6 +168,8 @@ def load_model(
             (the bridge where available).
         dtype: parameter dtype; float32 by default, float64 for exactness studies.
         device: where to put the model; CPU by default.
+        device_map: instead of ``device``, an accelerate placement (``"auto"``, ``{"": "cuda:0"}``,
+            a per-layer dict) for a model larger than one device; the bridge only (TransformerLens 4).
 
     Example:
         >>> model = load_model()  # SmolLM2-135M-Instruct, offline after the first call
@@ -175,10 +178,13 @@ def load_model(
         raise ValueError("model name must be a non-empty string, e.g. 'smollm2' or 'gpt2'")
     check_dtype(dtype, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     backend = resolve_backend(backend)
+    if device_map is not None and (device is not None or backend != "bridge"):
+        raise ValueError("device_map places a TransformerBridge's layers with accelerate: pass it without "
+                         "device, with backend='bridge' (or 'auto')")
     spec = DEFAULT_MODELS.get(name.lower())
     if spec is None:
-        return _load_from_hub(name, backend, dtype, device)
-    hf_model, tokenizer = _load_gguf(spec, dtype)
+        return _load_from_hub(name, backend, dtype, device, device_map)
+    hf_model, tokenizer = _load_gguf(spec, dtype, device_map)
     if backend == "bridge":
         model = wrap_bridge(hf_model, tokenizer, spec.hf_name, dtype, device)
     else:
@@ -189,7 +195,7 @@ def load_model(
     return model
 
 
-def _load_gguf(spec: WheelGGUF, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_gguf(spec: WheelGGUF, dtype: torch.dtype, device_map: Any = None) -> tuple[Any, Any]:
     """Load the GGUF through ``transformers``; the dequantized copy is cached as safetensors.
 
     Dequantizing takes ~25 s on two cores; the cached copy loads in about a second. The
@@ -217,7 +223,7 @@ def _load_gguf(spec: WheelGGUF, dtype: torch.dtype) -> tuple[Any, Any]:
             os.replace(tmp, converted)
             os.makedirs(tmp)  # TemporaryDirectory expects to remove something
     tokenizer = AutoTokenizer.from_pretrained(converted)
-    hf_model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype, device_map=device_map)
     return hf_model.eval(), tokenizer
 
 
@@ -230,8 +236,9 @@ def wrap_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, de
     on the GPU beside weights on the CPU."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    device = torch.device(device) if device is not None else next(hf_model.parameters()).device
-    hf_model = hf_model.to(device)
+    if getattr(hf_model, "hf_device_map", None) is None:  # a dispatched model stays where accelerate put it
+        device = torch.device(device) if device is not None else next(hf_model.parameters()).device
+        hf_model = hf_model.to(device)
     return TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, device=device
     )
@@ -261,13 +268,20 @@ def wrap_hooked_llama(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dty
     return model.to(dtype).eval()
 
 
-def _load_from_hub(name: str, backend: str, dtype: torch.dtype, device: Any) -> Any:
+def _load_from_hub(name: str, backend: str, dtype: torch.dtype, device: Any, device_map: Any = None) -> Any:
     """TransformerLens' own loaders; these need the model hub."""
     try:
         if backend == "bridge":
             from transformer_lens.model_bridge import TransformerBridge
 
-            return TransformerBridge.boot_transformers(name, dtype=dtype, device=device)
+            placement = {"device": device} if device_map is None else {"device_map": device_map}
+            try:
+                return TransformerBridge.boot_transformers(name, dtype=dtype, **placement)
+            except TypeError as exc:
+                if device_map is None:
+                    raise
+                raise ValueError(f"this TransformerLens cannot place a model with device_map ({exc}): "
+                                 f"TransformerLens 4 can") from exc
         from transformer_lens import HookedTransformer
 
         return HookedTransformer.from_pretrained(name, dtype=dtype, device=device)

@@ -70,6 +70,13 @@ def test_load_model_honours_device_and_dtype(tmp_path):
     assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in params)
     tokens = model.to_tokens("Hello")
     assert rel(model(tokens), hf.double()(tokens).logits) <= 1e-6  # both rotate in float32 (HF rotary)
+    with pytest.raises(ValueError, match="without device"):
+        ll.load_model(str(tmp_path), device="cpu", device_map="auto")
+    if not HOOKED:  # TransformerLens 4 places layers with accelerate
+        placed = ll.load_model(str(tmp_path), backend="bridge", device_map={"": "cpu"})
+        assert all(p.device.type == "cpu" for p in placed.parameters())
+        lc = ll.run_with_linear_cache(placed, tokens, progress=False)
+        assert rel(lc.jacobian(), ll.run_with_linear_cache(model.float(), tokens, progress=False).jacobian()) <= 1e-5
 
 
 def test_sensitivity_at_an_intermediate_hook():

@@ -9,7 +9,7 @@ import lens_linear as ll
 from lens_linear.cli import main
 from lens_linear.hooks import detach_hooks
 
-from conftest import hooks_left
+from conftest import hooks_left, newest_tl_only
 
 PROMPTS = ["The bridge out of Marin is the", "The capital of France is", "Once upon a time, there was a",
            "def fibonacci(n):"]
@@ -112,3 +112,26 @@ def test_singular_vectors_decode_as_the_paper_reports(marin):
             for i, tok in enumerate(marin.str_tokens)]
     assert sum(hits) >= 5, hits
     assert marin.top_predictions(1)[0].token in marin.decode(n_triplets=1, n_tokens=5)[0].output.tokens
+
+
+@newest_tl_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_smollm2_half_precision_linearized_in_float32(dtype):
+    """Coefficients recorded in half precision, the frozen map computed in float32: exact to
+    float32, the model's own rounding reported apart, an unfrozen tanh refused, the matrix-free
+    SVD converged against the dense one, the model bit for bit as it was. (Computing in half
+    precision itself is checked on tiny models and on the GPU: on these CPUs a bfloat16
+    Jacobian of SmolLM2 takes minutes.)"""
+    model = ll.load_model(dtype=dtype)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    lc = ll.run_with_linear_cache(model, PROMPTS[0], dtype=torch.float32)
+    assert lc.reconstruction_error() <= 1e-5 and 1e-4 < lc.model_rounding() <= 3e-2
+    squash = ("blocks.3.hook_mlp_out", lambda v, hook: torch.tanh(v))
+    with pytest.raises(ll.LinearizationError):
+        ll.run_with_linear_cache(model, PROMPTS[0], fwd_hooks=[squash], dtype=torch.float32)
+    mf = lc.svd_matrix_free(n_triplets=3)
+    jac = lc.jacobian()
+    s = torch.linalg.svdvals(jac.permute(1, 0, 2).reshape(jac.shape[1], -1).double())[:3]
+    assert mf.converged and float(mf.residuals.max()) <= 1e-4
+    assert float(((mf.S.double() - s).abs() / s).max()) <= 1e-3
+    assert all(torch.equal(before[n], t) and t.dtype == before[n].dtype for n, t in model.state_dict().items())
