@@ -376,7 +376,7 @@ def biases_zeroed(model: torch.nn.Module, keep: str | None = None) -> Iterator[d
     leaves the substituted tensors behind, so the swap is done by hand.
     """
     biases = bias_tensors(model)
-    offloaded = [n for n, t in biases.items() if t.device.type == "meta"]
+    offloaded = [n for n, t in biases.items() if t.device.type == "meta" and _offloaded_nonzero(model, n)]
     if offloaded:  # accelerate reloads them from its weights map before every use: a zero would not stick
         raise LinearizationError(
             f"{len(offloaded)} bias(es) of this model are offloaded by accelerate (first {offloaded[0]}), so they "
@@ -394,6 +394,17 @@ def biases_zeroed(model: torch.nn.Module, keep: str | None = None) -> Iterator[d
         with torch.no_grad():
             for name, t in biases.items():
                 t.copy_(saved[name])
+
+
+def _offloaded_nonzero(model: torch.nn.Module, name: str) -> bool:
+    """Whether an accelerate-offloaded tensor holds anything but zeros (unknown: ``True``)."""
+    path, _, leaf = name.rpartition(".")
+    top = getattr(model.get_submodule(path), "_hf_hook", None)
+    for hook in getattr(top, "hooks", None) or ([top] if top is not None else []):
+        store = getattr(hook, "weights_map", None)
+        if store is not None and leaf in store:
+            return bool(torch.count_nonzero(store[leaf]))
+    return True
 
 
 @contextlib.contextmanager
