@@ -33,7 +33,7 @@ from lens_linear._validation import (LinearizationError, check_dtype, hook_name,
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
-                                               block_outputs, computing_in, linears_skipped, output_hook)
+                                               block_outputs, linears_skipped, output_hook)
 from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, layer_of
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
@@ -201,10 +201,10 @@ class LinearCache:
             # 144 per batch took 39 s / 472 MB, 256 per batch 37 s / 812 MB
             cap = math.ceil(d_in / math.ceil(d_in / 160)) if self.x.device.type == "cpu" else None
             chunk = chunk_size(d_in, self._row_bytes() // 2, self.max_memory, cap=cap, device=self.x.device)
-            with self.point.computing(), analysis_mode(self.model):
+            with self.point.computing(), analysis_mode(self.model):  # one weight copy for every replay
                 dead = self.point.dead_linears(todo)
-            with self.point.computing(), analysis_mode(self.model), biases_zeroed(self.model), linears_skipped(dead):
-                found = forward_jacobians(apply, n, d_in, pos, chunk, self.x, self.progress)
+                with biases_zeroed(self.model), linears_skipped(dead):
+                    found = forward_jacobians(apply, n, d_in, pos, chunk, self.x, self.progress)
             for h, jac in found.items():
                 self._jacobians[(h, pos, True, INPUT_HOOK)] = jac
         return {h: self.jacobian(h, pos=pos) for h in hooks}
@@ -318,8 +318,7 @@ class LinearCache:
                 f"{' ...' if len(ignored) > 6 else ''}.", layer=layer)
         if self.x.dtype in HALF:  # half-precision rounding (~1e-2) would hide a small nonlinearity:
             # test the frozen map's linearity in float32, where its rounding is ~1e-7
-            with computing_in(self.model, torch.float32):
-                layer, layer_err = self.point.in_dtype(torch.float32).locate_break(WIDE_TOLERANCE)
+            layer, layer_err = self.point.in_dtype(torch.float32).locate_break(WIDE_TOLERANCE)
             if layer is not None:
                 raise LinearizationError(
                     f"the frozen map is not linear: replayed in float32 (the model is {self.x.dtype}), "

@@ -29,8 +29,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
-from lens_linear.hooks.operating_point import (HALF, OperatingPoint, analysis_mode, biases_zeroed, computing_in,
-                                               linears_skipped)
+from lens_linear.hooks.operating_point import HALF, OperatingPoint, analysis_mode, biases_zeroed, linears_skipped
 from lens_linear.memory import chunk_size, sequence_bytes
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -164,11 +163,8 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     many as ``max_memory`` holds: the whole block for short prompts, one vector at 512 tokens).
     A half-precision model's frozen map is multiplied in float32 (its weights copied to float32
     meanwhile), and the result is float32."""
-    if point.x_star.dtype in HALF:  # Lanczos needs products accurate well below 1e-2: run the frozen
-        with computing_in(point.model, torch.float32):  # map in float32 (the weights copied meanwhile)
-            return matrix_free_svd(point.in_dtype(torch.float32), hook, pos=pos, input_pos=input_pos,
-                                   n_triplets=n_triplets, tol=tol, block=block, max_iter=max_iter, seed=seed,
-                                   chunk=chunk, max_memory=max_memory, progress=progress)
+    if point.x_star.dtype in HALF:  # Lanczos needs products accurate well below 1e-2: the frozen map
+        point = point.in_dtype(torch.float32)  # runs in float32 (point.computing() copies the weights)
     model, x_star = point.model, point.x_star
     n, d_in = x_star.shape
     k = n_triplets
