@@ -1,13 +1,16 @@
-"""Full detached Jacobian of the last position on SmolLM2: lens_linear vs autograd baselines.
+"""The user path on SmolLM2 (record + verify + full detached Jacobian of the last position)
+against the autograd baselines, and verification's cost against the full Jacobian's.
 
 Baselines (the same frozen function, so all three compute the same matrix):
 * ``torch.autograd.functional.jacobian(vectorize=True)`` — the seed paper code's method;
 * ``torch.autograd.functional.jacobian(vectorize=False)`` — one backward per output row.
-lens_linear: one replay forward, then batched backward passes (``is_grads_batched``) in
-chunks sized to a memory bound. Peak memory is the largest resident-set growth seen by a
+lens_linear: ``run_with_linear_cache`` (recording and the default verification: ignored
+sites and a projected reconstruction check), then ``lcache.jacobian()``: one replay
+forward, then batched backward passes (``is_grads_batched``) in chunks sized to a memory
+bound. Verification alone (``lcache.check()``) is also timed against ``lcache.jacobian()``. Peak memory is the largest resident-set growth seen by a
 sampling thread while each method runs (one process, methods run one after another).
 
-Usage: python benchmarks/jacobian.py [--lengths 8 32 128] [--skip-unvectorized-above 32]
+Usage: python benchmarks/jacobian.py [--lengths 8 16 32 128] [--skip-unvectorized-above 32]
 """
 
 from __future__ import annotations
@@ -67,18 +70,19 @@ def measure(fn, prepare=None):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 128])
     parser.add_argument("--skip-unvectorized-above", type=int, default=1 << 30)
     args = parser.parse_args()
     model = ll.load_model()
     all_tokens = model.to_tokens(TEXT)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.cfg.model_name}")
     print(f"{'tokens':>6} {'method':<24} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max |ΔJ|':>9}")
+    verification = []
     for n in args.lengths:
         tokens = all_tokens[:, :n]
 
         def ours():
-            return ll.run_with_linear_cache(model, tokens, check=False, progress=False).jacobian()
+            return ll.run_with_linear_cache(model, tokens, progress=False).jacobian()
 
         frozen = detached_function(model, tokens)
 
@@ -94,6 +98,13 @@ def main() -> None:
         for name, t, m, diff in rows:
             print(f"{n:>6} {name:<24} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {m / m_ours:10.2f} {diff:9.1e}")
         del j_ours
+        fresh = lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False)  # noqa: E731
+        t_check, _, _, (t_check_only, _) = measure(lambda lc: lc.check(), fresh)
+        t_jac, _, _, (t_jac_only, _) = measure(lambda lc: lc.jacobian(), fresh)
+        verification.append((n, t_check_only, t_jac_only))
+    print(f"\n{'tokens':>6} {'verify s':>9} {'Jacobian s':>10} {'verify / Jacobian':>17}")
+    for n, t_check, t_jac in verification:
+        print(f"{n:>6} {t_check:9.2f} {t_jac:10.2f} {t_check / t_jac:17.1%}")
 
 
 if __name__ == "__main__":

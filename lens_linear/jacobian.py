@@ -37,8 +37,10 @@ def batched_vjp_jacobian(
     inputs: Float[torch.Tensor, "pos_in *rest"],
     chunk_size: int,
     progress: bool = False,
-) -> Float[torch.Tensor, "pos_in d_out *rest"]:
-    """Rows ``∂output[i]/∂inputs`` for every ``i``, by chunked batched backward passes.
+    cotangents: Float[torch.Tensor, "rows d_out"] | None = None,
+) -> Float[torch.Tensor, "pos_in rows *rest"]:
+    """Rows ``∂output[i]/∂inputs`` for every ``i``, by chunked batched backward passes
+    (or, given ``cotangents``, the products ``uᵀ ∂output/∂inputs`` for each row ``u``).
 
     ``output`` must be attached to a graph that contains ``inputs``; the graph is kept
     until the last chunk. Each chunk is written straight into its place in the result
@@ -46,11 +48,12 @@ def batched_vjp_jacobian(
     Falls back to one backward per row (with a warning) where an op in the graph has no
     batching rule.
     """
-    d_out = output.shape[0]
+    eye = torch.eye(output.shape[0], dtype=output.dtype, device=output.device) if cotangents is None \
+        else cotangents.to(output)
+    d_out = eye.shape[0]
     if not output.requires_grad:  # a frozen coefficient (or a value the input cannot reach)
         return inputs.new_zeros(inputs.shape[0], d_out, *inputs.shape[1:])
     jac = inputs.new_empty(inputs.shape[0], d_out, *inputs.shape[1:])
-    eye = torch.eye(d_out, dtype=output.dtype, device=output.device)
     n_chunks = math.ceil(d_out / chunk_size)
     batched = True
     for k in tqdm(range(n_chunks), desc="Jacobian", disable=not progress, leave=False):

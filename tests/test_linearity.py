@@ -147,3 +147,27 @@ def test_model_is_returned_as_it_was(tiny):
     assert flags == {n: p.requires_grad for n, p in tiny.named_parameters()} and not frozen_by_user.requires_grad
     frozen_by_user.requires_grad_(True)
     tiny.eval()
+
+
+@pytest.mark.parametrize("kind", ["attn", "norm", "gate", "ratio"])
+def test_cheap_check_catches_a_site_left_out(tiny, kind):
+    """A deliberately wrong frozen map (one site left live) is refused by the projected check,
+    and the projected error tracks the full reconstruction error within a factor of 5."""
+    lc = ll.run_with_linear_cache(tiny, PROMPT, check=False)
+    sites = [s for s in lc.point.sites if s.kind == kind and s.layer == 0]
+    if not sites:
+        pytest.skip(f"no {kind} site in block 0")
+    exact = lc.projected_reconstruction_error()
+    lc.point.sites = [s for s in lc.point.sites if s != sites[0]]  # that coefficient now runs live
+    with pytest.raises(ll.LinearizationError, match="does not reconstruct"):
+        lc.check()
+    wrong, full = lc.projected_reconstruction_error(), lc.reconstruction_error()
+    assert full / 5 <= wrong <= 5 * full and full > 1e3 * max(exact, 1e-9)
+    assert not hooks_left(tiny)
+
+
+def test_projected_error_estimates_the_full_one(tiny):
+    lc = ll.run_with_linear_cache(tiny, PROMPT)
+    estimate, full = lc.projected_reconstruction_error(), lc.reconstruction_error()
+    assert estimate <= 1e-5 and full <= 1e-5
+    assert lc.check() == full  # with the full Jacobian computed, the check reads it

@@ -24,6 +24,7 @@ from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
+SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
 
 
 def output_hook(model: Any) -> str:
@@ -186,26 +187,33 @@ class OperatingPoint:
         copied to float32 meanwhile, restored bit for bit); a no-op where they agree."""
         return computing_in(self.model, self.x_star.dtype)
 
-    def ignored_sites(self, batch: int = 32) -> list[str]:
+    def ignored_sites(self) -> list[str]:
         """Sites whose frozen value never reaches the output (the model read the coefficient
-        before its hook fired). Each site is perturbed in its own batch element; a site whose
-        perturbation leaves the output bit-for-bit unchanged is ignored by the model."""
+        before its hook fired, as TransformerLens' bridge does with ``hook_pattern`` on some
+        architectures).
+
+        One replay at ``x*`` with a scalar factor (value 1) on every site, then one backward of
+        a random projection of the output with respect to all factors at once: a substituted
+        value the model discarded leaves its factor without a gradient path (``None``), while
+        every site that reaches the output gets a nonzero derivative with probability 1. Cost:
+        one forward and one backward. Which sites reach the output does not depend on the
+        prompt's length, so this runs on the last few positions (on all of them when user
+        hooks are on: those may index absolute positions).
+        """
         out_name = output_hook(self.model)
         checked = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
         ignored = [s.name for s in checked if s.name not in self.values]  # never fired at all
-        checked = [s for s in checked if s.name in self.values]
-        for start in range(0, len(checked), batch):
-            chunk = checked[start:start + batch]
-            n = len(chunk) + 1
-            factors = {}
-            for k, site in enumerate(chunk):
-                f = torch.ones(n, dtype=self.x_star.dtype, device=self.x_star.device)
-                f[k + 1] = 0.5
-                factors[site.name] = f.reshape(n, *([1] * (self.values[site.name].ndim - 1)))
-            with torch.no_grad():
-                y = self.replay(self.x_star.expand(n, *self.x_star.shape), [out_name], factors=factors)[out_name]
-            ignored += [s.name for k, s in enumerate(chunk) if torch.equal(y[k + 1], y[0])]
-        return ignored
+        start = 0 if self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
+        factors = {s.name: torch.ones([1] * self.values[s.name].ndim, dtype=self.values[s.name].dtype,
+                                      device=self.values[s.name].device, requires_grad=True)
+                   for s in checked if s.name in self.values}
+        with analysis_mode(self.model), torch.enable_grad():
+            y = self.replay(self.x_star[start:][None], [out_name], start_pos=start, factors=factors)[out_name]
+            if not y.requires_grad:
+                return ignored + list(factors)
+            u = seeded_randn(y.shape, y, seed=1)
+            grads = torch.autograd.grad((y * u).sum(), list(factors.values()), allow_unused=True)
+        return ignored + [name for name, g in zip(factors, grads) if g is None or not bool(g.ne(0).any())]
 
     def hooks(self, mode: str = "replay") -> list[Hook]:
         """The user's hooks plus the freezing hooks (``record`` re-detaches, ``replay`` substitutes)."""
