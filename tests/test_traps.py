@@ -1,8 +1,7 @@
 """Architectures where a freezing hook cannot take effect end in a clear LinearizationError.
 
 Found by probing TransformerLens' bridge with tiny random models: on GPT-J, GPT-Neo, OPT and
-XGLM it fires hook_pattern after the attention has used the pattern; an edited hook_scale
-on OLMo 1's weight-free norm crashes; MoE blocks have router and expert gates with no
+XGLM it fires hook_pattern after the attention has used the pattern; MoE blocks have router and expert gates with no
 freezing rule. None of these may return a wrong linearization.
 """
 
@@ -26,8 +25,6 @@ TRAPS = {
                                  word_embed_proj_dim=64, **SMALL), "hook_pattern"),
     "xglm": (lambda: tf.XGLMConfig(vocab_size=128, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
                                    max_position_embeddings=64), "hook_pattern"),
-    "olmo": (lambda: tf.OlmoConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, **SMALL), "coefficients are frozen"),
     "mixtral": (lambda: tf.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                          num_experts_per_tok=2, **SMALL), "mixture-of-experts"),

@@ -154,7 +154,11 @@ class OperatingPoint:
         sites = find_sites(model, parts)
         values: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
-        grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()[0]))
+        def grab(value: torch.Tensor, hook: Any) -> None:
+            seen["x"] = value.detach()[0]
+            seen.update({name: None for name in values})  # sites before the input (an embedding norm)
+
+        grab = (INPUT_HOOK, grab)
         try:
             with torch.no_grad(), hooks_on(model, list(fwd_hooks) + site_hooks(model, sites, values, "record") + [grab]):
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
@@ -167,7 +171,9 @@ class OperatingPoint:
                 f"the model's forward pass fails once its coefficients are frozen "
                 f"({type(exc).__name__}: {exc}). A component of this model does not accept an "
                 f"edited hook value (a weight-free norm in TransformerLens' bridge, say).") from exc
-        point = cls(model, tokens, sites, values, seen["x"], fwd_hooks)
+        # a coefficient upstream of the input variable is not part of the map from it
+        sites = [s for s in sites if s.name not in seen]
+        point = cls(model, tokens, sites, {k: v for k, v in values.items() if k not in seen}, seen["x"], fwd_hooks)
         return point, logits, cache
 
     @functools.cached_property

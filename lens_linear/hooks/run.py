@@ -75,6 +75,25 @@ def offloaded_norms_loaded(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def weightless_norms_completed(model: Any) -> Iterator[None]:
+    """Give a weight-free norm's bridge (OLMo 1's LayerNorm) the weight 1 for the duration.
+    Once its scale is edited, TransformerLens' bridge computes the norm itself and multiplies
+    by ``self.weight``, which such a norm does not have (an AttributeError inside the
+    forward). The attribute is removed on exit, even on error."""
+    completed = []
+    try:
+        for module in model.modules():
+            if hasattr(module, "hook_scale") and "_original_component" in getattr(module, "_modules", {}) \
+                    and not hasattr(module, "weight"):
+                vars(module)["weight"] = 1.0
+                completed.append(module)
+        yield
+    finally:
+        for module in completed:
+            vars(module).pop("weight", None)
+
+
+@contextlib.contextmanager
 def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     """Add forward hooks for the duration; removes exactly these hooks, even on error.
 
@@ -90,7 +109,7 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
         require_hook(model, *missing)  # raises, naming close matches
     points = []
     try:
-        with quiet_bridge(), offloaded_norms_loaded(model):
+        with quiet_bridge(), offloaded_norms_loaded(model), weightless_norms_completed(model):
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)

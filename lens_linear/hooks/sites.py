@@ -75,7 +75,7 @@ def activation_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tens
     """The elementwise activation of block ``layer``'s MLP, read off the module itself."""
     mlp = getattr(model.blocks[layer], "mlp", None)
     for module in (mlp, getattr(mlp, "original_component", None)):
-        for attr in ("act_fn", "act", "activation_fn", "activation"):
+        for attr in ("act_fn", "act", "activation_fn", "activation", "gelu_impl"):
             fn = getattr(module, attr, None) if module is not None else None
             if callable(fn):
                 return fn
