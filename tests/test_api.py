@@ -15,7 +15,7 @@ from lens_linear.stats import dataset_sensitivity, sensitivity
 from lens_linear.tiny import char_tokenizer, tiny_hf_model
 
 from conftest import HOOKED, PROMPT, cached_tiny, hooks_left, rel
-from reference import llama
+from lens_linear.reference import llama
 from test_patching import naive
 from test_stats import brute_force
 

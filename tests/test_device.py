@@ -136,7 +136,7 @@ def test_half_precision_is_verified_in_float32(dtype):
 def test_a_half_model_linearized_in_float32(dtype):
     """dtype=float32: coefficients recorded in half precision, the frozen map computed in
     float32: exact to float32 against an independent reference, the model untouched."""
-    from reference import hf_frozen
+    from lens_linear.reference import hf_frozen
     from lens_linear.tiny import tiny_hf_model
 
     model = tiny_model("llama", dtype=dtype).to(DEVICE)

@@ -8,7 +8,7 @@ from lens_linear.hooks import detach_hooks, detached_function, find_sites
 from lens_linear.tiny import tiny_hf_model
 
 from conftest import CASE_IDS, CASES, PROMPT, cached_tiny, hooks_left, rel
-from reference import FORWARDS
+from lens_linear.reference import FORWARDS
 
 
 def test_detach_hooks_keep_logits(tiny):

@@ -8,7 +8,7 @@ the HookedTransformer's weights and config (``reference.hooked_frozen``).
 import pytest
 import torch
 from conftest import HOOKED, PROMPT, cached_tiny, rel
-from reference import full_precision_softmax, hf_frozen, hooked_frozen
+from lens_linear.reference import full_precision_softmax, hf_frozen, hooked_frozen
 
 import lens_linear as ll
 from lens_linear.tiny import tiny_architectures, tiny_hf_model

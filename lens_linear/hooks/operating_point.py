@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 
 from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
                                      tolerance)
+from lens_linear.hooks.inside import moe_hooks
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
@@ -49,6 +50,8 @@ def _broadcast(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _spread(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-batch-element factor for a value whose leading dim may be batch × positions."""
+    if factor.ndim == 0:
+        return factor
     if factor.shape[0] != like.shape[0]:
         factor = factor.repeat_interleave(like.shape[0] // factor.shape[0], dim=0)
     return factor.expand_as(like)
@@ -69,6 +72,8 @@ def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor]
     for site in sites:
         if site.kind == "ratio":
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
+        elif site.kind == "moe":
+            hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
         elif mode == "record":
             def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
                 store[key] = value.detach()
@@ -154,9 +159,10 @@ class OperatingPoint:
         sites = find_sites(model, parts)
         values: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
+        upstream: dict[str, torch.Tensor] = {}
         def grab(value: torch.Tensor, hook: Any) -> None:
             seen["x"] = value.detach()[0]
-            seen.update({name: None for name in values})  # sites before the input (an embedding norm)
+            upstream.update(values)  # sites fired before the input (an embedding norm), by value
 
         grab = (INPUT_HOOK, grab)
         try:
@@ -171,9 +177,11 @@ class OperatingPoint:
                 f"the model's forward pass fails once its coefficients are frozen "
                 f"({type(exc).__name__}: {exc}). A component of this model does not accept an "
                 f"edited hook value (a weight-free norm in TransformerLens' bridge, say).") from exc
-        # a coefficient upstream of the input variable is not part of the map from it
-        sites = [s for s in sites if s.name not in seen]
-        point = cls(model, tokens, sites, {k: v for k, v in values.items() if k not in seen}, seen["x"], fwd_hooks)
+        # a coefficient only upstream of the input variable is not part of the map from it (one
+        # that fires again later, as a norm module shared by the embedding and the output, is)
+        before = {name for name, value in upstream.items() if values.get(name) is value}
+        sites = [s for s in sites if s.name not in before]
+        point = cls(model, tokens, sites, {k: v for k, v in values.items() if k not in before}, seen["x"], fwd_hooks)
         return point, logits, cache
 
     @functools.cached_property
@@ -210,8 +218,8 @@ class OperatingPoint:
         checked = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
         ignored = [s.name for s in checked if s.name not in self.values]  # never fired at all
         start = 0 if self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
-        factors = {s.name: torch.ones([1] * self.values[s.name].ndim, dtype=self.values[s.name].dtype,
-                                      device=self.values[s.name].device, requires_grad=True)
+        factors = {s.name: torch.ones((), dtype=self.values[s.name].dtype, device=self.values[s.name].device,
+                                      requires_grad=True)
                    for s in checked if s.name in self.values}
         with analysis_mode(self.model), torch.enable_grad():
             y = self.replay(self.x_star[start:][None], [out_name], start_pos=start, factors=factors)[out_name]
@@ -249,8 +257,8 @@ class OperatingPoint:
         sites, store = self.sites, self.values
         if start_pos:  # q/k norms feed only the frozen pattern: they may run live on the suffix
             sites = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
-            store = {s.name: cut_positions(s, store[s.name], slice(start_pos, None), 1, len(self.x_star))
-                     for s in sites}
+            store = {**store, **{s.name: cut_positions(s, store[s.name], slice(start_pos, None), 1, len(self.x_star))
+                                 for s in sites if s.kind != "moe"}}  # moe hooks fit their values themselves
         with self.computing():
             return run_to(self.model, self.tokens[:, start_pos:].expand(x.shape[0], -1),
                           self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors),

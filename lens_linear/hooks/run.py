@@ -16,9 +16,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_hook
+from lens_linear.hooks.inside import ModuleHook, experts_eager, patterns_inside, weightless_norms_completed
 
 NameFilter = str | Callable[[str], bool]
-Hook = tuple[NameFilter, Callable[..., Any]]
+
+
+Hook = tuple[NameFilter, Callable[..., Any]] | ModuleHook
 _LEVELS = itertools.count(1 << 40)  # hook context levels of our own, apart from TransformerLens' small ones
 
 
@@ -75,25 +78,6 @@ def offloaded_norms_loaded(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def weightless_norms_completed(model: Any) -> Iterator[None]:
-    """Give a weight-free norm's bridge (OLMo 1's LayerNorm) the weight 1 for the duration.
-    Once its scale is edited, TransformerLens' bridge computes the norm itself and multiplies
-    by ``self.weight``, which such a norm does not have (an AttributeError inside the
-    forward). The attribute is removed on exit, even on error."""
-    completed = []
-    try:
-        for module in model.modules():
-            if hasattr(module, "hook_scale") and "_original_component" in getattr(module, "_modules", {}) \
-                    and not hasattr(module, "weight"):
-                vars(module)["weight"] = 1.0
-                completed.append(module)
-        yield
-    finally:
-        for module in completed:
-            vars(module).pop("weight", None)
-
-
-@contextlib.contextmanager
 def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     """Add forward hooks for the duration; removes exactly these hooks, even on error.
 
@@ -104,19 +88,27 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     """
     level = next(_LEVELS)
     hook_dict = model.hook_dict
+    on_modules = [h for h in hooks if isinstance(h, ModuleHook)]
+    hooks = [h for h in hooks if not isinstance(h, ModuleHook)]
     missing = [name for name, _ in hooks if not callable(name) and name not in hook_dict]
     if missing:
         require_hook(model, *missing)  # raises, naming close matches
-    points = []
+    points, handles = [], []
     try:
-        with quiet_bridge(), offloaded_norms_loaded(model), weightless_norms_completed(model):
+        with quiet_bridge(), offloaded_norms_loaded(model), weightless_norms_completed(model), \
+                patterns_inside(model), experts_eager(model):
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)
+            for h in on_modules:
+                register = h.module.register_forward_pre_hook if h.pre else h.module.register_forward_hook
+                handles.append(register(h.fn))
             yield
     finally:
         for point in points:
             point.remove_hooks("fwd", level=level)
+        for handle in handles:
+            handle.remove()
 
 
 def forward(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook] = ()) -> torch.Tensor:

@@ -5,8 +5,11 @@ coefficient ``A``. One rule per kind serves every architecture:
 
 * ``norm``  — every ``*.hook_scale`` (LayerNorm/RMSNorm scale, incl. q/k norms, ``ln_final``).
 * ``attn``  — every ``*.hook_pattern`` (the softmax output).
-* ``gate``  — a gated MLP (it has ``mlp.hook_pre_linear``): ``mlp.hook_pre``, the gate's
-  pre-activation, so ``act(hook_pre)`` becomes a constant.
+* ``gate``  — a gated MLP (it has ``mlp.hook_pre_linear``; a mixture's shared experts
+  too): ``mlp.hook_pre``, the gate's pre-activation, so ``act(hook_pre)`` becomes a constant.
+* ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
+  (weights and choices) and each selected expert's gate, frozen inside the wrapped module
+  (:mod:`lens_linear.hooks.inside`), where TransformerLens has no hook point.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
   its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
   ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
@@ -30,7 +33,7 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # "norm" | "attn" | "gate" | "ratio"
+    kind: str  # "norm" | "attn" | "gate" | "ratio" | "moe"
     layer: int | None
     source: str | None = None  # ratio sites: the hook holding the activation's input
 
@@ -59,10 +62,14 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             add(name, "norm")
         elif "attn" in parts and name.endswith("hook_pattern"):
             add(name, "attn")
-        elif "mlp" in parts and name.endswith("mlp.hook_pre"):
+        elif "mlp" in parts and ".mlp." in name and name.endswith("hook_pre"):
             prefix = name[: -len("hook_pre")]
-            if prefix + "hook_pre_linear" in names:
+            if prefix + "hook_pre_linear" in names:  # a gated MLP, shared experts' included
                 add(name, "gate")
+            elif not name.endswith("mlp.hook_pre"):
+                continue
+            elif prefix + "hook_router_scores" in names:  # a mixture of experts: router and expert gates
+                add(prefix + "hook_router_scores", "moe")
             else:
                 out = prefix + "hook_mid" if prefix + "hook_mid" in names else prefix + "hook_post"
                 if out in names:

@@ -1,17 +1,20 @@
-"""Plain-PyTorch forwards of tiny HF models with explicit detaches, written from the weights.
+"""Independent references for the detached Jacobian: this module imports nothing from
+lens_linear, and the tests and ``lens_linear.coverage`` compare the library against it.
 
-They share nothing with lens_linear's hook machinery: the detaches are placed by hand,
-so the Jacobians they give are an independent reference for J⁺.
+Plain-PyTorch forwards of tiny HF models with explicit detaches, written from the weights:
+the detaches are placed by hand, so the Jacobians they give are an independent reference for J⁺.
 
 Two more, sharing no code with lens_linear either:
 
 * :func:`hf_frozen` runs any Hugging Face causal LM itself, with the coefficients detached by
-  temporary hooks chosen per kind of operation (norm modules, the softmax, MLP activations).
+  temporary hooks chosen per kind of operation (norm modules, the softmax, activation modules,
+  a mixture of experts' router outputs and shared-expert gate).
 * :func:`hooked_frozen` is a forward written from a HookedTransformer's weights and config.
 """
 
 import contextlib
 import math
+import re
 
 import torch
 
@@ -116,9 +119,10 @@ def _rms_frozen_hook(module, args, out):
     x = args[0]
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     inv = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-    w = module.weight
+    w = getattr(module, "weight", None)
     with torch.no_grad():
-        gain = min((w, 1 + w), key=lambda g: float((x * inv * g - out).abs().max()))
+        gains = (torch.ones((), dtype=x.dtype),) if w is None else (w, 1 + w)  # weight-free, plain, Gemma's offset
+        gain = min(gains, key=lambda g: float((x * inv * g - out).abs().max()))
         assert torch.allclose(x * inv * gain, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown RMS form"
     return x * (inv * gain).detach()
 
@@ -126,7 +130,7 @@ def _rms_frozen_hook(module, args, out):
 def _ln_frozen_hook(module, args, out):
     """LayerNorm: the centered input times a frozen ratio, plus the bias."""
     x = args[0]
-    b = 0 if module.bias is None else module.bias
+    b = 0 if getattr(module, "bias", None) is None else module.bias
     xc = x - x.mean(-1, keepdim=True)
     return xc * ((out - b) / xc).detach() + b
 
@@ -149,8 +153,25 @@ def _slope_hook(module, args, out):
     return pre * ratio.detach()
 
 
+ACTIVATION = re.compile(r"gelu|silu|swish|relu|activation|tanh|sigmoid|mish", re.IGNORECASE)
+
+
+def _is_activation(m):
+    return (next(m.parameters(), None) is None and not list(m.children())
+            and ACTIVATION.search(type(m).__name__) is not None and "softmax" not in type(m).__name__.lower())
+
+
+def _detach_outputs(module, args, out):
+    """A router (or a shared expert's scalar gate): every output constant at its value."""
+    if isinstance(out, tuple):
+        return tuple(o.detach() if torch.is_tensor(o) else o for o in out)
+    return out.detach()
+
+
 def _frozen_hooks(base):
-    """Forward hooks on every norm module and on every MLP's activation module."""
+    """Forward hooks by kind of operation: every norm module (scale frozen), every activation
+    module (a gated one's output frozen; otherwise its ratio to its input), and in a mixture of
+    experts the router's outputs and the shared expert's scalar gate (routing constant)."""
     handles = []
     for m in base.modules():
         name = type(m).__name__
@@ -160,12 +181,12 @@ def _frozen_hooks(base):
             handles.append(m.register_forward_hook(_ln_frozen_hook))
         elif "Norm" in name:
             raise NotImplementedError(f"no frozen form for norm module {name}")
-        elif "MLP" in name:
-            gated = any("gate" in n for n, _ in m.named_children())
-            acts = [c for c in m.children()  # parameter-free children: the activation (and dropout)
-                    if next(c.parameters(), None) is None and "Dropout" not in type(c).__name__]
-            assert len(acts) == 1, f"{name}: expected one activation module, got {acts}"
-            handles.append(acts[0].register_forward_hook(_gate_hook if gated else _slope_hook))
+        for child_name, child in m.named_children():
+            if _is_activation(child):  # gated: its parent also holds a gate projection (or fused gate_up)
+                gated = any("gate" in n for n, _ in [*m.named_children(), *m.named_parameters(recurse=False)])
+                handles.append(child.register_forward_hook(_gate_hook if gated else _slope_hook))
+            elif child_name in ("gate", "router", "shared_expert_gate") and hasattr(m, "experts"):
+                handles.append(child.register_forward_hook(_detach_outputs))
     return handles
 
 
@@ -191,12 +212,19 @@ def full_precision_softmax(detach=False):
 
 @contextlib.contextmanager
 def _eager_attention(hf):
+    """Eager attention (an explicit softmax) and, in a mixture of experts, the per-expert loop
+    (grouped matrix products have no float64 kernel)."""
     prev = hf.config._attn_implementation
+    experts = getattr(hf.config, "_experts_implementation", None)
     hf.set_attn_implementation("eager")
+    if experts is not None:
+        hf.set_experts_implementation("eager")
     try:
         yield
     finally:
         hf.set_attn_implementation(prev)
+        if experts is not None:
+            hf.set_experts_implementation(experts)
 
 
 def hf_frozen(hf, x, frozen=True):
@@ -205,7 +233,7 @@ def hf_frozen(hf, x, frozen=True):
     scales, attention patterns and MLP gates detached (``frozen=False``: the plain model)."""
     base = hf.base_model
     n = hf.config.num_hidden_layers
-    layers = next(m for m in base.children() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+    layers = next(m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
 
     def inject(module, args, kwargs):
         if args:

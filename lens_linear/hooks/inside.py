@@ -1,0 +1,238 @@
+"""Coefficients that TransformerLens' hook points cannot reach in time, made reachable.
+
+A freezing hook only works where the model uses the hooked value. Some bridges run the
+wrapped Hugging Face module whole and fire a hook afterwards, on a value already used; some
+components have no hook at all. The rules here stay per kind of operation, never per model:
+
+* an attention that computes its softmax inside the wrapped module (GPT-J, GPT-Neo, OPT,
+  XGLM, ...): the softmax's output is passed through the bridge's ``hook_pattern`` at the
+  moment it is computed, so the pattern site freezes the weights the module really uses;
+* a weight-free norm (OLMo 1): an edited scale makes the bridge multiply by a ``weight`` the
+  norm does not have; it is given the weight 1 meanwhile.
+
+Each is a context manager that :func:`lens_linear.hooks.run.hooks_on` enters for every run,
+so everything is removed on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lens_linear._validation import LinearizationError
+from lens_linear.hooks.sites import layer_of
+
+@dataclass(frozen=True)
+class ModuleHook:
+    """A PyTorch forward hook (``pre``: forward pre-hook) on a module inside the wrapped model:
+    a coefficient site where TransformerLens has no hook point (a router, an expert's gate)."""
+
+    module: torch.nn.Module
+    fn: Callable[..., Any]
+    pre: bool = False
+
+
+
+
+
+class _PatternThroughHook(TorchFunctionMode):
+    """Inside one attention module's forward: every softmax output goes through ``hook_pattern``."""
+
+    def __init__(self, bridge: Any, n_heads: int):
+        super().__init__()
+        self.bridge, self.n_heads, self.calls = bridge, n_heads, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", None) == "softmax":  # F.softmax, torch.softmax, Tensor.softmax
+            self.calls += 1
+            shape = out.shape
+            heads = out.reshape(-1, self.n_heads, *shape[1:]) if out.ndim == 3 else out  # [batch·heads, q, k]
+            out = self.bridge.hook_pattern(heads).reshape(shape)
+        return out
+
+
+@contextlib.contextmanager
+def patterns_inside(model: Any) -> Iterator[None]:
+    """For every attention bridge that calls its wrapped module's forward, route the softmax
+    computed there through ``hook_pattern`` while that forward runs. Bridges that compute
+    attention themselves never call it: for them nothing changes. One softmax per call is
+    required; an attention without one (a fused kernel such as SDPA) is refused."""
+    handles, active = [], []
+
+    def enter(bridge: Any) -> Any:
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            mode = _PatternThroughHook(bridge, model.cfg.n_heads)
+            mode.__enter__()
+            active.append(mode)
+        return pre
+
+    def leave(bridge: Any) -> Any:
+        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            mode = active.pop()
+            mode.__exit__(None, None, None)
+            if mode.calls != 1:
+                name = next((n for n, m in model.named_modules() if m is bridge), "attention")
+                raise LinearizationError(
+                    f"{name} computes its attention inside the wrapped module with {mode.calls} softmax "
+                    f"calls (one expected), so its pattern cannot be frozen (a fused kernel such as "
+                    f"SDPA has none): load the model with attn_implementation='eager'.", layer=layer_of(name))
+        return post
+
+    try:
+        for module in model.modules():
+            inner = module._modules.get("_original_component") if hasattr(module, "hook_pattern") else None
+            if inner is not None:
+                handles.append(inner.register_forward_pre_hook(enter(module)))
+                handles.append(inner.register_forward_hook(leave(module)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while active:  # a forward that raised inside an attention module
+            active.pop().__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def weightless_norms_completed(model: Any) -> Iterator[None]:
+    """Give a weight-free norm's bridge (OLMo 1's LayerNorm) the weight 1 for the duration.
+    Once its scale is edited, TransformerLens' bridge computes the norm itself and multiplies
+    by ``self.weight``, which such a norm does not have (an AttributeError inside the
+    forward). The attribute is removed on exit, even on error."""
+    completed = []
+    try:
+        for module in model.modules():
+            if hasattr(module, "hook_scale") and "_original_component" in getattr(module, "_modules", {}) \
+                    and not hasattr(module, "weight"):
+                vars(module)["weight"] = 1.0
+                completed.append(module)
+        yield
+    finally:
+        for module in completed:
+            vars(module).pop("weight", None)
+
+
+# ---- mixtures of experts ---------------------------------------------------------------------
+
+ROUTERS = ("gate", "router")  # the HF child that computes routing weights and choices
+SHARED_GATES = ("shared_expert_gate",)  # a scalar gate on the shared expert: sigmoid(linear(x))
+SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
+
+
+def _hf(module: Any) -> Any:
+    """The Hugging Face module behind a bridge component (itself if it is one)."""
+    return module._modules.get("_original_component", module) if module is not None else None
+
+
+def _fit(stored: torch.Tensor, like: torch.Tensor, n_pos: int) -> torch.Tensor:
+    """A value recorded for one prompt, for a run of ``like``'s shape over the last ``n_pos``
+    positions: tokens flattened first (``[pos, ...]`` → ``[batch·pos, ...]``) or batch first."""
+    if stored.shape == like.shape:
+        return stored
+    if stored.ndim >= 3 and stored.shape[0] == 1:  # [1, pos, ...]
+        return stored[:, stored.shape[1] - n_pos:].expand(like.shape)
+    part = stored[stored.shape[0] - n_pos:]
+    return part.repeat(like.shape[0] // n_pos, *([1] * (part.ndim - 1)))
+
+
+def _scaled(value: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    return value if factor is None or not value.is_floating_point() else value * factor
+
+
+@contextlib.contextmanager
+def experts_eager(model: Any) -> Iterator[None]:
+    """Hugging Face experts modules computed by their per-expert loop for the duration (the
+    loop calls the expert activation once per selected expert, where the expert gates are
+    frozen); the configured implementation is put back on exit, even on error."""
+    configs = {id(m.config): m.config for m in model.modules()
+               if hasattr(type(m), "_apply_gate") and hasattr(getattr(m, "config", None), "_experts_implementation")}
+    saved = [(c, c._experts_implementation) for c in configs.values()]
+    try:
+        for config, _ in saved:
+            config._experts_implementation = "eager"
+        yield
+    finally:
+        for config, implementation in saved:
+            config._experts_implementation = implementation
+
+
+def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], mode: str,
+              factor: torch.Tensor | None = None) -> list[ModuleHook]:
+    """Freeze one mixture-of-experts block: the router's outputs (weights and choices, so the
+    replay routes every token as recorded), each selected expert's gate pre-activation (so
+    ``act(gate)`` is a constant and ``act(gate) · up`` linear), and a shared expert's scalar
+    gate. ``mode="record"`` stores them under ``key`` (detached); ``"replay"`` substitutes
+    them for any batch, or for the last positions alone. Shared experts that TransformerLens
+    bridges as gated MLPs are ``gate`` sites of their own; the load-balancing path is untouched."""
+    block = _hf(model.blocks[layer].mlp)
+    router = next((_hf(getattr(block, n)) for n in ROUTERS if isinstance(getattr(block, n, None), torch.nn.Module)), None)
+    experts = _hf(getattr(block, "experts", None))
+    act = getattr(experts, "act_fn", None)
+    if router is None or not isinstance(act, torch.nn.Module):
+        raise LinearizationError(
+            f"blocks.{layer}.mlp is a mixture of experts without a router module ({', '.join(ROUTERS)}) or "
+            f"an expert activation module (experts.act_fn): no freezing rule for its gates.", layer=layer)
+    live: dict[str, Any] = {}
+
+    def block_pre(module: Any, args: tuple) -> None:
+        live["n_pos"] = args[0].shape[-2] if args else None
+
+    def constant(name: str) -> Any:  # a whole module output, frozen (tuple outputs element-wise)
+        def hook(module: Any, args: tuple, output: Any) -> Any:
+            outs = output if isinstance(output, tuple) else (output,)
+            if mode == "record":
+                for j, o in enumerate(outs):
+                    if torch.is_tensor(o):
+                        store[f"{key}#{name}{j}"] = o.detach()
+                frozen = tuple(store.get(f"{key}#{name}{j}", o) for j, o in enumerate(outs))
+            else:
+                frozen = tuple(_scaled(_fit(store[f"{key}#{name}{j}"], o, live["n_pos"]), factor) if torch.is_tensor(o)
+                               else o for j, o in enumerate(outs))
+            return frozen if isinstance(output, tuple) else frozen[0]
+        return hook
+
+    def experts_pre(module: Any, args: tuple) -> None:  # the rows of each expert call, as the loop visits them
+        index = args[1]
+        mask = torch.nn.functional.one_hot(index, num_classes=module.num_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        live["rows"] = [torch.where(mask[e[0]]) for e in hit if e[0] != module.num_experts]
+        live["call"], live["top_k"] = 0, index.shape[-1]
+
+    def gate_pre(module: Any, args: tuple) -> tuple:
+        slot, token = live["rows"][live["call"]]
+        live["call"] += 1
+        gate = args[0]
+        if mode == "record":
+            if live["call"] == 1:
+                store[key] = gate.new_zeros(live["n_pos"], live["top_k"], gate.shape[-1])
+            store[key][token, slot] = gate.detach()
+            return (gate.detach(),)
+        recorded = store[key]
+        n_pos = live["n_pos"]
+        return (_scaled(recorded[recorded.shape[0] - n_pos + token % n_pos, slot], factor),)
+
+    hooks = [ModuleHook(block, block_pre, pre=True), ModuleHook(router, constant("router")),
+             ModuleHook(experts, experts_pre, pre=True), ModuleHook(act, gate_pre, pre=True)]
+    for name in SHARED_GATES:
+        if isinstance(getattr(block, name, None), torch.nn.Module):
+            hooks.append(ModuleHook(_hf(getattr(block, name)), constant(name)))
+    for name in SHARED_EXPERTS:  # a shared expert TransformerLens does not bridge: its activation
+        shared = getattr(block, name, None)
+        shared_act = getattr(shared, "act_fn", None)
+        if "_original_component" not in getattr(shared, "_modules", {}) and isinstance(shared_act, torch.nn.Module):
+            hooks.append(ModuleHook(shared_act, _constant_input(f"{key}#{name}", store, mode, factor, live), pre=True))
+    return hooks
+
+
+def _constant_input(key: str, store: dict[str, torch.Tensor], mode: str, factor: torch.Tensor | None,
+                    live: dict[str, Any]) -> Any:
+    def hook(module: Any, args: tuple) -> tuple:
+        if mode == "record":
+            store[key] = args[0].detach()
+            return (store[key],)
+        return (_scaled(_fit(store[key], args[0], live["n_pos"]), factor),)
+    return hook
