@@ -36,7 +36,7 @@ from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint,
                                                block_outputs, linears_skipped, output_hook,
                                                seeded_randn)
 from lens_linear.hooks.run import Hook, run_to
-from lens_linear.hooks.sites import PARTS, layer_of
+from lens_linear.hooks.sites import PARTS, components_without_sites, layer_of
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
 from lens_linear.memory import chunk_size, sequence_bytes
@@ -358,11 +358,13 @@ class LinearCache:
             layer, layer_err = self.point.locate_break(tol)
             where = (f"linearity first breaks at blocks.{layer} (affinity error {layer_err:.2e})"
                      if layer is not None else "every block's replay is affine, so the Jacobian path disagrees with replay")
+            bare = components_without_sites(self.model, layer, self.point.sites) if layer is not None else []
+            suspects = (f"blocks.{layer}'s {', '.join(bare)} (no freezing rule for its operator: a state-space "
+                        f"scan, gated convolution or recurrence), or a user hook" if bare else
+                        "a user hook, or a component without a freezing rule")
             raise LinearizationError(
-                f"the detached Jacobian does not reconstruct {hook} (relative error "
-                f"{err:.2e} > {tol:.0e}): {where}. A nonlinearity is not frozen there: a user hook, "
-                f"or a component without a freezing rule (MoE router, attention pattern the model "
-                f"reads before hook_pattern fires).", layer=layer, error=err)
+                f"the detached Jacobian does not reconstruct {hook} (relative error {err:.2e} > {tol:.0e}): "
+                f"{where}. A nonlinearity is not frozen there: {suspects}.", layer=layer, error=err)
         return err
 
     def projected_reconstruction_error(self, hook: HookKey | None = None, *, pos: int | None = None,

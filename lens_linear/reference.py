@@ -128,11 +128,19 @@ def _rms_frozen_hook(module, args, out):
 
 
 def _ln_frozen_hook(module, args, out):
-    """LayerNorm: the centered input times a frozen ratio, plus the bias."""
+    """LayerNorm: the centered input over a frozen scale, times the weight, plus the bias, in
+    the input's precision (some modules compute in float32, a downcast for a float64 model);
+    checked against the module's own output."""
     x = args[0]
-    b = 0 if getattr(module, "bias", None) is None else module.bias
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-5))
+    w = getattr(module, "weight", None)
+    b = getattr(module, "bias", None)
     xc = x - x.mean(-1, keepdim=True)
-    return xc * ((out - b) / xc).detach() + b
+    y = xc / (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt().detach()
+    y = y * (1 if w is None else w) + (0 if b is None else b)
+    with torch.no_grad():
+        assert torch.allclose(y, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown LayerNorm form"
+    return y
 
 
 def _act_slope_at_0(act, like):
@@ -157,8 +165,9 @@ ACTIVATION = re.compile(r"gelu|silu|swish|relu|activation|tanh|sigmoid|mish", re
 
 
 def _is_activation(m):
-    return (next(m.parameters(), None) is None and not list(m.children())
-            and ACTIVATION.search(type(m).__name__) is not None and "softmax" not in type(m).__name__.lower())
+    """An elementwise activation module (some, like xIELU, hold parameters of their own)."""
+    return (not list(m.children()) and ACTIVATION.search(type(m).__name__) is not None
+            and "softmax" not in type(m).__name__.lower())
 
 
 def _detach_outputs(module, args, out):
@@ -216,13 +225,16 @@ def _eager_attention(hf):
     (grouped matrix products have no float64 kernel)."""
     prev = hf.config._attn_implementation
     experts = getattr(hf.config, "_experts_implementation", None)
-    hf.set_attn_implementation("eager")
+    if prev != "eager":
+        hf.set_attn_implementation("eager")
+    assert hf.config._attn_implementation == "eager", "this model cannot switch to eager attention: build it eager"
     if experts is not None:
         hf.set_experts_implementation("eager")
     try:
         yield
     finally:
-        hf.set_attn_implementation(prev)
+        if prev != "eager":
+            hf.set_attn_implementation(prev)
         if experts is not None:
             hf.set_experts_implementation(experts)
 

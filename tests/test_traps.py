@@ -1,47 +1,47 @@
-"""Architectures where a freezing hook cannot take effect end in a clear LinearizationError.
+"""What has no freezing rule ends in a clear LinearizationError naming where, never in a wrong result.
 
-Found by probing TransformerLens' bridge with tiny random models: on GPT-J, GPT-Neo, OPT and
-XGLM it fires hook_pattern after the attention has used the pattern; MoE blocks have router and expert gates with no
-freezing rule. None of these may return a wrong linearization.
+Found by probing TransformerLens' bridge with tiny random models (``lens_linear.coverage``):
+a mixture of experts whose experts compute their gate without an activation module (gpt-oss's
+clamped GLU), state-space mixers (Mamba), and a user's own nonlinearity inside an MoE block.
 """
 
 import pytest
 import torch
-import transformers as tf
 
 import lens_linear as ll
-from lens_linear.models import wrap_bridge
-from lens_linear.tiny import char_tokenizer, perturb_
+from lens_linear.models import tl_has_hooked_transformer, wrap_bridge
+from lens_linear.tiny import char_tokenizer
 
 from conftest import hooks_left
 
-SMALL = dict(vocab_size=128, max_position_embeddings=64)
+if tl_has_hooked_transformer():
+    pytest.skip("architecture probes run with the newest TransformerLens", allow_module_level=True)
+from lens_linear.coverage import tiny_hf  # noqa: E402
+
 TRAPS = {
-    "gptj": (lambda: tf.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8),
-             "hook_pattern"),
-    "gpt_neo": (lambda: tf.GPTNeoConfig(hidden_size=64, num_layers=2, num_heads=4,
-                                        attention_types=[[["global", "local"], 1]], **SMALL), "hook_pattern"),
-    "opt": (lambda: tf.OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                                 word_embed_proj_dim=64, **SMALL), "hook_pattern"),
-    "xglm": (lambda: tf.XGLMConfig(vocab_size=128, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
-                                   max_position_embeddings=64), "hook_pattern"),
-    "mixtral": (lambda: tf.MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                         num_experts_per_tok=2, **SMALL), "mixture-of-experts"),
+    "GptOssForCausalLM": (r"experts\.act_fn", 0),
+    "MambaForCausalLM": (r"blocks\.0's mixer", 0),
 }
+
+
+def bridge(arch):
+    return wrap_bridge(tiny_hf(arch), char_tokenizer(), f"tiny-{arch}", torch.float32)
 
 
 @pytest.mark.parametrize("arch", sorted(TRAPS))
 def test_trap_ends_in_linearization_error(arch):
-    make, message = TRAPS[arch]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = make()
-        hf = tf.AutoModelForCausalLM.from_config(config)
-    config.architectures = [type(hf).__name__]
-    model = wrap_bridge(perturb_(hf).eval(), char_tokenizer(), f"tiny-{arch}", torch.float32)
+    message, layer = TRAPS[arch]
+    model = bridge(arch)
     with pytest.raises(ll.LinearizationError, match=message) as info:
-        ll.run_with_linear_cache(model, "Hello world")
-    if message == "hook_pattern":
-        assert info.value.layer == 0
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert info.value.layer == layer
+    assert not hooks_left(model)
+
+
+def test_nonlinearity_inside_an_expert_block_is_refused_naming_its_layer():
+    model = bridge("MixtralForCausalLM")
+    squash = ("blocks.1.mlp.hook_out", lambda v, hook: torch.tanh(3 * v))
+    with pytest.raises(ll.LinearizationError, match=r"blocks\.1\b") as info:
+        ll.run_with_linear_cache(model, "Hello world", fwd_hooks=[squash], progress=False)
+    assert info.value.layer == 1
     assert not hooks_left(model)

@@ -13,6 +13,7 @@ import torch
 
 from lens_linear._validation import require_tl_model
 from lens_linear.hooks.operating_point import INPUT_HOOK, output_hook, site_hooks
+from lens_linear.hooks.inside import ModuleHook
 from lens_linear.hooks.run import Hook, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, find_sites
 
@@ -27,7 +28,15 @@ def detach_hooks(model: Any, parts: Sequence[str] = PARTS) -> list[Hook]:
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=detach_hooks(model))
     """
     require_tl_model(model)
-    return site_hooks(model, find_sites(model, parts), {}, "record")
+    hooks = site_hooks(model, find_sites(model, parts), {}, "record")
+    inside = [h for h in hooks if isinstance(h, ModuleHook)]
+    whole = [n for n, m in model.named_modules() if hasattr(m, "hook_pattern") and type(m).__name__ == "AttentionBridge"]
+    if inside or whole:
+        raise ValueError(
+            f"this model has coefficients TransformerLens' hook points do not reach in time "
+            f"({'a mixture of experts' if inside else f'attention computed inside the wrapped module, {whole[0]}'}): "
+            f"run_with_hooks cannot freeze them. Use `with lens_linear.detached(model): ...` instead.")
+    return hooks
 
 
 @contextlib.contextmanager
@@ -40,7 +49,7 @@ def detached(model: Any, parts: Sequence[str] = PARTS) -> Iterator[Any]:
         >>> with detached(model):
         ...     logits = model(tokens)  # same values; gradients are those of J⁺
     """
-    hooks = detach_hooks(model, parts)
+    hooks = site_hooks(model, find_sites(model, parts), {}, "record")
     with hooks_on(model, hooks):
         yield model
 
@@ -57,7 +66,8 @@ def detached_function(model: Any, tokens: torch.Tensor, hook: str | None = None,
     hook = hook or output_hook(model)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return run_to(model, tokens, detach_hooks(model, parts), inject=(INPUT_HOOK, x[None]),
+        hooks = site_hooks(model, find_sites(model, parts), {}, "record")
+        return run_to(model, tokens, hooks, inject=(INPUT_HOOK, x[None]),
                       capture=[hook], pos=pos)[hook][0].reshape(-1)
 
     return fn

@@ -98,3 +98,14 @@ def slope_at_zero(act: Callable[[torch.Tensor], torch.Tensor], like: torch.Tenso
         return float(grad)
     except (RuntimeError, TypeError):
         return 0.0
+
+
+def components_without_sites(model: Any, layer: int, sites: Sequence[Site]) -> list[str]:
+    """Components of block ``layer`` (``blocks.{layer}.<component>.hook_*``) that hold no
+    coefficient site: where an operator without a freezing rule (a state-space mixer, a gated
+    convolution, a recurrence) is to be looked for when linearity breaks in that block."""
+    prefix = f"blocks.{layer}."
+    parts = {n[len(prefix):].split(".")[0] for n in model.hook_dict if n.startswith(prefix) and
+             n[len(prefix):].count(".") >= 1}
+    covered = {s.name[len(prefix):].split(".")[0] for s in sites if s.name.startswith(prefix)}
+    return sorted(parts - covered)
