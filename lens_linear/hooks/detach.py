@@ -49,6 +49,7 @@ def detached(model: Any, parts: Sequence[str] = PARTS) -> Iterator[Any]:
         >>> with detached(model):
         ...     logits = model(tokens)  # same values; gradients are those of J⁺
     """
+    require_tl_model(model)
     hooks = site_hooks(model, find_sites(model, parts), {}, "record")
     with hooks_on(model, hooks):
         yield model
