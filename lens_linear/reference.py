@@ -177,6 +177,41 @@ def _detach_outputs(module, args, out):
     return out.detach()
 
 
+def _gates_detached(module, args, out):
+    """A doubly gated convolution's input projection ``[B, C, x]``: B and C detached."""
+    d = out.shape[-1] // 3
+    return torch.cat([out[..., :2 * d].detach(), out[..., 2 * d:]], -1)
+
+
+class _FunctionalActivations(torch.overrides.TorchFunctionMode):
+    """Inside an MLP that calls its activation as a function (``F.silu(w1 x) * w3 x``): the
+    activation's output detached (gated) or its ratio to the input detached (plain)."""
+
+    def __init__(self, gated):
+        super().__init__()
+        self.gated = gated
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if ACTIVATION.search(getattr(func, "__name__", "")) and "softmax" not in func.__name__:
+            out = _gate_hook(None, args, out) if self.gated else (
+                args[0] * torch.where(args[0] == 0, 0.0, out / args[0]).detach())
+        return out
+
+
+def _functional_activations(mlp, gated):
+    modes = []
+
+    def enter(module, args):
+        modes.append(_FunctionalActivations(gated))
+        modes[-1].__enter__()
+
+    def leave(module, args, out):
+        modes.pop().__exit__(None, None, None)
+
+    return [mlp.register_forward_pre_hook(enter), mlp.register_forward_hook(leave)]
+
+
 def _frozen_hooks(base):
     """Forward hooks by kind of operation: every norm module (scale frozen), every activation
     module (a gated one's output frozen; otherwise its ratio to its input), and in a mixture of
@@ -196,6 +231,13 @@ def _frozen_hooks(base):
                 handles.append(child.register_forward_hook(_gate_hook if gated else _slope_hook))
             elif child_name in ("gate", "router", "shared_expert_gate") and hasattr(m, "experts"):
                 handles.append(child.register_forward_hook(_detach_outputs))
+        linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
+        if any(k in name for k in ("MLP", "FeedForward", "Experts")) and not any(_is_activation(c) for c in m.modules()):
+            gated = len(linears) == 3 or any("gate" in n for n, _ in m.named_parameters(recurse=False))
+            handles += _functional_activations(m, gated=gated)
+        conv = getattr(m, "conv", None)
+        if isinstance(conv, torch.nn.Conv1d) and hasattr(m, "in_proj") and m.in_proj.out_features == 3 * conv.in_channels:
+            handles.append(m.in_proj.register_forward_hook(_gates_detached))  # C·conv(B·x): B, C constant
     return handles
 
 

@@ -83,7 +83,7 @@ NOTEBOOKS = {
         "    print(f\"lam={lam}: rank of ' Bridge' {rank:5d}  {out.text!r}\")",
         "## The concept's own prediction\nWhat the concept prompt predicts, and which of its tokens carry it.",
         "concept_cache = ll.run_with_linear_cache(model, concept)\nprint(concept_cache.top_predictions(3))\n"
-        "render.token_contributions(concept_cache)",
+        "concept_cache.jacobian()  # the figure draws each token's J_i x_i\nrender.token_contributions(concept_cache)",
     ],
 }
 

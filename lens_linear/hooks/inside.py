@@ -34,6 +34,29 @@ class ModuleHook:
     module: torch.nn.Module
     fn: Callable[..., Any]
     pre: bool = False
+    attribute: str | None = None  # a plain function the module calls (``self.act_fn = F.silu``): a pre-hook on it
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Register for the duration; removed (the attribute put back as it was) on exit, even on error."""
+        if self.attribute is None:
+            register = self.module.register_forward_pre_hook if self.pre else self.module.register_forward_hook
+            handle = register(self.fn)
+            try:
+                yield
+            finally:
+                handle.remove()
+            return
+        own = vars(self.module).get(self.attribute)
+        original = getattr(self.module, self.attribute)
+        vars(self.module)[self.attribute] = lambda *args: original(*self.fn(self.module, args))
+        try:
+            yield
+        finally:
+            if own is None:
+                vars(self.module).pop(self.attribute, None)
+            else:
+                vars(self.module)[self.attribute] = own
 
 
 
@@ -172,7 +195,7 @@ def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], 
     router = next((_hf(getattr(block, n)) for n in ROUTERS if isinstance(getattr(block, n, None), torch.nn.Module)), None)
     experts = _hf(getattr(block, "experts", None))
     act = getattr(experts, "act_fn", None)
-    if router is None or not isinstance(act, torch.nn.Module):
+    if router is None or not callable(act):
         raise LinearizationError(
             f"blocks.{layer}.mlp is a mixture of experts without a router module ({', '.join(ROUTERS)}) or "
             f"an expert activation module (experts.act_fn): no freezing rule for its gates.", layer=layer)
@@ -216,7 +239,9 @@ def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], 
         return (_scaled(recorded[recorded.shape[0] - n_pos + token % n_pos, slot], factor),)
 
     hooks = [ModuleHook(block, block_pre, pre=True), ModuleHook(router, constant("router")),
-             ModuleHook(experts, experts_pre, pre=True), ModuleHook(act, gate_pre, pre=True)]
+             ModuleHook(experts, experts_pre, pre=True),
+             ModuleHook(act, gate_pre, pre=True) if isinstance(act, torch.nn.Module) else
+             ModuleHook(experts, gate_pre, attribute="act_fn")]
     for name in SHARED_GATES:
         if isinstance(getattr(block, name, None), torch.nn.Module):
             hooks.append(ModuleHook(_hf(getattr(block, name)), constant(name)))

@@ -74,6 +74,9 @@ def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor]
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "moe":
             hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
+        elif site.kind == "slice":
+            hooks.append((site.name, partial(_slice_hook, site=site, store=store, mode=mode,
+                                             factor=factors.get(site.name))))
         elif mode == "record":
             def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
                 store[key] = value.detach()
@@ -86,6 +89,20 @@ def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor]
                 return frozen if factor is None else frozen * _spread(factor, value)
             hooks.append((site.name, replay))
     return hooks
+
+
+def _slice_hook(value: torch.Tensor, hook: Any, site: Site, store: dict[str, torch.Tensor], mode: str,
+                factor: torch.Tensor | None) -> torch.Tensor:
+    """Freeze thirds ``site.frozen`` of the last dimension, keep the rest live."""
+    third = value.shape[-1] // 3
+    part = slice(site.frozen[0] * third, site.frozen[1] * third)
+    if mode == "record":
+        store[site.name] = value.detach()[..., part]
+        frozen = store[site.name]
+    else:
+        frozen = _broadcast(store[site.name], value[..., part])
+        frozen = frozen if factor is None else frozen * _spread(factor, frozen)
+    return torch.cat([value[..., :part.start], frozen, value[..., part.stop:]], dim=-1)
 
 
 def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: str,

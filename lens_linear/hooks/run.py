@@ -93,22 +93,19 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     missing = [name for name, _ in hooks if not callable(name) and name not in hook_dict]
     if missing:
         require_hook(model, *missing)  # raises, naming close matches
-    points, handles = [], []
+    points = []
     try:
         with quiet_bridge(), offloaded_norms_loaded(model), weightless_norms_completed(model), \
-                patterns_inside(model), experts_eager(model):
+                patterns_inside(model), experts_eager(model), contextlib.ExitStack() as attached:
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)
             for h in on_modules:
-                register = h.module.register_forward_pre_hook if h.pre else h.module.register_forward_hook
-                handles.append(register(h.fn))
+                attached.enter_context(h.attached())
             yield
     finally:
         for point in points:
             point.remove_hooks("fwd", level=level)
-        for handle in handles:
-            handle.remove()
 
 
 def forward(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook] = ()) -> torch.Tensor:

@@ -7,6 +7,9 @@ coefficient ``A``. One rule per kind serves every architecture:
 * ``attn``  — every ``*.hook_pattern`` (the softmax output).
 * ``gate``  — a gated MLP (it has ``mlp.hook_pre_linear``; a mixture's shared experts
   too): ``mlp.hook_pre``, the gate's pre-activation, so ``act(hook_pre)`` becomes a constant.
+* ``slice`` — a token mixer's gates inside one projection: a doubly gated short convolution
+  ``C · conv(B · x)`` (LFM2; its ``conv.hook_in_proj`` holds ``[B, C, x]``): ``B`` and ``C``
+  frozen, so the convolution is linear in ``x``.
 * ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
   (weights and choices) and each selected expert's gate, frozen inside the wrapped module
   (:mod:`lens_linear.hooks.inside`), where TransformerLens has no hook point.
@@ -24,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-PARTS = ("norm", "attn", "mlp")
+PARTS = ("norm", "attn", "mlp", "mixer")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -33,9 +36,10 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # "norm" | "attn" | "gate" | "ratio" | "moe"
+    kind: str  # "norm" | "attn" | "gate" | "ratio" | "moe" | "slice"
     layer: int | None
     source: str | None = None  # ratio sites: the hook holding the activation's input
+    frozen: tuple[int, int] | None = None  # slice sites: the frozen part of the last dim, in thirds
 
 
 def layer_of(name: str) -> int | None:
@@ -52,13 +56,15 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
     seen: set[int] = set()
     sites: list[Site] = []
 
-    def add(name: str, kind: str, source: str | None = None) -> None:
+    def add(name: str, kind: str, source: str | None = None, frozen: tuple[int, int] | None = None) -> None:
         if id(names[name]) not in seen:  # a bridge lists one hook point under several aliases
             seen.add(id(names[name]))
-            sites.append(Site(name, kind, layer_of(name), source))
+            sites.append(Site(name, kind, layer_of(name), source, frozen))
 
     for name in names:
-        if "norm" in parts and name.endswith("hook_scale"):
+        if "mixer" in parts and name.endswith("conv.hook_in_proj") and name[:-len("in_proj")] + "gated" in names:
+            add(name, "slice", frozen=(0, 2))  # a doubly gated convolution C·conv(B·x): B, C = thirds 1-2
+        elif "norm" in parts and name.endswith("hook_scale"):
             add(name, "norm")
         elif "attn" in parts and name.endswith("hook_pattern"):
             add(name, "attn")
