@@ -6,7 +6,7 @@ import torch
 import lens_linear as ll
 from lens_linear.attention import attention_input, induction_heads
 
-from conftest import HOOKED, PROMPT, cached_tiny, rel
+from conftest import HOOKED, PROMPT, cached_tiny, newest_tl_only, rel
 
 PAIRS = [(5, 5), (5, 0), (7, 3), (0, 0)]  # (query, key): the diagonal, the first position, neither
 FROZEN = ("attn.hook_pattern", "ln1.hook_scale", "ln1_post.hook_scale")
@@ -154,6 +154,7 @@ def test_smollm2_attention_jacobian_and_qk_term(smollm2):
         assert rel(fm.AB + lc.attention.qk_term(5, q, k), plain) <= 1e-5, (q, k)
 
 
+@newest_tl_only
 def test_smollm2_induction_heads(smollm2):
     report = induction_heads(smollm2, seq_len=50)
     assert report.tokens.shape[-1] == 100  # SmolLM2 prepends no BOS

@@ -8,7 +8,7 @@ import lens_linear as ll
 from lens_linear.patching import (SWEEPS, activation_patching, ioi_pairs, predicted_patching, prompt_pairs,
                                   steer)
 
-from conftest import HOOKED, cached_tiny, rel
+from conftest import HOOKED, cached_tiny, newest_tl_only, rel
 
 IOI_CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
 IOI_CORRUPT = "After John and Mary went to the store, John gave a bottle of milk to"
@@ -132,6 +132,7 @@ def test_steering_with_lam_one_is_greedy_generation():
     assert long_concept.tokens.shape[-1] == model.to_tokens("Hello there").shape[-1] + 2
 
 
+@newest_tl_only
 def test_smollm2_ioi_patching(smollm2):
     import pandas as pd
     import transformer_lens.patching as tlp
