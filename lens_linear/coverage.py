@@ -400,7 +400,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**{counts['exact']} exact** ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
         f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference (≤ 1e-6) is "
-        f"limited by float32 arithmetic inside the Hugging Face model, {counts['refused']} refused with a reason, "
+        f"limited by how far TransformerLens' float64 forward agrees with Hugging Face's, {counts['refused']} "
+        f"refused with a reason, "
         f"{counts['no boot']} do not boot in TransformerLens, {counts['DISAGREES']} disagree with the reference.",
         "",
         "Each row is a tiny random model (2 layers, hidden 64, 4 heads, 4 experts top-2; biases and norm "
