@@ -399,9 +399,8 @@ def markdown(result: dict[str, Any]) -> str:
                     collections.Counter(e["reason"] for e in result["excluded"]).most_common()) + ").",
         "",
         f"**{counts['exact']} exact** ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
-        f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference (≤ 1e-6) is "
-        f"limited by how far TransformerLens' float64 forward agrees with Hugging Face's, {counts['refused']} "
-        f"refused with a reason, "
+        f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference stops at "
+        f"float32 rounding (≤ 1e-6; see the bridge gap column), {counts['refused']} refused with a reason, "
         f"{counts['no boot']} do not boot in TransformerLens, {counts['DISAGREES']} disagree with the reference.",
         "",
         "Each row is a tiny random model (2 layers, hidden 64, 4 heads, 4 experts top-2; biases and norm "
@@ -410,9 +409,10 @@ def markdown(result: dict[str, Any]) -> str:
         "Hugging Face model itself, its norm scales, softmax, activations and routers detached by kind, no "
         "lens_linear code) to 1e-5 in float32 and 1e-10 in float64. Cells: reconstruction error / Jacobian "
         "error against the reference. *Untouched*: parameters, hooks and module hooks identical after the calls. "
-        "*Exact (float32)*: exact in float32; in float64 the reference agrees to ≤ 1e-6 only, as far as "
-        "TransformerLens' own forward agrees with the Hugging Face model's (the *bridge gap* column: relative "
-        "logit difference in float64; both compute some parts in float32).",
+        "*Exact (float32)*: exact in float32; in float64 the reference agrees to ≤ 1e-6 only: a frozen "
+        "value differs at float32 rounding between TransformerLens' forward and Hugging Face's (the *bridge "
+        "gap* column is their relative float64 logit difference; where it is 0 the difference sits in a "
+        "coefficient, not the output).",
         "",
         "| architecture | kind | status | float32 | float64 | bridge gap | untouched | analyses | reason |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
