@@ -319,7 +319,12 @@ def _one_dtype(arch: str, dtype: torch.dtype) -> dict[str, Any]:
             lcache = ll.run_with_linear_cache(model, PROMPT, progress=False)
             out["reconstruction"] = lcache.reconstruction_error()
             ours = lcache.jacobian()
-            jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(reference_model, x)[-1], lcache.x)
+            try:
+                jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(reference_model, x)[-1], lcache.x)
+            except Exception as exc:  # noqa: BLE001 - the reference, not the library, failed
+                out.update(status="no reference", reason=_first_line(exc), untouched=_untouched(model, before),
+                           family=_family(model))
+                return out
         out["reference"] = _relative(jac.transpose(0, 1), ours)
         if out["reconstruction"] > TOLERANCE[dtype]:
             out["status"] = "inexact"  # verified by projections, yet the full check fails: never expected
@@ -357,6 +362,8 @@ def measure(arch: str) -> dict[str, Any]:
         row["status"] = "exact (float32)"
     elif "disagrees" in (f32["status"], f64["status"]) or "inexact" in (f32["status"], f64["status"]):
         row["status"] = "DISAGREES"
+    elif f32["status"] == "no reference":
+        row["status"] = "no reference"  # verified by the library, but the reference cannot run this family
     elif f32["status"] == "no model":
         row["status"] = "no boot"
     else:
@@ -401,6 +408,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"**{counts['exact']} exact** ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
         f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference stops at "
         f"float32 rounding (≤ 1e-6; see the bridge gap column), {counts['refused']} refused with a reason, "
+        f"{counts['no reference']} verified but without a reference, "
         f"{counts['no boot']} do not boot in TransformerLens, {counts['DISAGREES']} disagree with the reference.",
         "",
         "Each row is a tiny random model (2 layers, hidden 64, 4 heads, 4 experts top-2; biases and norm "

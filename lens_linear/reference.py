@@ -137,10 +137,12 @@ def _ln_frozen_hook(module, args, out):
     b = getattr(module, "bias", None)
     xc = x - x.mean(-1, keepdim=True)
     y = xc / (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt().detach()
-    y = y * (1 if w is None else w) + (0 if b is None else b)
-    with torch.no_grad():
-        assert torch.allclose(y, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown LayerNorm form"
-    return y
+    shift = 0 if b is None else b
+    with torch.no_grad():  # the gain is ``weight`` or ``1 + weight`` (LayerNorm1P), whichever reproduces the module
+        gains = (1,) if w is None else (w, 1 + w)
+        gain = min(gains, key=lambda g: float((y * g + shift - out).abs().max()))
+        assert torch.allclose(y * gain + shift, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown LayerNorm form"
+    return y * gain + shift
 
 
 def _act_slope_at_0(act, like):
