@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import sys
 import time
 import warnings
@@ -33,6 +34,8 @@ import torch
 
 from lens_linear._validation import LinearizationError
 from lens_linear.tiny import char_tokenizer, perturb_
+
+log = logging.getLogger(__name__)
 
 PROMPT = "Hello world"
 SIZE = dict(d_model=64, d_mlp=128, n_layers=2, n_heads=4, n_kv=2, d_head=16, vocab=128, n_ctx=64,
@@ -461,12 +464,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="fail when a family exact in the committed JSON regresses (the JSON is then not rewritten)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    import logging
     from importlib.metadata import version
 
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
-    logging.disable(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "transformer_lens", "accelerate"):  # config warnings of tiny models
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     kept, excluded = enumerate_adapters()
     only = [a for a in args.only.split(",") if a]
     rows = []
@@ -475,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(measure(row["arch"]))
         r = rows[-1]
-        print(f"{r['arch']:34} {r['status']:9} f32 {_cell(r['float32']):17} f64 {_cell(r['float64']):17} "
-              f"{r['seconds']:5.1f} s  {r['float32'].get('reason', '')[:400]}", flush=True)
+        log.info(f"{r['arch']:34} {r['status']:9} f32 {_cell(r['float32']):17} f64 {_cell(r['float64']):17} "
+                 f"{r['seconds']:5.1f} s  {r['float32'].get('reason', '')[:400]}")
     result = dict(n_registered=len(SUPPORTED_ARCHITECTURES), excluded=excluded, rows=rows,
                   versions=dict(transformer_lens=version("transformer-lens"), transformers=version("transformers"),
                                 torch=torch.__version__))
@@ -491,9 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             js.write_text(json.dumps(result, indent=1, default=str) + "\n")
     counts = collections.Counter(r["status"] for r in rows)
-    print(", ".join(f"{n} {k}" for k, n in counts.most_common()))
+    log.info(", ".join(f"{n} {k}" for k, n in counts.most_common()))
     for p in problems:
-        print("REGRESSION:", p)
+        log.error(f"REGRESSION: {p}")
     return 1 if problems else 0
 
 

@@ -35,7 +35,7 @@ def attend(q, k, v):
     """q, k, v: [heads, pos, d_head]; causal softmax, pattern frozen."""
     n = q.shape[1]
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     pattern = scores.masked_fill(~mask, float("-inf")).softmax(-1).detach()
     return pattern @ v  # [heads, pos, d_head]
 
@@ -71,7 +71,7 @@ def llama(hf, x, final_norm=True):
     """``final_norm=False``: the last residual stream, before the final norm."""
     m, c = hf.model, hf.config
     H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    pos_ids = torch.arange(x.shape[0])[None]
+    pos_ids = torch.arange(x.shape[0], device=x.device)[None]
     cos, sin = (a[0] for a in m.rotary_emb(x[None], pos_ids))
     for blk in m.layers:
         a = blk.self_attn
@@ -91,7 +91,7 @@ def gpt_neox(hf, x):
     m, c = hf.gpt_neox, hf.config
     H = c.num_attention_heads
     D = c.hidden_size // H
-    pos_ids = torch.arange(x.shape[0])[None]
+    pos_ids = torch.arange(x.shape[0], device=x.device)[None]
     cos, sin = (a[0] for a in m.rotary_emb(x[None], pos_ids))
     assert c.use_parallel_residual
     for blk in m.layers:
@@ -121,7 +121,7 @@ def _rms_frozen_hook(module, args, out):
     inv = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
     w = getattr(module, "weight", None)
     with torch.no_grad():
-        gains = (torch.ones((), dtype=x.dtype),) if w is None else (w, 1 + w)  # weight-free, plain, Gemma's offset
+        gains = (torch.ones((), dtype=x.dtype, device=x.device),) if w is None else (w, 1 + w)  # weight-free, plain, Gemma's offset
         gain = min(gains, key=lambda g: float((x * inv * g - out).abs().max()))
         assert torch.allclose(x * inv * gain, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown RMS form"
     return x * (inv * gain).detach()
@@ -147,7 +147,7 @@ def _ln_frozen_hook(module, args, out):
 
 def _act_slope_at_0(act, like):
     with torch.enable_grad():
-        z = torch.zeros((), dtype=like.dtype, requires_grad=True)
+        z = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
         return torch.autograd.grad(act.forward(z), z)[0]  # .forward: not through our own hook
 
 
@@ -318,11 +318,11 @@ def _tl_norm(x, ln, cfg, center):
     return x / scale * ln.w + (ln.b if center else 0)
 
 
-def _tl_rotary(cfg, n_pos, dtype):
+def _tl_rotary(cfg, n_pos, dtype, device):
     r = cfg.rotary_dim
-    freq = cfg.rotary_base ** (torch.arange(r // 2, dtype=torch.float64) / (r / 2))
+    freq = cfg.rotary_base ** (torch.arange(r // 2, dtype=torch.float64, device=device) / (r / 2))
     freq = freq.repeat_interleave(2) if cfg.rotary_adjacent_pairs else freq.repeat(2)
-    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] / freq
+    angles = torch.arange(n_pos, dtype=torch.float64, device=device)[:, None] / freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -349,8 +349,8 @@ def hooked_frozen(model, x):
     center = cfg.normalization_type == "LN"
     n = x.shape[0]
     if cfg.positional_embedding_type == "rotary":
-        cos, sin = _tl_rotary(cfg, n, x.dtype)
-    mask = torch.ones(n, n, dtype=torch.bool).tril()
+        cos, sin = _tl_rotary(cfg, n, x.dtype, x.device)
+    mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
     for layer, blk in enumerate(model.blocks):
         a = blk.attn
         h = _tl_norm(x, blk.ln1, cfg, center)

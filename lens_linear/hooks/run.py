@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_hook
-from lens_linear.hooks.inside import ModuleHook, experts_eager, patterns_inside, weightless_norms_completed
+from lens_linear.hooks.inside import ModelScan, ModuleHook, experts_eager, patterns_inside, scan, weightless_norms_completed
 
 NameFilter = str | Callable[[str], bool]
 
@@ -55,7 +55,7 @@ def resolve_hooks(hook_dict: dict[str, Any], hooks: Sequence[Hook]) -> list[tupl
 
 
 @contextlib.contextmanager
-def offloaded_norms_loaded(model: Any) -> Iterator[None]:
+def offloaded_norms_loaded(model: Any, found: ModelScan | None = None) -> Iterator[None]:
     """Load the weights of norm modules that accelerate offloads (``cpu_offload``,
     ``disk_offload``, ``dispatch_model`` with offloaded layers) for the duration, and put them
     back on ``meta`` after, even on error. Once a norm's scale is edited, TransformerLens'
@@ -63,9 +63,7 @@ def offloaded_norms_loaded(model: Any) -> Iterator[None]:
     module's forward, where accelerate would have loaded it. Costs the norms' weights only."""
     loaded = []
     try:
-        for module in model.modules():
-            if "Norm" not in type(module).__name__:
-                continue
+        for module in (found or scan(model)).norms:
             top = getattr(module, "_hf_hook", None)
             for hook in getattr(top, "hooks", None) or ([top] if top is not None else []):  # SequentialHook
                 if getattr(hook, "offload", False):
@@ -95,8 +93,9 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
         require_hook(model, *missing)  # raises, naming close matches
     points = []
     try:
-        with quiet_bridge(), offloaded_norms_loaded(model), weightless_norms_completed(model), \
-                patterns_inside(model), experts_eager(model), contextlib.ExitStack() as attached:
+        found = scan(model)
+        with quiet_bridge(), offloaded_norms_loaded(model, found), weightless_norms_completed(model, found), \
+                patterns_inside(model, found), experts_eager(model, found), contextlib.ExitStack() as attached:
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)
