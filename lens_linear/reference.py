@@ -10,6 +10,9 @@ Two more, sharing no code with lens_linear either:
   temporary hooks chosen per kind of operation (norm modules, the softmax, activation modules,
   a mixture of experts' router outputs and shared-expert gate).
 * :func:`hooked_frozen` is a forward written from a HookedTransformer's weights and config.
+
+Selective state-space mixers (Mamba, Mamba-2 and the hybrids built on them) are recomputed in
+:func:`hf_frozen` from their weights with a sequential scan, not the module's chunked kernel.
 """
 
 import contextlib
@@ -17,6 +20,9 @@ import math
 import re
 
 import torch
+from torch.overrides import TorchFunctionMode
+
+F = torch.nn.functional
 
 
 def ln_frozen(x, ln):
@@ -214,13 +220,88 @@ def _functional_activations(mlp, gated):
     return [mlp.register_forward_pre_hook(enter), mlp.register_forward_hook(leave)]
 
 
+def _conv_act(m, xs):
+    """Causal depthwise convolution of ``xs`` [pos, channels], then its activation as a
+    detached ratio (``c · silu(c)/c``: linear in ``xs``)."""
+    n = xs.shape[0]
+    c = F.conv1d(xs.T[None], m.conv1d.weight, m.conv1d.bias, padding=m.conv1d.kernel_size[0] - 1,
+                 groups=xs.shape[1])[0, :, :n].T
+    return c * torch.where(c == 0, 0.5, F.silu(c) / c).detach()
+
+
+def _scan(A, dt, u, B, C, D):
+    """``s_t = exp(A·Δ_t) s_{t-1} + Δ_t u_t B_tᵀ``, ``y_t = s_t C_t + D u_t``, one position at a
+    time. Per head h: A [h] or [h, n] (Mamba: h = channels), Δ [pos, h], u [pos, h, p],
+    B, C [pos, h, n]."""
+    decay_shape = (A.shape[0], 1, -1) if A.ndim == 2 else (A.shape[0], 1, 1)
+    state = u.new_zeros(u.shape[1], u.shape[2], B.shape[-1])
+    ys = []
+    for t in range(u.shape[0]):
+        decay = torch.exp(A * (dt[t, :, None] if A.ndim == 2 else dt[t])).reshape(decay_shape)
+        state = decay * state + (dt[t].reshape(-1, 1, 1) * u[t][:, :, None]) * B[t][:, None, :]
+        ys.append((state @ C[t][:, :, None])[..., 0] + D.reshape(-1, 1) * u[t])
+    return torch.stack(ys)  # [pos, h, p]
+
+
+def _mamba(m, h):
+    """A Mamba (v1) mixer on ``h`` [pos, d]: Δ, B, C and the gate silu(z) detached."""
+    n, N = h.shape[0], m.ssm_state_size
+    x, z = m.in_proj(h).chunk(2, -1)
+    u = _conv_act(m, x)
+    ts, B, C = m.x_proj(u).split([m.time_step_rank, N, N], -1)
+    if hasattr(m, "b_layernorm"):  # FalconMamba, Jamba: norms on Δ's input, B and C
+        ts, B, C = m.dt_layernorm(ts), m.b_layernorm(B), m.c_layernorm(C)
+    dt = F.softplus(m.dt_proj(ts)).detach()  # [pos, channels]
+    y = _scan(-torch.exp(m.A_log), dt, u[:, :, None], B.detach()[:, None].expand(n, u.shape[1], N),
+              C.detach()[:, None].expand(n, u.shape[1], N), m.D)[..., 0]
+    return m.out_proj(y * F.silu(z).detach())
+
+
+def _mamba2(m, h):
+    """A Mamba-2 mixer on ``h`` [pos, d]: Δ, B, C, the gate silu(z) and the gated norm's scale detached."""
+    n, I, H, G, N = h.shape[0], m.intermediate_size, m.num_heads, m.n_groups, m.ssm_state_size
+    proj = (m.in_proj(h * getattr(m, "ssm_in_multiplier", 1.0)) * getattr(m, "mup_vector", 1.0)).reshape(n, -1)
+    d_mlp = (proj.shape[-1] - 2 * I - 2 * G * N - H) // 2
+    _, _, z, xBC, dt = proj.split([d_mlp, d_mlp, I, I + 2 * G * N, H], -1)
+    x, B, C = _conv_act(m, xBC).split([I, G * N, G * N], -1)
+    B, C = (t.detach().reshape(n, G, N).repeat_interleave(H // G, 1) for t in (B, C))
+    dt = F.softplus(dt + m.dt_bias).clamp(*m.time_step_limit).detach()
+    y = _scan(-torch.exp(m.A_log), dt, x.reshape(n, H, -1), B, C, m.D).reshape(n, I)
+    y = y * F.silu(z).detach()
+    if getattr(m, "mamba_rms_norm", True):  # gated RMS norm per group of channels
+        g = y.reshape(n, -1, m.norm.group_size)
+        y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon).detach()).reshape(n, I) * m.norm.weight
+    return m.out_proj(y)
+
+
+def _is_ssm(m):
+    return "A_log" in m._parameters
+
+
+def _ssm_frozen_hook(module, args, kwargs, out):
+    """A selective state-space mixer recomputed from its weights (see :func:`_mamba`,
+    :func:`_mamba2`), checked against the module's own output."""
+    h = (args[0] if args else kwargs["hidden_states"])
+    recompute = _mamba2 if hasattr(module, "dt_bias") else _mamba
+    y = torch.stack([recompute(module, row) for row in h])
+    with torch.no_grad():
+        assert torch.allclose(y, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown state-space form"
+    return y
+
+
 def _frozen_hooks(base):
     """Forward hooks by kind of operation: every norm module (scale frozen), every activation
     module (a gated one's output frozen; otherwise its ratio to its input), and in a mixture of
     experts the router's outputs and the shared expert's scalar gate (routing constant)."""
     handles = []
+    inside_ssm = {id(c) for m in base.modules() if _is_ssm(m) for c in m.modules() if c is not m}
     for m in base.modules():
         name = type(m).__name__
+        if id(m) in inside_ssm:
+            continue  # recomputed whole by the mixer's own hook
+        if _is_ssm(m):
+            handles.append(m.register_forward_hook(_ssm_frozen_hook, with_kwargs=True))
+            continue
         if "RMS" in name and "Norm" in name:
             handles.append(m.register_forward_hook(_rms_frozen_hook))
         elif "LayerNorm" in name:
@@ -241,6 +322,36 @@ def _frozen_hooks(base):
         if isinstance(conv, torch.nn.Conv1d) and hasattr(m, "in_proj") and m.in_proj.out_features == 3 * conv.in_channels:
             handles.append(m.in_proj.register_forward_hook(_gates_detached))  # C·conv(B·x): B, C constant
     return handles
+
+
+class _NoDowncast(TorchFunctionMode):
+    """Casts of float64 tensors down to float32 are no-ops. Hugging Face computes norms,
+    softmaxes, rotary angles and state-space scans in float32 "for precision", which in a float64
+    model is a downcast: float64 comparisons would stop at float32 rounding."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if args and torch.is_tensor(args[0]) and args[0].dtype == torch.float64:
+            if name == "float":
+                return args[0]
+            if name in ("to", "type") and torch.float32 in (kwargs.get("dtype"), *args[1:]):
+                if name == "type":
+                    return args[0]
+                args = tuple(a for a in args if a is not torch.float32)
+                kwargs.pop("dtype", None)
+            if name in ("softmax", "log_softmax") and kwargs.get("dtype") == torch.float32:
+                kwargs["dtype"] = None
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def full_precision(detach_softmax=False):
+    """Computations in the precision of their inputs: no float64 tensor is cast down to
+    float32 (:class:`_NoDowncast`), and every ``F.softmax`` computes at no less than its input's
+    precision (``detach_softmax``: its result detached)."""
+    with full_precision_softmax(detach=detach_softmax), _NoDowncast():
+        yield
 
 
 @contextlib.contextmanager
@@ -300,7 +411,7 @@ def hf_frozen(hf, x, frozen=True):
     try:
         if frozen:
             handles += _frozen_hooks(base)
-        with _eager_attention(hf), full_precision_softmax(detach=frozen):
+        with _eager_attention(hf), full_precision(detach_softmax=frozen):
             out = base(inputs_embeds=torch.zeros_like(x)[None], use_cache=False)
         return out.last_hidden_state[0]  # after the final norm in every family
     finally:

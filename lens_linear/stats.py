@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lens_linear._validation import hook_name, require_tl_model
 from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, analysis_mode, cut_positions,
-                                               feeds_pattern_only, linears_skipped, output_hook, site_hooks)
+                                               feeds_frozen_only, linears_skipped, output_hook, site_hooks)
 from lens_linear.hooks.run import forward, run_to
 from lens_linear.hooks.sites import find_sites
 from lens_linear.memory import chunk_size, sequence_bytes
@@ -152,7 +152,7 @@ def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: s
         end = x.shape[1]
         live, cut = sites, store
         if end < n:  # q/k norms feed only the frozen pattern: they may run live on a prefix
-            live = [s for s in sites if not feeds_pattern_only(s, sites)]
+            live = [s for s in sites if not feeds_frozen_only(s, sites)]
             cut = {s.name: cut_positions(s, store[s.name], slice(None, end), batch, n) for s in live}
         y = run_to(model, tokens[:, :end].repeat(x.shape[0] // batch, 1), site_hooks(model, live, cut, "replay"),
                    inject=(INPUT_HOOK, x), capture=[hook])[hook]

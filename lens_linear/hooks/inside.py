@@ -7,6 +7,9 @@ components have no hook at all. The rules here stay per kind of operation, never
 * an attention that computes its softmax inside the wrapped module (GPT-J, GPT-Neo, OPT,
   XGLM, ...): the softmax's output is passed through the bridge's ``hook_pattern`` at the
   moment it is computed, so the pattern site freezes the weights the module really uses;
+* a selective state-space mixer (Mamba, Mamba-2 and the hybrids built on them) computes its
+  step sizes, input and output matrices and output gate from its input inside the wrapped
+  module: they are frozen there as they are computed (:func:`scan_hooks`);
 * a weight-free norm (OLMo 1): an edited scale makes the bridge multiply by a ``weight`` the
   norm does not have; it is given the weight 1 meanwhile.
 
@@ -25,7 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lens_linear._validation import LinearizationError
-from lens_linear.hooks.sites import layer_of
+from lens_linear.hooks.sites import layer_of, wrapped
 
 @dataclass(frozen=True)
 class ModuleHook:
@@ -36,13 +39,16 @@ class ModuleHook:
     fn: Callable[..., Any]
     pre: bool = False
     attribute: str | None = None  # a plain function the module calls (``self.act_fn = F.silu``): a pre-hook on it
+    always: bool = False  # a forward hook that runs also when the forward raises (to leave a mode it entered)
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         """Register for the duration; removed (the attribute put back as it was) on exit, even on error."""
         if self.attribute is None:
-            register = self.module.register_forward_pre_hook if self.pre else self.module.register_forward_hook
-            handle = register(self.fn)
+            if self.pre:
+                handle = self.module.register_forward_pre_hook(self.fn)
+            else:
+                handle = self.module.register_forward_hook(self.fn, always_call=self.always)
             try:
                 yield
             finally:
@@ -180,11 +186,6 @@ SHARED_GATES = ("shared_expert_gate",)  # a scalar gate on the shared expert: si
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
 
 
-def _hf(module: Any) -> Any:
-    """The Hugging Face module behind a bridge component (itself if it is one)."""
-    return module._modules.get("_original_component", module) if module is not None else None
-
-
 def _fit(stored: torch.Tensor, like: torch.Tensor, n_pos: int) -> torch.Tensor:
     """A value recorded for one prompt, for a run of ``like``'s shape over the last ``n_pos``
     positions: tokens flattened first (``[pos, ...]`` → ``[batch·pos, ...]``) or batch first."""
@@ -223,9 +224,9 @@ def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], 
     gate. ``mode="record"`` stores them under ``key`` (detached); ``"replay"`` substitutes
     them for any batch, or for the last positions alone. Shared experts that TransformerLens
     bridges as gated MLPs are ``gate`` sites of their own; the load-balancing path is untouched."""
-    block = _hf(model.blocks[layer].mlp)
-    router = next((_hf(getattr(block, n)) for n in ROUTERS if isinstance(getattr(block, n, None), torch.nn.Module)), None)
-    experts = _hf(getattr(block, "experts", None))
+    block = wrapped(model.blocks[layer].mlp)
+    router = next((wrapped(getattr(block, n)) for n in ROUTERS if isinstance(getattr(block, n, None), torch.nn.Module)), None)
+    experts = wrapped(getattr(block, "experts", None))
     act = getattr(experts, "act_fn", None)
     if router is None or not callable(act):
         raise LinearizationError(
@@ -276,7 +277,7 @@ def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], 
              ModuleHook(experts, gate_pre, attribute="act_fn")]
     for name in SHARED_GATES:
         if isinstance(getattr(block, name, None), torch.nn.Module):
-            hooks.append(ModuleHook(_hf(getattr(block, name)), constant(name)))
+            hooks.append(ModuleHook(wrapped(getattr(block, name)), constant(name)))
     for name in SHARED_EXPERTS:  # a shared expert TransformerLens does not bridge: its activation
         shared = getattr(block, name, None)
         shared_act = getattr(shared, "act_fn", None)
@@ -293,3 +294,82 @@ def _constant_input(key: str, store: dict[str, torch.Tensor], mode: str, factor:
             return (store[key],)
         return (_scaled(_fit(store[key], args[0], live["n_pos"]), factor),)
     return hook
+
+
+# ---- selective state-space mixers ------------------------------------------------------------
+
+def _suffix(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A value recorded for one prompt (batch 1), for a run of ``like``'s shape: the batch
+    expanded, and the positions cut to the last ones where ``like`` has fewer (a replay of a
+    suffix). Batch and positions are the only dimensions a replay changes."""
+    index = tuple(slice(s - n, None) if d and s != n else slice(None)
+                  for d, (s, n) in enumerate(zip(stored.shape, like.shape)))
+    return stored[index].expand(like.shape)
+
+
+class _ScanFrozen(TorchFunctionMode):
+    """Inside one selective state-space mixer's forward: ``y = out(scan_{Δ,B,C}(u) · act(z))``
+    with ``u = act(conv(x))``. The scan is linear in ``u`` once its step sizes ``Δ``
+    (``softplus``) and matrices ``B``, ``C`` (all parts but the first of the split that follows
+    the convolution's activation) are constants; the convolution's activation is frozen as a
+    ratio, like an MLP's (``u = conv · act(conv)/conv``); the output gate ``act(z)`` (the second
+    activation) and the scale of a norm after it (``rsqrt``) are constants. Values are taken in the order the
+    mixer computes them, the same in every run."""
+
+    def __init__(self, key: str, store: dict[str, torch.Tensor], mode: str, factor: torch.Tensor | None):
+        super().__init__()
+        self.key, self.store, self.mode, self.factor = key, store, mode, factor
+        self.acts = self.splits = self.steps = self.frozen = 0
+
+    def _value(self, out: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
+        """``computed`` recorded (record) or the recorded value substituted (replay)."""
+        tag = f"{self.key}#{self.frozen}"
+        self.frozen += 1
+        if self.mode == "record":
+            self.store[tag] = computed.detach()
+            self.store.setdefault(self.key, self.store[tag])
+            return self.store[tag]
+        return _scaled(_suffix(self.store[tag], out), self.factor)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", None)
+        if name == "silu":
+            self.acts += 1
+            if self.acts > 1:  # the output gate
+                return self._value(out, out)
+            x = args[0]
+            ratio = self._value(out, torch.where(x == 0, 0.5, out / x))
+            return out.detach() + (x - x.detach()) * ratio if self.mode == "record" else x * ratio
+        if name == "split" and self.acts == 1 and not self.splits:  # [x or Δ's input, B, C]
+            self.splits += 1
+            return type(out)([out[0], *(self._value(o, o) for o in out[1:])])
+        if name == "softplus" or (name == "rsqrt" and self.acts == 2):  # Δ; the gated norm's scale
+            self.steps += name == "softplus"
+            return self._value(out, out)
+        return out
+
+
+def scan_hooks(model: Any, name: str, store: dict[str, torch.Tensor], mode: str,
+               factor: torch.Tensor | None = None) -> list[ModuleHook]:
+    """Freeze the selective state-space mixer whose bridge owns hook ``name``: a mode active
+    only while the wrapped module's forward runs (see :class:`_ScanFrozen`). A mixer that does
+    not compute these steps as PyTorch functions (a fused kernel) is refused."""
+    component = wrapped(model.get_submodule(name.rsplit(".", 1)[0]))
+    active: list[_ScanFrozen] = []
+
+    def enter(module: Any, args: tuple) -> None:
+        active.append(_ScanFrozen(name, store, mode, factor))
+        active[-1].__enter__()
+
+    def leave(module: Any, args: tuple, output: Any) -> None:
+        frozen = active.pop()
+        frozen.__exit__(None, None, None)
+        if output is not None and (frozen.acts, frozen.splits, min(frozen.steps, 1)) != (2, 1, 1):
+            raise LinearizationError(
+                f"{name.rsplit('.', 1)[0]} is a selective state-space mixer whose forward ran {frozen.acts} "
+                f"activations, {frozen.splits} B/C splits and {frozen.steps} softplus steps (2, 1 and at least 1 "
+                f"expected): a fused kernel (mamba-ssm, causal-conv1d or a Hub kernel) computes it out of reach "
+                f"of the freezing rule. Load the model without those kernels.", layer=layer_of(name))
+
+    return [ModuleHook(component, enter, pre=True), ModuleHook(component, leave, always=True)]

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 
 from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
                                      tolerance)
-from lens_linear.hooks.inside import moe_hooks
+from lens_linear.hooks.inside import moe_hooks, scan_hooks
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
@@ -74,6 +74,8 @@ def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor]
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "moe":
             hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
+        elif site.kind == "scan":
+            hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))
         elif site.kind == "slice":
             hooks.append((site.name, partial(_slice_hook, site=site, store=store, mode=mode,
                                              factor=factors.get(site.name))))
@@ -232,7 +234,7 @@ class OperatingPoint:
         hooks are on: those may index absolute positions).
         """
         out_name = output_hook(self.model)
-        checked = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
+        checked = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]
         ignored = [s.name for s in checked if s.name not in self.values]  # never fired at all
         start = 0 if self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
         factors = {s.name: torch.ones((), dtype=self.values[s.name].dtype, device=self.values[s.name].device,
@@ -272,10 +274,10 @@ class OperatingPoint:
             raise ValueError(f"replay input must have shape [batch, {self.x_star.shape[0] - start_pos}, "
                              f"{self.x_star.shape[1]}], got {tuple(x.shape)}")
         sites, store = self.sites, self.values
-        if start_pos:  # q/k norms feed only the frozen pattern: they may run live on the suffix
-            sites = [s for s in self.sites if not feeds_pattern_only(s, self.sites)]
+        if start_pos:  # norms that feed only frozen values may run live on the suffix
+            sites = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]
             store = {**store, **{s.name: cut_positions(s, store[s.name], slice(start_pos, None), 1, len(self.x_star))
-                                 for s in sites if s.kind != "moe"}}  # moe hooks fit their values themselves
+                                 for s in sites if s.kind not in ("moe", "scan")}}  # these fit their values themselves
         with self.computing():
             return run_to(self.model, self.tokens[:, start_pos:].expand(x.shape[0], -1),
                           self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors),
@@ -401,10 +403,15 @@ def cut_positions(site: Site, value: torch.Tensor, keep: slice, batch: int, n: i
     return value[:, keep]
 
 
-def feeds_pattern_only(site: Site, sites: Sequence[Site]) -> bool:
-    """A norm inside attention (q/k norm) matters only through the pattern; once the pattern
-    is frozen it cannot reach the output."""
-    return site.kind == "norm" and ".attn." in site.name and any(s.kind == "attn" for s in sites)
+def feeds_frozen_only(site: Site, sites: Sequence[Site]) -> bool:
+    """A norm that matters only through other frozen values: inside attention (q/k norms, once
+    the pattern is frozen) or inside a state-space mixer (on the step sizes' input, once the
+    step sizes are frozen). It cannot reach the output, and may run live on a suffix replay."""
+    if site.kind != "norm":
+        return False
+    if ".attn." in site.name and any(s.kind == "attn" for s in sites):
+        return True
+    return any(s.kind == "scan" and site.name.startswith(s.name.rsplit(".", 1)[0] + ".") for s in sites)
 
 
 @contextlib.contextmanager

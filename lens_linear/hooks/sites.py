@@ -10,6 +10,9 @@ coefficient ``A``. One rule per kind serves every architecture:
 * ``slice`` — a token mixer's gates inside one projection: a doubly gated short convolution
   ``C · conv(B · x)`` (LFM2; its ``conv.hook_in_proj`` holds ``[B, C, x]``): ``B`` and ``C``
   frozen, so the convolution is linear in ``x``.
+* ``scan``  — a selective state-space mixer (its bridge has ``hook_ssm_state``): step sizes,
+  input/output matrices, output gate and the convolution's activation ratio, frozen inside
+  the wrapped module (:mod:`lens_linear.hooks.inside`), so the scan is linear in its input.
 * ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
   (weights and choices) and each selected expert's gate, frozen inside the wrapped module
   (:mod:`lens_linear.hooks.inside`), where TransformerLens has no hook point.
@@ -36,7 +39,7 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # "norm" | "attn" | "gate" | "ratio" | "moe" | "slice"
+    kind: str  # "norm" | "attn" | "gate" | "ratio" | "moe" | "slice" | "scan"
     layer: int | None
     source: str | None = None  # ratio sites: the hook holding the activation's input
     frozen: tuple[int, int] | None = None  # slice sites: the frozen part of the last dim, in thirds
@@ -64,6 +67,8 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
     for name in names:
         if "mixer" in parts and name.endswith("conv.hook_in_proj") and name[:-len("in_proj")] + "gated" in names:
             add(name, "slice", frozen=(0, 2))  # a doubly gated convolution C·conv(B·x): B, C = thirds 1-2
+        elif "mixer" in parts and name.endswith(".hook_ssm_state") and is_state_space(model, name):
+            add(name, "scan")
         elif "norm" in parts and name.endswith("hook_scale"):
             add(name, "norm")
         elif "attn" in parts and name.endswith("hook_pattern"):
@@ -82,6 +87,17 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                     add(out, "ratio", source=name)
     order = {name: i for i, name in enumerate(names)}
     return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, order[s.name]))
+
+
+def wrapped(module: Any) -> Any:
+    """The Hugging Face module behind a bridge component (itself if it is one)."""
+    return module._modules.get("_original_component", module) if module is not None else None
+
+
+def is_state_space(model: Any, name: str) -> bool:
+    """Whether hook ``name`` belongs to a selective state-space mixer (a module with ``A_log``:
+    hybrid bridges name every block's mixer alike, experts and attention included)."""
+    return "A_log" in wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters
 
 
 def activation_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
