@@ -386,6 +386,7 @@ def induction_heads(model: Any, *, seq_len: int = 50, seed: int = 0, n_top_heads
     block norm, from the residual stream at the attended token) is averaged over
     ``n_queries`` second-half positions. Where ``transformer_lens.head_detector`` runs on the
     model its induction scores are reported on the same scale (its ratio counts every query row).
+    In a hybrid, blocks without softmax attention score NaN; a model with none is refused.
     """
     tokens, text = repeated_random_tokens(model, seq_len, seed)
     with analysis_mode(model):
@@ -394,8 +395,14 @@ def induction_heads(model: Any, *, seq_len: int = 50, seed: int = 0, n_top_heads
     queries = torch.arange(first + seq_len, first + 2 * seq_len, device=tokens.device)
     keys = queries - seq_len + 1
     att = AttentionCircuits(point)
-    scores = torch.stack([att.pattern(layer)[:, queries, keys].mean(-1) for layer in range(model.cfg.n_layers)])
-    ranked = sorted(((float(scores[l, h]), l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1])),
+    layers = [layer for layer in range(model.cfg.n_layers) if f"blocks.{layer}.attn.hook_pattern" in point.values]
+    if not layers:
+        raise ValueError("the induction study needs softmax attention, and no block of this model has a frozen "
+                         "softmax pattern (its token mixers are state-space scans or recurrences)")
+    scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), device=tokens.device)
+    for layer in layers:  # blocks without softmax attention (a hybrid's scans) keep NaN
+        scores[layer] = att.pattern(layer)[:, queries, keys].mean(-1)
+    ranked = sorted(((float(scores[l, h]), l, h) for l in layers for h in range(scores.shape[1])),
                     reverse=True)[:n_top_heads]
     sample = queries[torch.linspace(0, seq_len - 1, min(n_queries, seq_len), device=tokens.device).round().long()]
     top = []

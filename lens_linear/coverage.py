@@ -387,7 +387,7 @@ def _analyses(row: dict[str, Any]) -> str:
     if not row["status"].startswith("exact"):
         return ""
     if row["family"].startswith("hybrid"):
-        return "all but attention circuits (some blocks have no softmax attention)"
+        return "all but attention circuits (blocks without softmax attention)"
     return "all"
 
 
@@ -409,16 +409,21 @@ def markdown(result: dict[str, Any]) -> str:
                     collections.Counter(e["reason"] for e in result["excluded"]).most_common()) + ").",
         "",
         f"**{counts['exact']} exact** ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
-        f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference stops at "
-        f"float32 rounding (≤ 1e-6; see the bridge gap column), {counts['refused']} refused with a reason, "
+        + (f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference stops at "
+           f"float32 rounding (≤ 1e-6; see the bridge gap column), " if counts["exact (float32)"] else "")
+        + f"{counts['refused']} refused with a reason, "
         f"{counts['no reference']} verified but without a reference, "
         f"{counts['no boot']} do not boot in TransformerLens, {counts['DISAGREES']} disagree with the reference.",
         "",
         "Each row is a tiny random model (2 layers, hidden 64, 4 heads, 4 experts top-2; biases and norm "
         "weights perturbed) on an 11-token prompt. *Exact* means `run_with_linear_cache` verified it and the "
         "detached Jacobian agrees with an independent reference (`lens_linear.reference.hf_frozen`: the "
-        "Hugging Face model itself, its norm scales, softmax, activations and routers detached by kind, no "
-        "lens_linear code) to 1e-5 in float32 and 1e-10 in float64. Cells: reconstruction error / Jacobian "
+        "Hugging Face model itself, its norm scales, softmax, activations and routers detached by kind, "
+        "state-space mixers recomputed by a sequential scan, no lens_linear code) to 1e-5 in float32 and "
+        "1e-10 in float64. Both sides run in the precision of their inputs (`lens_linear.reference."
+        "full_precision`: Hugging Face's casts of float64 down to float32, in norms, softmaxes, rotary "
+        "angles and scans, are skipped), so float64 agreement is not cut off at float32 rounding. "
+        "Cells: reconstruction error / Jacobian "
         "error against the reference. *Untouched*: parameters, hooks and module hooks identical after the calls. "
         "*Exact (float32)*: exact in float32; in float64 the reference agrees to ≤ 1e-6 only: a frozen "
         "value differs at float32 rounding between TransformerLens' forward and Hugging Face's (the *bridge "

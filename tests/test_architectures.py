@@ -1,8 +1,11 @@
 """Families beyond the tiny eight, each against the independent reference.
 
 Attention computed inside the wrapped Hugging Face module (GPT-J, GPT-Neo, OPT, XGLM),
-weight-free norms (OLMo 1, NanoChat), Bloom's activation, and mixtures of experts (router
-and expert gates frozen inside the module). The reference (``lens_linear.reference.hf_frozen``)
+weight-free norms (OLMo 1, NanoChat), Bloom's activation, mixtures of experts (router
+and expert gates frozen inside the module) and selective state-space mixers (step sizes,
+B, C and the output gate frozen inside the module; the reference recomputes them with a
+sequential scan of its own). Both sides compute float64 without Hugging Face's float32 casts
+(``full_precision``), so float64 agreement is not cut off at float32 rounding. The reference (``lens_linear.reference.hf_frozen``)
 runs the Hugging Face model itself with its coefficients detached by kind and imports no
 lens_linear code; routers are made constant by detaching their outputs.
 """
@@ -12,7 +15,7 @@ import torch
 
 import lens_linear as ll
 from lens_linear.models import tl_has_hooked_transformer, wrap_bridge
-from lens_linear.reference import full_precision_softmax, hf_frozen
+from lens_linear.reference import full_precision, hf_frozen
 from lens_linear.tiny import char_tokenizer
 
 from conftest import hooks_left, rel
@@ -27,6 +30,9 @@ DENSE = ["GPTJForCausalLM", "GPTNeoForCausalLM", "OPTForCausalLM", "XGLMForCausa
          "BloomForCausalLM", "NanoChatForCausalLM", "FalconForCausalLM"]
 MOE = ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "PhiMoEForCausalLM",
        "GraniteMoeForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"]
+STATE_SPACE = ["MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM", "JambaForCausalLM",
+               "BambaForCausalLM", "FalconH1ForCausalLM"]
+FLOAT32_INSIDE = ["MptForCausalLM", "DeepseekV2ForCausalLM"]  # HF casts float64 down to float32 inside
 NO_FLOAT64 = {"XGLMForCausalLM"}  # the Hugging Face model itself fails in float64 (a float32 mask fill)
 
 
@@ -35,13 +41,13 @@ def bridge(arch, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("arch", DENSE + MOE)
+@pytest.mark.parametrize("arch", DENSE + MOE + STATE_SPACE + FLOAT32_INSIDE)
 def test_jacobian_matches_reference(arch, dtype):
     if dtype == torch.float64 and arch in NO_FLOAT64:
         pytest.skip("the Hugging Face model does not run in float64")
     model, hf = bridge(arch, dtype), tiny_hf(arch, dtype=dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with full_precision_softmax():
+    with full_precision():
         lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
         ours, value = lc.jacobian(), lc.activation()
         jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], lc.x).transpose(0, 1)

@@ -2,7 +2,8 @@
 
 Found by probing TransformerLens' bridge with tiny random models (``lens_linear.coverage``):
 a mixture of experts whose experts compute their gate without an activation module (gpt-oss's
-clamped GLU), state-space mixers (Mamba), and a user's own nonlinearity inside an MoE block.
+clamped GLU), recurrent mixers without a rule (RWKV), and a user's own nonlinearity inside an
+MoE block or a state-space mixer.
 """
 
 import pytest
@@ -20,7 +21,7 @@ from lens_linear.coverage import tiny_hf  # noqa: E402
 
 TRAPS = {
     "GptOssForCausalLM": (r"experts\.act_fn", 0),
-    "MambaForCausalLM": (r"blocks\.0's mixer", 0),
+    "RwkvForCausalLM": (r"blocks\.0's channel_mix, time_mix", 0),
 }
 
 
@@ -38,10 +39,27 @@ def test_trap_ends_in_linearization_error(arch):
     assert not hooks_left(model)
 
 
-def test_nonlinearity_inside_an_expert_block_is_refused_naming_its_layer():
-    model = bridge("MixtralForCausalLM")
-    squash = ("blocks.1.mlp.hook_out", lambda v, hook: torch.tanh(3 * v))
+@pytest.mark.parametrize("arch, hook", [("MixtralForCausalLM", "blocks.1.mlp.hook_out"),
+                                        ("MambaForCausalLM", "blocks.1.mixer.hook_out")], ids=["experts", "scan"])
+def test_nonlinearity_inside_an_expert_block_or_mixer_is_refused_naming_its_layer(arch, hook):
+    model = bridge(arch)
+    squash = (hook, lambda v, hook: torch.tanh(3 * v))
     with pytest.raises(ll.LinearizationError, match=r"blocks\.1\b") as info:
         ll.run_with_linear_cache(model, "Hello world", fwd_hooks=[squash], progress=False)
     assert info.value.layer == 1
     assert not hooks_left(model)
+
+
+def test_an_error_inside_a_state_space_mixer_leaves_no_freezing_mode_behind():
+    model = bridge("MambaForCausalLM")
+
+    def fail(value, hook):
+        raise RuntimeError("user hook failed")
+
+    with pytest.raises(Exception, match="user hook failed"):
+        ll.run_with_linear_cache(model, "Hello world", fwd_hooks=[("blocks.0.mixer.x_proj.hook_out", fail)],
+                                 progress=False)
+    assert torch._C._len_torch_function_stack() == 0  # the mode entered inside the mixer was left
+    assert not hooks_left(model)
+    lc = ll.run_with_linear_cache(model, "Hello world", progress=False)  # and the model still works
+    assert lc.reconstruction_error() <= 1e-5

@@ -179,6 +179,39 @@ def weightless_norms_completed(model: Any, found: "ModelScan | None" = None) -> 
             vars(module).pop("weight", None)
 
 
+class _NoFloat32(TorchFunctionMode):
+    """Casts of float64 tensors down to float32 (``.float()``, ``.to(torch.float32)``, a
+    softmax's ``dtype=torch.float32``) leave them in float64."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if name in ("float", "to", "softmax", "log_softmax") and args and torch.is_tensor(args[0]) \
+                and args[0].dtype == torch.float64:
+            if name == "float":
+                return args[0]
+            if name == "to" and torch.float32 in (kwargs.get("dtype"), *args[1:]):
+                args = tuple(a for a in args if a is not torch.float32)
+                kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+            elif kwargs.get("dtype") == torch.float32:
+                kwargs = {**kwargs, "dtype": None}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def float64_throughout(model: Any) -> Iterator[None]:
+    """A float64 model computes in float64 everywhere. Hugging Face computes norms, softmaxes,
+    rotary angles and state-space scans in float32 "for precision" (some families keep the
+    residual stream in float32), which in a float64 model is a downcast: the frozen map would
+    be linear only to float32 rounding, and float64 verification would refuse it."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.dtype != torch.float64:
+        yield
+        return
+    with _NoFloat32():
+        yield
+
+
 # ---- mixtures of experts ---------------------------------------------------------------------
 
 ROUTERS = ("gate", "router")  # the HF child that computes routing weights and choices

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_hook
-from lens_linear.hooks.inside import ModelScan, ModuleHook, experts_eager, patterns_inside, scan, weightless_norms_completed
+from lens_linear.hooks.inside import (ModelScan, ModuleHook, experts_eager, float64_throughout, patterns_inside, scan,
+                                      weightless_norms_completed)
 
 NameFilter = str | Callable[[str], bool]
 
@@ -95,7 +96,8 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     try:
         found = scan(model)
         with quiet_bridge(), offloaded_norms_loaded(model, found), weightless_norms_completed(model, found), \
-                patterns_inside(model, found), experts_eager(model, found), contextlib.ExitStack() as attached:
+                patterns_inside(model, found), experts_eager(model, found), float64_throughout(model), \
+                contextlib.ExitStack() as attached:
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)
