@@ -275,7 +275,7 @@ def _mamba2(m, h):
 
 
 def _is_ssm(m):
-    return "A_log" in m._parameters
+    return {"A_log", "D"} <= set(m._parameters)  # a Mamba scan's decay and skip
 
 
 def _ssm_frozen_hook(module, args, kwargs, out):

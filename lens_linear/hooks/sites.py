@@ -10,7 +10,8 @@ coefficient ``A``. One rule per kind serves every architecture:
 * ``slice`` — a token mixer's gates inside one projection: a doubly gated short convolution
   ``C · conv(B · x)`` (LFM2; its ``conv.hook_in_proj`` holds ``[B, C, x]``): ``B`` and ``C``
   frozen, so the convolution is linear in ``x``.
-* ``scan``  — a selective state-space mixer (its bridge has ``hook_ssm_state``): step sizes,
+* ``scan``  — a selective state-space mixer (its bridge has ``hook_ssm_state``, its module the
+  parameters ``A_log`` and ``D`` of a Mamba scan): step sizes,
   input/output matrices, output gate and the convolution's activation ratio, frozen inside
   the wrapped module (:mod:`lens_linear.hooks.inside`), so the scan is linear in its input.
 * ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
@@ -95,9 +96,10 @@ def wrapped(module: Any) -> Any:
 
 
 def is_state_space(model: Any, name: str) -> bool:
-    """Whether hook ``name`` belongs to a selective state-space mixer (a module with ``A_log``:
-    hybrid bridges name every block's mixer alike, experts and attention included)."""
-    return "A_log" in wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters
+    """Whether hook ``name`` belongs to a selective state-space mixer: a module with the decay
+    ``A_log`` and the skip ``D`` of a Mamba scan (hybrid bridges name every block's mixer alike,
+    experts included, and a gated delta rule has ``A_log`` without ``D``)."""
+    return {"A_log", "D"} <= set(wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters)
 
 
 def activation_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
