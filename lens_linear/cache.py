@@ -299,10 +299,28 @@ class LinearCache:
                        detached: bool = True) -> torch.Tensor:
         """``Σ_i J_i x_i + bias_term`` (with the ordinary Jacobian if not ``detached``), summed
         in at least float32: a half-precision Jacobian's sum over every input position and
-        dimension would otherwise round (its entries stay as computed)."""
-        jac = self.jacobian(hook, pos=pos, detached=detached)
-        wide = torch.promote_types(jac.dtype, torch.float32)
-        return torch.einsum("pod,pd->o", jac.to(wide), self.x.to(wide)) + self.bias_term(hook, pos=pos).to(wide)
+        dimension would otherwise round (its entries stay as computed). The ordinary Jacobian,
+        unless already computed, is not formed: ``Σ_i J_i x_i`` is one Jacobian-vector product
+        (two backward passes instead of ``d_out``)."""
+        wide = torch.promote_types(self.x.dtype, torch.float32)
+        if detached or self.is_computed(hook, pos=pos, detached=False):
+            jac = self.jacobian(hook, pos=pos, detached=detached)
+            jx = torch.einsum("pod,pd->o", jac.to(wide), self.x.to(wide))
+        else:
+            jx = self._ordinary_jvp(*self._resolve(hook, pos)).to(wide)
+        return jx + self.bias_term(hook, pos=pos).to(wide)
+
+    def _ordinary_jvp(self, hook: str, pos: int) -> Float[torch.Tensor, "d_out"]:
+        """``J x*`` for the ordinary Jacobian ``J`` of ``hook[pos]``: the derivative of
+        ``u ↦ (Jᵀu)·x*``, which is linear in ``u`` (backward of a backward)."""
+        x = self.x.detach().clone().requires_grad_(True)
+        with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
+            y = run_to(self.model, self.tokens, self.point.fwd_hooks, inject=(INPUT_HOOK, x[None]),
+                       capture=[hook], pos=pos)[hook][0].reshape(-1)
+            u = torch.zeros_like(y, requires_grad=True)
+            (g,) = torch.autograd.grad(y, x, grad_outputs=u, create_graph=True)
+            (jx,) = torch.autograd.grad(g, u, grad_outputs=x.detach())
+        return jx.detach()
 
     def reconstruction_error(self, hook: HookKey | None = None, *, pos: int | None = None,
                              detached: bool = True) -> float:

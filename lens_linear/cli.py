@@ -37,7 +37,6 @@ def analyze(args: argparse.Namespace) -> dict:
     model = load_model(args.model, backend=args.backend, dtype=dtype)
     t1 = time.perf_counter()
     lcache = run_with_linear_cache(model, args.prompt, pos=args.pos, progress=not args.json)
-    lcache.jacobian(detached=False)
     t2 = time.perf_counter()
     contrib = lcache.contributions().norm(dim=-1)
     per_token = []

@@ -93,7 +93,6 @@ def singular_tokens(lcache: LinearCache, n_tokens: int = 5) -> Any:
 def reconstruction_figure(lcache: LinearCache) -> go.Figure:
     """The output embedding against its detached and ordinary reconstructions (paper fig. 3)."""
     _need(lcache, lcache.output, True, "lcache.jacobian()")
-    _need(lcache, lcache.output, False, "lcache.jacobian(detached=False)")
     y = lcache.activation().reshape(-1).double()
     fig = go.Figure()
     for detached, name in ((False, "ordinary Jacobian"), (True, "detached Jacobian")):
@@ -207,7 +206,6 @@ def report(lcache: LinearCache, path: str | Path, layers: bool = True,
     from plotly.offline import get_plotlyjs
 
     lcache.jacobian()
-    lcache.jacobian(detached=False)
     figures = [reconstruction_figure(lcache), spectra_figure(lcache)]
     if layers:
         lcache.jacobians(sum(layer_hooks(lcache.model).values(), []))

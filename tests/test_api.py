@@ -185,3 +185,25 @@ def test_cli_dtype_and_backend(tmp_path, capsys):
     else:
         assert code == 2 and "removed (TL 4.0)" in capsys.readouterr().err
     assert math.isfinite(result["bias_term_norm"])
+
+
+def test_ordinary_reconstruction_is_one_jvp_equal_to_the_full_jacobians():
+    """Without forming the ordinary Jacobian, ``reconstruction(detached=False)`` is ``J x* + c``
+    from one product; checked against forward-mode autograd over TransformerLens' own forward
+    (``run_with_hooks`` with the input substituted at ``hook_resid_pre``), and against the matrix."""
+    model = cached_tiny("bridge", "llama")
+    lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
+    cheap = lc.reconstruction(detached=False)
+    assert not lc.is_computed(detached=False)
+    tokens = lc.tokens
+
+    def plain(x):
+        out = {}
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", lambda v, hook: x[None]),
+                                                (lc.output, lambda v, hook: out.setdefault("y", v))])
+        return out["y"][0, lc.pos]
+
+    _, jx = torch.autograd.functional.jvp(plain, lc.x.detach(), lc.x.detach())
+    assert rel(cheap - lc.bias_term(), jx) <= 1e-5
+    full = torch.einsum("pod,pd->o", lc.jacobian(detached=False), lc.x) + lc.bias_term()
+    assert rel(cheap, full) <= 1e-5 and lc.reconstruction_error(detached=False) >= 1e-2

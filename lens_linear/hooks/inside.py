@@ -219,13 +219,22 @@ SHARED_GATES = ("shared_expert_gate",)  # a scalar gate on the shared expert: si
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
 
 
+def _suffix(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A value recorded for one prompt (batch 1), for a run of ``like``'s shape: the batch
+    expanded, and the positions cut to the last ones where ``like`` has fewer (a replay of a
+    suffix). Batch and positions are the only dimensions a replay changes."""
+    index = tuple(slice(s - n, None) if d and s != n else slice(None)
+                  for d, (s, n) in enumerate(zip(stored.shape, like.shape)))
+    return stored[index].expand(like.shape)
+
+
 def _fit(stored: torch.Tensor, like: torch.Tensor, n_pos: int) -> torch.Tensor:
     """A value recorded for one prompt, for a run of ``like``'s shape over the last ``n_pos``
     positions: tokens flattened first (``[pos, ...]`` → ``[batch·pos, ...]``) or batch first."""
     if stored.shape == like.shape:
         return stored
     if stored.ndim >= 3 and stored.shape[0] == 1:  # [1, pos, ...]
-        return stored[:, stored.shape[1] - n_pos:].expand(like.shape)
+        return _suffix(stored, like)
     part = stored[stored.shape[0] - n_pos:]
     return part.repeat(like.shape[0] // n_pos, *([1] * (part.ndim - 1)))
 
@@ -330,15 +339,6 @@ def _constant_input(key: str, store: dict[str, torch.Tensor], mode: str, factor:
 
 
 # ---- selective state-space mixers ------------------------------------------------------------
-
-def _suffix(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A value recorded for one prompt (batch 1), for a run of ``like``'s shape: the batch
-    expanded, and the positions cut to the last ones where ``like`` has fewer (a replay of a
-    suffix). Batch and positions are the only dimensions a replay changes."""
-    index = tuple(slice(s - n, None) if d and s != n else slice(None)
-                  for d, (s, n) in enumerate(zip(stored.shape, like.shape)))
-    return stored[index].expand(like.shape)
-
 
 class _ScanFrozen(TorchFunctionMode):
     """Inside one selective state-space mixer's forward: ``y = out(scan_{Δ,B,C}(u) · act(z))``
