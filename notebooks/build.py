@@ -20,7 +20,8 @@ NOTEBOOKS = {
         "lcache = ll.run_with_linear_cache(model, \"The bridge out of Marin is the\")\nlcache  # prediction, "
         "reconstruction error and each token's contribution",
         "## Reconstruction (figure 3)\nThe detached Jacobian reproduces the output embedding; the ordinary one is off by order one.",
-        "# the ordinary Jacobian's reconstruction: one Jacobian-vector product, the matrix is not formed\nprint(f\"detached {lcache.reconstruction_error():.1e}, ordinary {lcache.reconstruction_error(detached=False):.2f}\")\n"
+        "print(f\"detached {lcache.reconstruction_error():.1e}, ordinary {lcache.reconstruction_error(detached=False):.2f}\")"
+        "  # the ordinary one from one Jacobian-vector product: its matrix is not formed\n"
         "render.reconstruction_figure(lcache)",
         "## Which input tokens matter\n`J_i x_i` is the exact share of input token `i`; projected on the "
         "predicted token's unembedding it is that token's share of the logit.",
