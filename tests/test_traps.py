@@ -63,3 +63,22 @@ def test_an_error_inside_a_state_space_mixer_leaves_no_freezing_mode_behind():
     assert not hooks_left(model)
     lc = ll.run_with_linear_cache(model, "Hello world", progress=False)  # and the model still works
     assert lc.reconstruction_error() <= 1e-5
+
+
+def test_a_state_space_mixer_run_by_a_fused_kernel_is_refused(monkeypatch):
+    """A kernel computes the gate without a PyTorch ``silu`` call the rule can see (here: the
+    Hugging Face scan replaced by one that gates with ``z · sigmoid(z)``): refused by name."""
+    from transformers.models.mamba import modeling_mamba
+
+    scan = modeling_mamba.mamba_selective_scan
+
+    def fused(hidden_states, dt, A, B, C, D=None, z=None, **kwargs):
+        result, gate = scan(hidden_states, dt, A, B, C, D=D, z=None, **kwargs), z * torch.sigmoid(z)
+        return (result[0] * gate, *result[1:]) if isinstance(result, tuple) else result * gate
+
+    model = bridge("MambaForCausalLM")
+    monkeypatch.setattr(modeling_mamba, "mamba_selective_scan", fused)
+    with pytest.raises(ll.LinearizationError, match=r"blocks\.0\.mixer .*fused kernel") as info:
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert info.value.layer == 0
+    assert torch._C._len_torch_function_stack() == 0 and not hooks_left(model)

@@ -346,8 +346,8 @@ class _ScanFrozen(TorchFunctionMode):
     (``softplus``) and matrices ``B``, ``C`` (all parts but the first of the split that follows
     the convolution's activation) are constants; the convolution's activation is frozen as a
     ratio, like an MLP's (``u = conv · act(conv)/conv``); the output gate ``act(z)`` (the second
-    activation) and the scale of a norm after it (``rsqrt``) are constants. Values are taken in the order the
-    mixer computes them, the same in every run."""
+    activation) and the scale of a norm after it (``rsqrt``) are constants. Values are taken in
+    the order the mixer computes them, the same in every run."""
 
     def __init__(self, key: str, store: dict[str, torch.Tensor], mode: str, factor: torch.Tensor | None):
         super().__init__()
