@@ -93,3 +93,16 @@ def test_moe_freezing_keeps_the_output_and_replays_the_recorded_routing(arch):
     assert torch.equal(replayed, recorded)  # top-k expert choices as recorded
     assert not torch.equal(other, recorded)  # (they do depend on the input)
     assert not hooks_left(model)
+
+
+@pytest.mark.parametrize("arch", ["MambaForCausalLM", "Mamba2ForCausalLM"])
+def test_float64_models_compute_in_float64_throughout(arch):
+    """Without the reference's context: Hugging Face casts float64 down to float32 on these
+    models' linear path (the scan; Mamba's float32 residual), so their frozen map would be
+    linear only to float32 rounding and refused (3.4e-8 > 1e-10 measured without the rule);
+    our runs keep float64, and the casts work again afterwards."""
+    model = bridge(arch, torch.float64)
+    lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
+    assert lc.reconstruction_error() <= 1e-10
+    assert torch.ones(2, dtype=torch.float64).float().dtype == torch.float32
+    assert torch._C._len_torch_function_stack() == 0 and not hooks_left(model)
