@@ -274,15 +274,66 @@ def _mamba2(m, h):
     return m.out_proj(y)
 
 
+def _delta(m, h):
+    """A gated delta rule (Qwen3-Next, Qwen3.5) on ``h`` [pos, d]: q, k, β, g, the gate
+    silu(z) and the gated norm's scale detached; ``S_t = S_{t-1} e^{g_t} + k_t ⊗ β_t (v_t − S_{t-1}ᵀ k_t)``
+    one position at a time, ``o_t = S_tᵀ q_t``."""
+    n, Hk, Hv, dk, dv = h.shape[0], m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
+    if hasattr(m, "in_proj_qkvz"):
+        q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(h[None]), m.in_proj_ba(h[None]))
+        q, k, v, z, b, a = (t.reshape(n, -1) for t in (q, k, v, z, b, a))
+    else:
+        q, k, v = m.in_proj_qkv(h).split([m.key_dim, m.key_dim, m.value_dim], -1)
+        z, b, a = m.in_proj_z(h), m.in_proj_b(h), m.in_proj_a(h)
+    q, k, v = _conv_act(m, torch.cat([q, k, v], -1)).split([m.key_dim, m.key_dim, m.value_dim], -1)
+    q, k = (t.detach().reshape(n, Hk, dk).repeat_interleave(Hv // Hk, 1) for t in (q, k))
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk ** 0.5
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    v = v.reshape(n, Hv, dv)
+    beta = b.sigmoid().detach()
+    g = (-m.A_log.exp() * F.softplus(a + m.dt_bias)).detach()
+    state, outs = h.new_zeros(Hv, dk, dv), []
+    for t in range(n):
+        state = state * g[t].exp()[:, None, None]
+        delta = (v[t] - (state * k[t][:, :, None]).sum(-2)) * beta[t][:, None]
+        state = state + k[t][:, :, None] * delta[:, None, :]
+        outs.append((state * q[t][:, :, None]).sum(-2))
+    o = torch.stack(outs)  # [pos, heads, dv]; gated RMS norm per head, norm before gate
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon).detach() * m.norm.weight
+    return m.out_proj((o * F.silu(z.reshape(n, Hv, dv)).detach()).reshape(n, -1))
+
+
+class _DetachedSigmoids(TorchFunctionMode):
+    """Inside an attention module: a sigmoid output gate (Qwen3-Next) detached."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out.detach() if getattr(func, "__name__", "") == "sigmoid" else out
+
+
+def _sigmoids_detached(attention):
+    modes = []
+
+    def enter(module, args):
+        modes.append(_DetachedSigmoids())
+        modes[-1].__enter__()
+
+    def leave(module, args, out):
+        modes.pop().__exit__(None, None, None)
+
+    return [attention.register_forward_pre_hook(enter), attention.register_forward_hook(leave)]
+
+
 def _is_ssm(m):
-    return {"A_log", "D"} <= set(m._parameters)  # a Mamba scan's decay and skip
+    """A Mamba scan (decay ``A_log`` and skip ``D``) or a gated delta rule (``A_log``, ``dt_bias``)."""
+    return "A_log" in m._parameters and bool({"D", "dt_bias"} & set(m._parameters))
 
 
 def _ssm_frozen_hook(module, args, kwargs, out):
     """A selective state-space mixer recomputed from its weights (see :func:`_mamba`,
     :func:`_mamba2`), checked against the module's own output."""
     h = (args[0] if args else kwargs["hidden_states"])
-    recompute = _mamba2 if hasattr(module, "dt_bias") else _mamba
+    recompute = _delta if "D" not in module._parameters else _mamba2 if hasattr(module, "dt_bias") else _mamba
     y = torch.stack([recompute(module, row) for row in h])
     with torch.no_grad():
         assert torch.allclose(y, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown state-space form"
@@ -302,6 +353,8 @@ def _frozen_hooks(base):
         if _is_ssm(m):
             handles.append(m.register_forward_hook(_ssm_frozen_hook, with_kwargs=True))
             continue
+        if name.endswith("Attention"):
+            handles += _sigmoids_detached(m)
         if "RMS" in name and "Norm" in name:
             handles.append(m.register_forward_hook(_rms_frozen_hook))
         elif "LayerNorm" in name:

@@ -2,9 +2,9 @@
 
 Attention computed inside the wrapped Hugging Face module (GPT-J, GPT-Neo, OPT, XGLM),
 weight-free norms (OLMo 1, NanoChat), Bloom's activation, mixtures of experts (router
-and expert gates frozen inside the module) and selective state-space mixers (step sizes,
-B, C and the output gate frozen inside the module; the reference recomputes them with a
-sequential scan of its own). Both sides compute float64 without Hugging Face's float32 casts
+and expert gates frozen inside the module), selective state-space mixers and gated delta
+rules (step sizes or decays, B/C or q/k, β, the output gate frozen inside the module; the
+reference recomputes them with a sequential scan or recurrence of its own). Both sides compute float64 without Hugging Face's float32 casts
 (``full_precision``), so float64 agreement is not cut off at float32 rounding. The reference (``lens_linear.reference.hf_frozen``)
 runs the Hugging Face model itself with its coefficients detached by kind and imports no
 lens_linear code; routers are made constant by detaching their outputs.
@@ -31,7 +31,8 @@ DENSE = ["GPTJForCausalLM", "GPTNeoForCausalLM", "OPTForCausalLM", "XGLMForCausa
 MOE = ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "PhiMoEForCausalLM",
        "GraniteMoeForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"]
 STATE_SPACE = ["MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM", "JambaForCausalLM",
-               "BambaForCausalLM", "FalconH1ForCausalLM"]
+               "BambaForCausalLM", "FalconH1ForCausalLM",
+               "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM"]  # gated delta rules (and gated attention)
 FLOAT32_INSIDE = ["MptForCausalLM", "DeepseekV2ForCausalLM"]  # HF casts float64 down to float32 inside
 NO_FLOAT64 = {"XGLMForCausalLM"}  # the Hugging Face model itself fails in float64 (a float32 mask fill)
 

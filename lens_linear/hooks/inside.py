@@ -7,9 +7,10 @@ components have no hook at all. The rules here stay per kind of operation, never
 * an attention that computes its softmax inside the wrapped module (GPT-J, GPT-Neo, OPT,
   XGLM, ...): the softmax's output is passed through the bridge's ``hook_pattern`` at the
   moment it is computed, so the pattern site freezes the weights the module really uses;
-* a selective state-space mixer (Mamba, Mamba-2 and the hybrids built on them) computes its
-  step sizes, input and output matrices and output gate from its input inside the wrapped
-  module: they are frozen there as they are computed (:func:`scan_hooks`);
+* a state-space mixer (Mamba, Mamba-2, the hybrids built on them, gated delta rules) computes
+  its step sizes or decays, input and output matrices (or keys and queries) and output gate
+  from its input inside the wrapped module: they are frozen there as they are computed
+  (:func:`scan_hooks`);
 * a weight-free norm (OLMo 1): an edited scale makes the bridge multiply by a ``weight`` the
   norm does not have; it is given the weight 1 meanwhile.
 
@@ -219,10 +220,14 @@ SHARED_GATES = ("shared_expert_gate",)  # a scalar gate on the shared expert: si
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
 
 
-def _suffix(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _suffix(stored: torch.Tensor, like: torch.Tensor, batch: int = 1) -> torch.Tensor:
     """A value recorded for one prompt (batch 1), for a run of ``like``'s shape: the batch
     expanded, and the positions cut to the last ones where ``like`` has fewer (a replay of a
-    suffix). Batch and positions are the only dimensions a replay changes."""
+    suffix). Batch and positions are the only dimensions a replay changes; a leading dimension
+    that flattens batch, positions (and heads) is cut per prompt and tiled ``batch`` times."""
+    if stored.shape[0] not in (1, like.shape[0]):
+        rows = like.shape[0] // batch
+        stored = stored[stored.shape[0] - rows:].repeat(batch, *([1] * (stored.ndim - 1)))
     index = tuple(slice(s - n, None) if d and s != n else slice(None)
                   for d, (s, n) in enumerate(zip(stored.shape, like.shape)))
     return stored[index].expand(like.shape)
@@ -347,12 +352,19 @@ class _ScanFrozen(TorchFunctionMode):
     the convolution's activation) are constants; the convolution's activation is frozen as a
     ratio, like an MLP's (``u = conv · act(conv)/conv``); the output gate ``act(z)`` (the second
     activation) and the scale of a norm after it (``rsqrt``) are constants. Values are taken in
-    the order the mixer computes them, the same in every run."""
+    the order the mixer computes them, the same in every run.
 
-    def __init__(self, key: str, store: dict[str, torch.Tensor], mode: str, factor: torch.Tensor | None):
+    A gated delta rule (Qwen3-Next, Qwen3.5) has the same steps: its split is ``[q, k, v]`` with
+    the values last (``live=-1``), ``β = sigmoid(b)`` and the decay ``softplus`` are constants,
+    and so is every ``rsqrt`` after that (q/k normalisation, the gated norm's scale): the state
+    recurrence is then linear in ``v``."""
+
+    def __init__(self, key: str, store: dict[str, torch.Tensor], mode: str, factor: torch.Tensor | None,
+                 live: int = 0):
         super().__init__()
-        self.key, self.store, self.mode, self.factor = key, store, mode, factor
+        self.key, self.store, self.mode, self.factor, self.live = key, store, mode, factor, live
         self.acts = self.splits = self.steps = self.frozen = 0
+        self.batch = 1
 
     def _value(self, out: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
         """``computed`` recorded (record) or the recorded value substituted (replay)."""
@@ -362,7 +374,7 @@ class _ScanFrozen(TorchFunctionMode):
             self.store[tag] = computed.detach()
             self.store.setdefault(self.key, self.store[tag])
             return self.store[tag]
-        return _scaled(_suffix(self.store[tag], out), self.factor)
+        return _scaled(_suffix(self.store[tag], out, self.batch), self.factor)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -372,12 +384,14 @@ class _ScanFrozen(TorchFunctionMode):
             if self.acts > 1:  # the output gate
                 return self._value(out, out)
             x = args[0]
+            self.batch = x.shape[0]  # the convolution's input, batch first
             ratio = self._value(out, torch.where(x == 0, 0.5, out / x))
             return out.detach() + (x - x.detach()) * ratio if self.mode == "record" else x * ratio
-        if name == "split" and self.acts == 1 and not self.splits:  # [x or Δ's input, B, C]
+        if name == "split" and self.acts == 1 and not self.splits:  # [x or Δ's input, B, C] or [q, k, v]
             self.splits += 1
-            return type(out)([out[0], *(self._value(o, o) for o in out[1:])])
-        if name == "softplus" or (name == "rsqrt" and self.acts == 2):  # Δ; the gated norm's scale
+            live = self.live % len(out)
+            return type(out)([o if j == live else self._value(o, o) for j, o in enumerate(out)])
+        if name in ("softplus", "sigmoid") or (name == "rsqrt" and self.steps):  # Δ or g, β; norm scales after
             self.steps += name == "softplus"
             return self._value(out, out)
         return out
@@ -388,11 +402,13 @@ def scan_hooks(model: Any, name: str, store: dict[str, torch.Tensor], mode: str,
     """Freeze the selective state-space mixer whose bridge owns hook ``name``: a mode active
     only while the wrapped module's forward runs (see :class:`_ScanFrozen`). A mixer that does
     not compute these steps as PyTorch functions (a fused kernel) is refused."""
-    component = wrapped(model.get_submodule(name.rsplit(".", 1)[0]))
+    bridge = model.get_submodule(name.rsplit(".", 1)[0])
+    delta = "D" not in wrapped(bridge)._parameters  # a gated delta rule: [q, k, v], the values last
+    component = bridge if delta else wrapped(bridge)  # (TransformerLens reimplements the delta rule)
     active: list[_ScanFrozen] = []
 
     def enter(module: Any, args: tuple) -> None:
-        active.append(_ScanFrozen(name, store, mode, factor))
+        active.append(_ScanFrozen(name, store, mode, factor, live=-1 if delta else 0))
         active[-1].__enter__()
 
     def leave(module: Any, args: tuple, output: Any) -> None:

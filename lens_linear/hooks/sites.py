@@ -6,12 +6,13 @@ coefficient ``A``. One rule per kind serves every architecture:
 * ``norm``  — every ``*.hook_scale`` (LayerNorm/RMSNorm scale, incl. q/k norms, ``ln_final``).
 * ``attn``  — every ``*.hook_pattern`` (the softmax output).
 * ``gate``  — a gated MLP (it has ``mlp.hook_pre_linear``; a mixture's shared experts
-  too): ``mlp.hook_pre``, the gate's pre-activation, so ``act(hook_pre)`` becomes a constant.
+  too): ``mlp.hook_pre``, the gate's pre-activation, so ``act(hook_pre)`` becomes a constant;
+  likewise a gated attention's output gate (``attn.hook_q_gate``, Qwen3-Next).
 * ``slice`` — a token mixer's gates inside one projection: a doubly gated short convolution
   ``C · conv(B · x)`` (LFM2; its ``conv.hook_in_proj`` holds ``[B, C, x]``): ``B`` and ``C``
   frozen, so the convolution is linear in ``x``.
-* ``scan``  — a selective state-space mixer (its bridge has ``hook_ssm_state``, its module the
-  parameters ``A_log`` and ``D`` of a Mamba scan): step sizes,
+* ``scan``  — a state-space mixer (its bridge has ``hook_ssm_state``, its module the decay
+  ``A_log`` and the skip ``D`` of a Mamba scan or the ``dt_bias`` of a gated delta rule): step sizes,
   input/output matrices, output gate and the convolution's activation ratio, frozen inside
   the wrapped module (:mod:`lens_linear.hooks.inside`), so the scan is linear in its input.
 * ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
@@ -74,6 +75,8 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             add(name, "norm")
         elif "attn" in parts and name.endswith("hook_pattern"):
             add(name, "attn")
+        elif "attn" in parts and name.endswith("attn.hook_q_gate"):  # a gated attention's output gate
+            add(name, "gate")
         elif "mlp" in parts and ".mlp." in name and name.endswith("hook_pre"):
             prefix = name[: -len("hook_pre")]
             if prefix + "hook_pre_linear" in names:  # a gated MLP, shared experts' included
@@ -96,10 +99,11 @@ def wrapped(module: Any) -> Any:
 
 
 def is_state_space(model: Any, name: str) -> bool:
-    """Whether hook ``name`` belongs to a selective state-space mixer: a module with the decay
-    ``A_log`` and the skip ``D`` of a Mamba scan (hybrid bridges name every block's mixer alike,
-    experts included, and a gated delta rule has ``A_log`` without ``D``)."""
-    return {"A_log", "D"} <= set(wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters)
+    """Whether hook ``name`` belongs to a state-space mixer: a module with the decay ``A_log``
+    and either the skip ``D`` of a Mamba scan or the step bias ``dt_bias`` of a gated delta rule
+    (hybrid bridges name every block's mixer alike, experts included)."""
+    params = set(wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters)
+    return "A_log" in params and bool(params & {"D", "dt_bias"})
 
 
 def activation_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
