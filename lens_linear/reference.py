@@ -275,22 +275,24 @@ def _mamba2(m, h):
 
 
 def _delta(m, h):
-    """A gated delta rule (Qwen3-Next, Qwen3.5) on ``h`` [pos, d]: q, k, β, g, the gate
+    """A gated delta rule (Qwen3-Next, Qwen3.5, OLMo-hybrid) on ``h`` [pos, d]: q, k, β, g, the gate
     silu(z) and the gated norm's scale detached; ``S_t = S_{t-1} e^{g_t} + k_t ⊗ β_t (v_t − S_{t-1}ᵀ k_t)``
     one position at a time, ``o_t = S_tᵀ q_t``."""
     n, Hk, Hv, dk, dv = h.shape[0], m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
     if hasattr(m, "in_proj_qkvz"):
         q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(h[None]), m.in_proj_ba(h[None]))
         q, k, v, z, b, a = (t.reshape(n, -1) for t in (q, k, v, z, b, a))
-    else:
+    elif hasattr(m, "in_proj_qkv"):
         q, k, v = m.in_proj_qkv(h).split([m.key_dim, m.key_dim, m.value_dim], -1)
         z, b, a = m.in_proj_z(h), m.in_proj_b(h), m.in_proj_a(h)
+    else:  # separate projections (OLMo-hybrid)
+        q, k, v, z, b, a = m.q_proj(h), m.k_proj(h), m.v_proj(h), m.g_proj(h), m.b_proj(h), m.a_proj(h)
     q, k, v = _conv_act(m, torch.cat([q, k, v], -1)).split([m.key_dim, m.key_dim, m.value_dim], -1)
     q, k = (t.detach().reshape(n, Hk, dk).repeat_interleave(Hv // Hk, 1) for t in (q, k))
     q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk ** 0.5
     k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     v = v.reshape(n, Hv, dv)
-    beta = b.sigmoid().detach()
+    beta = b.sigmoid().detach() * (2.0 if getattr(m, "allow_neg_eigval", False) else 1.0)
     g = (-m.A_log.exp() * F.softplus(a + m.dt_bias)).detach()
     state, outs = h.new_zeros(Hv, dk, dv), []
     for t in range(n):
@@ -299,8 +301,9 @@ def _delta(m, h):
         state = state + k[t][:, :, None] * delta[:, None, :]
         outs.append((state * q[t][:, :, None]).sum(-2))
     o = torch.stack(outs)  # [pos, heads, dv]; gated RMS norm per head, norm before gate
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon).detach() * m.norm.weight
-    return m.out_proj((o * F.silu(z.reshape(n, Hv, dv)).detach()).reshape(n, -1))
+    norm, out = (m.norm, m.out_proj) if hasattr(m, "out_proj") else (m.o_norm, m.o_proj)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).detach() * norm.weight
+    return out((o * F.silu(z.reshape(n, Hv, dv)).detach()).reshape(n, -1))
 
 
 class _DetachedSigmoids(TorchFunctionMode):

@@ -32,7 +32,7 @@ MOE = ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3Mo
        "GraniteMoeForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"]
 STATE_SPACE = ["MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM", "JambaForCausalLM",
                "BambaForCausalLM", "FalconH1ForCausalLM",
-               "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM"]  # gated delta rules (and gated attention)
+               "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "OlmoHybridForCausalLM"]  # gated delta rules
 FLOAT32_INSIDE = ["MptForCausalLM", "DeepseekV2ForCausalLM"]  # HF casts float64 down to float32 inside
 NO_FLOAT64 = {"XGLMForCausalLM"}  # the Hugging Face model itself fails in float64 (a float32 mask fill)
 

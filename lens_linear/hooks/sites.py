@@ -11,8 +11,9 @@ coefficient ``A``. One rule per kind serves every architecture:
 * ``slice`` — a token mixer's gates inside one projection: a doubly gated short convolution
   ``C · conv(B · x)`` (LFM2; its ``conv.hook_in_proj`` holds ``[B, C, x]``): ``B`` and ``C``
   frozen, so the convolution is linear in ``x``.
-* ``scan``  — a state-space mixer (its bridge has ``hook_ssm_state``, its module the decay
-  ``A_log`` and the skip ``D`` of a Mamba scan or the ``dt_bias`` of a gated delta rule): step sizes,
+* ``scan``  — a state-space mixer (a module with the decay ``A_log`` and the skip ``D`` of a
+  Mamba scan or the ``dt_bias`` of a gated delta rule; the site is its bridge's
+  ``hook_ssm_state``, or ``hook_in`` where the bridge has no other): step sizes,
   input/output matrices, output gate and the convolution's activation ratio, frozen inside
   the wrapped module (:mod:`lens_linear.hooks.inside`), so the scan is linear in its input.
 * ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
@@ -69,8 +70,9 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
     for name in names:
         if "mixer" in parts and name.endswith("conv.hook_in_proj") and name[:-len("in_proj")] + "gated" in names:
             add(name, "slice", frozen=(0, 2))  # a doubly gated convolution C·conv(B·x): B, C = thirds 1-2
-        elif "mixer" in parts and name.endswith(".hook_ssm_state") and is_state_space(model, name):
-            add(name, "scan")
+        elif "mixer" in parts and name.endswith((".hook_ssm_state", ".hook_in")) and is_state_space(model, name):
+            prefix = name.rsplit(".", 1)[0]  # one site per mixer, on hook_ssm_state where the bridge has it
+            add(prefix + ".hook_ssm_state" if prefix + ".hook_ssm_state" in names else name, "scan")
         elif "norm" in parts and name.endswith("hook_scale"):
             add(name, "norm")
         elif "attn" in parts and name.endswith("hook_pattern"):
@@ -102,7 +104,10 @@ def is_state_space(model: Any, name: str) -> bool:
     """Whether hook ``name`` belongs to a state-space mixer: a module with the decay ``A_log``
     and either the skip ``D`` of a Mamba scan or the step bias ``dt_bias`` of a gated delta rule
     (hybrid bridges name every block's mixer alike, experts included)."""
-    params = set(wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters)
+    try:
+        params = set(wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters)
+    except AttributeError:  # a hook alias whose prefix names no module
+        return False
     return "A_log" in params and bool(params & {"D", "dt_bias"})
 
 
