@@ -161,8 +161,7 @@ class LinearCache:
                 if detached:
                     y = self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook]
                 else:
-                    y = run_to(self.model, self.tokens, self.point.fwd_hooks, inject=(input_hook, x[None]),
-                               capture=[hook], pos=pos)[hook]
+                    y = self._ordinary(x, hook, pos, input_hook)
                 y = y[0].reshape(-1)
                 chunk = chunk_size(y.numel(), self._row_bytes(), self.max_memory, device=x.device)
                 self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
@@ -310,13 +309,17 @@ class LinearCache:
             jx = self._ordinary_jvp(*self._resolve(hook, pos)).to(wide)
         return jx + self.bias_term(hook, pos=pos).to(wide)
 
+    def _ordinary(self, x: torch.Tensor, hook: str, pos: int, input_hook: str = INPUT_HOOK) -> torch.Tensor:
+        """``hook[pos]`` of the model itself (nothing frozen, the user's hooks on) with ``x`` at ``input_hook``."""
+        return run_to(self.model, self.tokens, self.point.fwd_hooks, inject=(input_hook, x[None]),
+                      capture=[hook], pos=pos)[hook]
+
     def _ordinary_jvp(self, hook: str, pos: int) -> Float[torch.Tensor, "d_out"]:
         """``J x*`` for the ordinary Jacobian ``J`` of ``hook[pos]``: the derivative of
         ``u ↦ (Jᵀu)·x*``, which is linear in ``u`` (backward of a backward)."""
         x = self.x.detach().clone().requires_grad_(True)
         with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
-            y = run_to(self.model, self.tokens, self.point.fwd_hooks, inject=(INPUT_HOOK, x[None]),
-                       capture=[hook], pos=pos)[hook][0].reshape(-1)
+            y = self._ordinary(x, hook, pos)[0].reshape(-1)
             u = torch.zeros_like(y, requires_grad=True)
             (g,) = torch.autograd.grad(y, x, grad_outputs=u, create_graph=True)
             (jx,) = torch.autograd.grad(g, u, grad_outputs=x.detach())

@@ -207,17 +207,18 @@ class _FunctionalActivations(torch.overrides.TorchFunctionMode):
         return out
 
 
-def _functional_activations(mlp, gated):
+def _mode_inside(module, make_mode):
+    """Hooks that keep a fresh ``make_mode()`` active while ``module``'s forward runs."""
     modes = []
 
     def enter(module, args):
-        modes.append(_FunctionalActivations(gated))
+        modes.append(make_mode())
         modes[-1].__enter__()
 
     def leave(module, args, out):
         modes.pop().__exit__(None, None, None)
 
-    return [mlp.register_forward_pre_hook(enter), mlp.register_forward_hook(leave)]
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
 
 
 def _conv_act(m, xs):
@@ -314,19 +315,6 @@ class _DetachedSigmoids(TorchFunctionMode):
         return out.detach() if getattr(func, "__name__", "") == "sigmoid" else out
 
 
-def _sigmoids_detached(attention):
-    modes = []
-
-    def enter(module, args):
-        modes.append(_DetachedSigmoids())
-        modes[-1].__enter__()
-
-    def leave(module, args, out):
-        modes.pop().__exit__(None, None, None)
-
-    return [attention.register_forward_pre_hook(enter), attention.register_forward_hook(leave)]
-
-
 def _is_ssm(m):
     """A Mamba scan (decay ``A_log`` and skip ``D``) or a gated delta rule (``A_log``, ``dt_bias``)."""
     return "A_log" in m._parameters and bool({"D", "dt_bias"} & set(m._parameters))
@@ -357,7 +345,7 @@ def _frozen_hooks(base):
             handles.append(m.register_forward_hook(_ssm_frozen_hook, with_kwargs=True))
             continue
         if name.endswith("Attention"):
-            handles += _sigmoids_detached(m)
+            handles += _mode_inside(m, _DetachedSigmoids)
         if "RMS" in name and "Norm" in name:
             handles.append(m.register_forward_hook(_rms_frozen_hook))
         elif "LayerNorm" in name:
@@ -373,7 +361,7 @@ def _frozen_hooks(base):
         linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
         if any(k in name for k in ("MLP", "FeedForward", "Experts")) and not any(_is_activation(c) for c in m.modules()):
             gated = len(linears) == 3 or any("gate" in n for n, _ in m.named_parameters(recurse=False))
-            handles += _functional_activations(m, gated=gated)
+            handles += _mode_inside(m, lambda: _FunctionalActivations(gated))
         conv = getattr(m, "conv", None)
         if isinstance(conv, torch.nn.Conv1d) and hasattr(m, "in_proj") and m.in_proj.out_features == 3 * conv.in_channels:
             handles.append(m.in_proj.register_forward_hook(_gates_detached))  # C·conv(B·x): B, C constant

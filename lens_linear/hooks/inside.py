@@ -220,7 +220,7 @@ SHARED_GATES = ("shared_expert_gate",)  # a scalar gate on the shared expert: si
 SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
 
 
-def _suffix(stored: torch.Tensor, like: torch.Tensor, batch: int = 1) -> torch.Tensor:
+def fit_to(stored: torch.Tensor, like: torch.Tensor, batch: int = 1) -> torch.Tensor:
     """A value recorded for one prompt (batch 1), for a run of ``like``'s shape: the batch
     expanded, and the positions cut to the last ones where ``like`` has fewer (a replay of a
     suffix). Batch and positions are the only dimensions a replay changes; a leading dimension
@@ -236,12 +236,7 @@ def _suffix(stored: torch.Tensor, like: torch.Tensor, batch: int = 1) -> torch.T
 def _fit(stored: torch.Tensor, like: torch.Tensor, n_pos: int) -> torch.Tensor:
     """A value recorded for one prompt, for a run of ``like``'s shape over the last ``n_pos``
     positions: tokens flattened first (``[pos, ...]`` → ``[batch·pos, ...]``) or batch first."""
-    if stored.shape == like.shape:
-        return stored
-    if stored.ndim >= 3 and stored.shape[0] == 1:  # [1, pos, ...]
-        return _suffix(stored, like)
-    part = stored[stored.shape[0] - n_pos:]
-    return part.repeat(like.shape[0] // n_pos, *([1] * (part.ndim - 1)))
+    return fit_to(stored, like, max(like.shape[0] // n_pos, 1))
 
 
 def _scaled(value: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
@@ -374,7 +369,7 @@ class _ScanFrozen(TorchFunctionMode):
             self.store[tag] = computed.detach()
             self.store.setdefault(self.key, self.store[tag])
             return self.store[tag]
-        return _scaled(_suffix(self.store[tag], out, self.batch), self.factor)
+        return _scaled(fit_to(self.store[tag], out, self.batch), self.factor)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 
 from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
                                      tolerance)
-from lens_linear.hooks.inside import moe_hooks, scan_hooks
+from lens_linear.hooks.inside import fit_to, moe_hooks, scan_hooks
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
@@ -43,9 +43,7 @@ def block_outputs(model: Any) -> list[str]:
 def _broadcast(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A recorded value (batch 1) for a batch: expand, or tile where batch and positions are
     flattened into one leading dimension (as some models do inside their MLP)."""
-    if stored.shape[0] not in (1, like.shape[0]) and like.shape[0] % stored.shape[0] == 0:
-        stored = stored.repeat(like.shape[0] // stored.shape[0], *([1] * (stored.ndim - 1)))
-    return stored.expand_as(like)
+    return fit_to(stored, like, max(like.shape[0] // stored.shape[0], 1))
 
 
 def _spread(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
