@@ -336,18 +336,18 @@ class LinearCache:
         the output and the frozen map reconstructs ``hook[pos]`` exactly for the dtype; return
         the relative reconstruction error.
 
-        Cheap by design, a few products instead of a full Jacobian's ``d_out``:
+        Cheap by design, a few forwards instead of a full Jacobian's ``d_out`` backward rows:
 
-        * every site reaches the output: one forward and one backward
-          (:meth:`OperatingPoint.ignored_sites`);
-        * reconstruction, seen through ``n_projections`` random directions ``u`` (centred
-          Gaussian): ``uᵀ(Σ_i J_i x_i + c)`` against ``uᵀ y`` from one batched backward of the
-          ``u`` (``n_projections`` VJPs). A reconstruction error ``e ≠ 0`` escapes a Gaussian
-          ``u`` with probability zero, and ``‖Ue‖ / ‖Uy‖`` estimates ``std(e) / std(y)`` (the
-          error :meth:`reconstruction_error` reports): for 8 projections its ratio to that
-          error is about the square root of an F(8, 8) variable, within 0.3–3× in 99% of
-          draws, far inside the 100× margin between a float32 linearization (~1e-7) and the
-          tolerance (1e-5), and a left-out coefficient (errors of 1e-3 and up). Where the full Jacobian is already computed, it is used instead.
+        * every site reaches the output: one forward and one backward on the last few
+          positions (:meth:`OperatingPoint.ignored_sites`);
+        * the whole reconstruction, every output dimension at every position, from one replay
+          in forward mode (:meth:`directional_error`, about two forwards, no graph kept):
+          ``J⁺x* + F(0)`` against the recorded ``y``. Deterministic: no projection, no
+          probability of escape. ``F(0)`` costs one more replay only for a model with biases
+          or user hooks (without them the frozen map has no constant). Where an operation has
+          no forward-mode rule, ``n_projections`` random projections are checked instead
+          (:meth:`projected_reconstruction_error`). Where the full Jacobian is already
+          computed, it is used.
         * a half-precision model's frozen map is also replayed in float32 for affinity
           (4 forwards), where rounding cannot hide a small nonlinearity.
         """
@@ -373,7 +373,10 @@ class LinearCache:
         if self.is_computed(hook, pos=pos):
             err = self.reconstruction_error(hook, pos=pos)
         else:
-            err = self.projected_reconstruction_error(hook, pos=pos, n_projections=n_projections)
+            try:
+                err = self.directional_error(hook, pos=pos)
+            except NotImplementedError:  # an operation without a forward-mode rule
+                err = self.projected_reconstruction_error(hook, pos=pos, n_projections=n_projections)
         tol = tolerance(self.x.dtype)
         if not err <= tol:
             layer, layer_err = self.point.locate_break(tol)
@@ -387,6 +390,18 @@ class LinearCache:
                 f"the detached Jacobian does not reconstruct {hook} (relative error {err:.2e} > {tol:.0e}): "
                 f"{where}. A nonlinearity is not frozen there: {suspects}.", layer=layer, error=err)
         return err
+
+    def directional_error(self, hook: HookKey | None = None, *, pos: int | None = None) -> float:
+        """The reconstruction error of ``hook[pos]`` without any Jacobian: ``J⁺x*`` from one
+        forward-mode replay, or carried by the recording (:meth:`OperatingPoint.directional`),
+        plus ``F(0)``, against the recorded value."""
+        hook, pos = self._resolve(hook, pos)
+        with self.point.computing(), analysis_mode(self.model):
+            jx = self.point.directional(hook, pos=pos).reshape(-1)
+        wide = torch.promote_types(jx.dtype, torch.float32)
+        if self.point.may_add_constant():
+            return relative_error(jx.to(wide) + self.bias_term(hook, pos=pos).to(wide), self.activation(hook, pos=pos))
+        return relative_error(jx.to(wide), self.activation(hook, pos=pos))
 
     def projected_reconstruction_error(self, hook: HookKey | None = None, *, pos: int | None = None,
                                        n_projections: int = N_PROJECTIONS, seed: int = 0) -> float:
@@ -564,7 +579,8 @@ def run_with_linear_cache(
     pos = normalize_position(pos, tokens.shape[-1])
     keep = _with_output(names_filter, output_hook(model))
     with analysis_mode(model):
-        point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep)
+        point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep,
+                                                           tangent_at=output_hook(model) if check else None)
     if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
         point = point.in_dtype(dtype)
     lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress,

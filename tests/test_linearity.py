@@ -163,7 +163,21 @@ def test_cheap_check_catches_a_site_left_out(tiny, kind):
         lc.check()
     wrong, full = lc.projected_reconstruction_error(), lc.reconstruction_error()
     assert full / 5 <= wrong <= 5 * full and full > 1e3 * max(exact, 1e-9)
+    assert lc.directional_error() == pytest.approx(full, rel=1e-3)  # forward mode: the error itself
     assert not hooks_left(tiny)
+
+
+def test_directional_check_is_the_reconstruction(tiny):
+    """``J⁺x*`` carried by the recording (forward mode), from a forward-mode replay, and from
+    the full Jacobian agree; the check is the full reconstruction error, not an estimate."""
+    lc = ll.run_with_linear_cache(tiny, PROMPT)
+    carried = lc.point.directional(lc.output, pos=lc.pos)
+    lc.point.tangents.clear()
+    replayed = lc.point.directional(lc.output, pos=lc.pos)
+    full = torch.einsum("pod,pd->o", lc.jacobian(), lc.x)
+    assert (carried - full).abs().max() <= 1e-5 * full.abs().max()
+    assert (replayed - full).abs().max() <= 1e-5 * full.abs().max()
+    assert lc.directional_error() <= 1e-5 and lc.reconstruction_error() <= 1e-5
 
 
 def test_projected_error_estimates_the_full_one(tiny):

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Iterator, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from jaxtyping import Float, Int
 
 from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
@@ -154,39 +155,61 @@ class OperatingPoint:
 
     def __init__(self, model: Any, tokens: Int[torch.Tensor, "1 pos"], sites: list[Site],
                  values: dict[str, torch.Tensor], x_star: Float[torch.Tensor, "pos d_model"],
-                 fwd_hooks: Sequence[Hook] = ()):
+                 fwd_hooks: Sequence[Hook] = (), tangents: dict[str, torch.Tensor] | None = None):
         self.model = model
         self.tokens = tokens
         self.sites = sites
         self.values = values
         self.x_star = x_star
         self.fwd_hooks = list(fwd_hooks)
+        self.tangents = tangents or {}  # hook → J⁺x* at every position, carried by the recording
 
     @classmethod
     def record(cls, model: Any, tokens: Int[torch.Tensor, "1 pos"], parts: Sequence[str] = PARTS,
-               fwd_hooks: Sequence[Hook] = (), names_filter: Any = None) -> tuple["OperatingPoint", torch.Tensor, Any]:
+               fwd_hooks: Sequence[Hook] = (), names_filter: Any = None,
+               tangent_at: str | None = None) -> tuple["OperatingPoint", torch.Tensor, Any]:
         """Run ``model`` once on ``tokens`` and freeze every coefficient at its value.
 
         ``fwd_hooks`` (the user's own, names or name filters as in ``run_with_hooks``) stay
         active in the recording and in every replay; the frozen value of a coefficient is
         the value after the user's hooks. Returns the operating point, the logits and the
         ``ActivationCache`` of that forward pass (``names_filter`` as in ``run_with_cache``).
+        With ``tangent_at``, the recording runs in forward mode with the input as its own
+        tangent, so it also carries ``J⁺x*`` at that hook (every position) for
+        :meth:`directional`, at the price of the tangents' arithmetic (verification without
+        a second pass); where an operation has no forward-mode rule it runs again without.
         """
         require_tl_model(model)
         sites = find_sites(model, parts)
         values: dict[str, torch.Tensor] = {}
         seen: dict[str, torch.Tensor] = {}
         upstream: dict[str, torch.Tensor] = {}
-        def grab(value: torch.Tensor, hook: Any) -> None:
+        tangents: dict[str, torch.Tensor] = {}
+
+        def grab(value: torch.Tensor, hook: Any) -> torch.Tensor | None:
             seen["x"] = value.detach()[0]
             upstream.update(values)  # sites fired before the input (an embedding norm), by value
+            return fwAD.make_dual(value, value.detach()) if tangent_at is not None else None
 
-        grab = (INPUT_HOOK, grab)
+        def carry(value: torch.Tensor, hook: Any) -> torch.Tensor:
+            primal, tangent = fwAD.unpack_dual(value)
+            tangents[hook.name] = (torch.zeros_like(value) if tangent is None else tangent)[0].clone()
+            return primal  # the rest of the forward (the unembedding) needs no tangent
+
+        extra = [(INPUT_HOOK, grab)] + ([(tangent_at, carry)] if tangent_at is not None else [])
         try:
-            with torch.no_grad(), hooks_on(model, list(fwd_hooks) + site_hooks(model, sites, values, "record") + [grab]):
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if tangent_at is not None:
+                    stack.enter_context(fwAD.dual_level())
+                stack.enter_context(hooks_on(model, list(fwd_hooks) + site_hooks(model, sites, values, "record") + extra))
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
+                logits = fwAD.unpack_dual(logits).primal
         except LinearizationError:
             raise
+        except NotImplementedError:
+            if tangent_at is None:
+                raise
+            return cls.record(model, tokens, parts, fwd_hooks, names_filter)  # no forward-mode rule
         except Exception as exc:
             with torch.no_grad():
                 forward(model, tokens, fwd_hooks)  # the model runs without the freezing hooks: they are the cause
@@ -198,7 +221,8 @@ class OperatingPoint:
         # that fires again later, as a norm module shared by the embedding and the output, is)
         before = {name for name, value in upstream.items() if values.get(name) is value}
         sites = [s for s in sites if s.name not in before]
-        point = cls(model, tokens, sites, {k: v for k, v in values.items() if k not in before}, seen["x"], fwd_hooks)
+        point = cls(model, tokens, sites, {k: v for k, v in values.items() if k not in before}, seen["x"], fwd_hooks,
+                    tangents)
         return point, logits, cache
 
     @functools.cached_property
@@ -319,11 +343,34 @@ class OperatingPoint:
 
     def bias_term(self, hook: str, *, input_hook: str = INPUT_HOOK,
                   like: torch.Tensor | None = None) -> torch.Tensor:
-        """``F(0)`` at ``hook``, every position: what the frozen map adds with no input (0
-        without biases). For another ``input_hook``, ``like`` is a value of that hook (its shape)."""
+        """``F(0)`` at ``hook``, every position: what the frozen map adds with no input. For
+        another ``input_hook``, ``like`` is a value of that hook (its shape)."""
         zero = torch.zeros_like(self.x_star if like is None else like)
         with torch.no_grad():
             return self.replay(zero, [hook], input_hook=input_hook)[hook][0]
+
+    def may_add_constant(self) -> bool:
+        """Whether ``F(0)`` can be nonzero: the model has a nonzero bias (or one offloaded,
+        unseen) or user hooks are on. Without either every operation of the frozen map is
+        linear with no constant term, so ``F(0) = 0``; a constant we did not know of would make
+        :meth:`LinearCache.check` fail, never pass wrongly."""
+        return bool(self.fwd_hooks) or any(t.device.type == "meta" or bool(torch.count_nonzero(t))
+                                           for t in bias_tensors(self.model).values())
+
+    def directional(self, hook: str, *, pos: int | None = None) -> torch.Tensor:
+        """``J⁺ x*`` at ``hook`` (every position, or ``pos``): free where the recording carried
+        it (``record(tangent_at=hook)``), else from one replay in forward mode: the input
+        carries itself as its tangent, every operation applies its derivative alongside its
+        value, and no graph is kept (memory of a plain forward, time of about two). Raises
+        ``NotImplementedError`` where an operation has no forward-mode rule."""
+        tangent = self.tangents.get(hook)
+        if tangent is None or tangent.dtype != self.x_star.dtype:  # none, or a point cast wider
+            with torch.no_grad(), fwAD.dual_level():
+                x = fwAD.make_dual(self.x_star[None], self.x_star[None])
+                value = self.replay(x, [hook])[hook][0]
+                tangent = fwAD.unpack_dual(value).tangent
+                tangent = torch.zeros_like(value) if tangent is None else tangent.clone()
+        return tangent if pos is None else tangent[pos]
 
     def bias_contributions(self, hook: str) -> dict[str, torch.Tensor]:
         """Split ``F(0)`` at ``hook`` (all positions) exactly into one term per bias.
