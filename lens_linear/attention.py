@@ -131,11 +131,10 @@ class AttentionCircuits:
     def pattern(self, layer: int, *, head: int | None = None) -> Float[torch.Tensor, "n_heads query_pos key_pos"]:
         """The frozen attention pattern of ``layer`` (``[query_pos, key_pos]`` for one head)."""
         layer = self._layer(layer)
-        name = f"blocks.{layer}.attn.hook_pattern"
-        if name not in self.point.values:
-            raise ValueError(f"block {layer} has no frozen softmax pattern ({name}): attention circuits "
-                             f"need softmax attention")
-        pattern = self.point.values[name][0]
+        pattern = self.point.pattern(layer)
+        if pattern is None:
+            raise ValueError(f"block {layer} has no frozen softmax pattern (blocks.{layer}.attn.hook_pattern): "
+                             f"attention circuits need softmax attention")
         return pattern if head is None else pattern[self._heads(head)[0]]
 
     def _local_map(self, source: str, target: str, pos: int) -> Float[torch.Tensor, "d_in d_out"]:
@@ -395,7 +394,8 @@ def induction_heads(model: Any, *, seq_len: int = 50, seed: int = 0, n_top_heads
     queries = torch.arange(first + seq_len, first + 2 * seq_len, device=tokens.device)
     keys = queries - seq_len + 1
     att = AttentionCircuits(point)
-    layers = [layer for layer in range(model.cfg.n_layers) if f"blocks.{layer}.attn.hook_pattern" in point.values]
+    layers = [layer for layer in range(model.cfg.n_layers) if f"blocks.{layer}.attn.hook_pattern" in
+              {**point.values, **point.frozen_attention}]
     if not layers:
         raise ValueError("the induction study needs softmax attention, and no block of this model has a frozen "
                          "softmax pattern (its token mixers are state-space scans or recurrences)")

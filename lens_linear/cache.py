@@ -545,6 +545,7 @@ def run_with_linear_cache(
     max_memory: int | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    store_patterns: bool | None = None,
 ) -> LinearCache:
     """Record the operating point of one input and return its :class:`LinearCache`.
 
@@ -569,6 +570,13 @@ def run_with_linear_cache(
             the weights while it runs: 2× a bfloat16 model's size in float32) and put back
             bit for bit. Reconstruction is then exact to ``dtype``; ``lcache.model_rounding()``
             reports the model's own rounding.
+        store_patterns: keep every attention pattern whole (``True``: ``layers · heads · n²``
+            values) or as its queries and keys (``False``: ``layers · heads · n · d_head``; each
+            replay recomputes the pattern a block of rows at a time, in the backward pass too, so
+            no product holds a whole pattern). Default: whole while they fit in 256 MB (up to
+            about 500 tokens on SmolLM2), then queries and keys. Where a layer's pattern is not
+            ``softmax(scale · q kᵀ + causal mask)`` (softcapping, sliding windows shorter than
+            the prompt, attention sinks), that layer's pattern is stored whole regardless.
 
     Example:
         >>> lcache = run_with_linear_cache(model, "The bridge out of Marin is the")
@@ -580,7 +588,8 @@ def run_with_linear_cache(
     keep = _with_output(names_filter, output_hook(model))
     with analysis_mode(model):
         point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep,
-                                                           tangent_at=output_hook(model) if check else None)
+                                                           tangent_at=output_hook(model) if check else None,
+                                                           store_patterns=store_patterns)
     if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
         point = point.in_dtype(dtype)
     lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress,

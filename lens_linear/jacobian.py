@@ -61,8 +61,8 @@ def batched_vjp_jacobian(
         last = k == n_chunks - 1
         if batched:
             try:
-                (grad,) = torch.autograd.grad(output, inputs, grad_outputs=eye[rows], retain_graph=not last,
-                                              is_grads_batched=True)
+                (grad,) = torch.autograd.grad(output, inputs, grad_outputs=eye[rows], retain_graph=not last or k == 0,
+                                              is_grads_batched=True)  # kept after a first try: it may fail
                 jac[:, rows] = grad.transpose(0, 1)
                 continue
             except RuntimeError as exc:  # an op without a vmap rule

@@ -22,10 +22,12 @@ from jaxtyping import Float, Int
 from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
                                      tolerance)
 from lens_linear.hooks.inside import fit_to, moe_hooks, scan_hooks
+from lens_linear.hooks.patterns import FrozenAttention, attention_hooks
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
+PATTERN_BUDGET = 256 << 20  # bytes of attention patterns stored whole; beyond, queries and keys
 SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
 
 
@@ -57,19 +59,28 @@ def _spread(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor], mode: str,
-               factors: dict[str, torch.Tensor] | None = None) -> list[Hook]:
+               factors: dict[str, torch.Tensor] | None = None,
+               frozen: dict[str, FrozenAttention] | None = None) -> list[Hook]:
     """Hook functions that freeze every site.
 
     ``mode="record"``: detach each coefficient at its current value (the detached
     Jacobian) and store it. ``mode="replay"``: substitute the stored value, whatever the
     input; ``factors`` (site name → per-batch-element multiplier) perturbs chosen sites, to
     prove that each substitution reaches the output. The output value is unchanged in
-    record mode.
+    record mode. ``frozen`` (attention patterns kept as queries and keys,
+    :mod:`lens_linear.hooks.patterns`): given in record mode, each pattern goes there where its
+    recipe verifies instead of into ``store``; in replay mode, those layers attend through it.
     """
     factors = factors or {}
     hooks: list[Hook] = []
     for site in sites:
-        if site.kind == "ratio":
+        special = None
+        if site.kind == "attn" and frozen is not None and (mode == "record" or site.name in frozen):
+            special = attention_hooks(model, site.name, store, frozen, mode, factors.get(site.name),
+                                      tolerance(model_dtype(model) or torch.float32))
+        if special is not None:
+            hooks += special
+        elif site.kind == "ratio":
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "moe":
             hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
@@ -155,7 +166,8 @@ class OperatingPoint:
 
     def __init__(self, model: Any, tokens: Int[torch.Tensor, "1 pos"], sites: list[Site],
                  values: dict[str, torch.Tensor], x_star: Float[torch.Tensor, "pos d_model"],
-                 fwd_hooks: Sequence[Hook] = (), tangents: dict[str, torch.Tensor] | None = None):
+                 fwd_hooks: Sequence[Hook] = (), tangents: dict[str, torch.Tensor] | None = None,
+                 frozen_attention: dict[str, FrozenAttention] | None = None):
         self.model = model
         self.tokens = tokens
         self.sites = sites
@@ -163,11 +175,13 @@ class OperatingPoint:
         self.x_star = x_star
         self.fwd_hooks = list(fwd_hooks)
         self.tangents = tangents or {}  # hook → J⁺x* at every position, carried by the recording
+        self.frozen_attention = frozen_attention or {}  # hook_pattern → its queries and keys (not in values)
 
     @classmethod
     def record(cls, model: Any, tokens: Int[torch.Tensor, "1 pos"], parts: Sequence[str] = PARTS,
                fwd_hooks: Sequence[Hook] = (), names_filter: Any = None,
-               tangent_at: str | None = None) -> tuple["OperatingPoint", torch.Tensor, Any]:
+               tangent_at: str | None = None, store_patterns: bool | None = None,
+               ) -> tuple["OperatingPoint", torch.Tensor, Any]:
         """Run ``model`` once on ``tokens`` and freeze every coefficient at its value.
 
         ``fwd_hooks`` (the user's own, names or name filters as in ``run_with_hooks``) stay
@@ -178,6 +192,9 @@ class OperatingPoint:
         tangent, so it also carries ``J⁺x*`` at that hook (every position) for
         :meth:`directional`, at the price of the tangents' arithmetic (verification without
         a second pass); where an operation has no forward-mode rule it runs again without.
+        ``store_patterns``: keep attention patterns whole (``True``) or as their queries and
+        keys where that verifies (``False``, :mod:`lens_linear.hooks.patterns`); by default
+        whole while every layer's pattern together fits in ``PATTERN_BUDGET`` bytes.
         """
         require_tl_model(model)
         sites = find_sites(model, parts)
@@ -185,6 +202,11 @@ class OperatingPoint:
         seen: dict[str, torch.Tensor] = {}
         upstream: dict[str, torch.Tensor] = {}
         tangents: dict[str, torch.Tensor] = {}
+        if store_patterns is None:
+            cfg, n = model.cfg, tokens.shape[-1]
+            store_patterns = cfg.n_layers * cfg.n_heads * n * n * (model_dtype(model) or torch.float32).itemsize \
+                <= PATTERN_BUDGET
+        frozen: dict[str, FrozenAttention] | None = None if store_patterns else {}
 
         def grab(value: torch.Tensor, hook: Any) -> torch.Tensor | None:
             seen["x"] = value.detach()[0]
@@ -201,7 +223,8 @@ class OperatingPoint:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if tangent_at is not None:
                     stack.enter_context(fwAD.dual_level())
-                stack.enter_context(hooks_on(model, list(fwd_hooks) + site_hooks(model, sites, values, "record") + extra))
+                stack.enter_context(hooks_on(model, list(fwd_hooks) +
+                                             site_hooks(model, sites, values, "record", frozen=frozen) + extra))
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
                 logits = fwAD.unpack_dual(logits).primal
         except LinearizationError:
@@ -209,7 +232,7 @@ class OperatingPoint:
         except NotImplementedError:
             if tangent_at is None:
                 raise
-            return cls.record(model, tokens, parts, fwd_hooks, names_filter)  # no forward-mode rule
+            return cls.record(model, tokens, parts, fwd_hooks, names_filter, store_patterns=store_patterns)
         except Exception as exc:
             with torch.no_grad():
                 forward(model, tokens, fwd_hooks)  # the model runs without the freezing hooks: they are the cause
@@ -222,7 +245,7 @@ class OperatingPoint:
         before = {name for name, value in upstream.items() if values.get(name) is value}
         sites = [s for s in sites if s.name not in before]
         point = cls(model, tokens, sites, {k: v for k, v in values.items() if k not in before}, seen["x"], fwd_hooks,
-                    tangents)
+                    tangents, frozen)
         return point, logits, cache
 
     @functools.cached_property
@@ -257,11 +280,11 @@ class OperatingPoint:
         """
         out_name = output_hook(self.model)
         checked = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]
-        ignored = [s.name for s in checked if s.name not in self.values]  # never fired at all
+        fired = {**self.values, **self.frozen_attention}
+        ignored = [s.name for s in checked if s.name not in fired]  # never fired at all
         start = 0 if self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
-        factors = {s.name: torch.ones((), dtype=self.values[s.name].dtype, device=self.values[s.name].device,
-                                      requires_grad=True)
-                   for s in checked if s.name in self.values}
+        factors = {s.name: torch.ones((), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True)
+                   for s in checked if s.name in fired}
         with analysis_mode(self.model), torch.enable_grad():
             y = self.replay(self.x_star[start:][None], [out_name], start_pos=start, factors=factors)[out_name]
             if not y.requires_grad:
@@ -272,8 +295,9 @@ class OperatingPoint:
 
     def hooks(self, mode: str = "replay") -> list[Hook]:
         """The user's hooks plus the freezing hooks (``record`` re-detaches, ``replay`` substitutes)."""
-        store = self.values if mode == "replay" else {}
-        return self.fwd_hooks + site_hooks(self.model, self.sites, store, mode)
+        if mode == "replay":
+            return self.fwd_hooks + site_hooks(self.model, self.sites, self.values, mode, frozen=self.frozen_attention)
+        return self.fwd_hooks + site_hooks(self.model, self.sites, {}, mode)
 
     def replay(self, x: Float[torch.Tensor, "batch pos d_in"], hooks: Sequence[str], *,
                input_hook: str = INPUT_HOOK, start_pos: int = 0, pos: int | None = None,
@@ -299,10 +323,11 @@ class OperatingPoint:
         if start_pos:  # norms that feed only frozen values may run live on the suffix
             sites = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]
             store = {**store, **{s.name: cut_positions(s, store[s.name], slice(start_pos, None), 1, len(self.x_star))
-                                 for s in sites if s.kind not in ("moe", "scan")}}  # these fit their values themselves
+                                 for s in sites if s.kind not in ("moe", "scan") and s.name in store}}  # others fit
+            # their values themselves (mixtures, scans, attention kept as queries and keys)
         with self.computing():
             return run_to(self.model, self.tokens[:, start_pos:].expand(x.shape[0], -1),
-                          self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors),
+                          self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors, self.frozen_attention),
                           inject=(input_hook, x), capture=hooks, pos=pos)
 
     def dead_linears(self, hooks: Sequence[str]) -> list[torch.nn.Module]:
@@ -420,7 +445,16 @@ class OperatingPoint:
         """The same frozen map with its coefficients and input cast to ``dtype``: replay it
         inside :func:`computing_in` to run a half-precision model's frozen map in float32."""
         values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.values.items()}
-        return OperatingPoint(self.model, self.tokens, self.sites, values, self.x_star.to(dtype), self.fwd_hooks)
+        return OperatingPoint(self.model, self.tokens, self.sites, values, self.x_star.to(dtype), self.fwd_hooks,
+                              frozen_attention={k: v.to(dtype) for k, v in self.frozen_attention.items()})
+
+    def pattern(self, layer: int) -> Float[torch.Tensor, "head query key"] | None:
+        """Block ``layer``'s frozen attention pattern, stored or recomputed from its queries and
+        keys (``None`` for a block without softmax attention)."""
+        name = f"blocks.{layer}.attn.hook_pattern"
+        if name in self.frozen_attention:
+            return self.frozen_attention[name].pattern()
+        return self.values[name][0] if name in self.values else None
 
     def locate_break(self, tol: float) -> tuple[int | None, float | None]:
         """First block whose output is not affine in the input (``None`` if all are)."""

@@ -1,0 +1,182 @@
+"""Frozen attention patterns kept as their queries and keys: O(n·d) memory instead of O(n²).
+
+A softmax attention's pattern is a function of its (rotated) queries and keys alone:
+``P = softmax(scale · q kᵀ + causal mask)``. Recording ``q``, ``k`` and ``scale`` freezes
+``P`` as surely as recording ``P``, for ``heads · n · d`` values per layer instead of
+``heads · n²`` (4.5 GB at 2,048 tokens on SmolLM2, 72 GB at 8,192). The replay then computes
+``z = P v`` itself, a block of query rows at a time, and recomputes ``P`` in the backward
+pass instead of keeping it: no replay, forward or backward, ever holds more than one block
+of one layer's pattern.
+
+The recipe is verified at recording, per layer, against the model's own ``hook_pattern``
+and ``hook_z``; a layer where it does not hold (softcapping, a sliding window shorter than
+the prompt, attention sinks, an output gate before ``hook_z``, a user hook on the pattern)
+keeps its stored pattern. A suffix replay (positions ``start..``) reads rows ``start..`` of
+the *full* pattern, normalised over every key, so it is exact as stored patterns are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+ROWS_BYTES = 64 << 20  # one block of pattern rows, all heads
+
+
+@dataclass
+class FrozenAttention:
+    """One layer's frozen pattern as ``softmax(scale · q kᵀ + causal mask)``."""
+
+    q: Float[torch.Tensor, "pos head d_head"]
+    k: Float[torch.Tensor, "pos kv_head d_head"]
+    scale: float
+
+    def to(self, dtype: torch.dtype) -> "FrozenAttention":
+        return FrozenAttention(self.q.to(dtype), self.k.to(dtype), self.scale)
+
+    def _block(self) -> int:
+        n, heads = self.q.shape[0], self.q.shape[1]
+        return max(1, ROWS_BYTES // (heads * n * 4))
+
+    def rows(self, rows: slice, start: int = 0) -> Float[torch.Tensor, "head rows keys"]:
+        """Rows ``rows`` of the pattern (every head), columns ``start..`` of the full softmax."""
+        q = self.q[rows]
+        k = self.k.repeat_interleave(self.q.shape[1] // self.k.shape[1], dim=1)
+        scores = (q.float().transpose(0, 1) @ k.float().permute(1, 2, 0)) * self.scale
+        i = torch.arange(rows.start, rows.start + q.shape[0], device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(k.shape[0], device=q.device)[None, :] > i, float("-inf"))
+        return scores.softmax(-1).to(self.q.dtype)[..., start:]
+
+    def pattern(self) -> Float[torch.Tensor, "head query key"]:
+        n = self.q.shape[0]
+        return torch.cat([self.rows(slice(r, min(r + self._block(), n))) for r in range(0, n, self._block())], dim=1)
+
+    def apply(self, v: Float[torch.Tensor, "batch m kv_head d_head"]) -> Float[torch.Tensor, "batch m head d_head"]:
+        """``z = P v`` for the last ``m`` positions (a suffix replay: rows and columns ``n − m..``)."""
+        n, m, heads = self.q.shape[0], v.shape[1], self.q.shape[1]
+        start = n - m
+        v = v.repeat_interleave(heads // v.shape[2], dim=2).transpose(1, 2)  # [batch, head, m, d]
+        return torch.cat([(self.rows(slice(r, min(r + self._block(), n)), start).to(v) @ v).transpose(1, 2)
+                          for r in range(start, n, self._block())], dim=1)
+
+    def apply_t(self, g: Float[torch.Tensor, "batch m head d_head"], kv_heads: int) -> torch.Tensor:
+        """``Pᵀ g``, summed over the heads sharing a key/value head: the backward of :meth:`apply`."""
+        n, m, heads = self.q.shape[0], g.shape[1], self.q.shape[1]
+        start = n - m
+        g = g.transpose(1, 2)  # [batch, head, m, d]
+        out = None
+        for r in range(start, n, self._block()):
+            block = slice(r, min(r + self._block(), n))
+            part = g if block.stop - block.start == m else g.narrow(2, block.start - start, block.stop - block.start)
+            term = self.rows(block, start).to(g).transpose(-1, -2) @ part
+            out = term if out is None else out + term
+        out = out.transpose(1, 2)
+        return out.reshape(*out.shape[:2], kv_heads, heads // kv_heads, out.shape[-1]).sum(3)
+
+
+class _Attend(torch.autograd.Function):
+    """``z = P v`` with ``P`` frozen and recomputed where needed, never saved."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
+        return attention.apply(v)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.attention, ctx.kv_heads = inputs[1], inputs[0].shape[2]
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.attention.apply_t(g, ctx.kv_heads), None
+
+    @staticmethod
+    def jvp(ctx: Any, v_t: torch.Tensor, _: Any) -> torch.Tensor:
+        return ctx.attention.apply(v_t)
+
+
+def attend(v: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
+    """``P v`` through the frozen pattern, differentiable in ``v`` (reverse and forward mode)."""
+    return _Attend.apply(v, attention)
+
+
+def fit_recipe(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: torch.Tensor,
+               tol: float) -> FrozenAttention | None:
+    """The recipe for one layer from its recorded ``q``, ``k`` ([pos, heads, d]), scores and
+    pattern ([heads, pos, pos]), or ``None`` where the recomputed pattern differs from the
+    model's by more than ``tol`` (relative to its largest entry)."""
+    n = q.shape[0]
+    if k.shape[0] != n or pattern.shape[-1] != n or q.shape[1] % k.shape[1]:
+        return None
+    last = torch.einsum("hd,khd->hk", q[-1].double(),
+                        k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+    row = scores[:, -1].double()
+    finite = torch.isfinite(row)
+    if not bool(finite.all()) or not float(last.norm()):
+        return None
+    scale = float((row * last).sum() / (last * last).sum())
+    attention = FrozenAttention(q, k, scale)
+    block = attention._block()
+    for r in range(0, n, block):
+        rows = slice(r, min(r + block, n))
+        if float((attention.rows(rows) - pattern[:, rows]).abs().max()) > tol:
+            return None
+    return attention
+
+
+def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
+                    frozen: dict[str, FrozenAttention], mode: str, factor: torch.Tensor | None,
+                    tol: float) -> list[tuple[str, Any]] | None:
+    """Hooks that freeze one attention's pattern through its queries and keys (see the module
+    docstring), or ``None`` where the layer lacks the hook points the recipe needs.
+
+    ``mode="record"``: keep ``q``, ``k``, the scores and ``v``; at ``hook_pattern`` fit and
+    verify the recipe (else store the pattern); at ``hook_z`` verify ``z = P v`` (else store
+    the recomputed pattern). ``mode="replay"``: for a layer in ``frozen``, replace ``hook_z``
+    by :func:`attend` of the live ``v``, times ``factor``."""
+    prefix = site_name[: -len("hook_pattern")]
+    names = model.hook_dict
+    q_name = prefix + "hook_rot_q" if prefix + "hook_rot_q" in names else prefix + "hook_q"
+    k_name = prefix + "hook_rot_k" if prefix + "hook_rot_k" in names else prefix + "hook_k"
+    needed = [q_name, k_name, prefix + "hook_attn_scores", prefix + "hook_v", prefix + "hook_z"]
+    if any(name not in names for name in needed):
+        return None
+    live: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, detach: bool, pass_on: bool = False):
+        def hook(value: torch.Tensor, hook: Any) -> torch.Tensor | None:
+            live[key] = value.detach() if detach else value
+            return live[key] if pass_on else None  # queries and keys reach the output only through
+        return hook  # the frozen pattern: passed on detached, no tangent or gradient is spent on scores
+
+    if mode == "replay":
+        def replace_z(value: torch.Tensor, hook: Any) -> torch.Tensor:
+            z = attend(live.pop("v"), frozen[site_name]).reshape(value.shape)
+            return z if factor is None else z * factor.reshape(-1, *[1] * (z.ndim - 1)).expand_as(z)
+        return [(prefix + "hook_v", keep("v", False)), (prefix + "hook_z", replace_z)]
+
+    def record_pattern(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        pattern = value.detach()
+        fitted = None
+        if pattern.shape[0] == 1 and live.get("q") is not None and live["q"].ndim == 4 and live["k"].ndim == 4:
+            fitted = fit_recipe(live["q"][0], live["k"][0], live.pop("scores")[0], pattern[0], tol)
+        if fitted is None:
+            store[site_name] = pattern
+        else:
+            frozen[site_name] = fitted
+        return pattern
+
+    def check_z(value: torch.Tensor, hook: Any) -> None:
+        if site_name not in frozen:
+            return
+        z = attend(live.pop("v"), frozen[site_name])
+        if z.numel() != value.numel() or float((z.reshape(value.shape) - value).abs().max()) > \
+                tol * max(float(value.abs().max()), 1e-30):
+            store[site_name] = frozen.pop(site_name).pattern()[None]  # z is not P v here: keep P itself
+
+    return [(q_name, keep("q", True, True)), (k_name, keep("k", True, True)), (prefix + "hook_attn_scores", keep("scores", True)),
+            (prefix + "hook_v", keep("v", True)), (site_name, record_pattern), (prefix + "hook_z", check_z)]
