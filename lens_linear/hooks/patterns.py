@@ -62,9 +62,9 @@ class FrozenAttention:
         return torch.cat([(self.rows(slice(r, min(r + self._block(), n)), start).to(v) @ v).transpose(1, 2)
                           for r in range(start, n, self._block())], dim=1)
 
-    def apply_t(self, g: Float[torch.Tensor, "batch m head d_head"], kv_heads: int) -> torch.Tensor:
+    def apply_t(self, g: Float[torch.Tensor, "batch m head d_head"]) -> Float[torch.Tensor, "batch m kv_head d_head"]:
         """``Pᵀ g``, summed over the heads sharing a key/value head: the backward of :meth:`apply`."""
-        n, m, heads = self.q.shape[0], g.shape[1], self.q.shape[1]
+        n, m, heads, kv_heads = self.q.shape[0], g.shape[1], self.q.shape[1], self.k.shape[1]
         start = n - m
         g = g.transpose(1, 2)  # [batch, head, m, d]
         out = None
@@ -88,15 +88,39 @@ class _Attend(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.attention, ctx.kv_heads = inputs[1], inputs[0].shape[2]
+        ctx.attention = inputs[1]
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.attention.apply_t(g, ctx.kv_heads), None
+        return _AttendTransposed.apply(g, ctx.attention), None
 
     @staticmethod
     def jvp(ctx: Any, v_t: torch.Tensor, _: Any) -> torch.Tensor:
         return ctx.attention.apply(v_t)
+
+
+class _AttendTransposed(torch.autograd.Function):
+    """``Pᵀ g``: the backward of :class:`_Attend` as a function of its own, so that a graph
+    built through a backward (``create_graph``, as the matrix-free SVD builds one) saves no
+    pattern either."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
+        return attention.apply_t(g)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.attention = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, v: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _Attend.apply(v, ctx.attention), None
+
+    @staticmethod
+    def jvp(ctx: Any, g_t: torch.Tensor, _: Any) -> torch.Tensor:
+        return ctx.attention.apply_t(g_t)
 
 
 def attend(v: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
@@ -115,16 +139,13 @@ def fit_recipe(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: 
     last = torch.einsum("hd,khd->hk", q[-1].double(),
                         k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
     row = scores[:, -1].double()
-    finite = torch.isfinite(row)
-    if not bool(finite.all()) or not float(last.norm()):
-        return None
+    if not bool((row.abs() < 1e30).all()) or not float(last.norm()):  # a key masked in the last row
+        return None  # (a sliding window shorter than the prompt): not a causal softmax of q kᵀ
     scale = float((row * last).sum() / (last * last).sum())
     attention = FrozenAttention(q, k, scale)
-    block = attention._block()
-    for r in range(0, n, block):
-        rows = slice(r, min(r + block, n))
-        if float((attention.rows(rows) - pattern[:, rows]).abs().max()) > tol:
-            return None
+    first_last = slice(0, 1), slice(n - 1, n)  # the others are checked through z = P v (see attention_hooks)
+    if any(float((attention.rows(rows) - pattern[:, rows]).abs().max()) > tol for rows in first_last):
+        return None
     return attention
 
 
@@ -134,9 +155,12 @@ def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
     """Hooks that freeze one attention's pattern through its queries and keys (see the module
     docstring), or ``None`` where the layer lacks the hook points the recipe needs.
 
-    ``mode="record"``: keep ``q``, ``k``, the scores and ``v``; at ``hook_pattern`` fit and
-    verify the recipe (else store the pattern); at ``hook_z`` verify ``z = P v`` (else store
-    the recomputed pattern). ``mode="replay"``: for a layer in ``frozen``, replace ``hook_z``
+    ``mode="record"``: keep ``q``, ``k``, the scores and ``v``; at ``hook_pattern`` fit the
+    recipe's scale and check its first and last rows (else store the pattern); at ``hook_z``
+    verify ``z = P v`` at every position (else store the recomputed pattern): a pattern that
+    differs from the recipe in any row changes that row of ``z`` unless the difference is
+    orthogonal to every one of the ``d_head`` columns of ``v``, so every row is checked for the
+    price of one attention instead of a second pass over ``n²`` entries. ``mode="replay"``: for a layer in ``frozen``, replace ``hook_z``
     by :func:`attend` of the live ``v``, times ``factor``."""
     prefix = site_name[: -len("hook_pattern")]
     names = model.hook_dict
@@ -167,16 +191,18 @@ def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
         if fitted is None:
             store[site_name] = pattern
         else:
-            frozen[site_name] = fitted
+            frozen[site_name], live["pattern"] = fitted, pattern  # the pattern itself until hook_z
         return pattern
 
     def check_z(value: torch.Tensor, hook: Any) -> None:
-        if site_name not in frozen:
+        pattern = live.pop("pattern", None)
+        if site_name not in frozen or pattern is None:
             return
         z = attend(live.pop("v"), frozen[site_name])
         if z.numel() != value.numel() or float((z.reshape(value.shape) - value).abs().max()) > \
                 tol * max(float(value.abs().max()), 1e-30):
-            store[site_name] = frozen.pop(site_name).pattern()[None]  # z is not P v here: keep P itself
+            store[site_name] = pattern  # the recipe or z = P v does not hold here: keep P itself
+            del frozen[site_name]
 
     return [(q_name, keep("q", True, True)), (k_name, keep("k", True, True)), (prefix + "hook_attn_scores", keep("scores", True)),
             (prefix + "hook_v", keep("v", True)), (site_name, record_pattern), (prefix + "hook_z", check_z)]
