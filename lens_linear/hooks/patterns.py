@@ -17,10 +17,12 @@ the *full* pattern, normalised over every key, so it is exact as stored patterns
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 
 ROWS_BYTES = 64 << 20  # one block of pattern rows, all heads
@@ -37,30 +39,40 @@ class FrozenAttention:
     def to(self, dtype: torch.dtype) -> "FrozenAttention":
         return FrozenAttention(self.q.to(dtype), self.k.to(dtype), self.scale)
 
-    def _block(self) -> int:
+    def _blocks(self, start: int) -> list[slice]:
+        """Query rows ``start..n`` in blocks of at most ``ROWS_BYTES`` of pattern (and 256 rows:
+        a block computes keys up to its own last row only, so small blocks skip most of the
+        masked upper triangle)."""
         n, heads = self.q.shape[0], self.q.shape[1]
-        return max(1, ROWS_BYTES // (heads * n * 4))
+        size = max(1, min(256, ROWS_BYTES // (heads * n * 4)))
+        return [slice(r, min(r + size, n)) for r in range(start, n, size)]
+
+    @functools.cached_property
+    def _keys(self) -> torch.Tensor:  # [head, d_head, pos], float32 or wider, shared by every block
+        k = self.k.repeat_interleave(self.q.shape[1] // self.k.shape[1], dim=1)
+        return k.to(torch.promote_types(k.dtype, torch.float32)).permute(1, 2, 0).contiguous()
 
     def rows(self, rows: slice, start: int = 0) -> Float[torch.Tensor, "head rows keys"]:
-        """Rows ``rows`` of the pattern (every head), columns ``start..`` of the full softmax."""
-        q = self.q[rows]
-        k = self.k.repeat_interleave(self.q.shape[1] // self.k.shape[1], dim=1)
-        scores = (q.float().transpose(0, 1) @ k.float().permute(1, 2, 0)) * self.scale
-        i = torch.arange(rows.start, rows.start + q.shape[0], device=q.device)[:, None]
-        scores = scores.masked_fill(torch.arange(k.shape[0], device=q.device)[None, :] > i, float("-inf"))
+        """Rows ``rows`` of the pattern (every head), keys ``start..rows.stop`` (the later ones
+        are masked) of the softmax over every key."""
+        keys = self._keys[..., :rows.stop]
+        scores = (self.q[rows].to(keys.dtype).transpose(0, 1) @ keys) * self.scale
+        diagonal = torch.ones(rows.stop - rows.start, rows.stop - rows.start, dtype=torch.bool,
+                              device=keys.device).triu(1)
+        scores[..., rows.start:].masked_fill_(diagonal, float("-inf"))
         return scores.softmax(-1).to(self.q.dtype)[..., start:]
 
     def pattern(self) -> Float[torch.Tensor, "head query key"]:
         n = self.q.shape[0]
-        return torch.cat([self.rows(slice(r, min(r + self._block(), n))) for r in range(0, n, self._block())], dim=1)
+        return torch.cat([F.pad(self.rows(block), (0, n - block.stop)) for block in self._blocks(0)], dim=1)
 
     def apply(self, v: Float[torch.Tensor, "batch m kv_head d_head"]) -> Float[torch.Tensor, "batch m head d_head"]:
         """``z = P v`` for the last ``m`` positions (a suffix replay: rows and columns ``n − m..``)."""
         n, m, heads = self.q.shape[0], v.shape[1], self.q.shape[1]
         start = n - m
         v = v.repeat_interleave(heads // v.shape[2], dim=2).transpose(1, 2)  # [batch, head, m, d]
-        return torch.cat([(self.rows(slice(r, min(r + self._block(), n)), start).to(v) @ v).transpose(1, 2)
-                          for r in range(start, n, self._block())], dim=1)
+        return torch.cat([(self.rows(block, start).to(v) @ _part(v, 2, 0, block.stop - start)).transpose(1, 2)
+                          for block in self._blocks(start)], dim=1)
 
     def apply_t(self, g: Float[torch.Tensor, "batch m head d_head"]) -> Float[torch.Tensor, "batch m kv_head d_head"]:
         """``Pᵀ g``, summed over the heads sharing a key/value head: the backward of :meth:`apply`."""
@@ -68,13 +80,18 @@ class FrozenAttention:
         start = n - m
         g = g.transpose(1, 2)  # [batch, head, m, d]
         out = None
-        for r in range(start, n, self._block()):
-            block = slice(r, min(r + self._block(), n))
-            part = g if block.stop - block.start == m else g.narrow(2, block.start - start, block.stop - block.start)
-            term = self.rows(block, start).to(g).transpose(-1, -2) @ part
+        for block in self._blocks(start):
+            part = _part(g, 2, block.start - start, block.stop - block.start)
+            term = F.pad(self.rows(block, start).to(g).transpose(-1, -2) @ part, (0, 0, 0, n - block.stop))
             out = term if out is None else out + term
         out = out.transpose(1, 2)
         return out.reshape(*out.shape[:2], kv_heads, heads // kv_heads, out.shape[-1]).sum(3)
+
+
+def _part(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """``t.narrow(dim, start, length)``, or ``t`` itself where that is all of it (vmap, which
+    runs the backward of a batched Jacobian, has no rule for the alias a full slice makes)."""
+    return t if start == 0 and length == t.shape[dim] else t.narrow(dim, start, length)
 
 
 class _Attend(torch.autograd.Function):
@@ -144,7 +161,7 @@ def fit_recipe(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: 
     scale = float((row * last).sum() / (last * last).sum())
     attention = FrozenAttention(q, k, scale)
     first_last = slice(0, 1), slice(n - 1, n)  # the others are checked through z = P v (see attention_hooks)
-    if any(float((attention.rows(rows) - pattern[:, rows]).abs().max()) > tol for rows in first_last):
+    if any(float((attention.rows(rows) - pattern[:, rows, :rows.stop]).abs().max()) > tol for rows in first_last):
         return None
     return attention
 
