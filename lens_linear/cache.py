@@ -50,6 +50,15 @@ class Prediction:
     prob: float
 
 
+@dataclass(frozen=True)
+class PositionNorms:
+    """``values[i] = ‖J_i x_i‖²``: how much input position ``i`` contributes to one output;
+    ``stderr`` where the values are an estimate."""
+
+    values: Float[torch.Tensor, "pos_in"]
+    stderr: Float[torch.Tensor, "pos_in"] | None = None
+
+
 N_PROJECTIONS = 8  # random projections that verify a reconstruction (see LinearCache.check)
 WIDE_TOLERANCE = 1e-4  # affinity error of a half-precision model's frozen map replayed in float32
 RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -286,6 +295,26 @@ class LinearCache:
         out = {label: lens @ v for label, v in parts.items()}
         out["bias"] = self.activation(hook, pos=pos) - lens @ target
         return out
+
+    def contribution_norms(self, hook: HookKey | None = None, *, pos: int | None = None,
+                           probes: int | None = None, seed: int = 0) -> PositionNorms:
+        """``‖J_i x_i‖²`` for every input position ``i``: exact from the full Jacobian
+        (``probes=None``, ``d_out`` VJPs), or, for long prompts, an unbiased estimate from
+        ``probes`` Gaussian cotangents ``u`` (``E (uᵀJ_i x_i)² = ‖J_i x_i‖²``), with its standard
+        error: ``probes`` VJPs through one replay, whatever the prompt's length."""
+        hook, pos = self._resolve(hook, pos)
+        if probes is None:
+            return PositionNorms(self.contributions(hook, pos=pos).double().pow(2).sum(-1))
+        if probes < 2:
+            raise ValueError(f"probes must be at least 2 (for a standard error), got {probes}")
+        u = seeded_randn((probes, self.activation(hook, pos=pos).numel()), self.x, seed)
+        x = self.x.detach().clone().requires_grad_(True)
+        with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
+            out = self.point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
+            chunk = chunk_size(probes, self._row_bytes(), self.max_memory, device=x.device)
+            pulled = batched_vjp_jacobian(out, x, chunk, self.progress, cotangents=u)  # [pos_in, probes, d_in]
+        squares = torch.einsum("pkd,pd->pk", pulled.double(), self.x.double()).pow(2)
+        return PositionNorms(squares.mean(1), squares.std(1) / probes ** 0.5)
 
     def final_norm_map(self, *, pos: int | None = None) -> Float[torch.Tensor, "d_model d_model"]:
         """The frozen final norm at ``pos`` as a Jacobian (last residual stream → output), to
