@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+import long
 import stats
 import svd
 
@@ -26,6 +27,7 @@ def main() -> None:
     rows = run(stats, ["--prompts", "4", "--tokens", "6", "--probes", "2", "--exact-prompts", "1",
                        "--anchor-vjps", "20"] if quick else [])
     rows += run(svd, ["--lengths", "16"] if quick else [])
+    rows += run(long, ["--lengths", "64", "--anchor"] if quick else ["--anchor"])
     print(f"\n{'benchmark':<20} {'size':<10} {'anchor':<34} {'ours s':>8} {'anchor s':>9} {'speed-up':>8} "
           f"{'ours MB':>8} {'anchor MB':>9} {'memory ratio':>12}")
     for r in rows:
