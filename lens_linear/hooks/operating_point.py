@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
                                      tolerance)
 from lens_linear.hooks.inside import fit_to, moe_hooks, scan_hooks
-from lens_linear.hooks.patterns import FrozenAttention, attention_hooks
+from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
 
@@ -77,7 +77,7 @@ def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor]
         special = None
         if site.kind == "attn" and frozen is not None and (mode == "record" or site.name in frozen):
             special = attention_hooks(model, site.name, store, frozen, mode, factors.get(site.name),
-                                      tolerance(model_dtype(model) or torch.float32))
+                                      recipe_tolerance(model_dtype(model) or torch.float32))
         if special is not None:
             hooks += special
         elif site.kind == "ratio":

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from lens_linear._validation import tolerance
+
 ROWS_BYTES = 64 << 20  # one block of pattern rows, all heads
 
 
@@ -145,6 +147,14 @@ def attend(v: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
     return _Attend.apply(v, attention)
 
 
+def recipe_tolerance(dtype: torch.dtype) -> float:
+    """How far a recomputed pattern (entries in [0, 1]) or ``z`` (relative) may be from the
+    model's: rounding, 64 units in the last place, and never more than the dtype's tolerance.
+    Tight on purpose: a near-miss of the recipe (softcapping's ``tanh`` on small scores) is
+    below a looser bound, and would then be frozen approximately."""
+    return min(tolerance(dtype), 64 * torch.finfo(dtype).eps)
+
+
 def fit_recipe(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: torch.Tensor,
                tol: float) -> FrozenAttention | None:
     """The recipe for one layer from its recorded ``q``, ``k`` ([pos, heads, d]), scores and
@@ -201,10 +211,10 @@ def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
         return [(prefix + "hook_v", keep("v", False)), (prefix + "hook_z", replace_z)]
 
     def record_pattern(value: torch.Tensor, hook: Any) -> torch.Tensor:
-        pattern = value.detach()
-        fitted = None
-        if pattern.shape[0] == 1 and live.get("q") is not None and live["q"].ndim == 4 and live["k"].ndim == 4:
-            fitted = fit_recipe(live["q"][0], live["k"][0], live.pop("scores")[0], pattern[0], tol)
+        pattern, fitted = value.detach(), None
+        q, k, scores = live.pop("q", None), live.pop("k", None), live.pop("scores", None)
+        if pattern.shape[0] == 1 and all(t is not None and t.ndim == 4 for t in (q, k, scores)):  # all fired
+            fitted = fit_recipe(q[0], k[0], scores[0], pattern[0], tol)
         if fitted is None:
             store[site_name] = pattern
         else:
