@@ -9,7 +9,7 @@ import lens_linear as ll
 from lens_linear.cli import main
 from lens_linear.hooks import detach_hooks
 
-from conftest import hooks_left, newest_tl_only
+from conftest import hooks_left, newest_tl_only, rel
 
 PROMPTS = ["The bridge out of Marin is the", "The capital of France is", "Once upon a time, there was a",
            "def fibonacci(n):"]
@@ -140,3 +140,23 @@ def test_smollm2_half_precision_linearized_in_float32(dtype):
     assert mf.converged and float(mf.residuals.max()) <= 1e-4
     assert float(((mf.S.double() - s).abs() / s).max()) <= 1e-3
     assert all(torch.equal(before[n], t) and t.dtype == before[n].dtype for n, t in model.state_dict().items())
+
+
+@newest_tl_only
+def test_long_prompt_path_agrees_with_stored_patterns(smollm2):
+    """At 320 tokens: every layer as queries and keys, verified in forward mode, and the frozen
+    map's products (a VJP, a JVP, the carried J⁺x* against a forward-mode replay of the stored
+    map) and one recomputed pattern equal the stored-pattern map's."""
+    text = " ".join(["The bridge out of Marin is the most photographed bridge in the world."] * 24)
+    tokens = smollm2.to_tokens(text)[:, :320]
+    kept = ll.run_with_linear_cache(smollm2, tokens, progress=False, store_patterns=False)
+    stored = ll.run_with_linear_cache(smollm2, tokens, progress=False, store_patterns=True, check=False)
+    assert len(kept.point.frozen_attention) == smollm2.cfg.n_layers and not stored.point.frozen_attention
+    assert kept.check() <= 1e-5
+    out, gen = kept.output, torch.Generator().manual_seed(0)
+    u = torch.randn(kept.activation().shape, generator=gen)
+    v = torch.randn(kept.x.shape, generator=gen)
+    assert rel(kept.point.vjp(u, out, pos=kept.pos), stored.point.vjp(u, out, pos=kept.pos)) <= 1e-5
+    assert rel(kept.point.jvp(v, out), stored.point.jvp(v, out)) <= 1e-5
+    assert rel(kept.point.directional(out), stored.point.directional(out)) <= 1e-5
+    assert rel(kept.attention.pattern(7), stored.attention.pattern(7)) <= 1e-6
