@@ -158,8 +158,8 @@ def recipe_tolerance(dtype: torch.dtype) -> float:
 def fit_recipe(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: torch.Tensor,
                tol: float) -> FrozenAttention | None:
     """The recipe for one layer from its recorded ``q``, ``k`` ([pos, heads, d]), scores and
-    pattern ([heads, pos, pos]), or ``None`` where the recomputed pattern differs from the
-    model's by more than ``tol`` (relative to its largest entry)."""
+    pattern ([heads, pos, pos]), or ``None`` where its first or last row differs from the
+    model's by more than ``tol`` (absolute: entries lie in [0, 1])."""
     n = q.shape[0]
     if k.shape[0] != n or pattern.shape[-1] != n or q.shape[1] % k.shape[1]:
         return None
@@ -184,11 +184,11 @@ def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
 
     ``mode="record"``: keep ``q``, ``k``, the scores and ``v``; at ``hook_pattern`` fit the
     recipe's scale and check its first and last rows (else store the pattern); at ``hook_z``
-    verify ``z = P v`` at every position (else store the recomputed pattern): a pattern that
-    differs from the recipe in any row changes that row of ``z`` unless the difference is
-    orthogonal to every one of the ``d_head`` columns of ``v``, so every row is checked for the
-    price of one attention instead of a second pass over ``n²`` entries. ``mode="replay"``: for a layer in ``frozen``, replace ``hook_z``
-    by :func:`attend` of the live ``v``, times ``factor``."""
+    verify ``z = P v`` at every position (else store the model's pattern). A pattern that
+    differs from the recipe in a row changes that row of ``z`` unless the difference is
+    orthogonal to all ``d_head`` columns of ``v``, so every row is checked for the price of one
+    attention instead of a second pass over ``n²`` entries. ``mode="replay"``: for a layer in
+    ``frozen``, replace ``hook_z`` by :func:`attend` of the live ``v``, times ``factor``."""
     prefix = site_name[: -len("hook_pattern")]
     names = model.hook_dict
     q_name = prefix + "hook_rot_q" if prefix + "hook_rot_q" in names else prefix + "hook_q"
