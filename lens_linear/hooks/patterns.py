@@ -59,8 +59,8 @@ class FrozenAttention:
         are masked) of the softmax over every key."""
         keys = self._keys[..., :rows.stop]
         scores = (self.q[rows].to(keys.dtype).transpose(0, 1) @ keys) * self.scale
-        diagonal = torch.ones(rows.stop - rows.start, rows.stop - rows.start, dtype=torch.bool,
-                              device=keys.device).triu(1)
+        size = rows.stop - rows.start
+        diagonal = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
         scores[..., rows.start:].masked_fill_(diagonal, float("-inf"))
         return scores.softmax(-1).to(self.q.dtype)[..., start:]
 
@@ -97,54 +97,33 @@ def _part(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
 
 
 class _Attend(torch.autograd.Function):
-    """``z = P v`` with ``P`` frozen and recomputed where needed, never saved."""
+    """``P v`` (or ``Pᵀ g`` with ``transposed``) with ``P`` frozen and recomputed where needed,
+    never saved. Each direction's backward is the other direction through this same function,
+    so a graph built through a backward (``create_graph``, as the matrix-free SVD builds one)
+    saves no pattern either."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(v: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
-        return attention.apply(v)
+    def forward(x: torch.Tensor, attention: FrozenAttention, transposed: bool) -> torch.Tensor:
+        return attention.apply_t(x) if transposed else attention.apply(x)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.attention = inputs[1]
+        ctx.attention, ctx.transposed = inputs[1], inputs[2]
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _AttendTransposed.apply(g, ctx.attention), None
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _Attend.apply(g, ctx.attention, not ctx.transposed), None, None
 
     @staticmethod
-    def jvp(ctx: Any, v_t: torch.Tensor, _: Any) -> torch.Tensor:
-        return ctx.attention.apply(v_t)
-
-
-class _AttendTransposed(torch.autograd.Function):
-    """``Pᵀ g``: the backward of :class:`_Attend` as a function of its own, so that a graph
-    built through a backward (``create_graph``, as the matrix-free SVD builds one) saves no
-    pattern either."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(g: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
-        return attention.apply_t(g)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.attention = inputs[1]
-
-    @staticmethod
-    def backward(ctx: Any, v: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _Attend.apply(v, ctx.attention), None
-
-    @staticmethod
-    def jvp(ctx: Any, g_t: torch.Tensor, _: Any) -> torch.Tensor:
-        return ctx.attention.apply_t(g_t)
+    def jvp(ctx: Any, x_t: torch.Tensor, *_: Any) -> torch.Tensor:
+        return _Attend.forward(x_t, ctx.attention, ctx.transposed)
 
 
 def attend(v: torch.Tensor, attention: FrozenAttention) -> torch.Tensor:
     """``P v`` through the frozen pattern, differentiable in ``v`` (reverse and forward mode)."""
-    return _Attend.apply(v, attention)
+    return _Attend.apply(v, attention, False)
 
 
 def recipe_tolerance(dtype: torch.dtype) -> float:
