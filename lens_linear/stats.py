@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 
 from lens_linear._validation import hook_name, require_tl_model
 from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, analysis_mode, cut_positions,
-                                               feeds_frozen_only, linears_skipped, output_hook, site_hooks)
+                                               feeds_frozen_only, linears_skipped, output_hook, patterns_fit,
+                                               site_hooks)
+from lens_linear.hooks.patterns import FrozenAttention
 from lens_linear.hooks.run import forward, run_to
 from lens_linear.hooks.sites import find_sites
 from lens_linear.memory import chunk_size, sequence_bytes
@@ -94,7 +96,7 @@ class Sensitivity:
     """``values[..., i, j] = ‖∂y_i/∂x_j‖²_F`` (zero for ``j > i``); ``stderr`` for estimates.
 
     One prompt: ``[pos, pos]``. A batch: ``[batch, pos, pos]`` with ``lengths``; entries past
-    a prompt's length are padding, not zeros (``mask``)."""
+    a prompt's length are padding, not zeros, and rows not asked for are NaN (``mask``)."""
 
     values: Float[torch.Tensor, "*batch pos pos"]
     stderr: Float[torch.Tensor, "*batch pos pos"] | None = None
@@ -102,11 +104,13 @@ class Sensitivity:
 
     @property
     def mask(self) -> Bool[torch.Tensor, "*batch pos pos"]:
+        """Entries that were computed: not padding, and in a row that was asked for."""
         n, device = self.values.shape[-1], self.values.device
+        computed = ~self.values.isnan()
         if self.lengths is None:
-            return torch.ones(n, n, dtype=torch.bool, device=device)
+            return computed
         real = torch.arange(n, device=device)[None] < self.lengths.to(device)[:, None]
-        return real[:, :, None] & real[:, None, :]
+        return real[:, :, None] & real[:, None, :] & computed
 
 
 def right_padded(model: Any, prompts: Sequence[str] | str | torch.Tensor,
@@ -131,31 +135,39 @@ def right_padded(model: Any, prompts: Sequence[str] | str | torch.Tensor,
     return tokens, torch.tensor([len(r) for r in rows], device="cpu")
 
 
-def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, detached: bool = True):
+def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, detached: bool = True,
+                     store_patterns: bool | None = None):
     """``x ↦`` activation of ``hook`` for a batch of prompts, each frozen at its own operating
     point (``detached=False``: nothing frozen), and the inputs ``x*`` ``[batch, pos, d_model]``.
 
     The map takes ``[m · batch, end, d_model]``: ``m`` copies of the batch (copy-major), so
     many cotangents or directions run through one graph for every prompt at once, on the
     first ``end`` positions (a prefix: under causal attention its frozen values are the full
-    run's, cut). One recording serves every prefix."""
+    run's, cut). One recording serves every prefix. ``store_patterns`` as in
+    :meth:`OperatingPoint.record`: for one prompt whose patterns do not fit (:func:`patterns_fit`)
+    they are kept as queries and keys (a prefix's are the first ``end`` of them), so memory
+    grows as ``n · d``, not ``n²``."""
     sites = find_sites(model) if detached else []
     store: dict[str, torch.Tensor] = {}
     seen: dict[str, torch.Tensor] = {}
+    batch, n = tokens.shape
+    if store_patterns is None:
+        store_patterns = patterns_fit(model, n, batch)
+    frozen: dict[str, FrozenAttention] | None = None if store_patterns or batch > 1 else {}
     grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()))
     with torch.no_grad():
-        forward(model, tokens, site_hooks(model, sites, store, "record") + [grab])
+        forward(model, tokens, site_hooks(model, sites, store, "record", frozen=frozen) + [grab])
     x_star = seen["x"]
-    batch, n = tokens.shape
 
     def apply(x: Float[torch.Tensor, "mb end d_in"]) -> torch.Tensor:
         end = x.shape[1]
-        live, cut = sites, store
+        live, cut, attention = sites, store, frozen
         if end < n:  # q/k norms feed only the frozen pattern: they may run live on a prefix
             live = [s for s in sites if not feeds_frozen_only(s, sites)]
-            cut = {s.name: cut_positions(s, store[s.name], slice(None, end), batch, n) for s in live}
-        y = run_to(model, tokens[:, :end].repeat(x.shape[0] // batch, 1), site_hooks(model, live, cut, "replay"),
-                   inject=(INPUT_HOOK, x), capture=[hook])[hook]
+            cut = {s.name: cut_positions(s, store[s.name], slice(None, end), batch, n) for s in live if s.name in store}
+            attention = {k: FrozenAttention(a.q[:end], a.k[:end], a.scale) for k, a in (frozen or {}).items()}
+        y = run_to(model, tokens[:, :end].repeat(x.shape[0] // batch, 1),
+                   site_hooks(model, live, cut, "replay", frozen=attention), inject=(INPUT_HOOK, x), capture=[hook])[hook]
         return y.reshape(x.shape[0], end, -1)
 
     return apply, x_star
@@ -163,14 +175,15 @@ def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: s
 
 def _dead_projections(model: Any, tokens: Int[torch.Tensor, "1 pos"], hook: str) -> list[torch.nn.Module]:
     """Projections that feed only frozen coefficients (query, key, gate), found and confirmed
-    on one prompt's operating point: which modules those are is a property of the model."""
+    on one (short) prompt's operating point: which modules those are is a property of the model."""
     point = OperatingPoint.record(model, tokens, names_filter=[])[0]
     return point.dead_linears([hook])
 
 
 def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: bool = True,
                 method: str = "exact", probes: int = 16, seed: int = 0, max_len: int | None = None,
-                max_memory: int | None = None) -> Sensitivity:
+                positions: Sequence[int] | None = None, store_patterns: bool | None = None,
+                max_memory: int | None = None, progress: bool = False) -> Sensitivity:
     """Position-to-position sensitivity of ``hook`` (default: the output embedding), of the
     frozen map (``detached``, default) or of the model itself.
 
@@ -181,6 +194,14 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: 
     ``"hutchinson"``: ``probes`` Rademacher cotangents per output position,
     ``E‖vᵀ J_ij‖² = ‖J_ij‖²_F``; unbiased, with the standard error of the mean.
     Values are float64, on the model's device.
+
+    Long prompts: the work is one prefix graph per output position (about ``n²/2`` token
+    passes in all, times ``d_out`` rows or ``probes``), so ``positions`` (output positions,
+    negative from the end) computes only those rows (the others are NaN, outside ``mask``):
+    one row of a 2,048-token prompt costs one backward pass per cotangent. Memory stays
+    bounded: cotangents run in chunks sized by ``max_memory``, and one prompt's attention
+    patterns are kept as queries and keys once they would not fit whole (``store_patterns``,
+    as in :func:`lens_linear.run_with_linear_cache`).
     """
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
@@ -191,13 +212,16 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: 
     hook = output_hook(model) if hook is None else hook_name(model, hook)
     batch, n = tokens.shape
     device = tokens.device
+    rows = range(n) if positions is None else sorted({_position(p, n) for p in positions})
     values = torch.zeros(batch, n, n, dtype=torch.float64, device=device)
-    stderr = torch.zeros_like(values) if method == "hutchinson" else None
+    if positions is not None:
+        values[:, [i for i in range(n) if i not in rows]] = torch.nan
+    stderr = values.clone() if method == "hutchinson" else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with analysis_mode(model):
-        apply, x_star = frozen_batch_map(model, tokens, hook, detached)
-        dead = _dead_projections(model, tokens[:1, :int(lengths[0])], hook) if detached else []
-        for i in range(n):
+        apply, x_star = frozen_batch_map(model, tokens, hook, detached, store_patterns)
+        dead = _dead_projections(model, tokens[:1, :min(int(lengths[0]), 16)], hook) if detached else []
+        for i in tqdm(rows, desc="sensitivity", unit="position", disable=not progress, leave=False):
             # output i sees inputs 0..i only (causal): its graph is built on that prefix alone,
             # which halves the work of one full-length graph for every output position
             x = x_star[:, :i + 1].clone().requires_grad_(True)
@@ -205,24 +229,28 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: 
                 y = apply(x)[:, i]  # [batch, d_out]
                 d_out = y.shape[-1]
                 if method == "exact":
-                    rows = chunk_size(d_out, sequence_bytes(model.cfg, i + 1, x.dtype, batch), max_memory, device=device)
-                    cots = [torch.eye(d_out, dtype=y.dtype, device=device)[k:k + rows, None].expand(-1, batch, -1)
-                            for k in range(0, d_out, rows)]
+                    cot = torch.eye(d_out, dtype=y.dtype, device=device)[:, None].expand(-1, batch, -1)
                 else:
                     signs = torch.randint(0, 2, (probes, batch, d_out), generator=gen, device="cpu")
-                    cots = [(signs.to(device, y.dtype) * 2 - 1)]
-                for c, cot in enumerate(cots):
-                    (grad,) = torch.autograd.grad(y, x, grad_outputs=cot, retain_graph=c < len(cots) - 1,
-                                                  is_grads_batched=True)
-                    est = grad.double().pow(2).sum(-1)  # [rows, batch, i + 1]
-                    if method == "exact":
-                        values[:, i, :i + 1] += est.sum(0)
-                    else:
-                        values[:, i, :i + 1] = est.mean(0)
-                        stderr[:, i, :i + 1] = est.std(0) / probes ** 0.5 if probes > 1 else torch.nan
+                    cot = signs.to(device, y.dtype) * 2 - 1
+                chunk = chunk_size(len(cot), sequence_bytes(model.cfg, i + 1, x.dtype, batch), max_memory, device=device)
+                est = torch.cat([torch.autograd.grad(y, x, grad_outputs=cot[k:k + chunk], is_grads_batched=True,
+                                                     retain_graph=k + chunk < len(cot))[0].double().pow(2).sum(-1)
+                                 for k in range(0, len(cot), chunk)])  # [rows, batch, i + 1]
+            if method == "exact":
+                values[:, i, :i + 1] = est.sum(0)
+            else:
+                values[:, i, :i + 1] = est.mean(0)
+                stderr[:, i, :i + 1] = est.std(0) / probes ** 0.5 if probes > 1 else torch.nan
     if single:
         return Sensitivity(values[0], None if stderr is None else stderr[0])
     return Sensitivity(values, stderr, lengths.to(device))
+
+
+def _position(p: int, n: int) -> int:
+    if not -n <= p < n:
+        raise ValueError(f"position {p} is out of range for a prompt of {n} tokens (use -{n}..{n - 1})")
+    return p % n
 
 
 def dataset_sensitivity(model: Any, prompts: Sequence[str], hook: str | None = None, *, detached: bool = True,

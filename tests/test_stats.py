@@ -68,6 +68,31 @@ def test_hutchinson_is_unbiased_and_the_constant_cotangent_shortcut_is_not_a_nor
     assert rel(shortcut * d, exact) >= 0.1 and rel(shortcut, exact) >= 0.1
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_and_patterns_as_queries_and_keys_give_the_brute_force_values(arch, monkeypatch):
+    """``positions`` computes only the rows asked for (the rest NaN, outside ``mask``), and a
+    long prompt's path (patterns kept as queries and keys, cut to each prefix) gives the brute
+    force's values; the spy proves that path ran."""
+    from lens_linear.hooks import patterns
+
+    model = cached_tiny("bridge", arch)
+    full = brute_force(model, PROMPT)
+    n = full.shape[0]
+    calls = []
+    monkeypatch.setattr(patterns, "attend", lambda v, a: calls.append(a.q.shape[0]) or patterns._Attend.apply(v, a, False))
+    rows = sensitivity(model, PROMPT, positions=[-1, 2], store_patterns=False, progress=True)
+    assert calls and max(calls) == n and min(calls) == 3  # the prefixes of outputs 2 and n - 1
+    assert rel(rows.values[[2, n - 1]], full[[2, n - 1]]) <= 1e-5
+    others = [i for i in range(n) if i not in (2, n - 1)]
+    assert bool(rows.values[others].isnan().all()) and int(rows.mask.sum()) == 2 * n
+    est = sensitivity(model, PROMPT, positions=[-1], method="hutchinson", probes=64, store_patterns=False,
+                      max_memory=1)  # one probe per backward pass: the estimate is the same in chunks
+    z = ((est.values[-1] - full[-1]) / est.stderr[-1].clamp_min(1e-30))
+    assert float(z.abs().mean()) <= 3.0 and bool(est.stderr[0].isnan().all())
+    with pytest.raises(ValueError, match="out of range"):
+        sensitivity(model, PROMPT, positions=[n])
+
+
 def test_welford_equals_two_pass_and_merges_exactly():
     torch.manual_seed(0)
     samples = torch.randn(50, 4, 4, dtype=torch.float64) * 3 + 1

@@ -203,9 +203,7 @@ class OperatingPoint:
         upstream: dict[str, torch.Tensor] = {}
         tangents: dict[str, torch.Tensor] = {}
         if store_patterns is None:
-            cfg, n = model.cfg, tokens.shape[-1]
-            store_patterns = cfg.n_layers * cfg.n_heads * n * n * (model_dtype(model) or torch.float32).itemsize \
-                <= PATTERN_BUDGET
+            store_patterns = patterns_fit(model, tokens.shape[-1])
         frozen: dict[str, FrozenAttention] | None = None if store_patterns else {}
 
         def grab(value: torch.Tensor, hook: Any) -> torch.Tensor | None:
@@ -462,6 +460,14 @@ class OperatingPoint:
             if err > tol:
                 return int(name.split(".")[1]), err
         return None, None
+
+
+def patterns_fit(model: Any, n_pos: int, batch: int = 1) -> bool:
+    """Whether every layer's attention pattern for ``batch`` prompts of ``n_pos`` tokens fits
+    in ``PATTERN_BUDGET`` bytes (the model's dtype): the default for storing them whole."""
+    cfg = model.cfg
+    itemsize = (model_dtype(model) or torch.float32).itemsize
+    return batch * cfg.n_layers * cfg.n_heads * n_pos * n_pos * itemsize <= PATTERN_BUDGET
 
 
 def seeded_randn(shape: Sequence[int], like: torch.Tensor, seed: int = 0) -> torch.Tensor:
