@@ -1,7 +1,11 @@
 import functools
+import os
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: split the cores, do not oversubscribe them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from lens_linear.models import tl_has_hooked_transformer
 from lens_linear.tiny import tiny_architectures, tiny_model
