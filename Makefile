@@ -8,6 +8,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TL_SPEC    ?= transformer-lens
 PROMPT     ?= The bridge out of Marin is the
+PYTEST_ARGS ?=
 BIN        := $(VENV)/bin
 
 .PHONY: install analyze test bench gpu-check clean
@@ -25,7 +26,7 @@ analyze: install
 	$(BIN)/lens-linear analyze "$(PROMPT)"
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/jacobian.py
