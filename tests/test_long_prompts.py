@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lens_linear as ll
+from lens_linear.hooks import patterns
 from lens_linear.hooks.patterns import FrozenAttention, attend
 from lens_linear.reference import FORWARDS
 from lens_linear.tiny import tiny_hf_model
@@ -50,9 +51,12 @@ def test_queries_and_keys_give_the_stored_map(arch):
     assert kept.point.ignored_sites() == []
 
 
-def test_attend_against_a_dense_pattern():
+@pytest.mark.parametrize("fused", [True, False])
+def test_attend_against_a_dense_pattern(fused, monkeypatch):
     """``P v``, its backward (also batched, as the Jacobian engine runs it), its forward-mode
-    derivative and a suffix, against the dense pattern with grouped key/value heads."""
+    derivative and a suffix with its backward, against the dense pattern with grouped
+    key/value heads: fused (torch's CPU attention kernel) and by blocks of rows."""
+    monkeypatch.setattr(patterns, "FUSED", fused)
     gen = torch.Generator().manual_seed(0)
     n, heads, kv, d = 11, 4, 2, 3
     attention = FrozenAttention(torch.randn(n, heads, d, generator=gen), torch.randn(n, kv, d, generator=gen), 0.7)
@@ -68,9 +72,12 @@ def test_attend_against_a_dense_pattern():
     assert rel(batched, dense_grad) <= 1e-6
     jvp = torch.func.jvp(lambda v: attend(v, attention), (v.detach(),), (v.detach(),))[1]
     assert rel(jvp, reference(v.detach())) <= 1e-6
-    suffix = v.detach()[:, 4:]
-    assert rel(attend(suffix, attention), torch.einsum("hqk,bkhd->bqhd", dense[:, 4:, 4:],
-                                                       suffix.repeat_interleave(2, dim=2))) <= 1e-6
+    assert attention.fused == fused
+    suffix = v.detach()[:, 4:].requires_grad_(True)
+    suffix_reference = torch.einsum("hqk,bkhd->bqhd", dense[:, 4:, 4:], suffix.repeat_interleave(2, dim=2))
+    assert rel(attend(suffix, attention).detach(), suffix_reference.detach()) <= 1e-6
+    (suffix_grad,) = torch.autograd.grad(attend(suffix, attention), suffix, g[0, :, 4:])
+    assert rel(suffix_grad, torch.autograd.grad(suffix_reference, suffix, g[0, :, 4:])[0]) <= 1e-6
 
 
 def test_a_pattern_the_recipe_does_not_give_is_stored():

@@ -28,6 +28,9 @@ from jaxtyping import Float
 from lens_linear._validation import tolerance
 
 ROWS_BYTES = 64 << 20  # one block of pattern rows, all heads
+FUSED = True  # on a CPU, P v and Pᵀ g run as torch's fused attention kernel (2.6x and 4.8x faster than
+# blocks of rows at 2,048 tokens, SmolLM2's shapes); False: blocks of rows everywhere
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 @dataclass
@@ -68,11 +71,58 @@ class FrozenAttention:
         n = self.q.shape[0]
         return torch.cat([F.pad(self.rows(block), (0, n - block.stop)) for block in self._blocks(0)], dim=1)
 
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`apply` and :meth:`apply_t` run as torch's fused CPU attention kernel
+        (``FUSED``, on a CPU); elsewhere they run a block of pattern rows at a time."""
+        return FUSED and self.q.device.type == "cpu" and _FLASH_CPU is not None
+
+    @functools.cached_property
+    def _lse(self) -> Float[torch.Tensor, "head pos"]:
+        """Each row's log-normalizer ``L_i = log Σ_j exp(scores_ij)``, so that
+        ``P_ij = exp(scores_ij − L_i)``: what a suffix or the transpose needs of the full rows."""
+        q, k = self._heads_first()
+        return _FLASH_CPU(q[None], k[None], q[None], 0.0, True, scale=self.scale)[1][0]
+
+    def _heads_first(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` and ``k`` (every query head) from ``start``, ``[head, pos, d]``, float32 or wider."""
+        wide = torch.promote_types(self.q.dtype, torch.float32)
+        k = self.k[start:].repeat_interleave(self.q.shape[1] // self.k.shape[1], dim=1)
+        return self.q[start:].to(wide).transpose(0, 1), k.to(wide).transpose(0, 1)
+
+    def _apply_fused(self, v: torch.Tensor, start: int) -> torch.Tensor:
+        """``P v`` on rows and keys ``start..``: the kernel's softmax over those keys, rescaled
+        by ``exp(L'_i − L_i)`` to the full rows' normalizer."""
+        q, k = self._heads_first(start)
+        batch = v.shape[0]
+        out, lse = _FLASH_CPU(q.expand(batch, -1, -1, -1), k.expand(batch, -1, -1, -1), v.to(q), 0.0, True,
+                              scale=self.scale)
+        if start:
+            out = out * (lse - self._lse[:, start:]).exp()[..., None]
+        return out.to(v.dtype)
+
+    def _apply_t_fused(self, g: torch.Tensor, start: int) -> torch.Tensor:
+        """``Pᵀ g`` as an attention from keys to queries: ``(Pᵀ g)_j = Σ_{i ≥ j} exp(s_ij − L_i) g_i``
+        is a softmax over ``i`` of the scores ``s_ij − L_i`` (a bias folded into one more
+        dimension of ``q`` and ``k``), times its normalizer; reversing the positions turns
+        ``i ≥ j`` into the kernel's causal mask."""
+        q, k = self._heads_first(start)
+        bias = (-self._lse[:, start:] / self.scale)[..., None].to(q)
+        queries = torch.cat([k, torch.ones_like(bias)], -1).flip(1)
+        keys = torch.cat([q, bias], -1).flip(1)
+        batch = g.shape[0]
+        values = F.pad(g.to(q), (0, 1)).flip(2)
+        out, lse = _FLASH_CPU(queries.expand(batch, -1, -1, -1), keys.expand(batch, -1, -1, -1), values, 0.0, True,
+                              scale=self.scale)
+        return (out[..., :-1] * lse.exp()[..., None]).flip(2).to(g.dtype)
+
     def apply(self, v: Float[torch.Tensor, "batch m kv_head d_head"]) -> Float[torch.Tensor, "batch m head d_head"]:
         """``z = P v`` for the last ``m`` positions (a suffix replay: rows and columns ``n − m..``)."""
         n, m, heads = self.q.shape[0], v.shape[1], self.q.shape[1]
         start = n - m
         v = v.repeat_interleave(heads // v.shape[2], dim=2).transpose(1, 2)  # [batch, head, m, d]
+        if self.fused:
+            return self._apply_fused(v, start).transpose(1, 2)
         return torch.cat([(self.rows(block, start).to(v) @ _part(v, 2, 0, block.stop - start)).transpose(1, 2)
                           for block in self._blocks(start)], dim=1)
 
@@ -81,6 +131,9 @@ class FrozenAttention:
         n, m, heads, kv_heads = self.q.shape[0], g.shape[1], self.q.shape[1], self.k.shape[1]
         start = n - m
         g = g.transpose(1, 2)  # [batch, head, m, d]
+        if self.fused:
+            out = self._apply_t_fused(g, start).transpose(1, 2)
+            return out.reshape(*out.shape[:2], kv_heads, heads // kv_heads, out.shape[-1]).sum(3)
         out = None
         for block in self._blocks(start):
             part = _part(g, 2, block.start - start, block.stop - block.start)
@@ -102,11 +155,17 @@ class _Attend(torch.autograd.Function):
     so a graph built through a backward (``create_graph``, as the matrix-free SVD builds one)
     saves no pattern either."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(x: torch.Tensor, attention: FrozenAttention, transposed: bool) -> torch.Tensor:
         return attention.apply_t(x) if transposed else attention.apply(x)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, attention: FrozenAttention,
+             transposed: bool) -> tuple[torch.Tensor, int]:
+        """Batched (``is_grads_batched``, ``vmap``): the vmapped dimension joins the batch."""
+        x = x.movedim(in_dims[0], 0)
+        out = _Attend.apply(x.flatten(0, 1), attention, transposed)
+        return out.unflatten(0, x.shape[:2]), 0
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
