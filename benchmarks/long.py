@@ -7,7 +7,7 @@ whole (``store_patterns=True``), recorded with ``check=False`` and verified by 8
 vector-Jacobian products (``projected_reconstruction_error``), then the same SVD. Each step:
 seconds, peak resident memory of the whole process (the model included), products.
 
-Usage: python benchmarks/long.py [--lengths 2048] [--anchor] [--no-svd]
+Usage: python benchmarks/long.py [--lengths 2048] [--anchor] [--no-svd] [--block 1] [--progress]
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def timed(fn):
     return result, seconds, peak.peak
 
 
-def run(model, tokens, store_patterns: bool | None, svd: bool) -> list[tuple[str, float, int, str]]:
+def run(model, tokens, store_patterns: bool | None, svd: bool, block: int | None = None,
+        progress: bool = False) -> list[tuple[str, float, int, str]]:
     if store_patterns:  # the anchor: stored patterns, projected check
         def record():
             lc = ll.run_with_linear_cache(model, tokens, check=False, progress=False, store_patterns=True)
@@ -65,10 +66,11 @@ def run(model, tokens, store_patterns: bool | None, svd: bool) -> list[tuple[str
     kept = len(lc.point.frozen_attention)
     steps = [("verified recording", t, peak, f"error {err:.1e}, {kept} layers as q/k")]
     if svd:
-        result, t, peak = timed(lambda: lc.svd_matrix_free(n_triplets=3))
+        result, t, peak = timed(lambda: lc.svd_matrix_free(n_triplets=3, block=block, progress=progress))
         s = ", ".join(f"{float(v):.3g}" for v in result.S)
         steps.append(("top-3 matrix-free SVD", t, peak, f"S = [{s}], {result.products} products, "
-                                                        f"converged {result.converged}"))
+                                                        f"converged {result.converged}, residuals "
+                                                        f"{float(result.residuals.max()):.1e}, block {block or 3}"))
     return steps
 
 
@@ -77,6 +79,8 @@ def main() -> list[dict]:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
     parser.add_argument("--anchor", action="store_true", help="also run the stored-pattern path")
     parser.add_argument("--no-svd", action="store_true")
+    parser.add_argument("--block", type=int, default=None, help="Lanczos block size (default: n_triplets)")
+    parser.add_argument("--progress", action="store_true", help="progress bars for the SVD's steps")
     args = parser.parse_args()
     model = ll.load_model()
     text = " ".join([TEXT] * 256)
@@ -88,7 +92,7 @@ def main() -> list[dict]:
         tokens = model.to_tokens(text)[:, :n]
         results = {}
         for path, store in [("ours", None)] + ([("anchor", True)] if args.anchor else []):
-            steps = run(model, tokens, store, not args.no_svd)
+            steps = run(model, tokens, store, not args.no_svd, args.block, args.progress)
             results[path] = steps
             for name, t, peak, detail in steps:
                 print(f"{n:>6} {path:<8} {name:<22} {t:8.1f} {peak / 2**30:8.2f}  {detail}", flush=True)
