@@ -215,7 +215,7 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: 
     rows = range(n) if positions is None else sorted({_position(p, n) for p in positions})
     values = torch.zeros(batch, n, n, dtype=torch.float64, device=device)
     if positions is not None:
-        values[:, [i for i in range(n) if i not in rows]] = torch.nan
+        values[:, sorted(set(range(n)) - set(rows))] = torch.nan
     stderr = values.clone() if method == "hutchinson" else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with analysis_mode(model):
