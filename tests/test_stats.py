@@ -78,8 +78,8 @@ def test_rows_and_patterns_as_queries_and_keys_give_the_brute_force_values(arch,
     model = cached_tiny("bridge", arch)
     full = brute_force(model, PROMPT)
     n = full.shape[0]
-    calls = []
-    monkeypatch.setattr(patterns, "attend", lambda v, a: calls.append(a.q.shape[0]) or patterns._Attend.apply(v, a, False))
+    calls, attend = [], patterns.attend
+    monkeypatch.setattr(patterns, "attend", lambda v, a: calls.append(a.q.shape[0]) or attend(v, a))
     rows = sensitivity(model, PROMPT, positions=[-1, 2], store_patterns=False, progress=True)
     assert calls and max(calls) == n and min(calls) == 3  # the prefixes of outputs 2 and n - 1
     assert rel(rows.values[[2, n - 1]], full[[2, n - 1]]) <= 1e-5
