@@ -4,9 +4,9 @@ A softmax attention's pattern is a function of its (rotated) queries and keys al
 ``P = softmax(scale · q kᵀ + causal mask)``. Recording ``q``, ``k`` and ``scale`` freezes
 ``P`` as surely as recording ``P``, for ``heads · n · d`` values per layer instead of
 ``heads · n²`` (4.5 GB at 2,048 tokens on SmolLM2, 72 GB at 8,192). The replay then computes
-``z = P v`` itself, a block of query rows at a time, and recomputes ``P`` in the backward
-pass instead of keeping it: no replay, forward or backward, ever holds more than one block
-of one layer's pattern.
+``z = P v`` itself (on a CPU as torch's fused attention kernel, elsewhere a block of query
+rows at a time) and recomputes ``P`` in the backward pass instead of keeping it: no replay,
+forward or backward, ever holds more than one block of one layer's pattern.
 
 The recipe is verified at recording, per layer, against the model's own ``hook_pattern``
 and ``hook_z``; a layer where it does not hold (softcapping, a sliding window shorter than
