@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from lens_linear._validation import hook_name, require_tl_model
+from lens_linear._validation import hook_name, normalize_position, require_tl_model
 from lens_linear.hooks.operating_point import (INPUT_HOOK, OperatingPoint, analysis_mode, cut_positions,
                                                feeds_frozen_only, linears_skipped, output_hook, patterns_fit,
                                                site_hooks)
@@ -165,7 +165,7 @@ def frozen_batch_map(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: s
         if end < n:  # q/k norms feed only the frozen pattern: they may run live on a prefix
             live = [s for s in sites if not feeds_frozen_only(s, sites)]
             cut = {s.name: cut_positions(s, store[s.name], slice(None, end), batch, n) for s in live if s.name in store}
-            attention = {k: FrozenAttention(a.q[:end], a.k[:end], a.scale) for k, a in (frozen or {}).items()}
+            attention = {k: a.prefix(end) for k, a in (frozen or {}).items()}
         y = run_to(model, tokens[:, :end].repeat(x.shape[0] // batch, 1),
                    site_hooks(model, live, cut, "replay", frozen=attention), inject=(INPUT_HOOK, x), capture=[hook])[hook]
         return y.reshape(x.shape[0], end, -1)
@@ -212,7 +212,7 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: 
     hook = output_hook(model) if hook is None else hook_name(model, hook)
     batch, n = tokens.shape
     device = tokens.device
-    rows = range(n) if positions is None else sorted({_position(p, n) for p in positions})
+    rows = range(n) if positions is None else sorted({normalize_position(p, n, "positions") for p in positions})
     values = torch.zeros(batch, n, n, dtype=torch.float64, device=device)
     if positions is not None:
         values[:, sorted(set(range(n)) - set(rows))] = torch.nan
@@ -245,12 +245,6 @@ def sensitivity(model: Any, prompts: Any, hook: str | None = None, *, detached: 
     if single:
         return Sensitivity(values[0], None if stderr is None else stderr[0])
     return Sensitivity(values, stderr, lengths.to(device))
-
-
-def _position(p: int, n: int) -> int:
-    if not -n <= p < n:
-        raise ValueError(f"position {p} is out of range for a prompt of {n} tokens (use -{n}..{n - 1})")
-    return p % n
 
 
 def dataset_sensitivity(model: Any, prompts: Sequence[str], hook: str | None = None, *, detached: bool = True,

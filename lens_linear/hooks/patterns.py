@@ -73,6 +73,14 @@ class FrozenAttention:
         n = self.q.shape[0]
         return torch.cat([F.pad(self.rows(block), (0, n - block.stop)) for block in self._blocks(0)], dim=1)
 
+    def prefix(self, end: int) -> "FrozenAttention":
+        """The first ``end`` positions' pattern (causal: the same rows, cut). The fused path's
+        rows' log-normalizers are computed once here and shared by every prefix."""
+        cut = FrozenAttention(self.q[:end], self.k[:end], self.scale)
+        if self.fused:
+            cut._lse = self._lse[:, :end]
+        return cut
+
     @property
     def fused(self) -> bool:
         """Whether :meth:`apply` and :meth:`apply_t` run as torch's fused CPU attention kernel
