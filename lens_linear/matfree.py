@@ -7,16 +7,20 @@ frozen map's linear ops alone; a replay forward would also recompute every atten
 and softmax only to replace them by the frozen pattern (measured at 512 tokens on SmolLM2:
 3.4 s / 391 MB for three vectors by replay, 2.6 s / 110 MB through the backward).
 
-Block Golub–Kahan–Lanczos bidiagonalization with full reorthogonalization builds orthonormal
+Golub–Kahan–Lanczos bidiagonalization with full reorthogonalization builds orthonormal
 bases ``U`` (outputs) and ``V`` (inputs) with ``J V = U B`` for a small matrix ``B``; the
-SVD of ``B`` gives the Ritz triplets, and the next ``Jᵀ u`` product gives each one's
-residual for free. Every product stays in the Krylov space, so far fewer are needed than
-by subspace iteration: on SmolLM2 at 128 tokens 69 products reach residuals of 1e-5, where
-randomized subspace iteration with 13 vectors spent ~240 to reach angles of 1e-3.
+SVD of ``B`` gives the Ritz triplets. Every product is kept, so each triplet's residual is
+measured by linearity from products already taken: no product is spent on checking. Every
+product stays in the Krylov space, so far fewer are needed than by subspace iteration: on
+SmolLM2 at 128 tokens 69 products (block 3) reach residuals of 1e-5, where randomized subspace
+iteration with 13 vectors spent ~240 to reach angles of 1e-3.
 
-The block (default ``k``) matters: one vector at a time needs fewer products, but a Krylov
-space of one start vector holds one direction of a repeated singular value, so it can
-return a lower singular value with a small residual in its place (see the tests).
+The block size is a trade. One vector at a time (the default) needs the fewest products:
+33 instead of 63 for the top 3 at 2,048 tokens on SmolLM2. But a Krylov space of one start
+vector holds one direction of each singular subspace, so where a singular value is *exactly*
+repeated (multiplicity > 1: an exact symmetry, which trained weights and real prompts do not
+have) it returns that value once and the next lower one, with a small residual, in place of
+its copy (see the tests). A block of ``k`` vectors finds a value repeated up to ``k`` times.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class MatrixFreeSVD:
     S: Float[torch.Tensor, "k"]
     V: Float[torch.Tensor, "d_in k"]  # d_in = positions · d_model for position="all"
     iterations: int  # Lanczos steps, each one J v and one Jᵀ u product of `block` vectors
-    products: int  # vectors multiplied by J or Jᵀ in all, the final residual check included
+    products: int  # vectors multiplied by J or Jᵀ in all (the residuals reuse them)
     converged: bool  # every measured residual <= tol
     residuals: Float[torch.Tensor, "k"]  # measured: √(‖J v − s u‖² + ‖Jᵀ u − s v‖²) / s
 
@@ -112,55 +116,78 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
     300k-long vectors (512 tokens × d_model) lose ~1e-4 and with it the residual estimates.
     Every tensor lives on ``device`` (the products'); the random start comes from a seeded
     CPU generator, so every device starts from the same vectors.
-    Returns ``(U, S, V, steps, products)`` in float64."""
+
+    Each step's products are kept (``Jᵀ U_j`` in the products' precision, beside ``V``; the
+    ``J V_j`` are ``d_out`` long), so every Ritz triplet's residual is *measured*, not estimated:
+    ``J v = Σ_j (J V_j) c_j`` and ``Jᵀ u = Σ_j (Jᵀ U_j) c_j`` hold by linearity, without one more
+    product. The loop stops on that measurement.
+    Returns ``(U, S, V, residuals, steps, products)`` in float64."""
     eps = torch.finfo(dtype).eps
     p = block
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = torch.randn(d_out, p, generator=gen, dtype=torch.float64, device="cpu").to(device)
     U = [torch.linalg.qr(start).Q]  # start on the small side
-    V = _Blocks((width, p), dtype)
+    V, JtU = _Blocks((width, p), dtype), _Blocks((width, p), dtype)  # Jᵀ U_j: float products, stored exactly
+    JV: list[torch.Tensor] = []
     B = torch.zeros(p, 0, dtype=torch.float64, device=device)  # [U]ᵀ J [V] = B (block lower bidiagonal)
     steps = min(max_iter, min(d_out, width) // p - 1)  # U gets one block more than V
-    products, step, scale = 0, 0, 0.0
+    products, step, scale, found = 0, 0, 0.0, None
     bar = tqdm(total=steps, desc="Lanczos SVD", disable=not progress, leave=False)
     for step in range(1, steps + 1):
-        w = jtu(U[-1])
+        w = JtU.add(jtu(U[-1]))
         products, scale = products + p, max(scale, float(w.norm(dim=0).max()))
-        V_next, _, R = _next_block(V, w, 100 * eps * scale, gen)  # Jᵀ U_j = [V] (…) + V_next R
-        if B.shape[1] >= k:  # Ritz triplets of B; Jᵀ u − s v = V_next R (u's last block)
-            ub, s, _ = torch.linalg.svd(B, full_matrices=False)
-            estimate = (R @ ub[-p:, :k]).norm(dim=0) / s[:k].clamp_min(1e-300)
-            bar.set_postfix(residual=f"{float(estimate.max()):.1e}")
-            if float(estimate.max()) < tol / 2:  # margin: the measured residual adds rounding
+        if B.shape[1] >= k:  # Ritz triplets of B, measured through the products taken so far
+            found = _ritz(B, U, V, JV, JtU, k, p)
+            bar.set_postfix(residual=f"{float(found[3].max()):.1e}")
+            if float(found[3].max()) <= tol or step == steps:
                 break
         bar.update()
         if step == steps:
             break
+        V_next, _, R = _next_block(V, w, 100 * eps * scale, gen)  # Jᵀ U_j = [V] (…) + V_next R
         z = jv(V.add(V_next))  # the product of the block as stored keeps J [V] = [U] B exact
+        JV.append(z)
         products, scale = products + p, max(scale, float(z.norm(dim=0).max()))
         U_next, C, L = _next_block(U, z, 100 * eps * scale, gen)  # J V_j = [U] C + U_next L
         B = torch.cat([torch.cat([B, B.new_zeros(p, B.shape[1])]), torch.cat([C, L])], 1)
         U.append(U_next)
     bar.close()
-    if B.shape[1] < k:
+    if found is None:
         raise ValueError(f"a {d_out} × {width} Jacobian is too small for {k} triplets by block {p}: "
                          f"form it (lcache.jacobian()) and use torch.linalg.svd")
+    return (*found, step, products)
+
+
+def _ritz(B: torch.Tensor, U: list[torch.Tensor], V: list[torch.Tensor], JV: list[torch.Tensor],
+          JtU: list[torch.Tensor], k: int, p: int) -> tuple[torch.Tensor, ...]:
+    """Top-``k`` Ritz triplets ``(u, s, v)`` of ``B`` and their measured residuals
+    ``√(‖J v − s u‖² + ‖Jᵀ u − s v‖²) / s``, with ``J v`` and ``Jᵀ u`` combined from the stored
+    products (``B`` is ``[U]ᵀ J [V]``: one block row more than columns, every ``Jᵀ U_j`` taken)."""
     ub, s, vbt = torch.linalg.svd(B, full_matrices=False)
-    combine = lambda blocks, coef: sum(b.double() @ c for b, c in zip(blocks, coef[:, :k].split(p)))  # noqa: E731
-    return combine(U, ub), s[:k], combine(V, vbt.T), step, products
+    s = s[:k]
+
+    def combine(blocks: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
+        return sum(b.double() @ c for b, c in zip(blocks, coef[:, :k].split(p)))
+
+    u, v = combine(U, ub), combine(V, vbt.T)
+    residuals = ((combine(JV, vbt.T) - u * s).norm(dim=0) ** 2
+                 + (combine(JtU, ub) - v * s).norm(dim=0) ** 2).sqrt() / s.clamp_min(1e-300)
+    return u, s, v, residuals
 
 
 def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: int | str = "all",
-                    n_triplets: int = 3, tol: float = 1e-4, block: int | None = None, max_iter: int = 200,
+                    n_triplets: int = 3, tol: float = 1e-4, block: int = 1, max_iter: int = 200,
                     seed: int = 0, chunk: int | None = None, max_memory: int | None = None,
                     progress: bool = False) -> MatrixFreeSVD:
     """Top ``n_triplets`` SVD of the detached Jacobian of ``hook`` at output position ``pos``
     w.r.t. the input at ``input_pos`` (or all positions side by side), from replay products only.
 
-    Stops once every triplet's residual is below ``tol`` (relative to its singular value),
-    then measures the residuals with one more product each way. ``block`` vectors enter
-    each step (default ``n_triplets``); they are multiplied ``chunk`` at a time (default: as
-    many as ``max_memory`` holds: the whole block for short prompts, one vector at 512 tokens).
+    Stops once every triplet's residual, measured from the products taken (no extra ones), is
+    below ``tol`` (relative to its singular value). ``block`` vectors enter each step: one by
+    default, which finds every *distinct* singular value in the fewest products; pass
+    ``block=n_triplets`` where a singular value may be exactly repeated (see the module
+    docstring). They are multiplied ``chunk`` at a time (default: as many as ``max_memory``
+    holds: the whole block for short prompts, one vector at 512 tokens).
     A half-precision model's frozen map is multiplied in float32 (its weights copied to float32
     meanwhile), and the result is float32."""
     if point.x_star.dtype in HALF:  # Lanczos needs products accurate well below 1e-2: the frozen map
@@ -174,8 +201,8 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     if chunk is None:  # as many vectors as max_memory holds. Each costs ~3 backward rows of resident
         # memory (at 512 tokens on SmolLM2, 185 MB more peak RSS per vector; one vector at a time
         # 59.6 s / 789 MB, three 55.3 s / 1159 MB); short prompts take the whole block at once
-        chunk = chunk_size(block or k, 3 * sequence_bytes(model.cfg, n, dtype), max_memory, device=device)
-    if (block is not None and block < 1) or chunk < 1:
+        chunk = chunk_size(block, 3 * sequence_bytes(model.cfg, n, dtype), max_memory, device=device)
+    if block < 1 or chunk < 1:
         raise ValueError(f"block ({block}) and chunk ({chunk}) must be at least 1")
 
     def place(v: torch.Tensor) -> torch.Tensor:  # [width, b] → inputs [b, n, d_in]
@@ -190,7 +217,7 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
         d_out = y.numel()
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(width, d_out):
             raise ValueError(f"n_triplets={k} must be between 1 and the Jacobian's rank bound {min(width, d_out)}")
-        block = min(block or k, d_out, width)
+        block = min(block, d_out, width)
         # Jᵀ w for a symbolic w: linear in w, so its gradient w.r.t. w along v is J v. This
         # graph holds the frozen map's linear ops alone: no scores or softmax are recomputed
         # (a replay forward would compute them and then discard them for the frozen pattern)
@@ -206,8 +233,7 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
                                                   is_grads_batched=True)[0][:, cols].reshape(part.shape[1], -1)
                               for part in u.split(chunk, 1)]).T.double()
 
-        u, s, v, steps, products = golub_kahan_lanczos(jv, jtu, d_out, width, k, block, tol, max_iter, dtype, seed,
-                                                       progress, device)
-        residuals = ((jv(v) - u * s).norm(dim=0) ** 2 + (jtu(u) - v * s).norm(dim=0) ** 2).sqrt() / s.clamp_min(1e-300)
-    return MatrixFreeSVD(u.to(dtype), s.to(dtype), v.to(dtype), steps, products + 2 * k,
+        u, s, v, residuals, steps, products = golub_kahan_lanczos(jv, jtu, d_out, width, k, block, tol, max_iter,
+                                                                  dtype, seed, progress, device)
+    return MatrixFreeSVD(u.to(dtype), s.to(dtype), v.to(dtype), steps, products,
                          bool(residuals.max() <= tol), residuals.to(dtype))

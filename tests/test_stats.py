@@ -232,6 +232,9 @@ def test_matrix_free_svd_matches_the_full_svd(tiny, position):
     assert mf.converged and float(mf.residuals.max()) <= 1e-4
     assert rel(mf.S, s[:3]) <= 1e-4
     assert principal_angle(mf.U, u[:, :3]) <= 1e-2 and principal_angle(mf.V, vh[:3].T) <= 1e-2
+    mU, mS, mV = (t.double() for t in mf)  # its residuals, measured from its own products, against the full Jacobian's
+    direct = ((full.double() @ mV - mU * mS).norm(dim=0) ** 2 + (full.double().T @ mU - mV * mS).norm(dim=0) ** 2).sqrt()
+    assert (direct / mS - mf.residuals.double()).abs().max() <= 1e-5
     one_at_a_time = lc.svd_matrix_free(input_pos=position, n_triplets=3, chunk=1)  # the default for long prompts
     assert rel(one_at_a_time.S, mf.S) <= 1e-5 and one_at_a_time.products == mf.products
     with pytest.raises(ValueError, match="n_triplets=0 must be between 1"):
@@ -269,11 +272,12 @@ def test_block_lanczos_finds_a_repeated_singular_value_that_one_vector_misses():
     u_ref, s_ref, vh_ref = torch.linalg.svd(a)
     run = lambda block: golub_kahan_lanczos(lambda v: a @ v, lambda u: a.T @ u, *a.shape, k=3, block=block,
                                             tol=1e-10, max_iter=100, dtype=torch.float64)
-    u, s, v, steps, products = run(3)
+    u, s, v, residuals, steps, products = run(3)
     assert rel(s, s_ref[:3]) <= 1e-10 and products < 2 * a.shape[0]
     assert principal_angle(u, u_ref[:, :3]) <= 1e-6 and principal_angle(v, vh_ref[:3].T) <= 1e-6  # arccos: ~1e-8 floor
-    assert ((a.T @ u - v * s).norm(dim=0) / s).max() <= 1e-9
-    _, s_one, _, _, _ = run(1)
+    direct = (((a @ v - u * s).norm(dim=0) ** 2 + (a.T @ u - v * s).norm(dim=0) ** 2).sqrt() / s)
+    assert direct.max() <= 1e-9 and (residuals - direct).abs().max() <= 1e-12  # measured from the stored products
+    _, s_one, _, _, _, _ = run(1)
     assert abs(float(s_one[2]) - 4.9) <= 1e-8  # the trap, measured
 
 
