@@ -3,7 +3,7 @@
 The matrix is the detached Jacobian of the output embedding at the last position w.r.t.
 the input embeddings of all positions side by side (``d_model × positions·d_model``).
 Baseline: ``LinearCache.jacobian()`` (chunked batched VJPs, d_model rows) then a dense
-SVD. Ours: block Golub–Kahan–Lanczos from replay JVPs and batched VJPs only
+SVD. Ours: Golub–Kahan–Lanczos (one vector a step) from replay products only
 (``LinearCache.svd_matrix_free``), never forming the matrix. Peak memory: resident-set
 growth per method (one process, after a warm-up). Each method is measured whole (recording
 the ``LinearCache`` included) and from the recorded cache on ("method"), since the cache is
