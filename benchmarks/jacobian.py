@@ -10,7 +10,10 @@ forward, then batched backward passes (``is_grads_batched``) in chunks sized to 
 bound. Verification alone (``lcache.check()``) is also timed against ``lcache.jacobian()``. Peak memory is the largest resident-set growth seen by a
 sampling thread while each method runs (one process, methods run one after another).
 
-Usage: python benchmarks/jacobian.py [--lengths 8 16 32 128] [--skip-unvectorized-above 32]
+Times are medians of ``--repeats`` runs (default 3) up to 32 tokens, single runs beyond (and
+for the unvectorized baseline).
+
+Usage: python benchmarks/jacobian.py [--lengths 8 16 32 128] [--skip-unvectorized-above 32] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -68,10 +71,18 @@ def measure(fn, prepare=None):
     return total if prepare is None else (*total, (end - t1, max(stage_peak[0], rss() - stage_peak[1])))
 
 
+def repeated(fn, repeats: int):
+    """(median seconds, largest peak growth, last result) of ``repeats`` runs of :func:`measure`:
+    single runs of a few seconds vary by ±10% on a loaded 2-core machine."""
+    runs = [measure(fn) for _ in range(repeats)]
+    return sorted(t for t, _, _ in runs)[len(runs) // 2], max(m for _, m, _ in runs), runs[-1][2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 128])
     parser.add_argument("--skip-unvectorized-above", type=int, default=1 << 30)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method up to 32 tokens (median)")
     args = parser.parse_args()
     model = ll.load_model()
     all_tokens = model.to_tokens(TEXT)
@@ -91,12 +102,14 @@ def main() -> None:
         frozen = detached_function(model, tokens)
 
         x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
-        t_ours, m_ours, j_ours = measure(ours)
+        repeats = args.repeats if n <= 32 else 1
+        t_ours, m_ours, j_ours = repeated(ours, repeats)
         rows = [("lens_linear", t_ours, m_ours, 0.0)]
         for name, vec in (("autograd vectorize=True", True), ("autograd vectorize=False", False)):
             if not vec and n > args.skip_unvectorized_above:
                 continue
-            t, m, j = measure(lambda: torch.autograd.functional.jacobian(frozen, x, vectorize=vec))
+            t, m, j = repeated(lambda: torch.autograd.functional.jacobian(frozen, x, vectorize=vec),
+                               repeats if vec else 1)
             rows.append((name, t, m, float((j.transpose(0, 1) - j_ours).abs().max())))
             del j
         for name, t, m, diff in rows:

@@ -109,6 +109,8 @@ class FrozenAttention:
                               scale=self.scale)
         if start:
             out = out * (lse - self._lse[:, start:]).exp()[..., None]
+        else:  # the full rows' log-normalizers come with the output: keep them (same q, k in every batch entry)
+            self.__dict__.setdefault("_lse", lse[0])
         return out.to(v.dtype)
 
     def _apply_t_fused(self, g: torch.Tensor, start: int) -> torch.Tensor:
