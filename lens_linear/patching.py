@@ -20,7 +20,7 @@ difference between each pair's answer and wrong answer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lens_linear._validation import normalize_index, require_tl_model
 from lens_linear.hooks.detach import detach_hooks
 from lens_linear.hooks.operating_point import (OperatingPoint, analysis_mode, biases_zeroed, input_embeddings,
-                                               output_hook)
+                                               output_hook, patterns_fit)
 from lens_linear.hooks.run import Hook, forward, run_to
 from lens_linear.hooks.sites import layer_of
 from lens_linear.memory import chunk_size, sequence_bytes
@@ -78,6 +78,12 @@ class PromptPairs:
     def mean_logit_diff(self, final: Float[torch.Tensor, "n_pairs d_vocab"]) -> torch.Tensor:
         """The default metric: the mean of :meth:`logit_diff` over pairs."""
         return self.logit_diff(final).mean()
+
+    def pair(self, i: int) -> "PromptPairs":
+        """Pair ``i`` alone (same padded length)."""
+        one = slice(i, i + 1)
+        return replace(self, clean=self.clean[one], corrupted=self.corrupted[one], answers=self.answers[one],
+                       wrong=self.wrong[one], last=self.last[one], mask=self.mask[one])
 
     def final_logits(self, model: Any, tokens: Int[torch.Tensor, "batch pos"],
                      hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "batch d_vocab"]:
@@ -295,8 +301,8 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
 
 
 def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", *, metric: Metric | None = None,
-                       scale: float = 1.0, detached: bool = True,
-                       layers: Sequence[int] | None = None) -> PatchingResult:
+                       scale: float = 1.0, detached: bool = True, layers: Sequence[int] | None = None,
+                       progress: bool = True) -> PatchingResult:
     """The patching table of :func:`activation_patching` from one forward and one backward
     pass of the corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
 
@@ -304,26 +310,23 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
     map is affine, so for a metric linear in the logits (the default) this equals
     ``activation_patching(..., detached=True)`` exactly. ``detached=False`` is the ordinary
     gradient (attribution patching), a first-order estimate of real patching.
+
+    Long prompts (``detached=True``, every pair's patterns together past the recording budget,
+    :func:`~lens_linear.hooks.operating_point.patterns_fit`): a backward through detached
+    patterns would keep ``layers · heads · n²`` values. Instead each pair's corrupted run is
+    recorded with its patterns as queries and keys and replayed with the gradient on, one pair
+    at a time (a progress bar over pairs): memory ``O(layers · n · d)``, the same table.
     """
     require_tl_model(model)
     metric = metric or pairs.mean_logit_diff
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
-    leaves: dict[str, torch.Tensor] = {}
-    corrupt_acts: dict[str, torch.Tensor] = {}
-
-    def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
-        corrupt_acts[name] = value.detach().clone()
-        leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient is the activation's
-        return value + leaves[name]
-
     with analysis_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
-        freeze = detach_hooks(model) if detached else []
-        with torch.enable_grad():
-            final = pairs.final_logits(model, pairs.corrupted, freeze + [(h, partial(attach, name=h)) for h in hooks])
-            value = metric(final)
-            grads = torch.autograd.grad(value, [leaves[h] for h in hooks])
-    corrupt_m = float(value.detach())
+        if detached and not patterns_fit(model, pairs.corrupted.shape[1], len(pairs.answers)):
+            value, corrupt_acts, grads = _frozen_gradients_by_pair(model, pairs, hooks, metric, progress)
+        else:
+            value, corrupt_acts, grads = _gradients(model, pairs, hooks, metric, detach_hooks(model) if detached else [])
+    corrupt_m = float(value)
     _check_gap(clean_m, corrupt_m)
     table = []
     for h, g in zip(hooks, grads):
@@ -334,6 +337,47 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
     raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
     return PatchingResult(sweep, _normalized(raw, clean_m, corrupt_m), raw, clean_m, corrupt_m, axes,
                           pairs.str_tokens, [layer_of(h) for h in hooks])
+
+
+def _gradients(model: Any, pairs: PromptPairs, hooks: Sequence[str], metric: Metric, freeze: Sequence[Hook],
+               others: torch.Tensor | None = None, row: int = 0
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The metric of the corrupted run under ``freeze``, its activations at ``hooks`` and the
+    metric's gradient with respect to them. ``others``: every pair's final logits, of which
+    these ``pairs`` take row ``row`` on (the metric may mix pairs; the rest are constants)."""
+    leaves: dict[str, torch.Tensor] = {}
+    acts: dict[str, torch.Tensor] = {}
+
+    def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
+        acts[name] = value.detach().clone()
+        leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient is the activation's
+        return value + leaves[name]
+
+    with torch.enable_grad():
+        final = pairs.final_logits(model, pairs.corrupted, list(freeze) + [(h, partial(attach, name=h)) for h in hooks])
+        if others is not None:
+            final = torch.cat([others[:row], final, others[row + len(final):]])
+        value = metric(final)
+        grads = torch.autograd.grad(value, [leaves[h] for h in hooks])
+    return value.detach(), acts, list(grads)
+
+
+def _frozen_gradients_by_pair(model: Any, pairs: PromptPairs, hooks: Sequence[str], metric: Metric,
+                              progress: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+    """:func:`_gradients` of the frozen corrupted run, one pair at a time, each through its own
+    operating point (patterns as queries and keys where they do not fit whole): no pattern is
+    kept for the backward. Pairs are independent, so the pieces stack into the batch's."""
+    with torch.no_grad():
+        final = pairs.final_logits(model, pairs.corrupted)
+        value = torch.as_tensor(metric(final))
+    parts = []
+    for i in tqdm(range(len(pairs.answers)), desc="predicted patching", disable=not progress, leave=False):
+        one = pairs.pair(i)
+        point = OperatingPoint.record(model, one.corrupted, names_filter=[])[0]
+        parts.append(_gradients(model, one, hooks, metric, point.hooks("replay"), others=final, row=i))
+    acts = {h: torch.cat([acts[h] for _, acts, _ in parts]) for h in hooks}
+    grads = [torch.cat([g[j] for _, _, g in parts]) for j in range(len(hooks))]
+    return value, acts, grads
 
 
 @dataclass

@@ -170,3 +170,26 @@ def test_smollm2_steering_raises_the_concept(smollm2):
     steered = steer(smollm2, "The Golden Gate", "Here is a painting of the", layer=15, lam=0.5, max_new_tokens=1)
     rank = lambda logits: int((logits > logits[bridge.token_id]).sum())  # noqa: E731
     assert rank(steered.first_logits) < rank(plain.first_logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, monkeypatch):
+    """Past the pattern budget, each pair is recorded with its patterns as queries and keys
+    and replayed with the gradient on: the table still equals real patched runs through the
+    frozen corrupted run (float64: 1e-10), and no attention pattern is kept."""
+    import lens_linear.hooks.operating_point as op
+    import lens_linear.hooks.patterns as patterns
+
+    model = cached_tiny("bridge", family, torch.float64)
+    pairs = tiny_pairs(model)
+    truth = {sweep: activation_patching(model, pairs, sweep, detached=True, progress=False)
+             for sweep in ["resid_pre", "head_by_pos"]}
+    applied = []
+    original = patterns.FrozenAttention.apply
+    monkeypatch.setattr(patterns.FrozenAttention, "apply", lambda self, v: applied.append(v.shape) or original(self, v))
+    monkeypatch.setattr(op, "PATTERN_BUDGET", 0)  # every prompt is "long"
+    for sweep, frozen in truth.items():
+        predicted = predicted_patching(model, pairs, sweep, progress=False)
+        assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, sweep
+        assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
+    assert applied and all(shape[0] == 1 for shape in applied)  # one pair at a time, through q and k
