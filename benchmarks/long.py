@@ -7,7 +7,12 @@ whole (``store_patterns=True``), recorded with ``check=False`` and verified by 8
 vector-Jacobian products (``projected_reconstruction_error``), then the same SVD. Each step:
 seconds, peak resident memory of the whole process (the model included), products.
 
-Usage: python benchmarks/long.py [--lengths 2048] [--anchor] [--no-svd] [--block 1] [--progress]
+With ``--patching``: ``predicted_patching`` (``resid_pre``, every layer and position) of one
+pair made long (the IOI pair after a document): ours (the pair recorded with patterns as
+queries and keys, then replayed with the gradient on) against the detach-hook backward,
+which keeps every layer's pattern for the backward (``--anchor``).
+
+Usage: python benchmarks/long.py [--lengths 2048] [--anchor] [--no-svd] [--block 1] [--progress] [--patching]
 """
 
 from __future__ import annotations
@@ -74,6 +79,25 @@ def run(model, tokens, store_patterns: bool | None, svd: bool, block: int | None
     return steps
 
 
+def patching(model, n: int, anchor: bool) -> None:
+    import lens_linear.hooks.operating_point as op
+    from lens_linear.patching import predicted_patching, prompt_pairs
+
+    tail = " After John and Mary went to the store, {} gave a bottle of milk to"
+    head = model.to_str_tokens(" ".join([TEXT] * 256))[1:n - len(model.to_tokens(tail.format("Mary"))[0]) + 1]
+    pairs = prompt_pairs(model, "".join(head) + tail.format("Mary"), "".join(head) + tail.format("John"),
+                         " John", " Mary")
+    paths = [("ours", op.PATTERN_BUDGET)] + ([("anchor", 1 << 62)] if anchor else [])
+    for path, budget in paths:
+        saved, op.PATTERN_BUDGET = op.PATTERN_BUDGET, budget
+        try:
+            result, t, peak = timed(lambda: predicted_patching(model, pairs, "resid_pre", progress=False))
+        finally:
+            op.PATTERN_BUDGET = saved
+        print(f"{pairs.clean.shape[1]:>6} {path:<8} {'predicted patching':<22} {t:8.1f} {peak / 2**30:8.2f}  "
+              f"max |entry| {float(result.raw.sub(result.corrupted).abs().max()):.3f}", flush=True)
+
+
 def main() -> list[dict]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
@@ -81,6 +105,7 @@ def main() -> list[dict]:
     parser.add_argument("--no-svd", action="store_true")
     parser.add_argument("--block", type=int, default=None, help="Lanczos block size (default 1)")
     parser.add_argument("--progress", action="store_true", help="progress bars for the SVD's steps")
+    parser.add_argument("--patching", action="store_true", help="predicted patching of a long pair instead")
     args = parser.parse_args()
     model = ll.load_model()
     text = " ".join([TEXT] * 256)
@@ -88,6 +113,10 @@ def main() -> list[dict]:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'tokens':>6} {'path':<8} {'step':<22} {'seconds':>8} {'peak GB':>8}  detail")
     rows = []
+    if args.patching:
+        for n in args.lengths:
+            patching(model, n, args.anchor)
+        return rows
     for n in args.lengths:
         tokens = model.to_tokens(text)[:, :n]
         results = {}
