@@ -172,15 +172,16 @@ def test_smollm2_steering_raises_the_concept(smollm2):
     assert rank(steered.first_logits) < rank(plain.first_logits)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, monkeypatch):
+def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, monkeypatch):
     """Past the pattern budget, each pair is recorded with its patterns as queries and keys
     and replayed with the gradient on: the table still equals real patched runs through the
     frozen corrupted run (float64: 1e-10), and no attention pattern is kept."""
     import lens_linear.hooks.operating_point as op
     import lens_linear.hooks.patterns as patterns
 
-    model = cached_tiny("bridge", family, torch.float64)
+    model = cached_tiny(backend, family, torch.float64)
     pairs = tiny_pairs(model)
     truth = {sweep: activation_patching(model, pairs, sweep, detached=True, progress=False)
              for sweep in ["resid_pre", "head_by_pos"]}
