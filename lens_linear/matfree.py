@@ -144,7 +144,7 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
         bar.update()
         if step == steps:
             break
-        V_next, _, R = _next_block(V, w, 100 * eps * scale, gen)  # Jᵀ U_j = [V] (…) + V_next R
+        V_next, _, _ = _next_block(V, w, 100 * eps * scale, gen)  # Jᵀ U_j = [V] (…) + V_next R
         z = jv(V.add(V_next))  # the product of the block as stored keeps J [V] = [U] B exact
         JV.append(z)
         products, scale = products + p, max(scale, float(z.norm(dim=0).max()))
