@@ -367,9 +367,10 @@ def _frozen_gradients_by_pair(model: Any, pairs: PromptPairs, hooks: Sequence[st
     """:func:`_gradients` of the frozen corrupted run, one pair at a time, each through its own
     operating point (patterns as queries and keys where they do not fit whole): no pattern is
     kept for the backward. Pairs are independent, so the pieces stack into the batch's."""
-    with torch.no_grad():
-        final = pairs.final_logits(model, pairs.corrupted)
-        value = torch.as_tensor(metric(final))
+    final = None
+    if len(pairs.answers) > 1:  # the metric may mix pairs: the others' logits, as constants
+        with torch.no_grad():
+            final = pairs.final_logits(model, pairs.corrupted)
     parts = []
     for i in tqdm(range(len(pairs.answers)), desc="predicted patching", disable=not progress, leave=False):
         one = pairs.pair(i)
@@ -377,7 +378,7 @@ def _frozen_gradients_by_pair(model: Any, pairs: PromptPairs, hooks: Sequence[st
         parts.append(_gradients(model, one, hooks, metric, point.hooks("replay"), others=final, row=i))
     acts = {h: torch.cat([acts[h] for _, acts, _ in parts]) for h in hooks}
     grads = [torch.cat([g[j] for _, _, g in parts]) for j in range(len(hooks))]
-    return value, acts, grads
+    return parts[0][0] if final is None else torch.as_tensor(metric(final)), acts, grads
 
 
 @dataclass

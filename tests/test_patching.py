@@ -193,4 +193,10 @@ def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, mo
         predicted = predicted_patching(model, pairs, sweep, progress=False)
         assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, sweep
         assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
+    one = pairs.pair(1)  # a single pair: no other pairs' logits to hold constant
+    predicted = predicted_patching(model, one, "resid_pre", progress=False)
+    monkeypatch.setattr(op, "PATTERN_BUDGET", 1 << 40)
+    frozen = activation_patching(model, one, "resid_pre", detached=True, progress=False)
+    assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10
+    assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
     assert applied and all(shape[0] == 1 for shape in applied)  # one pair at a time, through q and k
