@@ -198,12 +198,15 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     cols = slice(None) if input_pos == "all" else normalize_position(input_pos, n, "input_pos")
     width = (n if input_pos == "all" else 1) * d_in
     dtype, device = x_star.dtype, x_star.device
+    for name, value in (("block", block), ("chunk", chunk)):
+        if not (value is None and name == "chunk") and (isinstance(value, bool) or not isinstance(value, int)
+                                                         or value < 1):
+            raise ValueError(f"{name}={value!r} must be an integer of at least 1 (block: 1 by default, "
+                             f"n_triplets to find exactly repeated singular values)")
     if chunk is None:  # as many vectors as max_memory holds. Each costs ~3 backward rows of resident
         # memory (at 512 tokens on SmolLM2, 185 MB more peak RSS per vector; one vector at a time
         # 59.6 s / 789 MB, three 55.3 s / 1159 MB); short prompts take the whole block at once
         chunk = chunk_size(block, 3 * sequence_bytes(model.cfg, n, dtype), max_memory, device=device)
-    if block < 1 or chunk < 1:
-        raise ValueError(f"block ({block}) and chunk ({chunk}) must be at least 1")
 
     def place(v: torch.Tensor) -> torch.Tensor:  # [width, b] → inputs [b, n, d_in]
         x = torch.zeros(v.shape[1], n, d_in, dtype=dtype, device=v.device)

@@ -239,6 +239,9 @@ def test_matrix_free_svd_matches_the_full_svd(tiny, position):
     assert rel(one_at_a_time.S, mf.S) <= 1e-5 and one_at_a_time.products == mf.products
     with pytest.raises(ValueError, match="n_triplets=0 must be between 1"):
         lc.svd_matrix_free(n_triplets=0)
+    for bad in [dict(block=None), dict(block=0), dict(chunk=0)]:
+        with pytest.raises(ValueError, match="must be an integer of at least 1"):
+            lc.svd_matrix_free(**bad)
 
 
 @newest_tl_only
