@@ -57,7 +57,7 @@ def timed(fn):
     return result, seconds, peak.peak
 
 
-def run(model, tokens, store_patterns: bool | None, svd: bool, block: int | None = None,
+def run(model, tokens, store_patterns: bool | None, svd: bool, block: int = 1,
         progress: bool = False) -> list[tuple[str, float, int, str]]:
     if store_patterns:  # the anchor: stored patterns, projected check
         def record():
@@ -71,11 +71,11 @@ def run(model, tokens, store_patterns: bool | None, svd: bool, block: int | None
     kept = len(lc.point.frozen_attention)
     steps = [("verified recording", t, peak, f"error {err:.1e}, {kept} layers as q/k")]
     if svd:
-        result, t, peak = timed(lambda: lc.svd_matrix_free(n_triplets=3, block=block or 1, progress=progress))
+        result, t, peak = timed(lambda: lc.svd_matrix_free(n_triplets=3, block=block, progress=progress))
         s = ", ".join(f"{float(v):.3g}" for v in result.S)
         steps.append(("top-3 matrix-free SVD", t, peak, f"S = [{s}], {result.products} products, "
                                                         f"converged {result.converged}, residuals "
-                                                        f"{float(result.residuals.max()):.1e}, block {block or 1}"))
+                                                        f"{float(result.residuals.max()):.1e}, block {block}"))
     return steps
 
 
@@ -103,7 +103,7 @@ def main() -> list[dict]:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048])
     parser.add_argument("--anchor", action="store_true", help="also run the stored-pattern path")
     parser.add_argument("--no-svd", action="store_true")
-    parser.add_argument("--block", type=int, default=None, help="Lanczos block size (default 1)")
+    parser.add_argument("--block", type=int, default=1, help="Lanczos block size")
     parser.add_argument("--progress", action="store_true", help="progress bars for the SVD's steps")
     parser.add_argument("--patching", action="store_true", help="predicted patching of a long pair instead")
     args = parser.parse_args()

@@ -16,7 +16,7 @@ SmolLM2 at 128 tokens 69 products (block 3) reach residuals of 1e-5, where rando
 iteration with 13 vectors spent ~240 to reach angles of 1e-3.
 
 The block size is a trade. One vector at a time (the default) needs the fewest products:
-33 instead of 63 for the top 3 at 2,048 tokens on SmolLM2. But a Krylov space of one start
+31 for the top 3 at 2,048 tokens on SmolLM2, where a block of 3 took 69. But a Krylov space of one start
 vector holds one direction of each singular subspace, so where a singular value is *exactly*
 repeated (multiplicity > 1: an exact symmetry, which trained weights and real prompts do not
 have) it returns that value once and the next lower one, with a small residual, in place of
@@ -198,9 +198,8 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     cols = slice(None) if input_pos == "all" else normalize_position(input_pos, n, "input_pos")
     width = (n if input_pos == "all" else 1) * d_in
     dtype, device = x_star.dtype, x_star.device
-    for name, value in (("block", block), ("chunk", chunk)):
-        if not (value is None and name == "chunk") and (isinstance(value, bool) or not isinstance(value, int)
-                                                         or value < 1):
+    for name, value in {"block": block, **({} if chunk is None else {"chunk": chunk})}.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer of at least 1 (block: 1 by default, "
                              f"n_triplets to find exactly repeated singular values)")
     if chunk is None:  # as many vectors as max_memory holds. Each costs ~3 backward rows of resident
