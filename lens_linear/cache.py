@@ -33,7 +33,7 @@ from lens_linear._validation import (LinearizationError, check_dtype, hook_name,
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
-                                               block_outputs, linears_skipped, output_hook,
+                                               block_outputs, linears_skipped, output_hook, probes_whole,
                                                seeded_randn)
 from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, components_without_sites, layer_of
@@ -367,21 +367,25 @@ class LinearCache:
 
         Cheap by design, a few forwards instead of a full Jacobian's ``d_out`` backward rows:
 
-        * every site reaches the output: one forward and one backward on the last few
-          positions (:meth:`OperatingPoint.ignored_sites`);
-        * the whole reconstruction, every output dimension at every position, from one replay
-          in forward mode (:meth:`directional_error`, about two forwards, no graph kept):
-          ``J⁺x* + F(0)`` against the recorded ``y``. Deterministic: no projection, no
-          probability of escape. ``F(0)`` costs one more replay only for a model with biases
-          or user hooks (without them the frozen map has no constant). Where an operation has
-          no forward-mode rule, ``n_projections`` random projections are checked instead
-          (:meth:`projected_reconstruction_error`). Where the full Jacobian is already
-          computed, it is used.
+        * every site reaches the output: one replay at ``x*`` and one backward, with respect to
+          a factor on every site (:meth:`OperatingPoint.probe`), on the last few positions;
+        * the reconstruction ``J⁺x* + F(0)`` against the recorded ``y``, every output dimension at
+          every position. On a short prompt (:func:`~lens_linear.hooks.operating_point.probes_whole`)
+          the same probe replays the whole prompt, and its backward of ``n_projections`` random
+          projections (with respect to the input too) checks the reconstruction for no further
+          forward: a wrong reconstruction passes with probability 0. Otherwise from ``J⁺x*``,
+          carried by the recording in forward mode (:meth:`directional_error`): deterministic,
+          no projection. ``F(0)`` costs one more replay only for a model with biases or user
+          hooks (without them the frozen map has no constant). Where an operation has no
+          forward-mode rule, random projections are checked instead
+          (:meth:`projected_reconstruction_error`). Where the full Jacobian is already computed,
+          it is used.
         * a half-precision model's frozen map is also replayed in float32 for affinity
           (4 forwards), where rounding cannot hide a small nonlinearity.
         """
         hook, pos = self._resolve(hook, pos)
-        ignored = self.point.ignored_sites()
+        target = None if self._upcast else self._recorded[self.output][0]  # upcast: F(x*) in the point's dtype
+        ignored, probed = self.point.probe(target if hook == self.output else None, n_projections)
         if ignored:
             layer = self.point.sites[[s.name for s in self.point.sites].index(ignored[0])].layer
             raise LinearizationError(
@@ -401,6 +405,8 @@ class LinearCache:
                     f"without a freezing rule.", layer=layer, error=layer_err)
         if self.is_computed(hook, pos=pos):
             err = self.reconstruction_error(hook, pos=pos)
+        elif probed is not None:
+            err = probed
         else:
             try:
                 err = self.directional_error(hook, pos=pos)
@@ -615,9 +621,10 @@ def run_with_linear_cache(
     tokens = to_tokens(model, input, prepend_bos)
     pos = normalize_position(pos, tokens.shape[-1])
     keep = _with_output(names_filter, output_hook(model))
+    carried = check and not probes_whole(tokens.shape[-1], fwd_hooks)  # else the check's probe covers it
     with analysis_mode(model):
         point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep,
-                                                           tangent_at=output_hook(model) if check else None,
+                                                           tangent_at=output_hook(model) if carried else None,
                                                            store_patterns=store_patterns)
     if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
         point = point.in_dtype(dtype)
