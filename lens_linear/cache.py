@@ -33,13 +33,13 @@ from lens_linear._validation import (LinearizationError, check_dtype, hook_name,
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
-                                               block_outputs, linears_skipped, output_hook, probes_whole,
+                                               block_outputs, checks_whole_prompt, linears_skipped, output_hook,
                                                seeded_randn)
 from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, components_without_sites, layer_of
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
-from lens_linear.memory import chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, default_memory, sequence_bytes
 from lens_linear.tokens import to_tokens, token_strings
 
 
@@ -88,6 +88,7 @@ class LinearCache:
         self.max_memory = max_memory
         self.progress = progress
         self._jacobians: dict[tuple[str, int, bool, str], torch.Tensor] = {}
+        self._check_graph: tuple[torch.Tensor, torch.Tensor] | None = None  # see check(): used by one Jacobian
         self._upcast = point.x_star.dtype != logits.dtype  # computing a half model's frozen map wider
 
     # ---- basic facts -------------------------------------------------------------------
@@ -166,12 +167,16 @@ class LinearCache:
         if key not in self._jacobians:
             x = (self.x if input_hook == INPUT_HOOK else self.point.activations[input_hook][0]).detach().clone()
             x.requires_grad_(True)
+            graph = self._check_graph if detached and hook == self.output and input_hook == INPUT_HOOK else None
             with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
-                if detached:
-                    y = self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook]
+                if graph is not None:  # the check's whole-prompt replay at x*: its forward is already done
+                    self._check_graph = None
+                    y, x = graph[0][pos], graph[1]
+                elif detached:
+                    y = self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook][0]
                 else:
-                    y = self._ordinary(x, hook, pos, input_hook)
-                y = y[0].reshape(-1)
+                    y = self._ordinary(x, hook, pos, input_hook)[0]
+                y = y.reshape(-1)
                 chunk = chunk_size(y.numel(), self._row_bytes(), self.max_memory, device=x.device)
                 self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
         return self._jacobians[key]
@@ -368,12 +373,15 @@ class LinearCache:
         Cheap by design, a few forwards instead of a full Jacobian's ``d_out`` backward rows:
 
         * every site reaches the output: one replay at ``x*`` and one backward, with respect to
-          a factor on every site (:meth:`OperatingPoint.probe`), on the last few positions;
+          a factor on every site (:meth:`OperatingPoint.check_sites`), on the last few positions;
         * the reconstruction ``J⁺x* + F(0)`` against the recorded ``y``, every output dimension at
-          every position. On a short prompt (:func:`~lens_linear.hooks.operating_point.probes_whole`)
-          the same probe replays the whole prompt, and its backward of ``n_projections`` random
-          projections (with respect to the input too) checks the reconstruction for no further
-          forward: a wrong reconstruction passes with probability 0. Otherwise from ``J⁺x*``,
+          every position. On a short prompt
+          (:func:`~lens_linear.hooks.operating_point.checks_whole_prompt`) that replay covers the
+          whole prompt, and its backward of ``n_projections`` random projections (with respect to
+          the input too) checks the reconstruction for no further forward: a wrong reconstruction
+          passes with probability 0. Its graph, where it takes at most ``max_memory`` bytes, is
+          kept for the first Jacobian of the output, which then needs no forward of its own.
+          Otherwise from ``J⁺x*``,
           carried by the recording in forward mode (:meth:`directional_error`): deterministic,
           no projection. ``F(0)`` costs one more replay only for a model with biases or user
           hooks (without them the frozen map has no constant). Where an operation has no
@@ -385,7 +393,10 @@ class LinearCache:
         """
         hook, pos = self._resolve(hook, pos)
         target = None if self._upcast else self._recorded[self.output][0]  # upcast: F(x*) in the point's dtype
-        ignored, probed = self.point.probe(target if hook == self.output else None, n_projections)
+        keep = not self._upcast and not self.is_computed() and self.model.cfg.n_layers * self._row_bytes() <= \
+            (self.max_memory or default_memory(self.x.device))  # a small graph, for the first Jacobian
+        sites = self.point.check_sites(target if hook == self.output else None, n_projections, keep_graph=keep)
+        ignored, self._check_graph = sites.ignored, sites.graph
         if ignored:
             layer = self.point.sites[[s.name for s in self.point.sites].index(ignored[0])].layer
             raise LinearizationError(
@@ -405,8 +416,8 @@ class LinearCache:
                     f"without a freezing rule.", layer=layer, error=layer_err)
         if self.is_computed(hook, pos=pos):
             err = self.reconstruction_error(hook, pos=pos)
-        elif probed is not None:
-            err = probed
+        elif sites.error is not None:
+            err = sites.error
         else:
             try:
                 err = self.directional_error(hook, pos=pos)
@@ -621,7 +632,7 @@ def run_with_linear_cache(
     tokens = to_tokens(model, input, prepend_bos)
     pos = normalize_position(pos, tokens.shape[-1])
     keep = _with_output(names_filter, output_hook(model))
-    carried = check and not probes_whole(tokens.shape[-1], fwd_hooks)  # else the check's probe covers it
+    carried = check and not checks_whole_prompt(tokens.shape[-1], fwd_hooks)  # else the site check covers it
     with analysis_mode(model):
         point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep,
                                                            tangent_at=output_hook(model) if carried else None,

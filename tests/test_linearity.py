@@ -153,26 +153,26 @@ def test_model_is_returned_as_it_was(tiny):
 @pytest.mark.parametrize("kind", ["attn", "norm", "gate", "ratio"])
 def test_cheap_check_catches_a_site_left_out(tiny, kind, whole, monkeypatch):
     """A deliberately wrong frozen map (one site left live) is refused by both routes of the
-    check (a short prompt's whole-prompt probe, a long one's forward-mode replay), and the
+    check (a short prompt's whole-prompt site check, a long one's forward-mode replay), and the
     projected errors track the full reconstruction error within a factor of 5."""
-    monkeypatch.setattr(operating_point, "WHOLE_PROBE_POSITIONS", 1 << 20 if whole else 0)
+    monkeypatch.setattr(operating_point, "WHOLE_CHECK_POSITIONS", 1 << 20 if whole else 0)
     lc = ll.run_with_linear_cache(tiny, PROMPT, check=False)
     sites = [s for s in lc.point.sites if s.kind == kind and s.layer == 0]
     if not sites:
         pytest.skip(f"no {kind} site in block 0")
     y = lc.activations[lc.output][0]
-    exact, probed_exact = lc.projected_reconstruction_error(), lc.point.probe(y)[1]
+    exact, probed_exact = lc.projected_reconstruction_error(), lc.point.check_sites(y).error
     lc.point.sites = [s for s in lc.point.sites if s != sites[0]]  # that coefficient now runs live
     with pytest.raises(ll.LinearizationError, match="does not reconstruct"):
         lc.check()
     wrong, full = lc.projected_reconstruction_error(), lc.reconstruction_error()
     assert full / 5 <= wrong <= 5 * full and full > 1e3 * max(exact, 1e-9)
     assert lc.directional_error() == pytest.approx(full, rel=1e-3)  # forward mode: the error itself
-    if whole:  # the probe checks every position: at least as large as the last position's error
-        probed = lc.point.probe(y)[1]
+    if whole:  # the site check covers every position: at least as large as the last position's error
+        probed = lc.point.check_sites(y).error
         assert probed >= full / 5 and probed > 1e3 * max(probed_exact, 1e-9) and probed_exact <= 1e-5
     else:
-        assert lc.point.probe(y)[1] is None
+        assert lc.point.check_sites(y).error is None
     assert not hooks_left(tiny)
 
 
@@ -180,7 +180,7 @@ def test_directional_check_is_the_reconstruction(tiny, monkeypatch):
     """``J⁺x*`` carried by the recording (forward mode, as on a long prompt), from a
     forward-mode replay, and from the full Jacobian agree; the check is the full
     reconstruction error, not an estimate."""
-    monkeypatch.setattr(operating_point, "WHOLE_PROBE_POSITIONS", 0)
+    monkeypatch.setattr(operating_point, "WHOLE_CHECK_POSITIONS", 0)
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     assert lc.output in lc.point.tangents
     carried = lc.point.directional(lc.output, pos=lc.pos)
@@ -193,12 +193,20 @@ def test_directional_check_is_the_reconstruction(tiny, monkeypatch):
 
 
 def test_short_prompt_check_needs_no_tangent(tiny):
-    """On a short prompt the recording runs without forward mode: the check's probe replays
-    the whole prompt and checks the reconstruction from its backward."""
+    """On a short prompt the recording runs without forward mode: the site check replays the
+    whole prompt and checks the reconstruction from its backward."""
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     assert not lc.point.tangents
-    ignored, probed = lc.point.probe(lc.activations[lc.output][0])
-    assert ignored == [] and probed <= 1e-5
+    sites = lc.point.check_sites(lc.activations[lc.output][0])
+    assert sites.ignored == [] and sites.error <= 1e-5
+    calls, replay = [], lc.point.replay
+    lc.point.replay = lambda *args, **kwargs: calls.append(args) or replay(*args, **kwargs)
+    jac = lc.jacobian()  # from the check's kept replay graph: no forward of its own
+    assert calls == []
+    reference = ll.run_with_linear_cache(tiny, PROMPT, check=False).jacobian()
+    assert (jac - reference).abs().max() <= 1e-5 * reference.abs().max()
+    lc.jacobian(pos=0)  # the graph serves one Jacobian: another one replays
+    assert len(calls) == 1
 
 
 def test_projected_error_estimates_the_full_one(tiny):

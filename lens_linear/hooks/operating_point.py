@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Sequence
 
@@ -29,15 +30,15 @@ from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slop
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 PATTERN_BUDGET = 256 << 20  # bytes of attention patterns stored whole; beyond, queries and keys
 SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
-WHOLE_PROBE_POSITIONS = 64  # up to this length the probe replays the whole prompt and also checks the
-# reconstruction; beyond, the recording carries J⁺x* in forward mode (SmolLM2, 2 CPU cores: the probe's
+WHOLE_CHECK_POSITIONS = 64  # up to this length the site check replays the whole prompt and also checks the
+# reconstruction; beyond, the recording carries J⁺x* in forward mode (SmolLM2, 2 CPU cores: its
 # extra cost 0.1–1.0 s against 0.8–1.3 s for the tangents from 8 to 64 tokens; forward mode wins from ~100)
 
 
-def probes_whole(n_pos: int, fwd_hooks: Sequence[Any] = ()) -> bool:
-    """Whether :meth:`OperatingPoint.probe` replays the whole prompt (short prompts, or user hooks,
-    which may index absolute positions), so that it can also check the reconstruction."""
-    return bool(fwd_hooks) or n_pos <= WHOLE_PROBE_POSITIONS
+def checks_whole_prompt(n_pos: int, fwd_hooks: Sequence[Any] = ()) -> bool:
+    """Whether :meth:`OperatingPoint.check_sites` replays the whole prompt (short prompts, or user
+    hooks, which may index absolute positions), so that it can also check the reconstruction."""
+    return bool(fwd_hooks) or n_pos <= WHOLE_CHECK_POSITIONS
 
 
 def output_hook(model: Any) -> str:
@@ -273,11 +274,11 @@ class OperatingPoint:
         return computing_in(self.model, self.x_star.dtype)
 
     def ignored_sites(self) -> list[str]:
-        """Sites whose frozen value never reaches the output (see :meth:`probe`)."""
-        return self.probe()[0]
+        """Sites whose frozen value never reaches the output (see :meth:`check_sites`)."""
+        return self.check_sites().ignored
 
-    def probe(self, target: Float[torch.Tensor, "pos d_out"] | None = None,
-              n_projections: int = 8) -> tuple[list[str], float | None]:
+    def check_sites(self, target: Float[torch.Tensor, "pos d_out"] | None = None, n_projections: int = 8,
+                    keep_graph: bool = False) -> "SiteCheck":
         """Which sites never reach the output and, on a short prompt, how far ``J⁺x* + F(0)`` is
         from ``target`` (the output hook's value at every position), from one replay.
 
@@ -288,7 +289,8 @@ class OperatingPoint:
         gradient path (``None``), while every site that reaches the output gets a nonzero
         derivative with probability 1. Which sites reach the output does not depend on the
         prompt's length, so this replays the last few positions only, unless
-        :func:`probes_whole` (a short prompt, or user hooks, which may index absolute positions).
+        :func:`checks_whole_prompt` (a short prompt, or user hooks, which may index absolute
+        positions).
 
         Reconstruction (given ``target``, on a whole-prompt replay; else ``None``): the same
         backward, with the input requiring grad, gives ``Uᵀ J⁺`` for ``n_projections`` centred
@@ -297,34 +299,36 @@ class OperatingPoint:
         tenth of its size with probability about 1e-8 for 8 projections (a χ² with 8 degrees of
         freedom). Cost: one forward and one backward of ``n_projections`` batched rows, plus one
         replay at zero where the map may add a constant (:meth:`may_add_constant`).
+        ``keep_graph``: return that whole-prompt replay's graph, for a Jacobian to reuse.
         """
         out_name = output_hook(self.model)
         checked = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]
         fired = {**self.values, **self.frozen_attention}
         ignored = [s.name for s in checked if s.name not in fired]  # never fired at all
-        whole = target is not None and probes_whole(len(self.x_star), self.fwd_hooks)
+        whole = target is not None and checks_whole_prompt(len(self.x_star), self.fwd_hooks)
         start = 0 if whole or self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
         factors = {s.name: torch.ones((), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True)
                    for s in checked if s.name in fired}
-        x = self.x_star[start:][None].clone().requires_grad_(whole)
+        x = self.x_star[start:].clone().requires_grad_(whole)  # [pos, d_in]: replay adds the batch
         inputs = list(factors.values()) + ([x] if whole else [])
         with analysis_mode(self.model), torch.enable_grad():
             y = self.replay(x, [out_name], start_pos=start, factors=factors)[out_name]
             if not y.requires_grad:
-                return ignored + list(factors), None
+                return SiteCheck(ignored + list(factors))
             u = seeded_randn((n_projections if whole else 1, *y.shape), y, seed=1)
             u = u - u.flatten(1).mean(1).reshape(-1, *[1] * y.ndim)  # centred, as relative_error's std()
-            grads = _batched_grad(y, inputs, u)
+            grads = _batched_grad(y, inputs, u, retain_graph=whole and keep_graph)
         ignored += [name for name, g in zip(factors, grads) if g is None or not bool(g.ne(0).any())]
         if not whole:
-            return ignored, None
-        pulled = torch.zeros_like(u) if grads[-1] is None else grads[-1]  # Uᵀ J⁺: [k, 1, pos, d_in]
+            return SiteCheck(ignored)
+        pulled = torch.zeros_like(u) if grads[-1] is None else grads[-1]  # Uᵀ J⁺: [k, pos, d_in]
         wide = u.double().flatten(1)
         reconstructed = pulled.double().flatten(1) @ self.x_star.double().reshape(-1)
         if self.may_add_constant():
             reconstructed += wide @ self.bias_term(out_name).double().reshape(-1)
         expected = wide @ (y.detach() if target is None else target).double().reshape(-1)
-        return ignored, float((reconstructed - expected).norm() / expected.norm().clamp_min(1e-300))
+        error = float((reconstructed - expected).norm() / expected.norm().clamp_min(1e-300))
+        return SiteCheck(ignored, error, (y[0], x) if keep_graph else None)
 
     def hooks(self, mode: str = "replay") -> list[Hook]:
         """The user's hooks plus the freezing hooks (``record`` re-detaches, ``replay`` substitutes)."""
@@ -497,12 +501,24 @@ class OperatingPoint:
         return None, None
 
 
-def _batched_grad(y: torch.Tensor, inputs: list[torch.Tensor],
-                  u: torch.Tensor) -> list[torch.Tensor | None]:
+@dataclass(frozen=True)
+class SiteCheck:
+    """What :meth:`OperatingPoint.check_sites` found: the sites whose value never reaches the
+    output; on a whole-prompt replay, the projected reconstruction error and (asked for) the
+    replay's graph, the output at every position and the input leaf it was computed from."""
+
+    ignored: list[str]
+    error: float | None = None
+    graph: tuple[Float[torch.Tensor, "pos d_out"], Float[torch.Tensor, "pos d_in"]] | None = None
+
+
+def _batched_grad(y: torch.Tensor, inputs: list[torch.Tensor], u: torch.Tensor,
+                  retain_graph: bool = False) -> list[torch.Tensor | None]:
     """``uₖᵀ ∂y/∂input`` for every row ``k`` of ``u`` and every input (``None``: no path), as one
     batched backward, or one backward per row where an op in the graph has no batching rule."""
     try:
-        return list(torch.autograd.grad(y, inputs, grad_outputs=u, is_grads_batched=True, allow_unused=True))
+        return list(torch.autograd.grad(y, inputs, grad_outputs=u, retain_graph=True if retain_graph else None,
+                                        is_grads_batched=True, allow_unused=True))
     except RuntimeError:
         rows = [torch.autograd.grad(y, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in u]
         return [None if any(g is None for g in column) else torch.stack(column) for column in map(list, zip(*rows))]
