@@ -214,3 +214,30 @@ def test_projected_error_estimates_the_full_one(tiny):
     estimate, full = lc.projected_reconstruction_error(), lc.reconstruction_error()
     assert estimate <= 1e-5 and full <= 1e-5
     assert lc.check() == full  # with the full Jacobian computed, the check reads it
+
+
+def test_constant_operand_tangents_match_torch_forward_mode():
+    """Inside ``constant_operand_tangents`` each product with one dual operand gives the values
+    and tangents of PyTorch's own forward-mode rule (float64: equal to rounding), from one
+    product per tangent; products of two dual operands fall back to PyTorch's rule."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+    from lens_linear.hooks.tangents import constant_operand_tangents
+
+    gen = torch.Generator().manual_seed(0)
+    a, t = (torch.randn(2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    w, b = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
+    cases = {"linear": lambda x: F.linear(x, w, b), "linear kw": lambda x: F.linear(x, w, bias=b),
+             "matmul": lambda x: x @ w.T, "matmul left": lambda x: w @ x.transpose(1, 2),
+             "einsum": lambda x: torch.einsum("bpd,od->bpo", x, w), "bmm": lambda x: torch.bmm(x, x.transpose(1, 2)),
+             "mm": lambda x: torch.mm(x[0], w.T)}
+    with torch.no_grad(), fwAD.dual_level():
+        x = fwAD.make_dual(a, t)
+        for name, fn in cases.items():
+            expected = fwAD.unpack_dual(fn(x))
+            with constant_operand_tangents():
+                got = fwAD.unpack_dual(fn(x))
+            assert (got.primal - expected.primal).abs().max() <= 1e-12, name
+            assert (got.tangent - expected.tangent).abs().max() <= 1e-12, name
+        with constant_operand_tangents():
+            assert fwAD.unpack_dual(F.linear(a, w, b)).tangent is None  # nothing dual: untouched

@@ -26,13 +26,15 @@ from lens_linear.hooks.inside import fit_to, moe_hooks, scan_hooks
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
+from lens_linear.hooks.tangents import constant_operand_tangents
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 PATTERN_BUDGET = 256 << 20  # bytes of attention patterns stored whole; beyond, queries and keys
 SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
 WHOLE_CHECK_POSITIONS = 64  # up to this length the site check replays the whole prompt and also checks the
-# reconstruction; beyond, the recording carries J⁺x* in forward mode (SmolLM2, 2 CPU cores: its
-# extra cost 0.1–1.0 s against 0.8–1.3 s for the tangents from 8 to 64 tokens; forward mode wins from ~100)
+# reconstruction; beyond, the recording carries J⁺x* in forward mode. SmolLM2, 2 CPU cores, seconds at 8 / 32 /
+# 64 / 128 tokens: whole-prompt check 0.51 / 0.70 / 1.28 / 2.44, against tangents + suffix check 0.85 / 0.82 /
+# 1.11 / 1.31; the whole-prompt check's graph then saves the first Jacobian's forward (~0.5 s at 64 tokens)
 
 
 def checks_whole_prompt(n_pos: int, fwd_hooks: Sequence[Any] = ()) -> bool:
@@ -231,6 +233,7 @@ class OperatingPoint:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if tangent_at is not None:
                     stack.enter_context(fwAD.dual_level())
+                    stack.enter_context(constant_operand_tangents())
                 stack.enter_context(hooks_on(model, list(fwd_hooks) +
                                              site_hooks(model, sites, values, "record", frozen=frozen) + extra))
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
@@ -427,7 +430,7 @@ class OperatingPoint:
         ``NotImplementedError`` where an operation has no forward-mode rule."""
         tangent = self.tangents.get(hook)
         if tangent is None or tangent.dtype != self.x_star.dtype:  # none, or a point cast wider
-            with torch.no_grad(), fwAD.dual_level():
+            with torch.no_grad(), fwAD.dual_level(), constant_operand_tangents():
                 x = fwAD.make_dual(self.x_star[None], self.x_star[None])
                 value = self.replay(x, [hook])[hook][0]
                 tangent = fwAD.unpack_dual(value).tangent
