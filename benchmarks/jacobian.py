@@ -10,10 +10,10 @@ forward, then batched backward passes (``is_grads_batched``) in chunks sized to 
 bound. Verification alone (``lcache.check()``) is also timed against ``lcache.jacobian()``. Peak memory is the largest resident-set growth seen by a
 sampling thread while each method runs (one process, methods run one after another).
 
-Times are medians of ``--repeats`` runs (default 3) up to 32 tokens, single runs beyond (and
-for the unvectorized baseline).
+Times are medians of ``--repeats`` runs (default 5) up to 32 tokens, single runs beyond (and
+for the unvectorized baseline); the methods take turns, run by run.
 
-Usage: python benchmarks/jacobian.py [--lengths 8 16 32 128] [--skip-unvectorized-above 32] [--repeats 3]
+Usage: python benchmarks/jacobian.py [--lengths 8 16 32 128] [--skip-unvectorized-above 32] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -71,18 +71,26 @@ def measure(fn, prepare=None):
     return total if prepare is None else (*total, (end - t1, max(stage_peak[0], rss() - stage_peak[1])))
 
 
-def repeated(fn, repeats: int):
-    """(median seconds, largest peak growth, last result) of ``repeats`` runs of :func:`measure`:
-    single runs of a few seconds vary by ±10% on a loaded 2-core machine."""
-    runs = [measure(fn) for _ in range(repeats)]
-    return sorted(t for t, _, _ in runs)[len(runs) // 2], max(m for _, m, _ in runs), runs[-1][2]
+def interleaved(methods: dict, repeats: dict) -> dict:
+    """``{name: (median seconds, largest peak growth, last result)}`` of ``repeats[name]`` runs of
+    each method, taken in turn (ours, theirs, ours, ...): single runs of a few seconds vary by
+    ±10% on a loaded 2-core machine, and drift would favour whichever ran in the quieter spell."""
+    runs: dict = {name: [] for name in methods}
+    for round_ in range(max(repeats.values())):
+        for name, fn in methods.items():
+            if round_ < repeats[name]:
+                runs[name].append(measure(fn))
+                if round_ < repeats[name] - 1:
+                    runs[name][-1] = runs[name][-1][:2] + (None,)  # keep only the last result alive
+    return {name: (sorted(t for t, _, _ in r)[len(r) // 2], max(m for _, m, _ in r), r[-1][2])
+            for name, r in runs.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 128])
     parser.add_argument("--skip-unvectorized-above", type=int, default=1 << 30)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per method up to 32 tokens (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per method up to 32 tokens (median)")
     args = parser.parse_args()
     model = ll.load_model()
     all_tokens = model.to_tokens(TEXT)
@@ -103,15 +111,16 @@ def main() -> None:
 
         x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
         repeats = args.repeats if n <= 32 else 1
-        t_ours, m_ours, j_ours = repeated(ours, repeats)
+        methods = {"lens_linear": ours,
+                   "autograd vectorize=True": lambda: torch.autograd.functional.jacobian(frozen, x, vectorize=True)}
+        if n <= args.skip_unvectorized_above:
+            methods["autograd vectorize=False"] = lambda: torch.autograd.functional.jacobian(frozen, x)
+        results = interleaved(methods, {name: 1 if "False" in name else repeats for name in methods})
+        t_ours, m_ours, j_ours = results.pop("lens_linear")
         rows = [("lens_linear", t_ours, m_ours, 0.0)]
-        for name, vec in (("autograd vectorize=True", True), ("autograd vectorize=False", False)):
-            if not vec and n > args.skip_unvectorized_above:
-                continue
-            t, m, j = repeated(lambda: torch.autograd.functional.jacobian(frozen, x, vectorize=vec),
-                               repeats if vec else 1)
+        for name, (t, m, j) in results.items():
             rows.append((name, t, m, float((j.transpose(0, 1) - j_ours).abs().max())))
-            del j
+        del results
         for name, t, m, diff in rows:
             print(f"{n:>6} {name:<24} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {m / m_ours:10.2f} {diff:9.1e}")
         del j_ours
