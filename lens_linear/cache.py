@@ -381,9 +381,8 @@ class LinearCache:
           the input too) checks the reconstruction for no further forward: a wrong reconstruction
           passes with probability 0. Its graph, where it takes at most ``max_memory`` bytes, is
           kept for the first Jacobian of the output, which then needs no forward of its own.
-          Otherwise from ``J⁺x*``,
-          carried by the recording in forward mode (:meth:`directional_error`): deterministic,
-          no projection. ``F(0)`` costs one more replay only for a model with biases or user
+          Otherwise from ``J⁺x*``, carried by the recording in forward mode
+          (:meth:`directional_error`): deterministic, no projection. ``F(0)`` costs one more replay only for a model with biases or user
           hooks (without them the frozen map has no constant). Where an operation has no
           forward-mode rule, random projections are checked instead
           (:meth:`projected_reconstruction_error`). Where the full Jacobian is already computed,
@@ -396,7 +395,7 @@ class LinearCache:
         keep = not self._upcast and not self.is_computed() and self.model.cfg.n_layers * self._row_bytes() <= \
             (self.max_memory or default_memory(self.x.device))  # a small graph, for the first Jacobian
         sites = self.point.check_sites(target if hook == self.output else None, n_projections, keep_graph=keep)
-        ignored, self._check_graph = sites.ignored, sites.graph
+        ignored = sites.ignored
         if ignored:
             layer = self.point.sites[[s.name for s in self.point.sites].index(ignored[0])].layer
             raise LinearizationError(
@@ -435,6 +434,7 @@ class LinearCache:
             raise LinearizationError(
                 f"the detached Jacobian does not reconstruct {hook} (relative error {err:.2e} > {tol:.0e}): "
                 f"{where}. A nonlinearity is not frozen there: {suspects}.", layer=layer, error=err)
+        self._check_graph = sites.graph  # kept only once the map it holds is verified
         return err
 
     def directional_error(self, hook: HookKey | None = None, *, pos: int | None = None) -> float:
