@@ -33,8 +33,8 @@ from lens_linear._validation import (LinearizationError, check_dtype, hook_name,
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
 from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
-                                               block_outputs, checks_whole_prompt, linears_skipped, output_hook,
-                                               seeded_randn)
+                                               block_outputs, centred_projections, checks_whole_prompt, linears_skipped,
+                                               output_hook, projected_error, seeded_randn)
 from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, components_without_sites, layer_of
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
@@ -165,17 +165,17 @@ class LinearCache:
         input_hook = INPUT_HOOK if input_hook is None else hook_name(self.model, input_hook)
         key = (hook, pos, detached, input_hook)
         if key not in self._jacobians:
-            x = (self.x if input_hook == INPUT_HOOK else self.point.activations[input_hook][0]).detach().clone()
-            x.requires_grad_(True)
-            graph = self._check_graph if detached and hook == self.output and input_hook == INPUT_HOOK else None
+            graph = None
+            if detached and hook == self.output and input_hook == INPUT_HOOK:
+                graph, self._check_graph = self._check_graph, None  # the check's graph serves one Jacobian
             with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
                 if graph is not None:  # the check's whole-prompt replay at x*: its forward is already done
-                    self._check_graph = None
                     y, x = graph[0][pos], graph[1]
-                elif detached:
-                    y = self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook][0]
                 else:
-                    y = self._ordinary(x, hook, pos, input_hook)[0]
+                    x = (self.x if input_hook == INPUT_HOOK else self.point.activations[input_hook][0]).detach()
+                    x = x.clone().requires_grad_(True)
+                    y = (self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook] if detached
+                         else self._ordinary(x, hook, pos, input_hook))[0]
                 y = y.reshape(-1)
                 chunk = chunk_size(y.numel(), self._row_bytes(), self.max_memory, device=x.device)
                 self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
@@ -453,21 +453,20 @@ class LinearCache:
                                        n_projections: int = N_PROJECTIONS, seed: int = 0) -> float:
         """:meth:`reconstruction_error` seen through ``n_projections`` random directions:
         ``‖U(Σ_i J_i x_i + c − y)‖ / ‖U y‖`` with centred Gaussian rows ``U``, from one batched
-        backward of ``U`` (``n_projections`` VJPs) and one replay for ``c``; dot products
+        backward of ``U`` (``n_projections`` VJPs) and, where the map may add a constant, one
+        replay for ``c``; dot products
         accumulated in float64. Without the full Jacobian (see :meth:`check`)."""
         hook, pos = self._resolve(hook, pos)
-        y = self.activation(hook, pos=pos).double()
-        u = seeded_randn((n_projections, y.numel()), y, seed)
-        u = u - u.mean(-1, keepdim=True)  # centred: projections of y − mean(y), as std() measures
+        y = self.activation(hook, pos=pos)
+        u = centred_projections(n_projections, y.shape, y.double(), seed)
         x = self.x.detach().clone().requires_grad_(True)
         with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
             out = self.point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
             chunk = chunk_size(n_projections, self._row_bytes(), self.max_memory, device=x.device)
             pulled = batched_vjp_jacobian(out, x, chunk, cotangents=u)  # [pos_in, n_projections, d_in]
-        bias = self.bias_term(hook, pos=pos).reshape(-1).double()
-        reconstructed = torch.einsum("pkd,pd->k", pulled.double(), self.x.double()) + u @ bias
-        target = u @ y
-        return float((reconstructed - target).norm() / target.norm().clamp_min(1e-300))
+        pulled_x = torch.einsum("pkd,pd->k", pulled.double(), self.x.double())
+        constant = self.bias_term(hook, pos=pos) if self.point.may_add_constant() else None
+        return projected_error(u, pulled_x, constant, y)
 
     # ---- SVD, decoding, dimensionality ------------------------------------------------
     def svd(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all",

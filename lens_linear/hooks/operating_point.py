@@ -26,7 +26,7 @@ from lens_linear.hooks.inside import fit_to, moe_hooks, scan_hooks
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
-from lens_linear.hooks.tangents import constant_operand_tangents
+from lens_linear.hooks.tangents import forward_mode
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 PATTERN_BUDGET = 256 << 20  # bytes of attention patterns stored whole; beyond, queries and keys
@@ -232,8 +232,7 @@ class OperatingPoint:
         try:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if tangent_at is not None:
-                    stack.enter_context(fwAD.dual_level())
-                    stack.enter_context(constant_operand_tangents())
+                    stack.enter_context(forward_mode())
                 stack.enter_context(hooks_on(model, list(fwd_hooks) +
                                              site_hooks(model, sites, values, "record", frozen=frozen) + extra))
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
@@ -318,20 +317,15 @@ class OperatingPoint:
             y = self.replay(x, [out_name], start_pos=start, factors=factors)[out_name]
             if not y.requires_grad:
                 return SiteCheck(ignored + list(factors))
-            u = seeded_randn((n_projections if whole else 1, *y.shape), y, seed=1)
-            u = u - u.flatten(1).mean(1).reshape(-1, *[1] * y.ndim)  # centred, as relative_error's std()
+            u = centred_projections(n_projections if whole else 1, y.shape, y, seed=1)
             grads = _batched_grad(y, inputs, u, retain_graph=whole and keep_graph)
         ignored += [name for name, g in zip(factors, grads) if g is None or not bool(g.ne(0).any())]
         if not whole:
             return SiteCheck(ignored)
         pulled = torch.zeros_like(u) if grads[-1] is None else grads[-1]  # Uᵀ J⁺: [k, pos, d_in]
-        wide = u.double().flatten(1)
-        reconstructed = pulled.double().flatten(1) @ self.x_star.double().reshape(-1)
-        if self.may_add_constant():
-            reconstructed += wide @ self.bias_term(out_name).double().reshape(-1)
-        expected = wide @ (y.detach() if target is None else target).double().reshape(-1)
-        error = float((reconstructed - expected).norm() / expected.norm().clamp_min(1e-300))
-        return SiteCheck(ignored, error, (y[0], x) if keep_graph else None)
+        pulled_x = pulled.double().flatten(1) @ self.x_star.double().reshape(-1)
+        constant = self.bias_term(out_name) if self.may_add_constant() else None
+        return SiteCheck(ignored, projected_error(u, pulled_x, constant, target), (y[0], x) if keep_graph else None)
 
     def hooks(self, mode: str = "replay") -> list[Hook]:
         """The user's hooks plus the freezing hooks (``record`` re-detaches, ``replay`` substitutes)."""
@@ -430,7 +424,7 @@ class OperatingPoint:
         ``NotImplementedError`` where an operation has no forward-mode rule."""
         tangent = self.tangents.get(hook)
         if tangent is None or tangent.dtype != self.x_star.dtype:  # none, or a point cast wider
-            with torch.no_grad(), fwAD.dual_level(), constant_operand_tangents():
+            with torch.no_grad(), forward_mode():
                 x = fwAD.make_dual(self.x_star[None], self.x_star[None])
                 value = self.replay(x, [hook])[hook][0]
                 tangent = fwAD.unpack_dual(value).tangent
@@ -525,6 +519,23 @@ def _batched_grad(y: torch.Tensor, inputs: list[torch.Tensor], u: torch.Tensor,
     except RuntimeError:
         rows = [torch.autograd.grad(y, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in u]
         return [None if any(g is None for g in column) else torch.stack(column) for column in map(list, zip(*rows))]
+
+
+def centred_projections(n: int, shape: Sequence[int], like: torch.Tensor, seed: int) -> torch.Tensor:
+    """``n`` seeded Gaussian rows of ``shape``, each centred: ``u · t`` then projects
+    ``t − mean(t)``, as the relative error's ``std()`` measures."""
+    u = seeded_randn((n, *shape), like, seed)
+    return u - u.flatten(1).mean(1).reshape(-1, *[1] * len(shape))
+
+
+def projected_error(u: torch.Tensor, pulled_x: Float[torch.Tensor, "rows"], constant: torch.Tensor | None,
+                    target: torch.Tensor) -> float:
+    """``‖U(J⁺x + c − t)‖ / ‖U t‖`` from ``pulled_x = (Uᵀ J⁺) · x`` (one value per row of ``U``),
+    the constant ``c`` (``None``: none) and the target ``t``, in float64."""
+    rows = u.double().flatten(1)
+    reconstructed = pulled_x.double() + (0 if constant is None else rows @ constant.double().reshape(-1))
+    expected = rows @ target.double().reshape(-1)
+    return float((reconstructed - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
 def patterns_fit(model: Any, n_pos: int, batch: int = 1) -> bool:

@@ -66,3 +66,11 @@ def constant_operand_tangents() -> Iterator[None]:
     """Forward mode at the cost of two products per product (see the module docstring)."""
     with _ConstantOperandTangents():
         yield
+
+
+@contextlib.contextmanager
+def forward_mode() -> Iterator[None]:
+    """A forward-mode level with :func:`constant_operand_tangents`: where every forward-mode
+    pass of this project runs (the recording's tangents, :meth:`OperatingPoint.directional`)."""
+    with fwAD.dual_level(), constant_operand_tangents():
+        yield
