@@ -11,7 +11,7 @@ PROMPT     ?= The bridge out of Marin is the
 PYTEST_ARGS ?=
 BIN        := $(VENV)/bin
 
-.PHONY: install analyze test bench gpu-check clean
+.PHONY: install analyze test lint bench gpu-check clean
 
 $(BIN)/lens-linear: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ analyze: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python benchmarks/jacobian.py

@@ -30,14 +30,27 @@ QUICK = "--quick" in sys.argv
 
 
 def smollm2_shaped(dtype: torch.dtype) -> torch.nn.Module:
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = tf.LlamaConfig(
+        vocab_size=128,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hf = tf.AutoModelForCausalLM.from_config(cfg)
     cfg.architectures = [type(hf).__name__]
-    return wrap_bridge(perturb_(hf).to(dtype).eval(), char_tokenizer(), "smollm2-shaped", dtype, DEVICE).eval()
+    return wrap_bridge(
+        perturb_(hf).to(dtype).eval(), char_tokenizer(), "smollm2-shaped", dtype, DEVICE
+    ).eval()
 
 
 def timed(fn):
@@ -49,13 +62,20 @@ def timed(fn):
     out = fn()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0, out
+    return (
+        time.perf_counter() - start,
+        torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
+        out,
+    )
 
 
 def row(name, ours, anchor, anchor_name):
     (t_o, m_o, _), (t_a, m_a, _) = ours, anchor
-    print(f"{name:<34} ours {t_o:7.2f} s {m_o:8.0f} MB | {anchor_name:<34} {t_a:7.2f} s {m_a:8.0f} MB | "
-          f"speed-up {t_a / t_o:6.2f}  memory ratio {m_a / max(m_o, 1):5.2f}", flush=True)
+    print(
+        f"{name:<34} ours {t_o:7.2f} s {m_o:8.0f} MB | {anchor_name:<34} {t_a:7.2f} s {m_a:8.0f} MB | "
+        f"speed-up {t_a / t_o:6.2f}  memory ratio {m_a / max(m_o, 1):5.2f}",
+        flush=True,
+    )
 
 
 def tokens(n: int, seed: int = 0) -> torch.Tensor:
@@ -64,15 +84,24 @@ def tokens(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def main() -> None:
-    print(torch.cuda.get_device_name() if DEVICE.startswith("cuda") else DEVICE, "torch", torch.__version__, flush=True)
+    print(
+        torch.cuda.get_device_name() if DEVICE.startswith("cuda") else DEVICE,
+        "torch",
+        torch.__version__,
+        flush=True,
+    )
     model = smollm2_shaped(torch.float32)
     n = 16 if QUICK else 32
     t = tokens(n)
-    ll.run_with_linear_cache(model, t[:, :4], progress=False).jacobian()  # warm-up (kernels, allocator)
+    ll.run_with_linear_cache(
+        model, t[:, :4], progress=False
+    ).jacobian()  # warm-up (kernels, allocator)
 
     ours = timed(lambda: ll.run_with_linear_cache(model, t, check=False, progress=False).jacobian())
     x = ll.run_with_linear_cache(model, t, check=False, progress=False).x
-    base = timed(lambda: torch.autograd.functional.jacobian(detached_function(model, t), x, vectorize=True))
+    base = timed(
+        lambda: torch.autograd.functional.jacobian(detached_function(model, t), x, vectorize=True)
+    )
     err = float((base[2].transpose(0, 1).reshape(ours[2].shape) - ours[2]).norm() / ours[2].norm())
     row(f"full Jacobian, {n} tokens", ours, base, "autograd.functional (vectorize)")
     print(f"    max rel difference {err:.1e}")
@@ -80,14 +109,29 @@ def main() -> None:
     lc = ll.run_with_linear_cache(model, t, progress=False)
     print(f"    reconstruction error {lc.reconstruction_error():.1e} (float32, CUDA)")
     hooks = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
-    ours = timed(lambda: ll.run_with_linear_cache(model, t, check=False, progress=False).jacobians(hooks))
-    loop = timed(lambda: {h: torch.autograd.functional.jacobian(detached_function(model, t, h), x, vectorize=True)
-                          for h in hooks[:: (6 if QUICK else 1)]})
-    row(f"all {len(hooks)} layers, {n} tokens ({lc.engine(hooks)})", ours, loop,
-        "per-layer vectorize loop" + (" (1/6 of it)" if QUICK else ""))
+    ours = timed(
+        lambda: ll.run_with_linear_cache(model, t, check=False, progress=False).jacobians(hooks)
+    )
+    loop = timed(
+        lambda: {
+            h: torch.autograd.functional.jacobian(detached_function(model, t, h), x, vectorize=True)
+            for h in hooks[:: (6 if QUICK else 1)]
+        }
+    )
+    row(
+        f"all {len(hooks)} layers, {n} tokens ({lc.engine(hooks)})",
+        ours,
+        loop,
+        "per-layer vectorize loop" + (" (1/6 of it)" if QUICK else ""),
+    )
 
-    pairs = prompt_pairs(model, ["abcdefghijklmnopqrstuvwx", "The quick brown fox jumps"],
-                         ["abcdefghijkXmnopqrstuvwx", "The quick brown cat jumps"], ["y", " "], ["z", "o"])
+    pairs = prompt_pairs(
+        model,
+        ["abcdefghijklmnopqrstuvwx", "The quick brown fox jumps"],
+        ["abcdefghijkXmnopqrstuvwx", "The quick brown cat jumps"],
+        ["y", " "],
+        ["z", "o"],
+    )
     ours = timed(lambda: activation_patching(model, pairs, "resid_pre", progress=False))
 
     def naive():
@@ -96,36 +140,51 @@ def main() -> None:
         for layer in range(0, model.cfg.n_layers, 3 if QUICK else 1):
             name = f"blocks.{layer}.hook_resid_pre"
             for p in range(pairs.clean.shape[1]):
+
                 def hook(v, hook, p=p, name=name):
                     v = v.clone()
                     v[:, p] = torch.where(pairs.mask[:, p, None], clean[name][:, p], v[:, p])
                     return v
+
                 with torch.no_grad():
                     out.append(model.run_with_hooks(pairs.corrupted, fwd_hooks=[(name, hook)]))
         return out
 
-    row("patching sweep resid_pre", ours, timed(naive), "one forward per patch" + (" (1/3)" if QUICK else ""))
+    row(
+        "patching sweep resid_pre",
+        ours,
+        timed(naive),
+        "one forward per patch" + (" (1/3)" if QUICK else ""),
+    )
     frozen = activation_patching(model, pairs, "resid_pre", detached=True, progress=False)
     pred = predicted_patching(model, pairs, "resid_pre")
-    print(f"    predicted vs frozen patching: max |Δ| {float((pred.raw - frozen.raw).abs().max()):.1e}")
+    print(
+        f"    predicted vs frozen patching: max |Δ| {float((pred.raw - frozen.raw).abs().max()):.1e}"
+    )
 
-    for length in ([128] if QUICK else [128, 512]):
+    for length in [128] if QUICK else [128, 512]:
         tl = tokens(length, 1)
         rec = lambda: ll.run_with_linear_cache(model, tl, check=False, progress=False)  # noqa: E731
         ours = timed(lambda: rec().svd_matrix_free(n_triplets=3))
 
         def full():
             jac = rec().jacobian()
-            return torch.linalg.svd(jac.permute(1, 0, 2).reshape(jac.shape[1], -1), full_matrices=False)
+            return torch.linalg.svd(
+                jac.permute(1, 0, 2).reshape(jac.shape[1], -1), full_matrices=False
+            )
 
         anchor = timed(full)
         row(f"top-3 SVD, {length} tokens", ours, anchor, "full Jacobian + linalg.svd")
         mf, dense = ours[2], anchor[2]
-        print(f"    S {mf.S.tolist()} vs {dense.S[:3].tolist()}; residuals {mf.residuals.max():.1e}, "
-              f"{mf.products} products, converged {mf.converged}")
+        print(
+            f"    S {mf.S.tolist()} vs {dense.S[:3].tolist()}; residuals {mf.residuals.max():.1e}, "
+            f"{mf.products} products, converged {mf.converged}"
+        )
 
     prompts = [f"prompt number {i} about things" for i in range(16 if QUICK else 64)]
-    ours = timed(lambda: dataset_sensitivity(model, prompts, max_len=16, batch_size=16, progress=False))
+    ours = timed(
+        lambda: dataset_sensitivity(model, prompts, max_len=16, batch_size=16, progress=False)
+    )
     anchor = timed(lambda: [sensitivity(model, p, max_len=16) for p in prompts])
     row(f"sensitivity stats, {len(prompts)}x16", ours, anchor, "one prompt at a time")
 
@@ -147,10 +206,13 @@ def main() -> None:
         mf = lc.svd_matrix_free(n_triplets=3)
         jac = ll.run_with_linear_cache(model, t, progress=False).jacobian()
         s32 = torch.linalg.svdvals(jac.permute(1, 0, 2).reshape(jac.shape[1], -1).double())[:3]
-        print(f"{str(dtype):<15} reconstruction {lc.reconstruction_error():.1e} in {dtype}; model rounding "
-              f"(its output vs the frozen map in float32) {gap:.1e}; tanh hook {refused}; matrix-free S "
-              f"{[round(v, 3) for v in mf.S.tolist()]} (float32 model {[round(v, 3) for v in s32.tolist()]}), "
-              f"residual {mf.residuals.max():.1e}, converged {mf.converged}", flush=True)
+        print(
+            f"{str(dtype):<15} reconstruction {lc.reconstruction_error():.1e} in {dtype}; model rounding "
+            f"(its output vs the frozen map in float32) {gap:.1e}; tanh hook {refused}; matrix-free S "
+            f"{[round(v, 3) for v in mf.S.tolist()]} (float32 model {[round(v, 3) for v in s32.tolist()]}), "
+            f"residual {mf.residuals.max():.1e}, converged {mf.converged}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ import torch
 import lens_linear as ll
 from lens_linear.hooks import detached_function
 
-TEXT = ("The bridge out of Marin is the most photographed bridge in the world, and on foggy "
-        "mornings its towers rise above the clouds while ferries cross the bay below. ") * 20
+TEXT = (
+    "The bridge out of Marin is the most photographed bridge in the world, and on foggy "
+    "mornings its towers rise above the clouds while ferries cross the bay below. "
+) * 20
 
 
 def rss() -> int:
@@ -44,7 +46,9 @@ def measure(fn, prepare=None):
     ``fn(prepare())``, and then also ``(seconds, peak growth)`` of the ``fn`` stage alone,
     counted from where ``prepare`` left off (a step both methods share, such as recording)."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back, so each method's growth is its own
+    ctypes.CDLL("libc.so.6").malloc_trim(
+        0
+    )  # hand freed memory back, so each method's growth is its own
     base, peak, stage_peak, done = rss(), [0], [0, None], threading.Event()
 
     def sample():
@@ -68,7 +72,11 @@ def measure(fn, prepare=None):
     done.set()
     thread.join()
     total = (end - t0, max(peak[0], rss() - base), result)
-    return total if prepare is None else (*total, (end - t1, max(stage_peak[0], rss() - stage_peak[1])))
+    return (
+        total
+        if prepare is None
+        else (*total, (end - t1, max(stage_peak[0], rss() - stage_peak[1])))
+    )
 
 
 def interleaved(methods: dict, repeats: dict) -> dict:
@@ -82,25 +90,38 @@ def interleaved(methods: dict, repeats: dict) -> dict:
                 runs[name].append(measure(fn))
                 if round_ < repeats[name] - 1:
                     runs[name][-1] = runs[name][-1][:2] + (None,)  # keep only the last result alive
-    return {name: (sorted(t for t, _, _ in r)[len(r) // 2], max(m for _, m, _ in r), r[-1][2])
-            for name, r in runs.items()}
+    return {
+        name: (sorted(t for t, _, _ in r)[len(r) // 2], max(m for _, m, _ in r), r[-1][2])
+        for name, r in runs.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 128])
     parser.add_argument("--skip-unvectorized-above", type=int, default=1 << 30)
-    parser.add_argument("--repeats", type=int, default=5, help="runs per method up to 32 tokens (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="runs per method up to 32 tokens (median)"
+    )
     args = parser.parse_args()
     model = ll.load_model()
     all_tokens = model.to_tokens(TEXT)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.cfg.model_name}")
-    print(f"{'tokens':>6} {'method':<24} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max |ΔJ|':>9}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.cfg.model_name}"
+    )
+    print(
+        f"{'tokens':>6} {'method':<24} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max |ΔJ|':>9}"
+    )
     verification = []
-    warm = all_tokens[:, :4]  # first calls pay one-time setup (forward-mode and vmap dispatch): not timed
+    warm = all_tokens[
+        :, :4
+    ]  # first calls pay one-time setup (forward-mode and vmap dispatch): not timed
     ll.run_with_linear_cache(model, warm, progress=False).jacobian()
-    torch.autograd.functional.jacobian(detached_function(model, warm), ll.run_with_linear_cache(
-        model, warm, check=False, progress=False).x, vectorize=True)
+    torch.autograd.functional.jacobian(
+        detached_function(model, warm),
+        ll.run_with_linear_cache(model, warm, check=False, progress=False).x,
+        vectorize=True,
+    )
     for n in args.lengths:
         tokens = all_tokens[:, :n]
 
@@ -111,18 +132,28 @@ def main() -> None:
 
         x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
         repeats = args.repeats if n <= 32 else 1
-        methods = {"lens_linear": ours,
-                   "autograd vectorize=True": lambda: torch.autograd.functional.jacobian(frozen, x, vectorize=True)}
+        methods = {
+            "lens_linear": ours,
+            "autograd vectorize=True": lambda: torch.autograd.functional.jacobian(
+                frozen, x, vectorize=True
+            ),
+        }
         if n <= args.skip_unvectorized_above:
-            methods["autograd vectorize=False"] = lambda: torch.autograd.functional.jacobian(frozen, x)
-        results = interleaved(methods, {name: 1 if "False" in name else repeats for name in methods})
+            methods["autograd vectorize=False"] = lambda: torch.autograd.functional.jacobian(
+                frozen, x
+            )
+        results = interleaved(
+            methods, {name: 1 if "False" in name else repeats for name in methods}
+        )
         t_ours, m_ours, j_ours = results.pop("lens_linear")
         rows = [("lens_linear", t_ours, m_ours, 0.0)]
         for name, (t, m, j) in results.items():
             rows.append((name, t, m, float((j.transpose(0, 1) - j_ours).abs().max())))
         del results
         for name, t, m, diff in rows:
-            print(f"{n:>6} {name:<24} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {m / m_ours:10.2f} {diff:9.1e}")
+            print(
+                f"{n:>6} {name:<24} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {m / m_ours:10.2f} {diff:9.1e}"
+            )
         del j_ours
         fresh = lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False)  # noqa: E731
         t_check, _, _, (t_check_only, _) = measure(lambda lc: lc.check(), fresh)

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from jacobian import TEXT, measure
 
 import lens_linear as ll
 from lens_linear.hooks import detached_function
-
-from jacobian import TEXT, measure
 
 
 def main() -> None:
@@ -38,23 +37,40 @@ def main() -> None:
     all_tokens = model.to_tokens(TEXT)
     # warm-up: the first forward/backward of a process allocates ~0.5 GB that stays (thread
     # pools, allocator arenas); without it, whichever method runs first is charged for it
-    ll.run_with_linear_cache(model, all_tokens[:, :2], check=False, progress=False).jacobians(hooks[:2])
-    print(f"{'tokens':>6} {'method':<30} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max rel ΔJ':>10}")
+    ll.run_with_linear_cache(model, all_tokens[:, :2], check=False, progress=False).jacobians(
+        hooks[:2]
+    )
+    print(
+        f"{'tokens':>6} {'method':<30} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max rel ΔJ':>10}"
+    )
     for n in args.lengths:
         tokens = all_tokens[:, :n]
-        t_ours, m_ours, ours = measure(lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False).jacobians(hooks))
+        t_ours, m_ours, ours = measure(
+            lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False).jacobians(
+                hooks
+            )
+        )
         engine = ll.run_with_linear_cache(model, tokens, check=False, progress=False).engine(hooks)
         x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
 
         def loop():
-            return {h: torch.autograd.functional.jacobian(detached_function(model, tokens, h), x, vectorize=True)
-                    for h in hooks}
+            return {
+                h: torch.autograd.functional.jacobian(
+                    detached_function(model, tokens, h), x, vectorize=True
+                )
+                for h in hooks
+            }
 
         t_base, m_base, base = measure(loop)
         err = max(float((base[h].transpose(0, 1) - ours[h]).norm() / base[h].norm()) for h in hooks)
-        print(f"{n:>6} {'lens_linear (' + engine + ')':<30} {t_ours:8.1f} {m_ours / 2**20:8.0f} {1:8.2f} {1:10.2f} {0:10.1e}")
-        print(f"{n:>6} {'per-layer vectorize=True loop':<30} {t_base:8.1f} {m_base / 2**20:8.0f} "
-              f"{t_base / t_ours:8.2f} {m_base / m_ours:10.2f} {err:10.1e}", flush=True)
+        print(
+            f"{n:>6} {'lens_linear (' + engine + ')':<30} {t_ours:8.1f} {m_ours / 2**20:8.0f} {1:8.2f} {1:10.2f} {0:10.1e}"
+        )
+        print(
+            f"{n:>6} {'per-layer vectorize=True loop':<30} {t_base:8.1f} {m_base / 2**20:8.0f} "
+            f"{t_base / t_ours:8.2f} {m_base / m_ours:10.2f} {err:10.1e}",
+            flush=True,
+        )
         del ours, base
 
 

@@ -23,10 +23,9 @@ import threading
 import time
 
 import torch
+from jacobian import TEXT
 
 import lens_linear as ll
-
-from jacobian import TEXT
 
 
 class Peak:
@@ -57,25 +56,40 @@ def timed(fn):
     return result, seconds, peak.peak
 
 
-def run(model, tokens, store_patterns: bool | None, svd: bool, block: int = 1,
-        progress: bool = False) -> list[tuple[str, float, int, str]]:
+def run(
+    model, tokens, store_patterns: bool | None, svd: bool, block: int = 1, progress: bool = False
+) -> list[tuple[str, float, int, str]]:
     if store_patterns:  # the anchor: stored patterns, projected check
+
         def record():
-            lc = ll.run_with_linear_cache(model, tokens, check=False, progress=False, store_patterns=True)
+            lc = ll.run_with_linear_cache(
+                model, tokens, check=False, progress=False, store_patterns=True
+            )
             return lc, lc.projected_reconstruction_error()
     else:  # one call, verified on return; the error it accepted is read again below, untimed
+
         def record():
             return ll.run_with_linear_cache(model, tokens, progress=False), None
+
     (lc, err), t, peak = timed(record)
     err = lc.check() if err is None else err
     kept = len(lc.point.frozen_attention)
     steps = [("verified recording", t, peak, f"error {err:.1e}, {kept} layers as q/k")]
     if svd:
-        result, t, peak = timed(lambda: lc.svd_matrix_free(n_triplets=3, block=block, progress=progress))
+        result, t, peak = timed(
+            lambda: lc.svd_matrix_free(n_triplets=3, block=block, progress=progress)
+        )
         s = ", ".join(f"{float(v):.3g}" for v in result.S)
-        steps.append(("top-3 matrix-free SVD", t, peak, f"S = [{s}], {result.products} products, "
-                                                        f"converged {result.converged}, residuals "
-                                                        f"{float(result.residuals.max()):.1e}, block {block}"))
+        steps.append(
+            (
+                "top-3 matrix-free SVD",
+                t,
+                peak,
+                f"S = [{s}], {result.products} products, "
+                f"converged {result.converged}, residuals "
+                f"{float(result.residuals.max()):.1e}, block {block}",
+            )
+        )
     return steps
 
 
@@ -84,18 +98,30 @@ def patching(model, n: int, anchor: bool) -> None:
     from lens_linear.patching import predicted_patching, prompt_pairs
 
     tail = " After John and Mary went to the store, {} gave a bottle of milk to"
-    head = model.to_str_tokens(" ".join([TEXT] * 256))[1:n - len(model.to_tokens(tail.format("Mary"))[0]) + 1]
-    pairs = prompt_pairs(model, "".join(head) + tail.format("Mary"), "".join(head) + tail.format("John"),
-                         " John", " Mary")
+    head = model.to_str_tokens(" ".join([TEXT] * 256))[
+        1 : n - len(model.to_tokens(tail.format("Mary"))[0]) + 1
+    ]
+    pairs = prompt_pairs(
+        model,
+        "".join(head) + tail.format("Mary"),
+        "".join(head) + tail.format("John"),
+        " John",
+        " Mary",
+    )
     paths = [("ours", op.PATTERN_BUDGET)] + ([("anchor", 1 << 62)] if anchor else [])
     for path, budget in paths:
         saved, op.PATTERN_BUDGET = op.PATTERN_BUDGET, budget
         try:
-            result, t, peak = timed(lambda: predicted_patching(model, pairs, "resid_pre", progress=False))
+            result, t, peak = timed(
+                lambda: predicted_patching(model, pairs, "resid_pre", progress=False)
+            )
         finally:
             op.PATTERN_BUDGET = saved
-        print(f"{pairs.clean.shape[1]:>6} {path:<8} {'predicted patching':<22} {t:8.1f} {peak / 2**30:8.2f}  "
-              f"max |entry| {float(result.raw.sub(result.corrupted).abs().max()):.3f}", flush=True)
+        print(
+            f"{pairs.clean.shape[1]:>6} {path:<8} {'predicted patching':<22} {t:8.1f} {peak / 2**30:8.2f}  "
+            f"max |entry| {float(result.raw.sub(result.corrupted).abs().max()):.3f}",
+            flush=True,
+        )
 
 
 def main() -> list[dict]:
@@ -105,7 +131,9 @@ def main() -> list[dict]:
     parser.add_argument("--no-svd", action="store_true")
     parser.add_argument("--block", type=int, default=1, help="Lanczos block size")
     parser.add_argument("--progress", action="store_true", help="progress bars for the SVD's steps")
-    parser.add_argument("--patching", action="store_true", help="predicted patching of a long pair instead")
+    parser.add_argument(
+        "--patching", action="store_true", help="predicted patching of a long pair instead"
+    )
     args = parser.parse_args()
     model = ll.load_model()
     text = " ".join([TEXT] * 256)
@@ -124,16 +152,28 @@ def main() -> list[dict]:
             steps = run(model, tokens, store, not args.no_svd, args.block, args.progress)
             results[path] = steps
             for name, t, peak, detail in steps:
-                print(f"{n:>6} {path:<8} {name:<22} {t:8.1f} {peak / 2**30:8.2f}  {detail}", flush=True)
+                print(
+                    f"{n:>6} {path:<8} {name:<22} {t:8.1f} {peak / 2**30:8.2f}  {detail}",
+                    flush=True,
+                )
             total = sum(t for _, t, _, _ in steps)
-            print(f"{n:>6} {path:<8} {'total':<22} {total:8.1f} {max(p for _, _, p, _ in steps) / 2**30:8.2f}")
+            print(
+                f"{n:>6} {path:<8} {'total':<22} {total:8.1f} {max(p for _, _, p, _ in steps) / 2**30:8.2f}"
+            )
         ours_t = sum(t for _, t, _, _ in results["ours"])
         ours_m = max(p for _, _, p, _ in results["ours"])
         anchor = results.get("anchor")
-        rows.append(dict(benchmark="long prompt", size=f"{n} tok", anchor="stored patterns" if anchor else "(none)",
-                         ours_s=ours_t, anchor_s=sum(t for _, t, _, _ in anchor) if anchor else ours_t,
-                         ours_mb=ours_m / 2**20, anchor_mb=max(p for _, _, p, _ in anchor) / 2**20 if anchor else
-                         ours_m / 2**20))
+        rows.append(
+            dict(
+                benchmark="long prompt",
+                size=f"{n} tok",
+                anchor="stored patterns" if anchor else "(none)",
+                ours_s=ours_t,
+                anchor_s=sum(t for _, t, _, _ in anchor) if anchor else ours_t,
+                ours_mb=ours_m / 2**20,
+                anchor_mb=max(p for _, _, p, _ in anchor) / 2**20 if anchor else ours_m / 2**20,
+            )
+        )
     return rows
 
 

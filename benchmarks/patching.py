@@ -46,12 +46,16 @@ def main() -> None:
         for layer in range(model.cfg.n_layers):
             name = f"blocks.{layer}.hook_resid_pre"
             for pos in range(pairs.clean.shape[1]):
+
                 def hook(value, hook, pos=pos, name=name):
                     value = value.clone()
                     value[:, pos] = clean[name][:, pos]
                     return value
+
                 with torch.no_grad():
-                    out[layer, pos] = metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=[(name, hook)]))
+                    out[layer, pos] = metric(
+                        model.run_with_hooks(pairs.corrupted, fwd_hooks=[(name, hook)])
+                    )
         return out
 
     t_ours, ours = timed(lambda: activation_patching(model, pairs, "resid_pre", progress=False))
@@ -59,12 +63,20 @@ def main() -> None:
     t_tl, tl = timed(lambda: tlp.get_act_patch_resid_pre(model, pairs.corrupted, clean, metric))
     t_loop, naive = timed(loop)
     n = ours.raw.numel()
-    print(f"IOI resid_pre sweep on SmolLM2: {n} patches ({model.cfg.n_layers} layers × {pairs.clean.shape[1]} positions)")
+    print(
+        f"IOI resid_pre sweep on SmolLM2: {n} patches ({model.cfg.n_layers} layers × {pairs.clean.shape[1]} positions)"
+    )
     print(f"{'method':<36} {'seconds':>8} {'× ours':>8} {'max |Δ| vs ours':>16}")
     print(f"{'lens_linear activation_patching':<36} {t_ours:8.1f} {1:8.2f} {0:16.1e}")
-    print(f"{'transformer_lens.patching':<36} {t_tl:8.1f} {t_tl / t_ours:8.2f} {float((tl - ours.raw).abs().max()):16.1e}")
-    print(f"{'one run_with_hooks per patch':<36} {t_loop:8.1f} {t_loop / t_ours:8.2f} {float((naive - ours.raw).abs().max()):16.1e}")
-    print(f"{'lens_linear predicted_patching':<36} {t_pred:8.1f} {t_pred / t_ours:8.2f} {'(prediction)':>16}")
+    print(
+        f"{'transformer_lens.patching':<36} {t_tl:8.1f} {t_tl / t_ours:8.2f} {float((tl - ours.raw).abs().max()):16.1e}"
+    )
+    print(
+        f"{'one run_with_hooks per patch':<36} {t_loop:8.1f} {t_loop / t_ours:8.2f} {float((naive - ours.raw).abs().max()):16.1e}"
+    )
+    print(
+        f"{'lens_linear predicted_patching':<36} {t_pred:8.1f} {t_pred / t_ours:8.2f} {'(prediction)':>16}"
+    )
 
 
 if __name__ == "__main__":

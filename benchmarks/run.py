@@ -24,16 +24,35 @@ def run(module, argv: list[str]) -> list[dict]:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    rows = run(stats, ["--prompts", "4", "--tokens", "6", "--probes", "2", "--exact-prompts", "1",
-                       "--anchor-vjps", "20"] if quick else [])
+    rows = run(
+        stats,
+        [
+            "--prompts",
+            "4",
+            "--tokens",
+            "6",
+            "--probes",
+            "2",
+            "--exact-prompts",
+            "1",
+            "--anchor-vjps",
+            "20",
+        ]
+        if quick
+        else [],
+    )
     rows += run(svd, ["--lengths", "16"] if quick else [])
     rows += run(long, ["--lengths", "64", "--anchor"] if quick else ["--anchor"])
-    print(f"\n{'benchmark':<20} {'size':<10} {'anchor':<34} {'ours s':>8} {'anchor s':>9} {'speed-up':>8} "
-          f"{'ours MB':>8} {'anchor MB':>9} {'memory ratio':>12}")
+    print(
+        f"\n{'benchmark':<20} {'size':<10} {'anchor':<34} {'ours s':>8} {'anchor s':>9} {'speed-up':>8} "
+        f"{'ours MB':>8} {'anchor MB':>9} {'memory ratio':>12}"
+    )
     for r in rows:
-        print(f"{r['benchmark']:<20} {r['size']:<10} {r['anchor']:<34} {r['ours_s']:8.1f} {r['anchor_s']:9.1f} "
-              f"{r['anchor_s'] / r['ours_s']:8.2f} {r['ours_mb']:8.0f} {r['anchor_mb']:9.0f} "
-              f"{r['anchor_mb'] / max(r['ours_mb'], 1):12.2f}")
+        print(
+            f"{r['benchmark']:<20} {r['size']:<10} {r['anchor']:<34} {r['ours_s']:8.1f} {r['anchor_s']:9.1f} "
+            f"{r['anchor_s'] / r['ours_s']:8.2f} {r['ours_mb']:8.0f} {r['anchor_mb']:9.0f} "
+            f"{r['anchor_mb'] / max(r['ours_mb'], 1):12.2f}"
+        )
 
 
 if __name__ == "__main__":

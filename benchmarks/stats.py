@@ -24,17 +24,20 @@ import argparse
 import time
 
 import torch
+from jacobian import TEXT, measure
 
 import lens_linear as ll
 from lens_linear.hooks.operating_point import analysis_mode, output_hook
 from lens_linear.stats import Welford, dataset_sensitivity, frozen_batch_map, right_padded
 
-from jacobian import TEXT, measure
-
 
 def per_sample_loop(model, prompts, tokens_per_prompt, method, probes, max_vjps=None):
     """The anchor: one graph per prompt, one VJP per cotangent. Returns (Welford, VJPs done)."""
-    acc, gen, done = Welford((tokens_per_prompt, tokens_per_prompt)), torch.Generator().manual_seed(1), 0
+    acc, gen, done = (
+        Welford((tokens_per_prompt, tokens_per_prompt)),
+        torch.Generator().manual_seed(1),
+        0,
+    )
     hook = output_hook(model)
     for prompt in prompts:
         tokens, _ = right_padded(model, [prompt], tokens_per_prompt)
@@ -53,7 +56,9 @@ def per_sample_loop(model, prompts, tokens_per_prompt, method, probes, max_vjps=
                         else:
                             cot[i] = (torch.randint(0, 2, (d,), generator=gen) * 2 - 1).to(y.dtype)
                         (grad,) = torch.autograd.grad(y, x, cot, retain_graph=True)
-                        values[i] += grad[0].double().pow(2).sum(-1) / (1 if method == "exact" else probes)
+                        values[i] += grad[0].double().pow(2).sum(-1) / (
+                            1 if method == "exact" else probes
+                        )
                         done += 1
                         if max_vjps and done >= max_vjps:
                             return acc, done
@@ -72,32 +77,64 @@ def main() -> list[dict]:
     args = parser.parse_args()
     model = ll.load_model()
     words = TEXT.split()
-    prompts = [" ".join(words[3 * k:3 * k + 2 * args.tokens]) for k in range(args.prompts)]
+    prompts = [" ".join(words[3 * k : 3 * k + 2 * args.tokens]) for k in range(args.prompts)]
     L = args.tokens
-    dataset_sensitivity(model, prompts[:2], max_len=4, method="hutchinson", probes=2, progress=False)  # warm-up
+    dataset_sensitivity(
+        model, prompts[:2], max_len=4, method="hutchinson", probes=2, progress=False
+    )  # warm-up
     rows = []
-    print(f"{'estimator':<11} {'prompts':>7} {'method':<34} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} "
-          f"{'mem / ours':>10} {'agreement':>22}")
+    print(
+        f"{'estimator':<11} {'prompts':>7} {'method':<34} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} "
+        f"{'mem / ours':>10} {'agreement':>22}"
+    )
 
     def row(estimator, n, method, t, m, t0, m0, agree=""):
-        print(f"{estimator:<11} {n:>7} {method:<34} {t:8.1f} {m / 2**20:8.0f} {t / t0:8.2f} {m / max(m0, 1):10.2f} "
-              f"{agree:>22}", flush=True)
+        print(
+            f"{estimator:<11} {n:>7} {method:<34} {t:8.1f} {m / 2**20:8.0f} {t / t0:8.2f} {m / max(m0, 1):10.2f} "
+            f"{agree:>22}",
+            flush=True,
+        )
 
     # Hutchinson on the whole data set, both measured
     kw = dict(max_len=L, method="hutchinson", probes=args.probes, progress=False)
-    t_h, m_h, ours_h = measure(lambda: dataset_sensitivity(model, prompts, batch_size=args.batch, **kw))
-    t_a, m_a, (anchor_h, _) = measure(lambda: per_sample_loop(model, prompts, L, "hutchinson", args.probes))
-    se = ((ours_h.var + anchor_h.var) / args.prompts).sqrt()  # std. error of the difference of two means
+    t_h, m_h, ours_h = measure(
+        lambda: dataset_sensitivity(model, prompts, batch_size=args.batch, **kw)
+    )
+    t_a, m_a, (anchor_h, _) = measure(
+        lambda: per_sample_loop(model, prompts, L, "hutchinson", args.probes)
+    )
+    se = (
+        (ours_h.var + anchor_h.var) / args.prompts
+    ).sqrt()  # std. error of the difference of two means
     z = float(((ours_h.mean - anchor_h.mean).abs() / se)[se > 0].mean())
     row("hutchinson", args.prompts, f"ours (batches of {args.batch})", t_h, m_h, t_h, m_h)
-    row("hutchinson", args.prompts, "per-sample loop of single VJPs", t_a, m_a, t_h, m_h, f"mean |z| {z:.2f}")
-    rows.append(dict(benchmark="stats (hutchinson)", size=f"{args.prompts}x{L}", ours_s=t_h, anchor_s=t_a,
-                     ours_mb=m_h / 2**20, anchor_mb=m_a / 2**20, anchor="per-sample single VJPs"))
+    row(
+        "hutchinson",
+        args.prompts,
+        "per-sample loop of single VJPs",
+        t_a,
+        m_a,
+        t_h,
+        m_h,
+        f"mean |z| {z:.2f}",
+    )
+    rows.append(
+        dict(
+            benchmark="stats (hutchinson)",
+            size=f"{args.prompts}x{L}",
+            ours_s=t_h,
+            anchor_s=t_a,
+            ours_mb=m_h / 2**20,
+            anchor_mb=m_a / 2**20,
+            anchor="per-sample single VJPs",
+        )
+    )
 
     # exact: ours measured, the anchor extrapolated from timed single VJPs
-    few = prompts[:args.exact_prompts]
-    t_e, m_e, ours_e = measure(lambda: dataset_sensitivity(model, few, max_len=L, batch_size=args.batch,
-                                                           progress=False))
+    few = prompts[: args.exact_prompts]
+    t_e, m_e, ours_e = measure(
+        lambda: dataset_sensitivity(model, few, max_len=L, batch_size=args.batch, progress=False)
+    )
     start = time.perf_counter()
     _, done = per_sample_loop(model, few[:1], L, "exact", 0, max_vjps=args.anchor_vjps)
     per_vjp = (time.perf_counter() - start) / done
@@ -105,8 +142,17 @@ def main() -> list[dict]:
     t_ae = per_vjp * len(few) * L * d
     row("exact", len(few), f"ours (batches of {args.batch})", t_e, m_e, t_e, m_e)
     row("exact", len(few), f"single VJPs ({done} timed, extrapolated)", t_ae, 0, t_e, m_e)
-    rows.append(dict(benchmark="stats (exact)", size=f"{len(few)}x{L}", ours_s=t_e, anchor_s=t_ae,
-                     ours_mb=m_e / 2**20, anchor_mb=float("nan"), anchor="single VJPs, extrapolated"))
+    rows.append(
+        dict(
+            benchmark="stats (exact)",
+            size=f"{len(few)}x{L}",
+            ours_s=t_e,
+            anchor_s=t_ae,
+            ours_mb=m_e / 2**20,
+            anchor_mb=float("nan"),
+            anchor="single VJPs, extrapolated",
+        )
+    )
     return rows
 
 

@@ -13,14 +13,25 @@ Entry points:
   patterns, token-to-token attention Jacobians as ``FactoredMatrix``, their QK term.
 """
 
-from lens_linear.attention import AttentionCircuits, induction_heads
 from lens_linear._validation import LinearizationError, ModelUnavailableError
+from lens_linear.attention import AttentionCircuits, induction_heads
 from lens_linear.cache import LinearCache, run_with_linear_cache
 from lens_linear.hooks import OperatingPoint, detach_hooks, detached
 from lens_linear.models import load_model
 from lens_linear.tiny import tiny_architectures, tiny_model
 
 __version__ = "0.2.0"
-__all__ = ["AttentionCircuits", "LinearCache", "LinearizationError", "ModelUnavailableError", "OperatingPoint",
-           "detach_hooks", "detached", "induction_heads", "load_model", "run_with_linear_cache", "tiny_architectures",
-           "tiny_model"]
+__all__ = [
+    "AttentionCircuits",
+    "LinearCache",
+    "LinearizationError",
+    "ModelUnavailableError",
+    "OperatingPoint",
+    "detach_hooks",
+    "detached",
+    "induction_heads",
+    "load_model",
+    "run_with_linear_cache",
+    "tiny_architectures",
+    "tiny_model",
+]

@@ -27,7 +27,9 @@ class ModelUnavailableError(RuntimeError):
 
 
 def is_transformer_lens_model(model: Any) -> bool:
-    return hasattr(model, "hook_dict") and hasattr(model, "cfg") and isinstance(model, torch.nn.Module)
+    return (
+        hasattr(model, "hook_dict") and hasattr(model, "cfg") and isinstance(model, torch.nn.Module)
+    )
 
 
 def require_tl_model(model: Any) -> None:
@@ -58,7 +60,9 @@ def hook_name(model: Any, key: str | tuple) -> str:
     elif isinstance(key, str):
         name = get_act_name(key)
     else:
-        raise TypeError(f"a hook is a name or an ActivationCache shorthand like ('resid_post', 3), got {key!r}")
+        raise TypeError(
+            f"a hook is a name or an ActivationCache shorthand like ('resid_post', 3), got {key!r}"
+        )
     require_hook(model, name)
     return name
 
@@ -89,8 +93,10 @@ def normalize_position(pos: int, n_pos: int, what: str = "pos") -> int:
 def normalize_index(value: int, size: int, what: str = "layer", unit: str = "layers") -> int:
     """Resolve a possibly negative layer or head index; raise naming the valid range."""
     if isinstance(value, bool) or not isinstance(value, int) or not -size <= value < size:
-        raise IndexError(f"{what}={value} is out of range for a model with {size} {unit} "
-                         f"(valid: {-size}..{size - 1})")
+        raise IndexError(
+            f"{what}={value} is out of range for a model with {size} {unit} "
+            f"(valid: {-size}..{size - 1})"
+        )
     return value % size
 
 

@@ -56,7 +56,11 @@ def attention_input(model: Any, layer: int) -> str:
 
 def _per_head(value: torch.Tensor, n_heads: int, dim: int = -2) -> torch.Tensor:
     """Shared key/value heads (grouped-query attention) repeated for the query heads they serve."""
-    return value.repeat_interleave(n_heads // value.shape[dim], dim=dim) if value.shape[dim] != n_heads else value
+    return (
+        value.repeat_interleave(n_heads // value.shape[dim], dim=dim)
+        if value.shape[dim] != n_heads
+        else value
+    )
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,21 @@ class InductionReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scores": self.scores.tolist(),
-                "top": [{"layer": h.layer, "head": h.head, "score": h.score, "copying_score": h.copying_score}
-                        for h in self.top],
-                "detector_scores": None if self.detector_scores is None else self.detector_scores.tolist()}
+        return {
+            "scores": self.scores.tolist(),
+            "top": [
+                {
+                    "layer": h.layer,
+                    "head": h.head,
+                    "score": h.score,
+                    "copying_score": h.copying_score,
+                }
+                for h in self.top
+            ],
+            "detector_scores": None
+            if self.detector_scores is None
+            else self.detector_scores.tolist(),
+        }
 
 
 class AttentionCircuits:
@@ -113,28 +128,41 @@ class AttentionCircuits:
 
     def _heads(self, head: int | None) -> list[int]:
         n = self.cfg.n_heads
-        return list(range(n)) if head is None else [normalize_index(head, n, "head", "heads per layer")]
+        return (
+            list(range(n))
+            if head is None
+            else [normalize_index(head, n, "head", "heads per layer")]
+        )
 
     def _positions(self, query_pos: int, key_pos: int) -> tuple[int, int]:
         q = normalize_position(query_pos, self.n_pos, "query_pos")
         k = normalize_position(key_pos, self.n_pos, "key_pos")
         if k > q:
-            warnings.warn(f"key_pos={k} comes after query_pos={q}: causal attention cannot see it, "
-                          f"so this Jacobian is exactly zero.", stacklevel=3)
+            warnings.warn(
+                f"key_pos={k} comes after query_pos={q}: causal attention cannot see it, "
+                f"so this Jacobian is exactly zero.",
+                stacklevel=3,
+            )
         return q, k
 
     def _chunk(self, n_rows: int) -> int:
         x = self.point.x_star
-        return chunk_size(n_rows, sequence_bytes(self.cfg, self.n_pos, x.dtype), self.max_memory, device=x.device)
+        return chunk_size(
+            n_rows, sequence_bytes(self.cfg, self.n_pos, x.dtype), self.max_memory, device=x.device
+        )
 
     # -- frozen values ----------------------------------------------------------------------
-    def pattern(self, layer: int, *, head: int | None = None) -> Float[torch.Tensor, "n_heads query_pos key_pos"]:
+    def pattern(
+        self, layer: int, *, head: int | None = None
+    ) -> Float[torch.Tensor, "n_heads query_pos key_pos"]:
         """The frozen attention pattern of ``layer`` (``[query_pos, key_pos]`` for one head)."""
         layer = self._layer(layer)
         pattern = self.point.pattern(layer)
         if pattern is None:
-            raise ValueError(f"block {layer} has no frozen softmax pattern (blocks.{layer}.attn.hook_pattern): "
-                             f"attention circuits need softmax attention")
+            raise ValueError(
+                f"block {layer} has no frozen softmax pattern (blocks.{layer}.attn.hook_pattern): "
+                f"attention circuits need softmax attention"
+            )
         return pattern if head is None else pattern[self._heads(head)[0]]
 
     def _local_map(self, source: str, target: str, pos: int) -> Float[torch.Tensor, "d_in d_out"]:
@@ -144,10 +172,12 @@ class AttentionCircuits:
         key = (source, target, pos)
         if key not in self._local:
             base = self.point.activations[source][0].detach()
-            x_pos = base[pos:pos + 1].clone().requires_grad_(True)
+            x_pos = base[pos : pos + 1].clone().requires_grad_(True)
             with analysis_mode(self.model), torch.enable_grad():
-                x = torch.cat([base[:pos], x_pos, base[pos + 1:]])
-                y = self.point.replay(x.unsqueeze(0), [target], input_hook=source, pos=pos)[target][0].reshape(-1)
+                x = torch.cat([base[:pos], x_pos, base[pos + 1 :]])
+                y = self.point.replay(x.unsqueeze(0), [target], input_hook=source, pos=pos)[target][
+                    0
+                ].reshape(-1)
                 jac = batched_vjp_jacobian(y, x_pos, self._chunk(y.numel()))
             self._local[key] = jac[0].T.detach()
         return self._local[key]
@@ -167,7 +197,9 @@ class AttentionCircuits:
             w = {}
             for name in "QKV":
                 m = self._local_map(source, f"blocks.{layer}.attn.hook_{name.lower()}", 0)
-                m = m.reshape(m.shape[0], -1, self.cfg.d_head).transpose(0, 1)  # [heads, d_in, d_head]
+                m = m.reshape(m.shape[0], -1, self.cfg.d_head).transpose(
+                    0, 1
+                )  # [heads, d_in, d_head]
                 w[f"W_{name}"] = _per_head(m, n, dim=0)
             w_o = self.model.blocks[layer].attn.W_O.detach().to(self.point.x_star)
             w["W_O"] = _per_head(w_o, n, dim=0)
@@ -180,10 +212,14 @@ class AttentionCircuits:
         centering, RMSNorm and folded weights are all covered)."""
         source, target = f"blocks.{layer}.hook_resid_pre", attention_input(self.model, layer)
         if target == source:
-            return torch.eye(self.cfg.d_model, dtype=self.point.x_star.dtype, device=self.point.x_star.device)
+            return torch.eye(
+                self.cfg.d_model, dtype=self.point.x_star.dtype, device=self.point.x_star.device
+            )
         return self._local_map(source, target, normalize_position(pos, self.n_pos))
 
-    def post_map(self, layer: int, *, query_pos: int) -> Float[torch.Tensor, "d_model d_model"] | None:
+    def post_map(
+        self, layer: int, *, query_pos: int
+    ) -> Float[torch.Tensor, "d_model d_model"] | None:
         """The norm some models apply to the attention output before ``hook_attn_out``
         (Gemma, OLMo-2), frozen at ``query_pos``, row convention; ``None`` where there is none."""
         raw, out = f"blocks.{layer}.attn.hook_out", f"blocks.{layer}.hook_attn_out"
@@ -191,9 +227,11 @@ class AttentionCircuits:
         if raw in hooks:
             return None if hooks[raw] is hooks[out] else self._local_map(raw, out, query_pos)
         if f"blocks.{layer}.ln1_post.hook_scale" in hooks:
-            raise ValueError(f"block {layer} normalizes its attention output before {out}, and this model "
-                             f"has no hook on the raw attention output to start from: load it as a "
-                             f"TransformerBridge (lens_linear.load_model(..., backend='bridge')).")
+            raise ValueError(
+                f"block {layer} normalizes its attention output before {out}, and this model "
+                f"has no hook on the raw attention output to start from: load it as a "
+                f"TransformerBridge (lens_linear.load_model(..., backend='bridge'))."
+            )
         return None
 
     def _then_post(self, layer: int, query_pos: int, jac: torch.Tensor) -> torch.Tensor:
@@ -202,7 +240,9 @@ class AttentionCircuits:
         return jac if post is None else post.T @ jac
 
     # -- circuits (row convention) --------------------------------------------------------------
-    def ov_circuit(self, layer: int, *, head: int | None = None, key_pos: int | None = None) -> FactoredMatrix:
+    def ov_circuit(
+        self, layer: int, *, head: int | None = None, key_pos: int | None = None
+    ) -> FactoredMatrix:
         """Per-head ``W_V W_O`` ``[n_heads, d_model, d_model]`` (or one head's), row convention
         like ``model.OV``; with ``key_pos``, starting at the residual stream through the block
         norm frozen at that position."""
@@ -210,32 +250,56 @@ class AttentionCircuits:
         w = self.weights(layer)
         left = w["W_V"][heads]
         if key_pos is not None:
-            left = self.norm_map(layer, pos=normalize_position(key_pos, self.n_pos, "key_pos")) @ left
+            left = (
+                self.norm_map(layer, pos=normalize_position(key_pos, self.n_pos, "key_pos")) @ left
+            )
         fm = FactoredMatrix(left, w["W_O"][heads])
         return fm[0] if head is not None else fm
 
-    def qk_circuit(self, layer: int, *, head: int | None = None, query_pos: int | None = None,
-                   key_pos: int | None = None) -> FactoredMatrix:
+    def qk_circuit(
+        self,
+        layer: int,
+        *,
+        head: int | None = None,
+        query_pos: int | None = None,
+        key_pos: int | None = None,
+    ) -> FactoredMatrix:
         """Per-head bilinear form ``W_Q W_Kᵀ`` of the scores (before the scale), row convention
         like ``model.QK``; with positions, from the residual stream through the frozen norms
         there. Rotary embeddings rotate queries and keys by position after these weights and
         are not included: a warning says so."""
         layer, heads = self._layer(layer), self._heads(head)
         if self.cfg.positional_embedding_type == "rotary":
-            warnings.warn("this model uses rotary embeddings: the QK circuit is the weights' bilinear "
-                          "form, without the position-dependent rotation", stacklevel=2)
+            warnings.warn(
+                "this model uses rotary embeddings: the QK circuit is the weights' bilinear "
+                "form, without the position-dependent rotation",
+                stacklevel=2,
+            )
         w = self.weights(layer)
         left, right = w["W_Q"][heads], w["W_K"][heads].transpose(-1, -2)
         if query_pos is not None:
-            left = self.norm_map(layer, pos=normalize_position(query_pos, self.n_pos, "query_pos")) @ left
+            left = (
+                self.norm_map(layer, pos=normalize_position(query_pos, self.n_pos, "query_pos"))
+                @ left
+            )
         if key_pos is not None:
-            right = right @ self.norm_map(layer, pos=normalize_position(key_pos, self.n_pos, "key_pos")).T
+            right = (
+                right
+                @ self.norm_map(layer, pos=normalize_position(key_pos, self.n_pos, "key_pos")).T
+            )
         fm = FactoredMatrix(left, right)
         return fm[0] if head is not None else fm
 
     # -- Jacobians (column convention) ------------------------------------------------------------
-    def jacobian(self, layer: int, query_pos: int, key_pos: int, *, head: int | None = None,
-                 include_norm: bool = False) -> FactoredMatrix:
+    def jacobian(
+        self,
+        layer: int,
+        query_pos: int,
+        key_pos: int,
+        *,
+        head: int | None = None,
+        include_norm: bool = False,
+    ) -> FactoredMatrix:
         """``∂ attn_out[query_pos] / ∂ attention input[key_pos]`` with the pattern frozen:
         ``Σ_h A[h, q, k] (W_V^h W_O^h)ᵀ`` as a ``[d_model, d_model]`` FactoredMatrix in the
         column convention (``fm @ Δx``; ``fm.AB`` is the dense Jacobian). ``head`` keeps one
@@ -245,14 +309,17 @@ class AttentionCircuits:
         q, k = self._positions(query_pos, key_pos)
         w = self.weights(layer)
         a = self.pattern(layer)[heads, q, k]
-        value_side = (a[:, None, None] * w["W_V"][heads]).transpose(0, 1).reshape(self.cfg.d_model, -1)  # x @ ·
+        value_side = (
+            (a[:, None, None] * w["W_V"][heads]).transpose(0, 1).reshape(self.cfg.d_model, -1)
+        )  # x @ ·
         out_side = w["W_O"][heads].reshape(-1, self.cfg.d_model)
         if include_norm:
             value_side = self.norm_map(layer, pos=k) @ value_side
         return FactoredMatrix(self._then_post(layer, q, out_side.T), value_side.T)
 
-    def full_jacobian(self, layer: int, query_pos: int, key_pos: int, *,
-                      head: int | None = None) -> Float[torch.Tensor, "d_out d_in"]:
+    def full_jacobian(
+        self, layer: int, query_pos: int, key_pos: int, *, head: int | None = None
+    ) -> Float[torch.Tensor, "d_out d_in"]:
         """The same Jacobian with the pattern following the input, by autograd (column
         convention like :meth:`jacobian`). Nothing inside attention is frozen; a norm on the
         attention output (Gemma, OLMo-2) keeps its frozen scale, so that ``full = OV + QK``
@@ -264,14 +331,26 @@ class AttentionCircuits:
         x = self.point.activations[source][0].detach().clone().requires_grad_(True)
         z_hook = f"blocks.{layer}.attn.hook_z"
         with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
-            z = run_to(self.model, self.point.tokens, self.point.fwd_hooks, inject=(source, x.unsqueeze(0)),
-                       capture=[z_hook])[z_hook]
+            z = run_to(
+                self.model,
+                self.point.tokens,
+                self.point.fwd_hooks,
+                inject=(source, x.unsqueeze(0)),
+                capture=[z_hook],
+            )[z_hook]
             y = torch.einsum("hd,hdo->o", _per_head(z[0, q], self.cfg.n_heads)[heads], w_o)
             jac = batched_vjp_jacobian(y, x, self._chunk(y.numel()))
         return self._then_post(layer, q, jac[k].detach())
 
-    def qk_term(self, layer: int, query_pos: int, key_pos: int, *, head: int | None = None,
-                method: str = "auto") -> Float[torch.Tensor, "d_out d_in"]:
+    def qk_term(
+        self,
+        layer: int,
+        query_pos: int,
+        key_pos: int,
+        *,
+        head: int | None = None,
+        method: str = "auto",
+    ) -> Float[torch.Tensor, "d_out d_in"]:
         """What freezing the pattern removes: ``full_jacobian − jacobian`` (column convention).
 
         ``"analytic"`` uses the formula in the module docstring; it holds where the run's
@@ -285,11 +364,15 @@ class AttentionCircuits:
         layer = self._layer(layer)
         scale = self._score_scale(layer) if method != "autograd" else None
         if method == "analytic" and scale is None:
-            raise ValueError(f"the scores of layer {layer} are not q·k/scale followed by a softmax "
-                             f"(rotary, ALiBi or soft-capped attention): use method='autograd'")
+            raise ValueError(
+                f"the scores of layer {layer} are not q·k/scale followed by a softmax "
+                f"(rotary, ALiBi or soft-capped attention): use method='autograd'"
+            )
         if scale is None:
-            return (self.full_jacobian(layer, query_pos, key_pos, head=head)
-                    - self.jacobian(layer, query_pos, key_pos, head=head).AB)
+            return (
+                self.full_jacobian(layer, query_pos, key_pos, head=head)
+                - self.jacobian(layer, query_pos, key_pos, head=head).AB
+            )
         q, k = self._positions(query_pos, key_pos)
         return self._then_post(layer, q, self._analytic_qk(layer, q, k, self._heads(head), scale).T)
 
@@ -311,11 +394,16 @@ class AttentionCircuits:
         scale = float((d * d).sum() / (d * s).sum())
         tol = 10 * tolerance(scores.dtype)
         fitted = torch.where(causal, dots / scale, torch.finfo(dots.dtype).min).softmax(-1)
-        if float((d / scale - s).norm() / s.norm()) > tol or float((fitted - self.pattern(layer)).abs().max()) > tol:
+        if (
+            float((d / scale - s).norm() / s.norm()) > tol
+            or float((fitted - self.pattern(layer)).abs().max()) > tol
+        ):
             return None
         return scale
 
-    def _analytic_qk(self, layer: int, q: int, k: int, heads: list[int], scale: float) -> torch.Tensor:
+    def _analytic_qk(
+        self, layer: int, q: int, k: int, heads: list[int], scale: float
+    ) -> torch.Tensor:
         """The QK term in row convention ``[d_in, d_out]``."""
         v = self._run_values(layer)
         w = self.weights(layer)
@@ -323,7 +411,9 @@ class AttentionCircuits:
         x = self.point.x_star
         term = torch.zeros(self.cfg.d_model, self.cfg.d_model, dtype=x.dtype, device=x.device)
         for h in heads:
-            moved_out = (v["v"][:, h] - v["z"][q, h]) @ w["W_O"][h]  # [pos, d_model]: (v_l − z_q) W_O
+            moved_out = (v["v"][:, h] - v["z"][q, h]) @ w["W_O"][
+                h
+            ]  # [pos, d_model]: (v_l − z_q) W_O
             term += a[h, q, k] / scale * torch.outer(w["W_K"][h] @ v["q"][q, h], moved_out[k])
             if q == k:
                 centered = v["k"][: q + 1, h] - a[h, q, : q + 1] @ v["k"][: q + 1, h]  # k_l − k̄_q
@@ -346,8 +436,9 @@ class AttentionCircuits:
         return self.model.W_U.detach().double() @ self.model.W_E.detach().double()
 
 
-def repeated_random_tokens(model: Any, seq_len: int, seed: int = 0,
-                           tries: int = 20) -> tuple[Int[torch.Tensor, "1 pos"], str | None]:
+def repeated_random_tokens(
+    model: Any, seq_len: int, seed: int = 0, tries: int = 20
+) -> tuple[Int[torch.Tensor, "1 pos"], str | None]:
     """``seq_len`` distinct random word tokens, repeated twice (after a BOS where the model
     prepends one), and the text that tokenizes back to exactly these tokens (``None`` if no
     draw round-trips, as with byte-level pieces that merge)."""
@@ -356,14 +447,21 @@ def repeated_random_tokens(model: Any, seq_len: int, seed: int = 0,
         raise ValueError("the induction study needs a tokenizer (model.tokenizer is None)")
     pieces = tok.batch_decode([[i] for i in range(model.cfg.d_vocab)])
     special = set(getattr(tok, "all_special_ids", []))
-    for pattern in (r"^ [A-Za-z]{3,}$", r"^[A-Za-z]$"):  # whole words (BPE), else letters (char-level)
+    for pattern in (
+        r"^ [A-Za-z]{3,}$",
+        r"^[A-Za-z]$",
+    ):  # whole words (BPE), else letters (char-level)
         candidates = [i for i, p in enumerate(pieces) if re.match(pattern, p) and i not in special]
         if len(candidates) >= seq_len:
             break
     else:
-        raise ValueError(f"the vocabulary has fewer than {seq_len} word tokens to draw from; use a shorter seq_len")
+        raise ValueError(
+            f"the vocabulary has fewer than {seq_len} word tokens to draw from; use a shorter seq_len"
+        )
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    bos = [tok.bos_token_id] if model.cfg.default_prepend_bos and tok.bos_token_id is not None else []
+    bos = (
+        [tok.bos_token_id] if model.cfg.default_prepend_bos and tok.bos_token_id is not None else []
+    )
     device = model_device(model)
     for _ in range(tries):
         pick = torch.randperm(len(candidates), generator=gen, device="cpu")[:seq_len].tolist()
@@ -375,8 +473,9 @@ def repeated_random_tokens(model: Any, seq_len: int, seed: int = 0,
     return tokens.to(device), None
 
 
-def induction_heads(model: Any, *, seq_len: int = 50, seed: int = 0, n_top_heads: int = 5,
-                    n_queries: int = 8) -> InductionReport:
+def induction_heads(
+    model: Any, *, seq_len: int = 50, seed: int = 0, n_top_heads: int = 5, n_queries: int = 8
+) -> InductionReport:
     """Score every head for induction on random tokens repeated twice, and describe the best.
 
     A head's score is its mean attention from each second-half token to the token that
@@ -394,23 +493,37 @@ def induction_heads(model: Any, *, seq_len: int = 50, seed: int = 0, n_top_heads
     queries = torch.arange(first + seq_len, first + 2 * seq_len, device=tokens.device)
     keys = queries - seq_len + 1
     att = AttentionCircuits(point)
-    layers = [layer for layer in range(model.cfg.n_layers) if f"blocks.{layer}.attn.hook_pattern" in
-              {**point.values, **point.frozen_attention}]
+    layers = [
+        layer
+        for layer in range(model.cfg.n_layers)
+        if f"blocks.{layer}.attn.hook_pattern" in {**point.values, **point.frozen_attention}
+    ]
     if not layers:
-        raise ValueError("the induction study needs softmax attention, and no block of this model has a frozen "
-                         "softmax pattern (its token mixers are state-space scans or recurrences)")
+        raise ValueError(
+            "the induction study needs softmax attention, and no block of this model has a frozen "
+            "softmax pattern (its token mixers are state-space scans or recurrences)"
+        )
     scores = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), device=tokens.device)
     for layer in layers:  # blocks without softmax attention (a hybrid's scans) keep NaN
         scores[layer] = att.pattern(layer)[:, queries, keys].mean(-1)
-    ranked = sorted(((float(scores[l, h]), l, h) for l in layers for h in range(scores.shape[1])),
-                    reverse=True)[:n_top_heads]
-    sample = queries[torch.linspace(0, seq_len - 1, min(n_queries, seq_len), device=tokens.device).round().long()]
+    ranked = sorted(
+        ((float(scores[l, h]), l, h) for l in layers for h in range(scores.shape[1])), reverse=True
+    )[:n_top_heads]
+    sample = queries[
+        torch.linspace(0, seq_len - 1, min(n_queries, seq_len), device=tokens.device).round().long()
+    ]
     top = []
     for score, layer, head in ranked:
-        copying = [att.copying_score(att.jacobian(layer, int(q), int(q) - seq_len + 1, head=head, include_norm=True))
-                   for q in sample]
+        copying = [
+            att.copying_score(
+                att.jacobian(layer, int(q), int(q) - seq_len + 1, head=head, include_norm=True)
+            )
+            for q in sample
+        ]
         top.append(InductionHead(layer, head, score, sum(copying) / len(copying)))
-    return InductionReport(tokens, scores.cpu(), top, _detector_scores(model, text, tokens.shape[-1] / seq_len))
+    return InductionReport(
+        tokens, scores.cpu(), top, _detector_scores(model, text, tokens.shape[-1] / seq_len)
+    )
 
 
 def _detector_scores(model: Any, text: str | None, rescale: float) -> torch.Tensor | None:
@@ -424,5 +537,7 @@ def _detector_scores(model: Any, text: str | None, rescale: float) -> torch.Tens
 
         return detect_head(model, text, "induction_head").to("cpu", torch.float64) * rescale
     except Exception as exc:  # a model head_detector does not support
-        warnings.warn(f"transformer_lens.head_detector did not run on this model ({type(exc).__name__}: {exc})")
+        warnings.warn(
+            f"transformer_lens.head_detector did not run on this model ({type(exc).__name__}: {exc})"
+        )
         return None

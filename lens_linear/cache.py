@@ -28,13 +28,32 @@ from jaxtyping import Float
 from transformer_lens import FactoredMatrix
 
 from lens_linear import decode
-from lens_linear._validation import (LinearizationError, check_dtype, hook_name, normalize_index,
-                                     normalize_position, relative_error, require_tl_model, tolerance)
+from lens_linear._validation import (
+    LinearizationError,
+    check_dtype,
+    hook_name,
+    normalize_index,
+    normalize_position,
+    relative_error,
+    require_tl_model,
+    tolerance,
+)
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
-from lens_linear.hooks.operating_point import (HALF, INPUT_HOOK, OperatingPoint, analysis_mode, biases_zeroed,
-                                               block_outputs, centred_projections, checks_whole_prompt, linears_skipped,
-                                               output_hook, projected_error, seeded_randn)
+from lens_linear.hooks.operating_point import (
+    HALF,
+    INPUT_HOOK,
+    OperatingPoint,
+    analysis_mode,
+    biases_zeroed,
+    block_outputs,
+    centred_projections,
+    checks_whole_prompt,
+    linears_skipped,
+    output_hook,
+    projected_error,
+    seeded_randn,
+)
 from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import PARTS, components_without_sites, layer_of
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
@@ -55,13 +74,19 @@ class PositionNorms:
     """``values[i] = ‖J_i x_i‖²``: how much input position ``i`` contributes to one output;
     ``stderr`` where the values are an estimate."""
 
-    values: Float[torch.Tensor, "pos_in"]
-    stderr: Float[torch.Tensor, "pos_in"] | None = None
+    values: Float[torch.Tensor, "pos_in"]  # noqa: F821
+    stderr: Float[torch.Tensor, "pos_in"] | None = None  # noqa: F821
 
 
 N_PROJECTIONS = 8  # random projections that verify a reconstruction (see LinearCache.check)
 WIDE_TOLERANCE = 1e-4  # affinity error of a half-precision model's frozen map replayed in float32
-RESIDUAL_WIDTH_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+RESIDUAL_WIDTH_HOOKS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
 HookKey = str | tuple  # a hook name or an ActivationCache shorthand
 
 
@@ -75,8 +100,17 @@ class LinearCache:
     point, tokens and logits are kept alongside.
     """
 
-    def __init__(self, model: Any, point: OperatingPoint, logits: torch.Tensor, activations: Any,
-                 pos: int, max_memory: int | None = None, progress: bool = False, complete: bool = False):
+    def __init__(
+        self,
+        model: Any,
+        point: OperatingPoint,
+        logits: torch.Tensor,
+        activations: Any,
+        pos: int,
+        max_memory: int | None = None,
+        progress: bool = False,
+        complete: bool = False,
+    ):
         self.model = model
         self.point = point
         self.tokens = point.tokens
@@ -88,8 +122,12 @@ class LinearCache:
         self.max_memory = max_memory
         self.progress = progress
         self._jacobians: dict[tuple[str, int, bool, str], torch.Tensor] = {}
-        self._check_graph: tuple[torch.Tensor, torch.Tensor] | None = None  # see check(): used by one Jacobian
-        self._upcast = point.x_star.dtype != logits.dtype  # computing a half model's frozen map wider
+        self._check_graph: tuple[torch.Tensor, torch.Tensor] | None = (
+            None  # see check(): used by one Jacobian
+        )
+        self._upcast = (
+            point.x_star.dtype != logits.dtype
+        )  # computing a half model's frozen map wider
 
     # ---- basic facts -------------------------------------------------------------------
     @property
@@ -118,7 +156,11 @@ class LinearCache:
         recorded one, or, when computing wider than the model (``dtype=``), the frozen map's
         value at ``x*`` in that dtype (the model's own differs by :meth:`model_rounding`)."""
         hook, pos = self._resolve(hook, pos)
-        cache = self._recorded if hook in self._recorded and not self._upcast else self.point.activations
+        cache = (
+            self._recorded
+            if hook in self._recorded and not self._upcast
+            else self.point.activations
+        )
         return cache[hook][0, pos].reshape(-1)
 
     def model_rounding(self, hook: HookKey | None = None, *, pos: int | None = None) -> float:
@@ -130,7 +172,9 @@ class LinearCache:
         recorded = self._recorded if hook in self._recorded else None
         if recorded is None:
             with analysis_mode(self.model), torch.no_grad():
-                y = run_to(self.model, self.tokens, self.point.hooks("record"), capture=[hook], pos=pos)[hook]
+                y = run_to(
+                    self.model, self.tokens, self.point.hooks("record"), capture=[hook], pos=pos
+                )[hook]
         else:
             y = recorded[hook][:, pos]
         return relative_error(y[0].reshape(-1), self.activation(hook, pos=pos))
@@ -151,8 +195,14 @@ class LinearCache:
         """Bytes one backward row (or one forward direction) keeps alive."""
         return sequence_bytes(self.model.cfg, self.n_pos, self.x.dtype)
 
-    def jacobian(self, hook: HookKey | None = None, *, pos: int | None = None, input_hook: HookKey | None = None,
-                 detached: bool = True) -> Float[torch.Tensor, "pos_in d_out d_in"]:
+    def jacobian(
+        self,
+        hook: HookKey | None = None,
+        *,
+        pos: int | None = None,
+        input_hook: HookKey | None = None,
+        detached: bool = True,
+    ) -> Float[torch.Tensor, "pos_in d_out d_in"]:
         """Jacobian of ``hook`` at output position ``pos`` w.r.t. the input at every position.
 
         ``detached`` (default): the frozen map's Jacobian J⁺, which reconstructs the
@@ -167,15 +217,27 @@ class LinearCache:
         if key not in self._jacobians:
             graph = None
             if detached and hook == self.output and input_hook == INPUT_HOOK:
-                graph, self._check_graph = self._check_graph, None  # the check's graph serves one Jacobian
+                graph, self._check_graph = (
+                    self._check_graph,
+                    None,
+                )  # the check's graph serves one Jacobian
             with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
-                if graph is not None:  # the check's whole-prompt replay at x*: its forward is already done
+                if (
+                    graph is not None
+                ):  # the check's whole-prompt replay at x*: its forward is already done
                     y, x = graph[0][pos], graph[1]
                 else:
-                    x = (self.x if input_hook == INPUT_HOOK else self.point.activations[input_hook][0]).detach()
+                    x = (
+                        self.x
+                        if input_hook == INPUT_HOOK
+                        else self.point.activations[input_hook][0]
+                    ).detach()
                     x = x.clone().requires_grad_(True)
-                    y = (self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook] if detached
-                         else self._ordinary(x, hook, pos, input_hook))[0]
+                    y = (
+                        self.point.replay(x, [hook], input_hook=input_hook, pos=pos)[hook]
+                        if detached
+                        else self._ordinary(x, hook, pos, input_hook)
+                    )[0]
                 y = y.reshape(-1)
                 chunk = chunk_size(y.numel(), self._row_bytes(), self.max_memory, device=x.device)
                 self._jacobians[key] = batched_vjp_jacobian(y, x, chunk, self.progress).detach()
@@ -184,13 +246,20 @@ class LinearCache:
     def __getitem__(self, hook: HookKey) -> Float[torch.Tensor, "pos_in d_out d_in"]:
         return self.jacobian(hook)
 
-    def is_computed(self, hook: HookKey | None = None, *, pos: int | None = None, detached: bool = True) -> bool:
+    def is_computed(
+        self, hook: HookKey | None = None, *, pos: int | None = None, detached: bool = True
+    ) -> bool:
         """Whether that Jacobian (from the input embeddings) is already in the cache."""
         hook, pos = self._resolve(hook, pos)
         return (hook, pos, detached, INPUT_HOOK) in self._jacobians
 
-    def jacobians(self, hooks: Sequence[HookKey] | None = None, *, pos: int | None = None,
-                  method: str = "auto") -> dict[str, Float[torch.Tensor, "pos_in d_out d_in"]]:
+    def jacobians(
+        self,
+        hooks: Sequence[HookKey] | None = None,
+        *,
+        pos: int | None = None,
+        method: str = "auto",
+    ) -> dict[str, Float[torch.Tensor, "pos_in d_out d_in"]]:
         """Detached Jacobians of many hooks at once (default: every ``hook_resid_post``).
 
         Two engines (see :func:`lens_linear.jacobian.cheaper_engine` for their counted cost):
@@ -208,6 +277,7 @@ class LinearCache:
         if todo and method == "auto":
             method = self.engine(todo, pos=pos)
         if todo and method == "forward":
+
             def apply(start: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
                 out = self.point.replay(x, todo, start_pos=start, pos=pos - start)
                 return {h: v.reshape(x.shape[0], -1) for h, v in out.items()}
@@ -215,8 +285,13 @@ class LinearCache:
             # balanced batches of at most 160 directions: measured on SmolLM2 at 8 tokens,
             # 144 per batch took 39 s / 472 MB, 256 per batch 37 s / 812 MB
             cap = math.ceil(d_in / math.ceil(d_in / 160)) if self.x.device.type == "cpu" else None
-            chunk = chunk_size(d_in, self._row_bytes() // 2, self.max_memory, cap=cap, device=self.x.device)
-            with self.point.computing(), analysis_mode(self.model):  # one weight copy for every replay
+            chunk = chunk_size(
+                d_in, self._row_bytes() // 2, self.max_memory, cap=cap, device=self.x.device
+            )
+            with (
+                self.point.computing(),
+                analysis_mode(self.model),
+            ):  # one weight copy for every replay
                 dead = self.point.dead_linears(todo)
                 with biases_zeroed(self.model), linears_skipped(dead):
                     found = forward_jacobians(apply, n, d_in, pos, chunk, self.x, self.progress)
@@ -230,7 +305,10 @@ class LinearCache:
         hooks = [self._resolve(h, pos)[0] for h in (hooks or block_outputs(self.model))]
         if self.point.fwd_hooks:
             return "reverse"
-        depths = {h: layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers for h in hooks}
+        depths = {
+            h: layer_of(h) + 1 if layer_of(h) is not None else self.model.cfg.n_layers
+            for h in hooks
+        }
         widths = {h: self._width(h, pos) for h in hooks}
         return cheaper_engine(depths, widths, *self.x.shape, pos)
 
@@ -240,27 +318,35 @@ class LinearCache:
             return self.model.cfg.d_model
         return self.activation(hook, pos=pos).numel()
 
-    def layerwise_jacobian(self, layer: int, *, pos: int | None = None,
-                           cumulative: bool = False) -> Float[torch.Tensor, "pos_in d_model d_model"]:
+    def layerwise_jacobian(
+        self, layer: int, *, pos: int | None = None, cumulative: bool = False
+    ) -> Float[torch.Tensor, "pos_in d_model d_model"]:
         """The map of block ``layer`` from its input residual stream (every position) to its
         output at ``pos``; with ``cumulative``, the map from the input embeddings up to it."""
         layer = normalize_index(layer, self.model.cfg.n_layers)
         out = f"blocks.{layer}.hook_resid_post"
-        return self.jacobian(out, pos=pos, input_hook=None if cumulative else f"blocks.{layer}.hook_resid_pre")
+        return self.jacobian(
+            out, pos=pos, input_hook=None if cumulative else f"blocks.{layer}.hook_resid_pre"
+        )
 
     # ---- decomposition -----------------------------------------------------------------
-    def bias_term(self, hook: HookKey | None = None, *, pos: int | None = None) -> Float[torch.Tensor, "d_out"]:
+    def bias_term(
+        self, hook: HookKey | None = None, *, pos: int | None = None
+    ) -> Float[torch.Tensor, "d_out"]:  # noqa: F821
         """``F(0)``: the biases' total contribution to ``hook`` at ``pos`` (zero for bias-free models)."""
         hook, pos = self._resolve(hook, pos)
         return self.point.bias_term(hook)[pos].reshape(-1)
 
-    def bias_contributions(self, hook: HookKey | None = None, *, pos: int | None = None) -> dict[str, torch.Tensor]:
+    def bias_contributions(
+        self, hook: HookKey | None = None, *, pos: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """``bias_term`` split exactly into one vector per bias parameter (plus ``"(other)"``)."""
         hook, pos = self._resolve(hook, pos)
         return {k: v[pos].reshape(-1) for k, v in self.point.bias_contributions(hook).items()}
 
-    def contributions(self, hook: HookKey | None = None, *, pos: int | None = None,
-                      by: str = "position") -> Float[torch.Tensor, "pos_in d_out"] | dict[str, torch.Tensor]:
+    def contributions(
+        self, hook: HookKey | None = None, *, pos: int | None = None, by: str = "position"
+    ) -> Float[torch.Tensor, "pos_in d_out"] | dict[str, torch.Tensor]:
         """Exact additive parts of the activation at ``hook[pos]``; with the bias term they sum to it.
 
         ``by="position"``: ``J_i x_i`` per input position, ``[pos_in, d_out]`` (add
@@ -277,32 +363,50 @@ class LinearCache:
         n_layers = self.model.cfg.n_layers
         if hook == self.output:
             upto, lens = n_layers, self.final_norm_map(pos=pos)
-        elif layer_of(hook) is not None and hook.rsplit(".", 1)[-1] in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post"):
+        elif layer_of(hook) is not None and hook.rsplit(".", 1)[-1] in (
+            "hook_resid_pre",
+            "hook_resid_mid",
+            "hook_resid_post",
+        ):
             upto, lens = layer_of(hook) + (hook.endswith("post")), None
         else:
-            raise ValueError(f"by='component' needs a residual-stream hook (hook_resid_pre/mid/post) or "
-                             f"the output {self.output!r}, got {hook!r}")
+            raise ValueError(
+                f"by='component' needs a residual-stream hook (hook_resid_pre/mid/post) or "
+                f"the output {self.output!r}, got {hook!r}"
+            )
         names = [("embed", INPUT_HOOK)]
         for layer in range(upto):
-            names += [(f"blocks.{layer}.attn", f"blocks.{layer}.hook_attn_out"),
-                      (f"blocks.{layer}.mlp", f"blocks.{layer}.hook_mlp_out")]
+            names += [
+                (f"blocks.{layer}.attn", f"blocks.{layer}.hook_attn_out"),
+                (f"blocks.{layer}.mlp", f"blocks.{layer}.hook_mlp_out"),
+            ]
         if hook.endswith("hook_resid_mid"):
             names.append((f"blocks.{upto}.attn", f"blocks.{upto}.hook_attn_out"))
         parts = {label: self.activations[name][0, pos] for label, name in names}
         resid = sum(parts.values())
-        target = self.activation(f"blocks.{n_layers - 1}.hook_resid_post" if lens is not None else hook, pos=pos)
+        target = self.activation(
+            f"blocks.{n_layers - 1}.hook_resid_post" if lens is not None else hook, pos=pos
+        )
         if relative_error(resid, target) > 10 * tolerance(self.x.dtype):
-            raise ValueError(f"the residual stream of {self.model.cfg.model_name} is not the sum of "
-                             f"hook_embed/hook_attn_out/hook_mlp_out (relative error "
-                             f"{relative_error(resid, target):.1e}): a component decomposition would be wrong here")
+            raise ValueError(
+                f"the residual stream of {self.model.cfg.model_name} is not the sum of "
+                f"hook_embed/hook_attn_out/hook_mlp_out (relative error "
+                f"{relative_error(resid, target):.1e}): a component decomposition would be wrong here"
+            )
         if lens is None:
             return {**parts, "bias": torch.zeros_like(resid)}
         out = {label: lens @ v for label, v in parts.items()}
         out["bias"] = self.activation(hook, pos=pos) - lens @ target
         return out
 
-    def contribution_norms(self, hook: HookKey | None = None, *, pos: int | None = None,
-                           probes: int | None = None, seed: int = 0) -> PositionNorms:
+    def contribution_norms(
+        self,
+        hook: HookKey | None = None,
+        *,
+        pos: int | None = None,
+        probes: int | None = None,
+        seed: int = 0,
+    ) -> PositionNorms:
         """``‖J_i x_i‖²`` for every input position ``i``: exact from the full Jacobian
         (``probes=None``, ``d_out`` VJPs), or, for long prompts, an unbiased estimate from
         ``probes`` Gaussian cotangents ``u`` (``E (uᵀJ_i x_i)² = ‖J_i x_i‖²``), with its standard
@@ -317,9 +421,11 @@ class LinearCache:
         with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
             out = self.point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
             chunk = chunk_size(probes, self._row_bytes(), self.max_memory, device=x.device)
-            pulled = batched_vjp_jacobian(out, x, chunk, self.progress, cotangents=u)  # [pos_in, probes, d_in]
+            pulled = batched_vjp_jacobian(
+                out, x, chunk, self.progress, cotangents=u
+            )  # [pos_in, probes, d_in]
         squares = torch.einsum("pkd,pd->pk", pulled.double(), self.x.double()).pow(2)
-        return PositionNorms(squares.mean(1), squares.std(1) / probes ** 0.5)
+        return PositionNorms(squares.mean(1), squares.std(1) / probes**0.5)
 
     def final_norm_map(self, *, pos: int | None = None) -> Float[torch.Tensor, "d_model d_model"]:
         """The frozen final norm at ``pos`` as a Jacobian (last residual stream → output), to
@@ -328,8 +434,9 @@ class LinearCache:
         final_resid = f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
         return self.jacobian(self.output, pos=pos, input_hook=final_resid)[pos]
 
-    def reconstruction(self, hook: HookKey | None = None, *, pos: int | None = None,
-                       detached: bool = True) -> torch.Tensor:
+    def reconstruction(
+        self, hook: HookKey | None = None, *, pos: int | None = None, detached: bool = True
+    ) -> torch.Tensor:
         """``Σ_i J_i x_i + bias_term`` (with the ordinary Jacobian if not ``detached``), summed
         in at least float32: a half-precision Jacobian's sum over every input position and
         dimension would otherwise round (its entries stay as computed). The ordinary Jacobian,
@@ -343,12 +450,20 @@ class LinearCache:
             jx = self._ordinary_jvp(*self._resolve(hook, pos)).to(wide)
         return jx + self.bias_term(hook, pos=pos).to(wide)
 
-    def _ordinary(self, x: torch.Tensor, hook: str, pos: int, input_hook: str = INPUT_HOOK) -> torch.Tensor:
+    def _ordinary(
+        self, x: torch.Tensor, hook: str, pos: int, input_hook: str = INPUT_HOOK
+    ) -> torch.Tensor:
         """``hook[pos]`` of the model itself (nothing frozen, the user's hooks on) with ``x`` at ``input_hook``."""
-        return run_to(self.model, self.tokens, self.point.fwd_hooks, inject=(input_hook, x[None]),
-                      capture=[hook], pos=pos)[hook]
+        return run_to(
+            self.model,
+            self.tokens,
+            self.point.fwd_hooks,
+            inject=(input_hook, x[None]),
+            capture=[hook],
+            pos=pos,
+        )[hook]
 
-    def _ordinary_jvp(self, hook: str, pos: int) -> Float[torch.Tensor, "d_out"]:
+    def _ordinary_jvp(self, hook: str, pos: int) -> Float[torch.Tensor, "d_out"]:  # noqa: F821
         """``J x*`` for the ordinary Jacobian ``J`` of ``hook[pos]``: the derivative of
         ``u ↦ (Jᵀu)·x*``, which is linear in ``u`` (backward of a backward)."""
         x = self.x.detach().clone().requires_grad_(True)
@@ -359,13 +474,21 @@ class LinearCache:
             (jx,) = torch.autograd.grad(g, u, grad_outputs=x.detach())
         return jx.detach()
 
-    def reconstruction_error(self, hook: HookKey | None = None, *, pos: int | None = None,
-                             detached: bool = True) -> float:
+    def reconstruction_error(
+        self, hook: HookKey | None = None, *, pos: int | None = None, detached: bool = True
+    ) -> float:
         """``std(reconstruction − y) / std(y)``: ~1e-7 detached in float32, O(1) otherwise."""
-        return relative_error(self.reconstruction(hook, pos=pos, detached=detached), self.activation(hook, pos=pos))
+        return relative_error(
+            self.reconstruction(hook, pos=pos, detached=detached), self.activation(hook, pos=pos)
+        )
 
-    def check(self, hook: HookKey | None = None, *, pos: int | None = None,
-              n_projections: int = N_PROJECTIONS) -> float:
+    def check(
+        self,
+        hook: HookKey | None = None,
+        *,
+        pos: int | None = None,
+        n_projections: int = N_PROJECTIONS,
+    ) -> float:
         """Raise :class:`LinearizationError` unless every frozen coefficient provably reaches
         the output and the frozen map reconstructs ``hook[pos]`` exactly for the dtype; return
         the relative reconstruction error.
@@ -391,10 +514,18 @@ class LinearCache:
           (4 forwards), where rounding cannot hide a small nonlinearity.
         """
         hook, pos = self._resolve(hook, pos)
-        target = None if self._upcast else self._recorded[self.output][0]  # upcast: F(x*) in the point's dtype
-        keep = not self._upcast and not self.is_computed() and self.model.cfg.n_layers * self._row_bytes() <= \
-            (self.max_memory or default_memory(self.x.device))  # a small graph, for the first Jacobian
-        sites = self.point.check_sites(target if hook == self.output else None, n_projections, keep_graph=keep)
+        target = (
+            None if self._upcast else self._recorded[self.output][0]
+        )  # upcast: F(x*) in the point's dtype
+        keep = (
+            not self._upcast
+            and not self.is_computed()
+            and self.model.cfg.n_layers * self._row_bytes()
+            <= (self.max_memory or default_memory(self.x.device))
+        )  # a small graph, for the first Jacobian
+        sites = self.point.check_sites(
+            target if hook == self.output else None, n_projections, keep_graph=keep
+        )
         ignored = sites.ignored
         if ignored:
             layer = self.point.sites[[s.name for s in self.point.sites].index(ignored[0])].layer
@@ -403,7 +534,9 @@ class LinearCache:
                 f"the model reads that value before the hook fires (TransformerLens' bridge fires "
                 f"hook_pattern after the attention has used it on some architectures), so "
                 f"freezing it there is silently ignored. Ignored: {', '.join(ignored[:6])}"
-                f"{' ...' if len(ignored) > 6 else ''}.", layer=layer)
+                f"{' ...' if len(ignored) > 6 else ''}.",
+                layer=layer,
+            )
         if self.x.dtype in HALF:  # half-precision rounding (~1e-2) would hide a small nonlinearity:
             # test the frozen map's linearity in float32, where its rounding is ~1e-7
             layer, layer_err = self.point.in_dtype(torch.float32).locate_break(WIDE_TOLERANCE)
@@ -412,7 +545,10 @@ class LinearCache:
                     f"the frozen map is not linear: replayed in float32 (the model is {self.x.dtype}), "
                     f"linearity first breaks at blocks.{layer} (affinity error {layer_err:.2e} > "
                     f"{WIDE_TOLERANCE:.0e}). A nonlinearity is not frozen there: a user hook, or a component "
-                    f"without a freezing rule.", layer=layer, error=layer_err)
+                    f"without a freezing rule.",
+                    layer=layer,
+                    error=layer_err,
+                )
         if self.is_computed(hook, pos=pos):
             err = self.reconstruction_error(hook, pos=pos)
         elif sites.error is not None:
@@ -421,19 +557,34 @@ class LinearCache:
             try:
                 err = self.directional_error(hook, pos=pos)
             except NotImplementedError:  # an operation without a forward-mode rule
-                err = self.projected_reconstruction_error(hook, pos=pos, n_projections=n_projections)
+                err = self.projected_reconstruction_error(
+                    hook, pos=pos, n_projections=n_projections
+                )
         tol = tolerance(self.x.dtype)
         if not err <= tol:
             layer, layer_err = self.point.locate_break(tol)
-            where = (f"linearity first breaks at blocks.{layer} (affinity error {layer_err:.2e})"
-                     if layer is not None else "every block's replay is affine, so the Jacobian path disagrees with replay")
-            bare = components_without_sites(self.model, layer, self.point.sites) if layer is not None else []
-            suspects = (f"blocks.{layer}'s {', '.join(bare)} (no freezing rule for its operator: a state-space "
-                        f"scan, gated convolution or recurrence), or a user hook" if bare else
-                        "a user hook, or a component without a freezing rule")
+            where = (
+                f"linearity first breaks at blocks.{layer} (affinity error {layer_err:.2e})"
+                if layer is not None
+                else "every block's replay is affine, so the Jacobian path disagrees with replay"
+            )
+            bare = (
+                components_without_sites(self.model, layer, self.point.sites)
+                if layer is not None
+                else []
+            )
+            suspects = (
+                f"blocks.{layer}'s {', '.join(bare)} (no freezing rule for its operator: a state-space "
+                f"scan, gated convolution or recurrence), or a user hook"
+                if bare
+                else "a user hook, or a component without a freezing rule"
+            )
             raise LinearizationError(
                 f"the detached Jacobian does not reconstruct {hook} (relative error {err:.2e} > {tol:.0e}): "
-                f"{where}. A nonlinearity is not frozen there: {suspects}.", layer=layer, error=err)
+                f"{where}. A nonlinearity is not frozen there: {suspects}.",
+                layer=layer,
+                error=err,
+            )
         self._check_graph = sites.graph  # kept only once the map it holds is verified
         return err
 
@@ -446,11 +597,19 @@ class LinearCache:
             jx = self.point.directional(hook, pos=pos).reshape(-1)
         wide = torch.promote_types(jx.dtype, torch.float32)
         if self.point.may_add_constant():
-            return relative_error(jx.to(wide) + self.bias_term(hook, pos=pos).to(wide), self.activation(hook, pos=pos))
+            return relative_error(
+                jx.to(wide) + self.bias_term(hook, pos=pos).to(wide), self.activation(hook, pos=pos)
+            )
         return relative_error(jx.to(wide), self.activation(hook, pos=pos))
 
-    def projected_reconstruction_error(self, hook: HookKey | None = None, *, pos: int | None = None,
-                                       n_projections: int = N_PROJECTIONS, seed: int = 0) -> float:
+    def projected_reconstruction_error(
+        self,
+        hook: HookKey | None = None,
+        *,
+        pos: int | None = None,
+        n_projections: int = N_PROJECTIONS,
+        seed: int = 0,
+    ) -> float:
         """:meth:`reconstruction_error` seen through ``n_projections`` random directions:
         ``‖U(Σ_i J_i x_i + c − y)‖ / ‖U y‖`` with centred Gaussian rows ``U``, from one batched
         backward of ``U`` (``n_projections`` VJPs) and, where the map may add a constant, one
@@ -463,30 +622,61 @@ class LinearCache:
         with self.point.computing(), analysis_mode(self.model), torch.enable_grad():
             out = self.point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
             chunk = chunk_size(n_projections, self._row_bytes(), self.max_memory, device=x.device)
-            pulled = batched_vjp_jacobian(out, x, chunk, cotangents=u)  # [pos_in, n_projections, d_in]
+            pulled = batched_vjp_jacobian(
+                out, x, chunk, cotangents=u
+            )  # [pos_in, n_projections, d_in]
         pulled_x = torch.einsum("pkd,pd->k", pulled.double(), self.x.double())
         constant = self.bias_term(hook, pos=pos) if self.point.may_add_constant() else None
         return projected_error(u, pulled_x, constant, y)
 
     # ---- SVD, decoding, dimensionality ------------------------------------------------
-    def svd(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all",
-            n_triplets: int | None = None) -> SVDResult:
+    def svd(
+        self,
+        hook: HookKey | None = None,
+        *,
+        pos: int | None = None,
+        input_pos: int | str = "all",
+        n_triplets: int | None = None,
+    ) -> SVDResult:
         """SVD of the Jacobian of ``hook`` at output position ``pos``: for one ``input_pos``, or
         all input positions side by side (``"all"``). ``n_triplets`` (default 10); unpacks as
         ``U, S, V``."""
         hook, pos = self._resolve(hook, pos)
-        return decode.svd(self.jacobian(hook, pos=pos), hook, input_pos, n_triplets, self.activation(hook, pos=pos))
+        return decode.svd(
+            self.jacobian(hook, pos=pos),
+            hook,
+            input_pos,
+            n_triplets,
+            self.activation(hook, pos=pos),
+        )
 
-    def svd_matrix_free(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all",
-                        n_triplets: int = 3, **kwargs: Any) -> MatrixFreeSVD:
+    def svd_matrix_free(
+        self,
+        hook: HookKey | None = None,
+        *,
+        pos: int | None = None,
+        input_pos: int | str = "all",
+        n_triplets: int = 3,
+        **kwargs: Any,
+    ) -> MatrixFreeSVD:
         """Top ``n_triplets`` of the same SVD from replay products only (no Jacobian is formed):
         see :func:`lens_linear.matfree.matrix_free_svd` for ``tol``, ``block``, ``chunk``."""
         hook, pos = self._resolve(hook, pos)
         kwargs = {"max_memory": self.max_memory, "progress": self.progress, **kwargs}
-        return matrix_free_svd(self.point, hook, pos=pos, input_pos=input_pos, n_triplets=n_triplets, **kwargs)
+        return matrix_free_svd(
+            self.point, hook, pos=pos, input_pos=input_pos, n_triplets=n_triplets, **kwargs
+        )
 
-    def decode(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all",
-               n_triplets: int = 3, n_tokens: int = 5, readout: bool = True) -> list[Direction]:
+    def decode(
+        self,
+        hook: HookKey | None = None,
+        *,
+        pos: int | None = None,
+        input_pos: int | str = "all",
+        n_triplets: int = 3,
+        n_tokens: int = 5,
+        readout: bool = True,
+    ) -> list[Direction]:
         """The top singular triplets as tokens: left vectors through the unembedding (after the
         frozen final norm when ``readout`` and ``hook`` is an intermediate residual), right
         vectors as the nearest input-token embeddings."""
@@ -498,48 +688,93 @@ class LinearCache:
         for j in range(result.S.shape[0]):
             u = result.U[:, j] if lens is None else lens @ result.U[:, j]
             # all positions: read the right vector at the input position where it is largest
-            where = (normalize_position(input_pos, self.n_pos, "input_pos") if input_pos != "all"
-                     else int(result.V[:, :, j].norm(dim=-1).argmax()))
+            where = (
+                normalize_position(input_pos, self.n_pos, "input_pos")
+                if input_pos != "all"
+                else int(result.V[:, :, j].norm(dim=-1).argmax())
+            )
             v = result.V[0 if input_pos != "all" else where, :, j]
-            out.append(Direction(j, float(result.S[j]), decode.output_tokens(self.model, u, n_tokens),
-                                 decode.input_tokens(self.model, v, n_tokens), where))
+            out.append(
+                Direction(
+                    j,
+                    float(result.S[j]),
+                    decode.output_tokens(self.model, u, n_tokens),
+                    decode.input_tokens(self.model, v, n_tokens),
+                    where,
+                )
+            )
         return out
 
-    def top_rows(self, hook: HookKey | None = None, *, input_pos: int, pos: int | None = None, n_rows: int = 3,
-                 n_tokens: int = 5) -> list[Direction]:
+    def top_rows(
+        self,
+        hook: HookKey | None = None,
+        *,
+        input_pos: int,
+        pos: int | None = None,
+        n_rows: int = 3,
+        n_tokens: int = 5,
+    ) -> list[Direction]:
         """Rows of largest norm of ``input_pos``'s Jacobian block: the input features that the
         most strongly driven output units select for, as nearest input tokens."""
         jac = decode.flatten(self.jacobian(hook, pos=pos), input_pos)
         norms = jac.norm(dim=1)
         idx = norms.topk(min(n_rows, len(norms))).indices
-        return [Direction(int(i), float(norms[i]), None, decode.input_tokens(self.model, jac[i], n_tokens))
-                for i in idx]
+        return [
+            Direction(
+                int(i), float(norms[i]), None, decode.input_tokens(self.model, jac[i], n_tokens)
+            )
+            for i in idx
+        ]
 
-    def top_columns(self, hook: HookKey | None = None, *, input_pos: int, pos: int | None = None, n_cols: int = 3,
-                    n_tokens: int = 5) -> list[Direction]:
+    def top_columns(
+        self,
+        hook: HookKey | None = None,
+        *,
+        input_pos: int,
+        pos: int | None = None,
+        n_cols: int = 3,
+        n_tokens: int = 5,
+    ) -> list[Direction]:
         """Columns of largest norm of ``input_pos``'s Jacobian block, read through the unembedding."""
         hook, pos = self._resolve(hook, pos)
         jac = decode.flatten(self.jacobian(hook, pos=pos), input_pos)
         decode.check_output_space(self.model, jac.shape[0], hook)
         norms = jac.norm(dim=0)
         idx = norms.topk(min(n_cols, len(norms))).indices
-        return [Direction(int(i), float(norms[i]), decode.output_tokens(self.model, jac[:, i], n_tokens), None)
-                for i in idx]
+        return [
+            Direction(
+                int(i), float(norms[i]), decode.output_tokens(self.model, jac[:, i], n_tokens), None
+            )
+            for i in idx
+        ]
 
-    def stable_rank(self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all") -> float:
+    def stable_rank(
+        self, hook: HookKey | None = None, *, pos: int | None = None, input_pos: int | str = "all"
+    ) -> float:
         """``‖J‖_F² / ‖J‖_2²`` of the Jacobian (one input position or all side by side)."""
         return decode.gram_stable_rank(self.jacobian(hook, pos=pos), input_pos)
 
-    def spectra(self, hooks: Sequence[HookKey], *, pos: int | None = None,
-                input_pos: int | str = "all") -> dict[str, torch.Tensor]:
+    def spectra(
+        self, hooks: Sequence[HookKey], *, pos: int | None = None, input_pos: int | str = "all"
+    ) -> dict[str, torch.Tensor]:
         """Normalized singular value spectra (``S / S[0]``) of several hooks' Jacobians,
         computed together (e.g. every layer's ``hook_attn_out``, ``hook_mlp_out``, ``hook_resid_post``)."""
         jacs = self.jacobians(hooks, pos=pos)
-        return {h: (lambda s: s / s[0])(self.svd(h, pos=pos, input_pos=input_pos, n_triplets=1).spectrum)
-                for h in jacs}
+        return {
+            h: (lambda s: s / s[0])(
+                self.svd(h, pos=pos, input_pos=input_pos, n_triplets=1).spectrum
+            )
+            for h in jacs
+        }
 
-    def alignment(self, hooks: Sequence[HookKey] | None = None, *, reference: HookKey | None = None,
-                  n_triplets: int = 3, pos: int | None = None) -> Float[torch.Tensor, "n_hooks n_triplets"]:
+    def alignment(
+        self,
+        hooks: Sequence[HookKey] | None = None,
+        *,
+        reference: HookKey | None = None,
+        n_triplets: int = 3,
+        pos: int | None = None,
+    ) -> Float[torch.Tensor, "n_hooks n_triplets"]:
         """``|⟨u_j(hook), u_j(reference)⟩|`` for the top left singular vectors of each hook's
         all-positions Jacobian against the reference's (default: the last hook): how early the
         final layer's leading directions appear (paper fig. 6B)."""
@@ -548,8 +783,12 @@ class LinearCache:
         jacs = self.jacobians([*hooks, reference], pos=pos)
         names = list(jacs)
         ref = decode.top_left_vectors(jacs[names[-1]], n_triplets)
-        return torch.stack([(decode.top_left_vectors(jacs[h], n_triplets) * ref).sum(0).abs()
-                            for h in names[:len(hooks)]]).to(self.x.dtype)
+        return torch.stack(
+            [
+                (decode.top_left_vectors(jacs[h], n_triplets) * ref).sum(0).abs()
+                for h in names[: len(hooks)]
+            ]
+        ).to(self.x.dtype)
 
     # ---- attention ----------------------------------------------------------------------
     @functools.cached_property
@@ -558,11 +797,20 @@ class LinearCache:
         circuits (row convention), token-to-token Jacobians and their QK term (column convention)."""
         return AttentionCircuits(self.point, self.max_memory)
 
-    def attention_jacobian(self, layer: int, query_pos: int, key_pos: int, *, head: int | None = None,
-                           include_norm: bool = False) -> FactoredMatrix:
+    def attention_jacobian(
+        self,
+        layer: int,
+        query_pos: int,
+        key_pos: int,
+        *,
+        head: int | None = None,
+        include_norm: bool = False,
+    ) -> FactoredMatrix:
         """``∂ attn_out[query_pos] / ∂ x[key_pos]`` with the pattern frozen, a column-convention
         ``FactoredMatrix``: see :meth:`AttentionCircuits.jacobian`."""
-        return self.attention.jacobian(layer, query_pos, key_pos, head=head, include_norm=include_norm)
+        return self.attention.jacobian(
+            layer, query_pos, key_pos, head=head, include_norm=include_norm
+        )
 
     def _repr_html_(self) -> str:
         """Notebook summary: prediction, reconstruction errors, token contributions."""
@@ -572,9 +820,11 @@ class LinearCache:
 
     def __repr__(self) -> str:
         top = self.top_predictions(1)[0]
-        return (f"LinearCache({self.model.cfg.model_name}, {self.n_pos} tokens, pos={self.pos}, "
-                f"output={self.output!r}, top={top.token!r} p={top.prob:.3f}, "
-                f"jacobians cached={len(self._jacobians)})")
+        return (
+            f"LinearCache({self.model.cfg.model_name}, {self.n_pos} tokens, pos={self.pos}, "
+            f"output={self.output!r}, top={top.token!r} p={top.prob:.3f}, "
+            f"jacobians cached={len(self._jacobians)})"
+        )
 
 
 def run_with_linear_cache(
@@ -631,15 +881,31 @@ def run_with_linear_cache(
     tokens = to_tokens(model, input, prepend_bos)
     pos = normalize_position(pos, tokens.shape[-1])
     keep = _with_output(names_filter, output_hook(model))
-    carried = check and not checks_whole_prompt(tokens.shape[-1], fwd_hooks)  # else the site check covers it
+    carried = check and not checks_whole_prompt(
+        tokens.shape[-1], fwd_hooks
+    )  # else the site check covers it
     with analysis_mode(model):
-        point, logits, activations = OperatingPoint.record(model, tokens, parts, fwd_hooks, keep,
-                                                           tangent_at=output_hook(model) if carried else None,
-                                                           store_patterns=store_patterns)
+        point, logits, activations = OperatingPoint.record(
+            model,
+            tokens,
+            parts,
+            fwd_hooks,
+            keep,
+            tangent_at=output_hook(model) if carried else None,
+            store_patterns=store_patterns,
+        )
     if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
         point = point.in_dtype(dtype)
-    lcache = LinearCache(model, point, logits, activations, pos, max_memory, progress,
-                         complete=names_filter is not None)
+    lcache = LinearCache(
+        model,
+        point,
+        logits,
+        activations,
+        pos,
+        max_memory,
+        progress,
+        complete=names_filter is not None,
+    )
     if check:
         lcache.check()
     return lcache

@@ -38,32 +38,81 @@ from lens_linear.tiny import char_tokenizer, perturb_
 log = logging.getLogger(__name__)
 
 PROMPT = "Hello world"
-SIZE = dict(d_model=64, d_mlp=128, n_layers=2, n_heads=4, n_kv=2, d_head=16, vocab=128, n_ctx=64,
-            n_experts=4, top_k=2, d_expert=32)
+SIZE = dict(
+    d_model=64,
+    d_mlp=128,
+    n_layers=2,
+    n_heads=4,
+    n_kv=2,
+    d_head=16,
+    vocab=128,
+    n_ctx=64,
+    n_experts=4,
+    top_k=2,
+    d_expert=32,
+)
 
 # (field names, value): every field of the config class that exists among the names gets the value
 GENERIC: list[tuple[tuple[str, ...], Any]] = [
     (("hidden_size", "n_embd", "d_model", "dim", "hidden_dim"), SIZE["d_model"]),
-    (("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size", "intermediate_size_mlp"), SIZE["d_mlp"]),
+    (
+        (
+            "intermediate_size",
+            "ffn_dim",
+            "n_inner",
+            "d_ff",
+            "ffn_hidden_size",
+            "intermediate_size_mlp",
+        ),
+        SIZE["d_mlp"],
+    ),
     (("num_hidden_layers", "n_layer", "num_layers", "n_layers"), SIZE["n_layers"]),
     (("num_attention_heads", "n_head", "num_heads", "attention_heads", "n_heads"), SIZE["n_heads"]),
-    (("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_query_groups", "multi_query_group_num"), SIZE["n_kv"]),
+    (
+        (
+            "num_key_value_heads",
+            "num_kv_heads",
+            "n_kv_heads",
+            "num_query_groups",
+            "multi_query_group_num",
+        ),
+        SIZE["n_kv"],
+    ),
     (("head_dim", "kv_channels", "attention_head_dim"), SIZE["d_head"]),
     (("vocab_size",), SIZE["vocab"]),
-    (("max_position_embeddings", "n_positions", "max_seq_len", "context_length", "seq_length",
-      "max_sequence_length"), SIZE["n_ctx"]),
-    (("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), SIZE["n_experts"]),
+    (
+        (
+            "max_position_embeddings",
+            "n_positions",
+            "max_seq_len",
+            "context_length",
+            "seq_length",
+            "max_sequence_length",
+        ),
+        SIZE["n_ctx"],
+    ),
+    (
+        ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
+        SIZE["n_experts"],
+    ),
     (("num_experts_per_tok", "moe_k", "moe_top_k"), SIZE["top_k"]),
     (("moe_intermediate_size", "expert_intermediate_size"), SIZE["d_expert"]),
     (("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"), SIZE["d_expert"]),
     (("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"), 1),
     (("rotary_dim",), 8),
-    (("bos_token_id",), 1), (("eos_token_id",), 2), (("pad_token_id",), 3),
-    (("kv_lora_rank",), 16), (("q_lora_rank",), 32), (("qk_rope_head_dim",), 8),
-    (("qk_nope_head_dim",), 8), (("v_head_dim",), 16),
+    (("bos_token_id",), 1),
+    (("eos_token_id",), 2),
+    (("pad_token_id",), 3),
+    (("kv_lora_rank",), 16),
+    (("q_lora_rank",), 32),
+    (("qk_rope_head_dim",), 8),
+    (("qk_nope_head_dim",), 8),
+    (("v_head_dim",), 16),
     (("first_k_dense_replace", "num_dense_layers"), 1),  # block 0 dense, block 1 MoE
     (("n_group", "topk_group"), 1),
-    (("index_n_heads",), SIZE["n_heads"]), (("index_head_dim",), SIZE["d_head"]), (("index_topk",), 16),
+    (("index_n_heads",), SIZE["n_heads"]),
+    (("index_head_dim",), SIZE["d_head"]),
+    (("index_topk",), 16),
     # state-space / recurrent sizes
     (("state_size", "ssm_state_size", "mamba_d_state"), 8),
     (("mamba_n_heads", "mamba_num_heads", "n_mamba_heads"), 8),
@@ -85,22 +134,43 @@ DROP = object()  # an override value that removes a generic field
 OVERRIDES: dict[str, dict[str, Any]] = {
     "GPTNeoForCausalLM": dict(attention_types=[[["global", "local"], 1]], window_size=16),
     "OPTForCausalLM": dict(word_embed_proj_dim=64),
-    "Mamba2ForCausalLM": dict(num_heads=8, head_dim=16, expand=2),  # num_heads·head_dim = expand·hidden
+    "Mamba2ForCausalLM": dict(
+        num_heads=8, head_dim=16, expand=2
+    ),  # num_heads·head_dim = expand·hidden
     "FalconForCausalLM": dict(new_decoder_architecture=False, multi_query=True),
     "RecurrentGemmaForCausalLM": dict(block_types=["recurrent", "attention"]),
-    "Zamba2ForCausalLM": dict(layers_block_type=["linear_attention", "hybrid"], n_mamba_heads=8, num_mem_blocks=1,
-                              hybrid_layer_ids=DROP, mamba_headdim=DROP, head_dim=DROP, attention_head_dim=DROP,
-                              kv_channels=DROP, num_query_groups=DROP),
+    "Zamba2ForCausalLM": dict(
+        layers_block_type=["linear_attention", "hybrid"],
+        n_mamba_heads=8,
+        num_mem_blocks=1,
+        hybrid_layer_ids=DROP,
+        mamba_headdim=DROP,
+        head_dim=DROP,
+        attention_head_dim=DROP,
+        kv_channels=DROP,
+        num_query_groups=DROP,
+    ),
     "RwkvForCausalLM": dict(attention_hidden_size=SIZE["d_model"]),
-    "JambaForCausalLM": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                             expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=8),
-    "Llama4ForCausalLM": dict(interleave_moe_layer_step=1, no_rope_layers=[1, 0], moe_layers=[0, 1],
-                              attention_chunk_size=16),
+    "JambaForCausalLM": dict(
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        mamba_dt_rank=8,
+    ),
+    "Llama4ForCausalLM": dict(
+        interleave_moe_layer_step=1,
+        no_rope_layers=[1, 0],
+        moe_layers=[0, 1],
+        attention_chunk_size=16,
+    ),
     "Lfm2ForCausalLM": dict(layer_types=["conv", "full_attention"], full_attn_idxs=[1]),
     "GptOssForCausalLM": dict(layer_types=["sliding_attention", "full_attention"]),
     "BambaForCausalLM": dict(attn_layer_indices=[1]),
-    "GraniteMoeHybridForCausalLM": dict(layer_types=["linear_attention", "full_attention"],
-                                        position_embedding_type="rope"),
+    "GraniteMoeHybridForCausalLM": dict(
+        layer_types=["linear_attention", "full_attention"], position_embedding_type="rope"
+    ),
     "Lfm2MoeForCausalLM": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
 }
 
@@ -115,16 +185,44 @@ EXCLUDE_REASONS = {
     "diffusion": "diffusion LM (bidirectional denoiser), not autoregressive; also remote code",
     "alias": "another registered name for an adapter already probed under its transformers name",
 }
-ENCODERS = {"BertForMaskedLM", "RobertaForMaskedLM", "HubertForCTC", "HubertModel", "Wav2Vec2ForCTC",
-            "Wav2Vec2ForPreTraining", "Wav2Vec2Model", "ViTModel", "ViTForImageClassification", "DeiTModel",
-            "DeiTForImageClassification", "ASTForAudioClassification"}
-ENCODER_DECODERS = {"BartForConditionalGeneration", "BlenderbotForConditionalGeneration", "LEDForConditionalGeneration",
-                    "LongT5ForConditionalGeneration", "M2M100ForConditionalGeneration", "MBartForConditionalGeneration",
-                    "MT5ForConditionalGeneration", "MarianMTModel", "PegasusForConditionalGeneration",
-                    "SwitchTransformersForConditionalGeneration", "T5ForConditionalGeneration",
-                    "T5GemmaForConditionalGeneration", "T5Gemma2ForConditionalGeneration", "T5WithLMHeadModel"}
-TL_NATIVE = {"TransformerLensNative", "TransformerLensPretrain", "NanoGPTForCausalLM", "MinGPTForCausalLM",
-             "NeelSoluOldForCausalLM", "GPT2LMHeadCustomModel"}
+ENCODERS = {
+    "BertForMaskedLM",
+    "RobertaForMaskedLM",
+    "HubertForCTC",
+    "HubertModel",
+    "Wav2Vec2ForCTC",
+    "Wav2Vec2ForPreTraining",
+    "Wav2Vec2Model",
+    "ViTModel",
+    "ViTForImageClassification",
+    "DeiTModel",
+    "DeiTForImageClassification",
+    "ASTForAudioClassification",
+}
+ENCODER_DECODERS = {
+    "BartForConditionalGeneration",
+    "BlenderbotForConditionalGeneration",
+    "LEDForConditionalGeneration",
+    "LongT5ForConditionalGeneration",
+    "M2M100ForConditionalGeneration",
+    "MBartForConditionalGeneration",
+    "MT5ForConditionalGeneration",
+    "MarianMTModel",
+    "PegasusForConditionalGeneration",
+    "SwitchTransformersForConditionalGeneration",
+    "T5ForConditionalGeneration",
+    "T5GemmaForConditionalGeneration",
+    "T5Gemma2ForConditionalGeneration",
+    "T5WithLMHeadModel",
+}
+TL_NATIVE = {
+    "TransformerLensNative",
+    "TransformerLensPretrain",
+    "NanoGPTForCausalLM",
+    "MinGPTForCausalLM",
+    "NeelSoluOldForCausalLM",
+    "GPT2LMHeadCustomModel",
+}
 DIFFUSION = {"LLaDAModelLM", "LLaDA2MoeModelLM", "DreamModel", "GiddForDiffusionLM", "BD3LM"}
 
 
@@ -157,8 +255,10 @@ def enumerate_adapters() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     causal = causal_classes()
     kept, excluded, seen = [], [], {}
     # names transformers knows as causal LMs first, so an alias maps onto an already-kept row
-    order = sorted(SUPPORTED_ARCHITECTURES, key=lambda a: (hf_class_name(a, causal) not in causal,
-                                                            hf_class_name(a, causal) != a, a))
+    order = sorted(
+        SUPPORTED_ARCHITECTURES,
+        key=lambda a: (hf_class_name(a, causal) not in causal, hf_class_name(a, causal) != a, a),
+    )
     for arch in order:
         adapter = SUPPORTED_ARCHITECTURES[arch].__name__
         hf_name = hf_class_name(arch, causal)
@@ -187,7 +287,9 @@ def enumerate_adapters() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             excluded.append(dict(row, reason=reason))
         else:
             kept.append(row)
-    return sorted(kept, key=lambda r: r["arch"]), sorted(excluded, key=lambda r: (r["reason"], r["arch"]))
+    return sorted(kept, key=lambda r: r["arch"]), sorted(
+        excluded, key=lambda r: (r["reason"], r["arch"])
+    )
 
 
 # ---------------------------------------------------------------------------- tiny configs
@@ -200,7 +302,11 @@ def _shrink_list(value: list, n: int) -> list:
             if len(picked) < n and v not in picked:
                 picked.append(v)
         return (picked + value[1:])[:n] if len(picked) < n else picked
-    if all(isinstance(v, int) for v in value) and sorted(value) == list(value) and len(set(value)) == len(value):
+    if (
+        all(isinstance(v, int) for v in value)
+        and sorted(value) == list(value)
+        and len(set(value)) == len(value)
+    ):
         return [v for v in value if v < n] or [n - 1]  # layer indices
     return list(value[:n])
 
@@ -217,8 +323,14 @@ def tiny_config(arch: str) -> Any:
     fields = default.to_dict()
     aliases = set(getattr(default, "attribute_map", {}))
     fields.update({k: getattr(default, k) for k in aliases})
-    n_layers_default = next((fields[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-                             if isinstance(fields.get(k), int)), None)
+    n_layers_default = next(
+        (
+            fields[k]
+            for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+            if isinstance(fields.get(k), int)
+        ),
+        None,
+    )
     kwargs: dict[str, Any] = {}
     for names, value in GENERIC:
         for name in names:
@@ -227,15 +339,32 @@ def tiny_config(arch: str) -> Any:
     if fields.get("sliding_window") is not None:
         kwargs["sliding_window"] = 16
     read_only = {n for n in dir(config_cls) if isinstance(getattr(config_cls, n, None), property)}
-    read_only |= {k for k, target in getattr(default, "attribute_map", {}).items() if target in read_only}
+    read_only |= {
+        k for k, target in getattr(default, "attribute_map", {}).items() if target in read_only
+    }
     for name, value in fields.items():  # per-layer lists (layer_types, mlp_only_layers, ...)
-        if (name not in read_only and name not in aliases and isinstance(value, list) and value and n_layers_default and name not in kwargs
-                and (len(value) == n_layers_default or name.endswith(("layer_types", "_idxs", "layers_block_type",
-                                                                       "block_types", "layer_ids")))):
+        if (
+            name not in read_only
+            and name not in aliases
+            and isinstance(value, list)
+            and value
+            and n_layers_default
+            and name not in kwargs
+            and (
+                len(value) == n_layers_default
+                or name.endswith(
+                    ("layer_types", "_idxs", "layers_block_type", "block_types", "layer_ids")
+                )
+            )
+        ):
             kwargs[name] = _shrink_list(value, SIZE["n_layers"])
-    if "qk_rope_head_dim" in kwargs and "head_dim" in kwargs:  # multi-head latent attention: rotary dim
+    if (
+        "qk_rope_head_dim" in kwargs and "head_dim" in kwargs
+    ):  # multi-head latent attention: rotary dim
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
-    if "kv_lora_rank" in kwargs and "num_key_value_heads" in kwargs:  # MLA expands the latent to every head
+    if (
+        "kv_lora_rank" in kwargs and "num_key_value_heads" in kwargs
+    ):  # MLA expands the latent to every head
         kwargs["num_key_value_heads"] = SIZE["n_heads"]
     kwargs.update(OVERRIDES.get(arch, {}))
     kwargs = {k: v for k, v in kwargs.items() if v is not DROP}
@@ -251,9 +380,13 @@ def tiny_hf(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = tiny_config(arch)
-        config._attn_implementation = "eager"  # an explicit softmax (some families cannot switch later)
+        config._attn_implementation = (
+            "eager"  # an explicit softmax (some families cannot switch later)
+        )
         if hasattr(config, "_experts_implementation"):
-            config._experts_implementation = "eager"  # grouped matrix products have no float64 kernel
+            config._experts_implementation = (
+                "eager"  # grouped matrix products have no float64 kernel
+            )
         hf = cls(config)
     config.architectures = [arch]  # the bridge picks its adapter from this
     return perturb_(hf, seed=seed).to(dtype).eval()
@@ -261,8 +394,16 @@ def tiny_hf(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
 
 # ---------------------------------------------------------------------------- measuring
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
-FLOAT32_ROUNDING = 1e-6  # float64 disagreement explained by float32 arithmetic inside the model (f32 exact)
-MIXERS = ("mixer", "conv", "linear_attn", "time_mix", "mamba")  # hook names of recurrent / state-space mixers
+FLOAT32_ROUNDING = (
+    1e-6  # float64 disagreement explained by float32 arithmetic inside the model (f32 exact)
+)
+MIXERS = (
+    "mixer",
+    "conv",
+    "linear_attn",
+    "time_mix",
+    "mamba",
+)  # hook names of recurrent / state-space mixers
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -280,8 +421,12 @@ def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[int
 
 def _untouched(model: torch.nn.Module, before: tuple) -> bool:
     state, points, modules = _snapshot(model)
-    return (state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
-            and points == before[1] and modules == before[2])
+    return (
+        state.keys() == before[0].keys()
+        and all(torch.equal(state[k], before[0][k]) for k in state)
+        and points == before[1]
+        and modules == before[2]
+    )
 
 
 def _family(model: Any) -> str:
@@ -290,9 +435,13 @@ def _family(model: Any) -> str:
         kind = "mixture of experts"
     else:
         kind = "dense"
-    attention = sum(any(n.startswith(f"blocks.{i}.") and n.endswith("hook_pattern") for n in names)
-                    for i in range(model.cfg.n_layers))
-    if attention < model.cfg.n_layers or any(f".{m}." in n or f".{m}_" in n for n in names for m in MIXERS):
+    attention = sum(
+        any(n.startswith(f"blocks.{i}.") and n.endswith("hook_pattern") for n in names)
+        for i in range(model.cfg.n_layers)
+    )
+    if attention < model.cfg.n_layers or any(
+        f".{m}." in n or f".{m}_" in n for n in names for m in MIXERS
+    ):
         kind = "hybrid/recurrent" + (" + experts" if kind == "mixture of experts" else "")
     return kind
 
@@ -305,42 +454,64 @@ def _one_dtype(arch: str, dtype: torch.dtype) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     try:
-        model = wrap_bridge(tiny_hf(arch, dtype=dtype), char_tokenizer(), f"tiny-{arch}", dtype).eval()
-        reference_model = tiny_hf(arch, dtype=dtype)  # an independent copy: the bridge wraps its own
+        model = wrap_bridge(
+            tiny_hf(arch, dtype=dtype), char_tokenizer(), f"tiny-{arch}", dtype
+        ).eval()
+        reference_model = tiny_hf(
+            arch, dtype=dtype
+        )  # an independent copy: the bridge wraps its own
     except Exception as exc:  # noqa: BLE001 - the table records every failure
         return dict(status="no model", reason=_first_line(exc))
     try:  # transformers installs its output-capturing hooks on the first forward: warm up first
         with torch.no_grad():
             tokens = model.to_tokens(PROMPT)
             model.run_with_cache(tokens)
-            out["forward_gap"] = _relative(model(tokens), reference_model(tokens).logits)  # bridge vs HF
+            out["forward_gap"] = _relative(
+                model(tokens), reference_model(tokens).logits
+            )  # bridge vs HF
     except Exception as exc:  # noqa: BLE001
-        return dict(status="no model", reason=_first_line(exc), family=_family(model), untouched=True)
+        return dict(
+            status="no model", reason=_first_line(exc), family=_family(model), untouched=True
+        )
     before = _snapshot(model)
     try:
-        with full_precision():  # both sides: in the input's precision (HF casts float64 down to float32 in places)
+        with (
+            full_precision()
+        ):  # both sides: in the input's precision (HF casts float64 down to float32 in places)
             lcache = ll.run_with_linear_cache(model, PROMPT, progress=False)
             out["reconstruction"] = lcache.reconstruction_error()
             ours = lcache.jacobian()
             try:
-                jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(reference_model, x)[-1], lcache.x)
+                jac = torch.autograd.functional.jacobian(
+                    lambda x: hf_frozen(reference_model, x)[-1], lcache.x
+                )
             except Exception as exc:  # noqa: BLE001 - the reference, not the library, failed
-                out.update(status="no reference", reason=_first_line(exc), untouched=_untouched(model, before),
-                           family=_family(model))
+                out.update(
+                    status="no reference",
+                    reason=_first_line(exc),
+                    untouched=_untouched(model, before),
+                    family=_family(model),
+                )
                 return out
         out["reference"] = _relative(jac.transpose(0, 1), ours)
-        with full_precision():  # the long-prompt path: patterns kept as queries and keys where that verifies
+        with (
+            full_precision()
+        ):  # the long-prompt path: patterns kept as queries and keys where that verifies
             kept = ll.run_with_linear_cache(model, PROMPT, progress=False, store_patterns=False)
             out["qk_layers"] = len(kept.point.frozen_attention)
             out["attn_layers"] = sum(site.kind == "attn" for site in kept.point.sites)
             out["qk_reference"] = _relative(jac.transpose(0, 1), kept.jacobian())
         out["reference"] = max(out["reference"], out["qk_reference"])
         if out["reconstruction"] > TOLERANCE[dtype]:
-            out["status"] = "inexact"  # verified by projections, yet the full check fails: never expected
+            out["status"] = (
+                "inexact"  # verified by projections, yet the full check fails: never expected
+            )
         elif out["reference"] <= TOLERANCE[dtype]:
             out["status"] = "exact"
         elif dtype == torch.float64 and out["reference"] <= FLOAT32_ROUNDING:
-            out["status"] = "reference rounding"  # the HF model computes part of it in float32 (see README)
+            out["status"] = (
+                "reference rounding"  # the HF model computes part of it in float32 (see README)
+            )
         else:
             out["status"] = "disagrees"
     except LinearizationError as exc:
@@ -369,10 +540,15 @@ def measure(arch: str) -> dict[str, Any]:
         row["status"] = "exact"  # float64 where the Hugging Face model runs in it
     elif f32["status"] == "exact" and f64["status"] == "reference rounding":
         row["status"] = "exact (float32)"
-    elif "disagrees" in (f32["status"], f64["status"]) or "inexact" in (f32["status"], f64["status"]):
+    elif "disagrees" in (f32["status"], f64["status"]) or "inexact" in (
+        f32["status"],
+        f64["status"],
+    ):
         row["status"] = "DISAGREES"
     elif f32["status"] == "no reference":
-        row["status"] = "no reference"  # verified by the library, but the reference cannot run this family
+        row["status"] = (
+            "no reference"  # verified by the library, but the reference cannot run this family
+        )
     elif f32["status"] == "no model":
         row["status"] = "no boot"
     else:
@@ -412,12 +588,19 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Of {result['n_registered']} architecture names TransformerLens' bridge registers, {len(rows)} are "
         f"decoder-only language models that `transformers` builds from a config (the others: "
-        + ", ".join(f"{k.replace('_', '-')} {n}" for k, n in
-                    collections.Counter(e["reason"] for e in result["excluded"]).most_common()) + ").",
+        + ", ".join(
+            f"{k.replace('_', '-')} {n}"
+            for k, n in collections.Counter(e["reason"] for e in result["excluded"]).most_common()
+        )
+        + ").",
         "",
         f"**{counts['exact']} exact** ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}), "
-        + (f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference stops at "
-           f"float32 rounding (≤ 1e-6; see the bridge gap column), " if counts["exact (float32)"] else "")
+        + (
+            f"{counts['exact (float32)']} exact in float32 whose float64 agreement with the reference stops at "
+            f"float32 rounding (≤ 1e-6; see the bridge gap column), "
+            if counts["exact (float32)"]
+            else ""
+        )
         + f"{counts['refused']} refused with a reason, "
         f"{counts['no reference']} verified but without a reference, "
         f"{counts['no boot']} do not boot in TransformerLens, {counts['DISAGREES']} disagree with the reference.",
@@ -460,8 +643,10 @@ def markdown(result: dict[str, Any]) -> str:
         gap = "" if gap is None else f"{gap:.0e}"
         qk = r["float32"].get("qk_layers")
         qk = "" if qk is None else f"{qk}"
-        lines.append(f"| {r['arch']} | {r['family']} | {r['status']} | {_cell(r['float32'])} | {_cell(r['float64'])} | {gap} | "
-                     f"{qk} | {'yes' if r['untouched'] else '**no**'} | {_analyses(r)} | {reason} |")
+        lines.append(
+            f"| {r['arch']} | {r['family']} | {r['status']} | {_cell(r['float32'])} | {_cell(r['float64'])} | {gap} | "
+            f"{qk} | {'yes' if r['untouched'] else '**no**'} | {_analyses(r)} | {reason} |"
+        )
     lines += ["", "Not probed (not decoder-only language models with a `transformers` class):", ""]
     grouped: dict[str, list[str]] = collections.defaultdict(list)
     for e in result["excluded"]:
@@ -474,18 +659,27 @@ def markdown(result: dict[str, Any]) -> str:
 def regressions(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Families exact in ``old`` and not in ``new``, and any family that disagrees."""
     status = {r["arch"]: r["status"] for r in new["rows"]}
-    lost = [f"{a}: was exact, now {status.get(a, 'missing')}" for a in
-            (r["arch"] for r in old["rows"] if r["status"] == "exact") if status.get(a) != "exact"]
-    return lost + [f"{a}: DISAGREES with the reference" for a, s in status.items() if s == "DISAGREES"] \
+    lost = [
+        f"{a}: was exact, now {status.get(a, 'missing')}"
+        for a in (r["arch"] for r in old["rows"] if r["status"] == "exact")
+        if status.get(a) != "exact"
+    ]
+    return (
+        lost
+        + [f"{a}: DISAGREES with the reference" for a, s in status.items() if s == "DISAGREES"]
         + [f"{r['arch']}: model changed by the calls" for r in new["rows"] if not r["untouched"]]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="comma-separated architecture names")
     parser.add_argument("--out", default="docs/architectures.md")
-    parser.add_argument("--check", action="store_true",
-                        help="fail when a family exact in the committed JSON regresses (the JSON is then not rewritten)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fail when a family exact in the committed JSON regresses (the JSON is then not rewritten)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     from importlib.metadata import version
@@ -493,7 +687,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "transformer_lens", "accelerate"):  # config warnings of tiny models
+    for noisy in (
+        "transformers",
+        "transformer_lens",
+        "accelerate",
+    ):  # config warnings of tiny models
         logging.getLogger(noisy).setLevel(logging.ERROR)
     kept, excluded = enumerate_adapters()
     only = [a for a in args.only.split(",") if a]
@@ -503,11 +701,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(measure(row["arch"]))
         r = rows[-1]
-        log.info(f"{r['arch']:34} {r['status']:9} f32 {_cell(r['float32']):17} f64 {_cell(r['float64']):17} "
-                 f"{r['seconds']:5.1f} s  {r['float32'].get('reason', '')[:400]}")
-    result = dict(n_registered=len(SUPPORTED_ARCHITECTURES), excluded=excluded, rows=rows,
-                  versions=dict(transformer_lens=version("transformer-lens"), transformers=version("transformers"),
-                                torch=torch.__version__))
+        log.info(
+            f"{r['arch']:34} {r['status']:9} f32 {_cell(r['float32']):17} f64 {_cell(r['float64']):17} "
+            f"{r['seconds']:5.1f} s  {r['float32'].get('reason', '')[:400]}"
+        )
+    result = dict(
+        n_registered=len(SUPPORTED_ARCHITECTURES),
+        excluded=excluded,
+        rows=rows,
+        versions=dict(
+            transformer_lens=version("transformer-lens"),
+            transformers=version("transformers"),
+            torch=torch.__version__,
+        ),
+    )
     md, js = Path(args.out), Path(args.out).with_suffix(".json")
     problems = []
     if args.check and js.exists():

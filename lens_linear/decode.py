@@ -44,9 +44,13 @@ class Direction:
     input_pos: int | None = None  # the input position where the input-space vector was read
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "value": self.value, "input_pos": self.input_pos,
-                "output": self.output.to_dict() if self.output else None,
-                "input": self.input.to_dict() if self.input else None}
+        return {
+            "index": self.index,
+            "value": self.value,
+            "input_pos": self.input_pos,
+            "output": self.output.to_dict() if self.output else None,
+            "input": self.input.to_dict() if self.input else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,9 @@ class SVDResult:
     hook: str
     input_pos: int | str
     U: Float[torch.Tensor, "d_out k"]
-    S: Float[torch.Tensor, "k"]
+    S: Float[torch.Tensor, "k"]  # noqa: F821
     V: Float[torch.Tensor, "pos_in d_in k"]
-    spectrum: Float[torch.Tensor, "rank"] = field(repr=False)
+    spectrum: Float[torch.Tensor, "rank"] = field(repr=False)  # noqa: F821
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.U, self.S, self.V))
@@ -75,36 +79,52 @@ class SVDResult:
 
     def __repr__(self) -> str:
         top = ", ".join(f"{s:.3g}" for s in self.S[:5].tolist())
-        return (f"SVDResult({self.hook!r}, input_pos={self.input_pos!r}, n_triplets={len(self.S)}, "
-                f"S=[{top}{', ...' if len(self.S) > 5 else ''}], stable_rank={self.stable_rank:.2f})")
+        return (
+            f"SVDResult({self.hook!r}, input_pos={self.input_pos!r}, n_triplets={len(self.S)}, "
+            f"S=[{top}{', ...' if len(self.S) > 5 else ''}], stable_rank={self.stable_rank:.2f})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hook": self.hook, "input_pos": self.input_pos, "S": self.S.tolist(),
-                "stable_rank": self.stable_rank, "spectrum": self.spectrum.tolist()}
+        return {
+            "hook": self.hook,
+            "input_pos": self.input_pos,
+            "S": self.S.tolist(),
+            "stable_rank": self.stable_rank,
+            "spectrum": self.spectrum.tolist(),
+        }
 
 
 def stable_rank(spectrum: torch.Tensor) -> float:
     s = spectrum.double()
-    return float((s ** 2).sum() / (s[0] ** 2).clamp_min(1e-300))
+    return float((s**2).sum() / (s[0] ** 2).clamp_min(1e-300))
 
 
-def flatten(jac: Float[torch.Tensor, "pos_in d_out d_in"], input_pos: int | str) -> Float[torch.Tensor, "d_out width"]:
+def flatten(
+    jac: Float[torch.Tensor, "pos_in d_out d_in"], input_pos: int | str
+) -> Float[torch.Tensor, "d_out width"]:
     """One input position's block of the Jacobian, or every position side by side (``"all"``)."""
     if input_pos == "all":
         return jac.permute(1, 0, 2).reshape(jac.shape[1], -1)
     return jac[normalize_position(input_pos, jac.shape[0], "input_pos")]
 
 
-def svd(jac: Float[torch.Tensor, "pos_in d_out d_in"], hook: str, input_pos: int | str,
-        n_triplets: int | None, explains: Float[torch.Tensor, "d_out"]) -> SVDResult:
+def svd(
+    jac: Float[torch.Tensor, "pos_in d_out d_in"],
+    hook: str,
+    input_pos: int | str,
+    n_triplets: int | None,
+    explains: Float[torch.Tensor, "d_out"],  # noqa: F821
+) -> SVDResult:
     """SVD of one input position's Jacobian (``input_pos`` an int) or of all side by side."""
     mat = flatten(jac, input_pos)
     n_in = jac.shape[0] if input_pos == "all" else 1
     rank = min(mat.shape)
     k = min(10, rank) if n_triplets is None else n_triplets
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rank:
-        raise ValueError(f"n_triplets={k} must be between 1 and the matrix rank bound {rank} "
-                         f"({mat.shape[0]} x {mat.shape[1]})")
+        raise ValueError(
+            f"n_triplets={k} must be between 1 and the matrix rank bound {rank} "
+            f"({mat.shape[0]} x {mat.shape[1]})"
+        )
     U, S, V = _thin_svd(mat.double(), k)
     sign = torch.sign(explains.double() @ U[:, :k])
     sign[sign == 0] = 1
@@ -113,7 +133,9 @@ def svd(jac: Float[torch.Tensor, "pos_in d_out d_in"], hook: str, input_pos: int
     return SVDResult(hook, input_pos, U_k, S[:k].to(jac.dtype), V_k, S.to(jac.dtype))
 
 
-def _thin_svd(mat: Float[torch.Tensor, "rows cols"], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _thin_svd(
+    mat: Float[torch.Tensor, "rows cols"], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U`` (every column), the whole spectrum ``S`` and the top ``k`` right vectors, float64.
 
     A wide matrix (every input position side by side: ``d_out × pos·d_in``) goes through
@@ -131,7 +153,9 @@ def _thin_svd(mat: Float[torch.Tensor, "rows cols"], k: int) -> tuple[torch.Tens
     return U, S, Vh[:k].T
 
 
-def gram(jac: Float[torch.Tensor, "pos_in d_out d_in"], input_pos: int | str) -> Float[torch.Tensor, "d_out d_out"]:
+def gram(
+    jac: Float[torch.Tensor, "pos_in d_out d_in"], input_pos: int | str
+) -> Float[torch.Tensor, "d_out d_out"]:
     """``J Jᵀ`` in float64: its top eigenpairs are the top singular pairs (``σ², u``), from a
     ``d_out × d_out`` matrix instead of an SVD of the wide ``d_out × pos·d_in`` one."""
     mat = flatten(jac, input_pos).double()
@@ -144,7 +168,9 @@ def gram_stable_rank(jac: Float[torch.Tensor, "pos_in d_out d_in"], input_pos: i
     return float(g.trace() / torch.linalg.eigvalsh(g)[-1])
 
 
-def top_left_vectors(jac: Float[torch.Tensor, "pos_in d_out d_in"], n_triplets: int) -> Float[torch.Tensor, "d_out k"]:
+def top_left_vectors(
+    jac: Float[torch.Tensor, "pos_in d_out d_in"], n_triplets: int
+) -> Float[torch.Tensor, "d_out k"]:
     """The top left singular vectors of the all-positions Jacobian, from ``J Jᵀ``."""
     return torch.linalg.eigh(gram(jac, "all")).eigenvectors[:, -n_triplets:].flip(-1)
 
@@ -155,7 +181,11 @@ def _decode_tokens(model: Any, ids: torch.Tensor) -> list[str]:
     return token_strings(model, ids)
 
 
-def output_tokens(model: Any, vector: Float[torch.Tensor, "d_model"], n_tokens: int = 5) -> TokenScores:
+def output_tokens(
+    model: Any,
+    vector: Float[torch.Tensor, "d_model"],  # noqa: F821
+    n_tokens: int = 5,
+) -> TokenScores:
     """Tokens whose logits ``vector`` raises most (through ``W_U``, no bias)."""
     W_U = model.W_U
     scores = vector.to(W_U) @ W_U
@@ -163,7 +193,11 @@ def output_tokens(model: Any, vector: Float[torch.Tensor, "d_model"], n_tokens: 
     return TokenScores(_decode_tokens(model, top.indices), top.values.tolist())
 
 
-def input_tokens(model: Any, vector: Float[torch.Tensor, "d_model"], n_tokens: int = 5) -> TokenScores:
+def input_tokens(
+    model: Any,
+    vector: Float[torch.Tensor, "d_model"],  # noqa: F821
+    n_tokens: int = 5,
+) -> TokenScores:
     """Input tokens whose embeddings are nearest to ``vector`` by cosine."""
     W_E = model.W_E
     vector = vector.to(W_E)
@@ -174,5 +208,7 @@ def input_tokens(model: Any, vector: Float[torch.Tensor, "d_model"], n_tokens: i
 
 def check_output_space(model: Any, d_out: int, hook: str) -> None:
     if d_out != model.cfg.d_model:
-        raise ValueError(f"{hook} has {d_out} outputs, not d_model={model.cfg.d_model}: its output "
-                         f"vectors cannot be read through the unembedding")
+        raise ValueError(
+            f"{hook} has {d_out} outputs, not d_model={model.cfg.d_model}: its output "
+            f"vectors cannot be read through the unembedding"
+        )

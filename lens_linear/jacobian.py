@@ -19,7 +19,9 @@ FORWARD_PASS_COST = 1.8  # forward token-layer pass vs backward row: measured on
 # batched forward ran at 17k token-layers/s and a batched backward row at 30k/s
 
 
-def cheaper_engine(depths: dict[str, int], widths: dict[str, int], n_pos: int, d_in: int, pos: int) -> str:
+def cheaper_engine(
+    depths: dict[str, int], widths: dict[str, int], n_pos: int, d_in: int, pos: int
+) -> str:
     """``"forward"`` or ``"reverse"``, by counted token-layer passes (n positions, output at ``pos``).
 
     * reverse: one batched-VJP Jacobian per hook, each row a backward through the hook's
@@ -28,13 +30,15 @@ def cheaper_engine(depths: dict[str, int], widths: dict[str, int], n_pos: int, d
       at position ``i`` runs on positions ``i..`` only: ``d_in · Σ_{i≤pos} (n − i) · depth_max``.
     """
     reverse = sum(depths[h] * widths[h] for h in depths) * n_pos
-    forward = FORWARD_PASS_COST * d_in * sum(n_pos - i for i in range(pos + 1)) * max(depths.values())
+    forward = (
+        FORWARD_PASS_COST * d_in * sum(n_pos - i for i in range(pos + 1)) * max(depths.values())
+    )
     return "forward" if forward < reverse else "reverse"
 
 
 def batched_vjp_jacobian(
-    output: Float[torch.Tensor, "d_out"],
-    inputs: Float[torch.Tensor, "pos_in *rest"],
+    output: Float[torch.Tensor, "d_out"],  # noqa: F821
+    inputs: Float[torch.Tensor, "pos_in *rest"],  # noqa: F821
     chunk_size: int,
     progress: bool = False,
     cotangents: Float[torch.Tensor, "rows d_out"] | None = None,
@@ -48,8 +52,11 @@ def batched_vjp_jacobian(
     Falls back to one backward per row (with a warning) where an op in the graph has no
     batching rule.
     """
-    eye = torch.eye(output.shape[0], dtype=output.dtype, device=output.device) if cotangents is None \
+    eye = (
+        torch.eye(output.shape[0], dtype=output.dtype, device=output.device)
+        if cotangents is None
         else cotangents.to(output)
+    )
     d_out = eye.shape[0]
     if not output.requires_grad:  # a frozen coefficient (or a value the input cannot reach)
         return inputs.new_zeros(inputs.shape[0], d_out, *inputs.shape[1:])
@@ -61,15 +68,22 @@ def batched_vjp_jacobian(
         last = k == n_chunks - 1
         if batched:
             try:
-                (grad,) = torch.autograd.grad(output, inputs, grad_outputs=eye[rows], retain_graph=not last or k == 0,
-                                              is_grads_batched=True)  # kept after a first try: it may fail
+                (grad,) = torch.autograd.grad(
+                    output,
+                    inputs,
+                    grad_outputs=eye[rows],
+                    retain_graph=not last or k == 0,
+                    is_grads_batched=True,
+                )  # kept after a first try: it may fail
                 jac[:, rows] = grad.transpose(0, 1)
                 continue
             except RuntimeError as exc:  # an op without a vmap rule
                 warnings.warn(f"batched backward unavailable ({exc}); using one backward per row")
                 batched = False
         for row in range(rows.start, rows.stop):
-            jac[:, row] = torch.autograd.grad(output, inputs, grad_outputs=eye[row], retain_graph=True)[0]
+            jac[:, row] = torch.autograd.grad(
+                output, inputs, grad_outputs=eye[row], retain_graph=True
+            )[0]
     return jac
 
 
@@ -100,6 +114,8 @@ def forward_jacobians(
             x[torch.arange(len(dims), device=like.device), 0, dims] = 1.0
             for name, value in apply(i, x).items():
                 if name not in jacs:  # inputs after pos do not reach it: those stay zero
-                    jacs[name] = torch.zeros(n_pos, value.shape[-1], d_in, dtype=like.dtype, device=like.device)
-                jacs[name][i, :, k:k + len(dims)] = (value[:-1] - value[-1:]).T
+                    jacs[name] = torch.zeros(
+                        n_pos, value.shape[-1], d_in, dtype=like.dtype, device=like.device
+                    )
+                jacs[name][i, :, k : k + len(dims)] = (value[:-1] - value[-1:]).T
     return jacs

@@ -33,7 +33,13 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
-from lens_linear.hooks.operating_point import HALF, OperatingPoint, analysis_mode, biases_zeroed, linears_skipped
+from lens_linear.hooks.operating_point import (
+    HALF,
+    OperatingPoint,
+    analysis_mode,
+    biases_zeroed,
+    linears_skipped,
+)
 from lens_linear.memory import chunk_size, sequence_bytes
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -42,12 +48,12 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class MatrixFreeSVD:
     U: Float[torch.Tensor, "d_out k"]
-    S: Float[torch.Tensor, "k"]
+    S: Float[torch.Tensor, "k"]  # noqa: F821
     V: Float[torch.Tensor, "d_in k"]  # d_in = positions · d_model for position="all"
     iterations: int  # Lanczos steps, each one J v and one Jᵀ u product of `block` vectors
     products: int  # vectors multiplied by J or Jᵀ in all (the residuals reuse them)
     converged: bool  # every measured residual <= tol
-    residuals: Float[torch.Tensor, "k"]  # measured: √(‖J v − s u‖² + ‖Jᵀ u − s v‖²) / s
+    residuals: Float[torch.Tensor, "k"]  # measured: √(‖J v − s u‖² + ‖Jᵀ u − s v‖²) / s  # noqa: F821
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """``U, S, V = result``, as with ``torch.svd``."""
@@ -55,8 +61,10 @@ class MatrixFreeSVD:
 
     def __repr__(self) -> str:
         state = "converged" if self.converged else "NOT converged"
-        return (f"MatrixFreeSVD(S={[round(float(s), 5) for s in self.S]}, {state} after {self.iterations} "
-                f"iterations ({self.products} products), max residual {float(self.residuals.max()):.1e})")
+        return (
+            f"MatrixFreeSVD(S={[round(float(s), 5) for s in self.S]}, {state} after {self.iterations} "
+            f"iterations ({self.products} products), max residual {float(self.residuals.max()):.1e})"
+        )
 
 
 def _project_out(x: torch.Tensor, blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +80,9 @@ def _project_out(x: torch.Tensor, blocks: list[torch.Tensor]) -> tuple[torch.Ten
     return x, coef
 
 
-def _next_block(blocks: list[torch.Tensor], x: torch.Tensor, floor: float,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _next_block(
+    blocks: list[torch.Tensor], x: torch.Tensor, floor: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Orthonormal ``Q`` for ``x``'s part outside span(blocks): ``x = [blocks] C + Q R``.
 
     A column of ``x`` with nothing left outside the basis (the Krylov space is invariant,
@@ -85,7 +94,7 @@ def _next_block(blocks: list[torch.Tensor], x: torch.Tensor, floor: float,
     for i in torch.nonzero(lost).flatten().tolist():
         fresh = torch.randn(x.shape[0], 1, generator=gen, dtype=x.dtype, device="cpu").to(x.device)
         fresh, _ = _project_out(fresh, blocks + [q[:, ~lost]])
-        q[:, i:i + 1], r[i], lost[i] = fresh / fresh.norm(), 0, False
+        q[:, i : i + 1], r[i], lost[i] = fresh / fresh.norm(), 0, False
     return q, coef, r
 
 
@@ -107,9 +116,20 @@ class _Blocks(list):
         return self[-1].to(block.dtype)
 
 
-def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: int, block: int, tol: float,
-                        max_iter: int, dtype: torch.dtype, seed: int = 0, progress: bool = False,
-                        device: torch.device | str = "cpu"):
+def golub_kahan_lanczos(
+    jv: Product,
+    jtu: Product,
+    d_out: int,
+    width: int,
+    k: int,
+    block: int,
+    tol: float,
+    max_iter: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    progress: bool = False,
+    device: torch.device | str = "cpu",
+):
     """Top-``k`` triplets of ``J`` (``d_out × width``) given ``jv: [width, b] → [d_out, b]`` and
     ``jtu: [d_out, b] → [width, b]`` on float64 tensors, computed in ``dtype``. Inner products
     and projections run in float64 whatever the products' precision: in float32, sums over
@@ -127,9 +147,14 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = torch.randn(d_out, p, generator=gen, dtype=torch.float64, device="cpu").to(device)
     U = [torch.linalg.qr(start).Q]  # start on the small side
-    V, JtU = _Blocks((width, p), dtype), _Blocks((width, p), dtype)  # Jᵀ U_j: float products, stored exactly
+    V, JtU = (
+        _Blocks((width, p), dtype),
+        _Blocks((width, p), dtype),
+    )  # Jᵀ U_j: float products, stored exactly
     JV: list[torch.Tensor] = []
-    B = torch.zeros(p, 0, dtype=torch.float64, device=device)  # [U]ᵀ J [V] = B (block lower bidiagonal)
+    B = torch.zeros(
+        p, 0, dtype=torch.float64, device=device
+    )  # [U]ᵀ J [V] = B (block lower bidiagonal)
     steps = min(max_iter, min(d_out, width) // p - 1)  # U gets one block more than V
     products, step, scale, found = 0, 0, 0.0, None
     bar = tqdm(total=steps, desc="Lanczos SVD", disable=not progress, leave=False)
@@ -153,13 +178,22 @@ def golub_kahan_lanczos(jv: Product, jtu: Product, d_out: int, width: int, k: in
         U.append(U_next)
     bar.close()
     if found is None:
-        raise ValueError(f"a {d_out} × {width} Jacobian is too small for {k} triplets by block {p}: "
-                         f"form it (lcache.jacobian()) and use torch.linalg.svd")
+        raise ValueError(
+            f"a {d_out} × {width} Jacobian is too small for {k} triplets by block {p}: "
+            f"form it (lcache.jacobian()) and use torch.linalg.svd"
+        )
     return (*found, step, products)
 
 
-def _ritz(B: torch.Tensor, U: list[torch.Tensor], V: list[torch.Tensor], JV: list[torch.Tensor],
-          JtU: list[torch.Tensor], k: int, p: int) -> tuple[torch.Tensor, ...]:
+def _ritz(
+    B: torch.Tensor,
+    U: list[torch.Tensor],
+    V: list[torch.Tensor],
+    JV: list[torch.Tensor],
+    JtU: list[torch.Tensor],
+    k: int,
+    p: int,
+) -> tuple[torch.Tensor, ...]:
     """Top-``k`` Ritz triplets ``(u, s, v)`` of ``B`` and their measured residuals
     ``√(‖J v − s u‖² + ‖Jᵀ u − s v‖²) / s``, with ``J v`` and ``Jᵀ u`` combined from the stored
     products (``B`` is ``[U]ᵀ J [V]``: one block row more than columns, every ``Jᵀ U_j`` taken)."""
@@ -170,15 +204,27 @@ def _ritz(B: torch.Tensor, U: list[torch.Tensor], V: list[torch.Tensor], JV: lis
         return sum(b.double() @ c for b, c in zip(blocks, coef[:, :k].split(p)))
 
     u, v = combine(U, ub), combine(V, vbt.T)
-    residuals = ((combine(JV, vbt.T) - u * s).norm(dim=0) ** 2
-                 + (combine(JtU, ub) - v * s).norm(dim=0) ** 2).sqrt() / s.clamp_min(1e-300)
+    residuals = (
+        (combine(JV, vbt.T) - u * s).norm(dim=0) ** 2 + (combine(JtU, ub) - v * s).norm(dim=0) ** 2
+    ).sqrt() / s.clamp_min(1e-300)
     return u, s, v, residuals
 
 
-def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: int | str = "all",
-                    n_triplets: int = 3, tol: float = 1e-4, block: int = 1, max_iter: int = 200,
-                    seed: int = 0, chunk: int | None = None, max_memory: int | None = None,
-                    progress: bool = False) -> MatrixFreeSVD:
+def matrix_free_svd(
+    point: OperatingPoint,
+    hook: str,
+    *,
+    pos: int,
+    input_pos: int | str = "all",
+    n_triplets: int = 3,
+    tol: float = 1e-4,
+    block: int = 1,
+    max_iter: int = 200,
+    seed: int = 0,
+    chunk: int | None = None,
+    max_memory: int | None = None,
+    progress: bool = False,
+) -> MatrixFreeSVD:
     """Top ``n_triplets`` SVD of the detached Jacobian of ``hook`` at output position ``pos``
     w.r.t. the input at ``input_pos`` (or all positions side by side), from replay products only.
 
@@ -190,8 +236,12 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     holds: the whole block for short prompts, one vector at 512 tokens).
     A half-precision model's frozen map is multiplied in float32 (its weights copied to float32
     meanwhile), and the result is float32."""
-    if point.x_star.dtype in HALF:  # Lanczos needs products accurate well below 1e-2: the frozen map
-        point = point.in_dtype(torch.float32)  # runs in float32 (point.computing() copies the weights)
+    if (
+        point.x_star.dtype in HALF
+    ):  # Lanczos needs products accurate well below 1e-2: the frozen map
+        point = point.in_dtype(
+            torch.float32
+        )  # runs in float32 (point.computing() copies the weights)
     model, x_star = point.model, point.x_star
     n, d_in = x_star.shape
     k = n_triplets
@@ -200,12 +250,18 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
     dtype, device = x_star.dtype, x_star.device
     for name, value in {"block": block, **({} if chunk is None else {"chunk": chunk})}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer of at least 1 (block: 1 by default, "
-                             f"n_triplets to find exactly repeated singular values)")
-    if chunk is None:  # as many vectors as max_memory holds. Each costs ~3 backward rows of resident
+            raise ValueError(
+                f"{name}={value!r} must be an integer of at least 1 (block: 1 by default, "
+                f"n_triplets to find exactly repeated singular values)"
+            )
+    if (
+        chunk is None
+    ):  # as many vectors as max_memory holds. Each costs ~3 backward rows of resident
         # memory (at 512 tokens on SmolLM2, 185 MB more peak RSS per vector; one vector at a time
         # 59.6 s / 789 MB, three 55.3 s / 1159 MB); short prompts take the whole block at once
-        chunk = chunk_size(block, 3 * sequence_bytes(model.cfg, n, dtype), max_memory, device=device)
+        chunk = chunk_size(
+            block, 3 * sequence_bytes(model.cfg, n, dtype), max_memory, device=device
+        )
 
     def place(v: torch.Tensor) -> torch.Tensor:  # [width, b] → inputs [b, n, d_in]
         x = torch.zeros(v.shape[1], n, d_in, dtype=dtype, device=v.device)
@@ -218,7 +274,9 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
             y = point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
         d_out = y.numel()
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(width, d_out):
-            raise ValueError(f"n_triplets={k} must be between 1 and the Jacobian's rank bound {min(width, d_out)}")
+            raise ValueError(
+                f"n_triplets={k} must be between 1 and the Jacobian's rank bound {min(width, d_out)}"
+            )
         block = min(block, d_out, width)
         # Jᵀ w for a symbolic w: linear in w, so its gradient w.r.t. w along v is J v. This
         # graph holds the frozen map's linear ops alone: no scores or softmax are recomputed
@@ -227,15 +285,42 @@ def matrix_free_svd(point: OperatingPoint, hook: str, *, pos: int, input_pos: in
         (jtw,) = torch.autograd.grad(y, x, grad_outputs=w, create_graph=True)
 
         def jv(v: torch.Tensor) -> torch.Tensor:  # [width, b] → [d_out, b], float64 in and out
-            return torch.cat([torch.autograd.grad(jtw, w, grad_outputs=place(part.to(dtype)), retain_graph=True,
-                                                  is_grads_batched=True)[0] for part in v.split(chunk, 1)]).T.double()
+            return torch.cat(
+                [
+                    torch.autograd.grad(
+                        jtw,
+                        w,
+                        grad_outputs=place(part.to(dtype)),
+                        retain_graph=True,
+                        is_grads_batched=True,
+                    )[0]
+                    for part in v.split(chunk, 1)
+                ]
+            ).T.double()
 
         def jtu(u: torch.Tensor) -> torch.Tensor:  # [d_out, b] → [width, b], float64 in and out
-            return torch.cat([torch.autograd.grad(y, x, grad_outputs=part.T.to(dtype).contiguous(), retain_graph=True,
-                                                  is_grads_batched=True)[0][:, cols].reshape(part.shape[1], -1)
-                              for part in u.split(chunk, 1)]).T.double()
+            return torch.cat(
+                [
+                    torch.autograd.grad(
+                        y,
+                        x,
+                        grad_outputs=part.T.to(dtype).contiguous(),
+                        retain_graph=True,
+                        is_grads_batched=True,
+                    )[0][:, cols].reshape(part.shape[1], -1)
+                    for part in u.split(chunk, 1)
+                ]
+            ).T.double()
 
-        u, s, v, residuals, steps, products = golub_kahan_lanczos(jv, jtu, d_out, width, k, block, tol, max_iter,
-                                                                  dtype, seed, progress, device)
-    return MatrixFreeSVD(u.to(dtype), s.to(dtype), v.to(dtype), steps, products,
-                         bool(residuals.max() <= tol), residuals.to(dtype))
+        u, s, v, residuals, steps, products = golub_kahan_lanczos(
+            jv, jtu, d_out, width, k, block, tol, max_iter, dtype, seed, progress, device
+        )
+    return MatrixFreeSVD(
+        u.to(dtype),
+        s.to(dtype),
+        v.to(dtype),
+        steps,
+        products,
+        bool(residuals.max() <= tol),
+        residuals.to(dtype),
+    )

@@ -25,7 +25,11 @@ def sequence_bytes(cfg: Any, n_pos: int, dtype: torch.dtype, batch: int = 1) -> 
     """Bytes one pass over ``batch`` sequences of ``n_pos`` tokens keeps alive, roughly:
     per token, about 8 residual-width and 4 MLP-width values, and one attention row per
     head (scores and pattern)."""
-    width = 8 * cfg.d_model + 4 * (getattr(cfg, "d_mlp", None) or 4 * cfg.d_model) + 4 * cfg.n_heads * n_pos
+    width = (
+        8 * cfg.d_model
+        + 4 * (getattr(cfg, "d_mlp", None) or 4 * cfg.d_model)
+        + 4 * cfg.n_heads * n_pos
+    )
     return batch * n_pos * width * dtype.itemsize
 
 
@@ -43,8 +47,13 @@ def default_memory(device: torch.device | str | None = None) -> int:
     return DEFAULT_MEMORY
 
 
-def chunk_size(n_items: int, item_bytes: int, max_memory: int | None = None, cap: int | None = None,
-               device: torch.device | str | None = None) -> int:
+def chunk_size(
+    n_items: int,
+    item_bytes: int,
+    max_memory: int | None = None,
+    cap: int | None = None,
+    device: torch.device | str | None = None,
+) -> int:
     """How many items of ``item_bytes`` each fit in ``max_memory`` (default: :func:`default_memory`
     of ``device``): at least 1, at most ``cap`` (default 128 rows on a CPU, 4096 on a GPU)."""
     on_gpu = torch.device(device or "cpu").type == "cuda"

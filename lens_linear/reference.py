@@ -50,7 +50,7 @@ def rotate(x, cos, sin):
     """Rotary on the first cos.shape[-1] dims (rotate-half convention); x: [heads, pos, d]."""
     r = cos.shape[-1]
     xr, xp = x[..., :r], x[..., r:]
-    half = torch.cat([-xr[..., r // 2:], xr[..., : r // 2]], -1)
+    half = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], -1)
     return torch.cat([xr * cos + half * sin, xp], -1)
 
 
@@ -118,6 +118,7 @@ FORWARDS = {"gpt2": gpt2, "llama": llama, "gpt_neox": gpt_neox}
 
 # ---- any Hugging Face causal LM, run itself with its coefficients detached -----------------
 
+
 def _rms_frozen_hook(module, args, out):
     """RMS norm: recomputed in the input's precision (HF upcasts to float32, which for a float64
     model is a downcast); its gain is ``weight`` or Gemma's ``1 + weight``, whichever reproduces
@@ -127,9 +128,13 @@ def _rms_frozen_hook(module, args, out):
     inv = (x.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
     w = getattr(module, "weight", None)
     with torch.no_grad():
-        gains = (torch.ones((), dtype=x.dtype, device=x.device),) if w is None else (w, 1 + w)  # weight-free, plain, Gemma's offset
+        gains = (
+            (torch.ones((), dtype=x.dtype, device=x.device),) if w is None else (w, 1 + w)
+        )  # weight-free, plain, Gemma's offset
         gain = min(gains, key=lambda g: float((x * inv * g - out).abs().max()))
-        assert torch.allclose(x * inv * gain, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown RMS form"
+        assert torch.allclose(x * inv * gain, out, rtol=1e-4, atol=1e-5), (
+            f"{type(module).__name__}: unknown RMS form"
+        )
     return x * (inv * gain).detach()
 
 
@@ -144,10 +149,14 @@ def _ln_frozen_hook(module, args, out):
     xc = x - x.mean(-1, keepdim=True)
     y = xc / (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt().detach()
     shift = 0 if b is None else b
-    with torch.no_grad():  # the gain is ``weight`` or ``1 + weight`` (LayerNorm1P), whichever reproduces the module
+    with (
+        torch.no_grad()
+    ):  # the gain is ``weight`` or ``1 + weight`` (LayerNorm1P), whichever reproduces the module
         gains = (1,) if w is None else (w, 1 + w)
         gain = min(gains, key=lambda g: float((y * g + shift - out).abs().max()))
-        assert torch.allclose(y * gain + shift, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown LayerNorm form"
+        assert torch.allclose(y * gain + shift, out, rtol=1e-4, atol=1e-5), (
+            f"{type(module).__name__}: unknown LayerNorm form"
+        )
     return y * gain + shift
 
 
@@ -174,8 +183,11 @@ ACTIVATION = re.compile(r"gelu|silu|swish|relu|activation|tanh|sigmoid|mish", re
 
 def _is_activation(m):
     """An elementwise activation module (some, like xIELU, hold parameters of their own)."""
-    return (not list(m.children()) and ACTIVATION.search(type(m).__name__) is not None
-            and "softmax" not in type(m).__name__.lower())
+    return (
+        not list(m.children())
+        and ACTIVATION.search(type(m).__name__) is not None
+        and "softmax" not in type(m).__name__.lower()
+    )
 
 
 def _detach_outputs(module, args, out):
@@ -188,7 +200,7 @@ def _detach_outputs(module, args, out):
 def _gates_detached(module, args, out):
     """A doubly gated convolution's input projection ``[B, C, x]``: B and C detached."""
     d = out.shape[-1] // 3
-    return torch.cat([out[..., :2 * d].detach(), out[..., 2 * d:]], -1)
+    return torch.cat([out[..., : 2 * d].detach(), out[..., 2 * d :]], -1)
 
 
 class _FunctionalActivations(torch.overrides.TorchFunctionMode):
@@ -202,8 +214,11 @@ class _FunctionalActivations(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if ACTIVATION.search(getattr(func, "__name__", "")) and "softmax" not in func.__name__:
-            out = _gate_hook(None, args, out) if self.gated else (
-                args[0] * torch.where(args[0] == 0, 0.0, out / args[0]).detach())
+            out = (
+                _gate_hook(None, args, out)
+                if self.gated
+                else (args[0] * torch.where(args[0] == 0, 0.0, out / args[0]).detach())
+            )
         return out
 
 
@@ -225,8 +240,13 @@ def _conv_act(m, xs):
     """Causal depthwise convolution of ``xs`` [pos, channels], then its activation as a
     detached ratio (``c · silu(c)/c``: linear in ``xs``)."""
     n = xs.shape[0]
-    c = F.conv1d(xs.T[None], m.conv1d.weight, m.conv1d.bias, padding=m.conv1d.kernel_size[0] - 1,
-                 groups=xs.shape[1])[0, :, :n].T
+    c = F.conv1d(
+        xs.T[None],
+        m.conv1d.weight,
+        m.conv1d.bias,
+        padding=m.conv1d.kernel_size[0] - 1,
+        groups=xs.shape[1],
+    )[0, :, :n].T
     return c * torch.where(c == 0, 0.5, F.silu(c) / c).detach()
 
 
@@ -253,15 +273,23 @@ def _mamba(m, h):
     if hasattr(m, "b_layernorm"):  # FalconMamba, Jamba: norms on Δ's input, B and C
         ts, B, C = m.dt_layernorm(ts), m.b_layernorm(B), m.c_layernorm(C)
     dt = F.softplus(m.dt_proj(ts)).detach()  # [pos, channels]
-    y = _scan(-torch.exp(m.A_log), dt, u[:, :, None], B.detach()[:, None].expand(n, u.shape[1], N),
-              C.detach()[:, None].expand(n, u.shape[1], N), m.D)[..., 0]
+    y = _scan(
+        -torch.exp(m.A_log),
+        dt,
+        u[:, :, None],
+        B.detach()[:, None].expand(n, u.shape[1], N),
+        C.detach()[:, None].expand(n, u.shape[1], N),
+        m.D,
+    )[..., 0]
     return m.out_proj(y * F.silu(z).detach())
 
 
 def _mamba2(m, h):
     """A Mamba-2 mixer on ``h`` [pos, d]: Δ, B, C, the gate silu(z) and the gated norm's scale detached."""
     n, I, H, G, N = h.shape[0], m.intermediate_size, m.num_heads, m.n_groups, m.ssm_state_size
-    proj = (m.in_proj(h * getattr(m, "ssm_in_multiplier", 1.0)) * getattr(m, "mup_vector", 1.0)).reshape(n, -1)
+    proj = (
+        m.in_proj(h * getattr(m, "ssm_in_multiplier", 1.0)) * getattr(m, "mup_vector", 1.0)
+    ).reshape(n, -1)
     d_mlp = (proj.shape[-1] - 2 * I - 2 * G * N - H) // 2
     _, _, z, xBC, dt = proj.split([d_mlp, d_mlp, I, I + 2 * G * N, H], -1)
     x, B, C = _conv_act(m, xBC).split([I, G * N, G * N], -1)
@@ -271,7 +299,9 @@ def _mamba2(m, h):
     y = y * F.silu(z).detach()
     if getattr(m, "mamba_rms_norm", True):  # gated RMS norm per group of channels
         g = y.reshape(n, -1, m.norm.group_size)
-        y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon).detach()).reshape(n, I) * m.norm.weight
+        y = (
+            g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon).detach()
+        ).reshape(n, I) * m.norm.weight
     return m.out_proj(y)
 
 
@@ -281,16 +311,25 @@ def _delta(m, h):
     one position at a time, ``o_t = S_tᵀ q_t``."""
     n, Hk, Hv, dk, dv = h.shape[0], m.num_k_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
     if hasattr(m, "in_proj_qkvz"):
-        q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(h[None]), m.in_proj_ba(h[None]))
+        q, k, v, z, b, a = m.fix_query_key_value_ordering(
+            m.in_proj_qkvz(h[None]), m.in_proj_ba(h[None])
+        )
         q, k, v, z, b, a = (t.reshape(n, -1) for t in (q, k, v, z, b, a))
     elif hasattr(m, "in_proj_qkv"):
         q, k, v = m.in_proj_qkv(h).split([m.key_dim, m.key_dim, m.value_dim], -1)
         z, b, a = m.in_proj_z(h), m.in_proj_b(h), m.in_proj_a(h)
     else:  # separate projections (OLMo-hybrid)
-        q, k, v, z, b, a = m.q_proj(h), m.k_proj(h), m.v_proj(h), m.g_proj(h), m.b_proj(h), m.a_proj(h)
+        q, k, v, z, b, a = (
+            m.q_proj(h),
+            m.k_proj(h),
+            m.v_proj(h),
+            m.g_proj(h),
+            m.b_proj(h),
+            m.a_proj(h),
+        )
     q, k, v = _conv_act(m, torch.cat([q, k, v], -1)).split([m.key_dim, m.key_dim, m.value_dim], -1)
     q, k = (t.detach().reshape(n, Hk, dk).repeat_interleave(Hv // Hk, 1) for t in (q, k))
-    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk ** 0.5
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dk**0.5
     k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     v = v.reshape(n, Hv, dv)
     beta = b.sigmoid().detach() * (2.0 if getattr(m, "allow_neg_eigval", False) else 1.0)
@@ -303,7 +342,11 @@ def _delta(m, h):
         outs.append((state * q[t][:, :, None]).sum(-2))
     o = torch.stack(outs)  # [pos, heads, dv]; gated RMS norm per head, norm before gate
     norm, out = (m.norm, m.out_proj) if hasattr(m, "out_proj") else (m.o_norm, m.o_proj)
-    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).detach() * norm.weight
+    o = (
+        o
+        * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).detach()
+        * norm.weight
+    )
     return out((o * F.silu(z.reshape(n, Hv, dv)).detach()).reshape(n, -1))
 
 
@@ -323,11 +366,19 @@ def _is_ssm(m):
 def _ssm_frozen_hook(module, args, kwargs, out):
     """A selective state-space mixer recomputed from its weights (see :func:`_mamba`,
     :func:`_mamba2`), checked against the module's own output."""
-    h = (args[0] if args else kwargs["hidden_states"])
-    recompute = _delta if "D" not in module._parameters else _mamba2 if hasattr(module, "dt_bias") else _mamba
+    h = args[0] if args else kwargs["hidden_states"]
+    recompute = (
+        _delta
+        if "D" not in module._parameters
+        else _mamba2
+        if hasattr(module, "dt_bias")
+        else _mamba
+    )
     y = torch.stack([recompute(module, row) for row in h])
     with torch.no_grad():
-        assert torch.allclose(y, out, rtol=1e-4, atol=1e-5), f"{type(module).__name__}: unknown state-space form"
+        assert torch.allclose(y, out, rtol=1e-4, atol=1e-5), (
+            f"{type(module).__name__}: unknown state-space form"
+        )
     return y
 
 
@@ -353,18 +404,33 @@ def _frozen_hooks(base):
         elif "Norm" in name:
             raise NotImplementedError(f"no frozen form for norm module {name}")
         for child_name, child in m.named_children():
-            if _is_activation(child):  # gated: its parent also holds a gate projection (or fused gate_up)
-                gated = any("gate" in n for n, _ in [*m.named_children(), *m.named_parameters(recurse=False)])
+            if _is_activation(
+                child
+            ):  # gated: its parent also holds a gate projection (or fused gate_up)
+                gated = any(
+                    "gate" in n
+                    for n, _ in [*m.named_children(), *m.named_parameters(recurse=False)]
+                )
                 handles.append(child.register_forward_hook(_gate_hook if gated else _slope_hook))
             elif child_name in ("gate", "router", "shared_expert_gate") and hasattr(m, "experts"):
                 handles.append(child.register_forward_hook(_detach_outputs))
         linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
-        if any(k in name for k in ("MLP", "FeedForward", "Experts")) and not any(_is_activation(c) for c in m.modules()):
-            gated = len(linears) == 3 or any("gate" in n for n, _ in m.named_parameters(recurse=False))
+        if any(k in name for k in ("MLP", "FeedForward", "Experts")) and not any(
+            _is_activation(c) for c in m.modules()
+        ):
+            gated = len(linears) == 3 or any(
+                "gate" in n for n, _ in m.named_parameters(recurse=False)
+            )
             handles += _mode_inside(m, lambda: _FunctionalActivations(gated))
         conv = getattr(m, "conv", None)
-        if isinstance(conv, torch.nn.Conv1d) and hasattr(m, "in_proj") and m.in_proj.out_features == 3 * conv.in_channels:
-            handles.append(m.in_proj.register_forward_hook(_gates_detached))  # C·conv(B·x): B, C constant
+        if (
+            isinstance(conv, torch.nn.Conv1d)
+            and hasattr(m, "in_proj")
+            and m.in_proj.out_features == 3 * conv.in_channels
+        ):
+            handles.append(
+                m.in_proj.register_forward_hook(_gates_detached)
+            )  # C·conv(B·x): B, C constant
     return handles
 
 
@@ -426,7 +492,9 @@ def _eager_attention(hf):
     experts = getattr(hf.config, "_experts_implementation", None)
     if prev != "eager":
         hf.set_attn_implementation("eager")
-    assert hf.config._attn_implementation == "eager", "this model cannot switch to eager attention: build it eager"
+    assert hf.config._attn_implementation == "eager", (
+        "this model cannot switch to eager attention: build it eager"
+    )
     if experts is not None:
         hf.set_experts_implementation("eager")
     try:
@@ -465,6 +533,7 @@ def hf_frozen(hf, x, frozen=True):
 
 # ---- a HookedTransformer, written from its weights and config --------------------------------
 
+
 def _tl_norm(x, ln, cfg, center):
     """TL's LN / RMS norm with the scale frozen; ``ln`` holds w (and b)."""
     if center:
@@ -488,19 +557,28 @@ def _tl_rotate(x, cos, sin, adjacent):
     if adjacent:
         flip = torch.stack([-xr[..., 1::2], xr[..., ::2]], -1).flatten(-2)
     else:
-        flip = torch.cat([-xr[..., r // 2:], xr[..., : r // 2]], -1)
+        flip = torch.cat([-xr[..., r // 2 :], xr[..., : r // 2]], -1)
     return torch.cat([xr * cos + flip * sin, xp], -1)
 
 
-_TL_ACTS = {"gelu_new": lambda a: 0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a.pow(3)))),
-            "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu, "relu": torch.nn.functional.relu}
+_TL_ACTS = {
+    "gelu_new": lambda a: (
+        0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a.pow(3))))
+    ),
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "relu": torch.nn.functional.relu,
+}
 
 
 def hooked_frozen(model, x):
     """``ln_final`` output [pos, d_model] of a HookedTransformer from ``x`` = blocks.0.hook_resid_pre,
     written from W_Q/W_K/W_V/W_O, b_*, ln w/b, W_in/W_gate/W_out and the config only."""
     cfg = model.cfg
-    assert cfg.normalization_type in ("LN", "RMS") and cfg.positional_embedding_type in ("standard", "rotary")
+    assert cfg.normalization_type in ("LN", "RMS") and cfg.positional_embedding_type in (
+        "standard",
+        "rotary",
+    )
     center = cfg.normalization_type == "LN"
     n = x.shape[0]
     if cfg.positional_embedding_type == "rotary":
@@ -509,18 +587,26 @@ def hooked_frozen(model, x):
     for layer, blk in enumerate(model.blocks):
         a = blk.attn
         h = _tl_norm(x, blk.ln1, cfg, center)
-        q, k, v = (torch.einsum("pd,hde->hpe", h, W) + b[:, None]
-                   for W, b in ((a.W_Q, a.b_Q), (a.W_K, a.b_K), (a.W_V, a.b_V)))  # K, V: heads repeated for GQA
+        q, k, v = (
+            torch.einsum("pd,hde->hpe", h, W) + b[:, None]
+            for W, b in ((a.W_Q, a.b_Q), (a.W_K, a.b_K), (a.W_V, a.b_V))
+        )  # K, V: heads repeated for GQA
         if cfg.positional_embedding_type == "rotary":
             q, k = (_tl_rotate(t, cos, sin, cfg.rotary_adjacent_pairs) for t in (q, k))
-        scale = (cfg.attn_scale if cfg.use_attn_scale else 1.0) * (layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1)
-        pattern = (q @ k.transpose(-1, -2) / scale).masked_fill(~mask, float("-inf")).softmax(-1).detach()
+        scale = (cfg.attn_scale if cfg.use_attn_scale else 1.0) * (
+            layer + 1 if cfg.scale_attn_by_inverse_layer_idx else 1
+        )
+        pattern = (
+            (q @ k.transpose(-1, -2) / scale).masked_fill(~mask, float("-inf")).softmax(-1).detach()
+        )
         attn_out = torch.einsum("hpe,hed->pd", pattern @ v, a.W_O) + a.b_O
         resid = x if cfg.parallel_attn_mlp else x + attn_out
         h = _tl_norm(resid, blk.ln2, cfg, center)
         m = blk.mlp
         pre = h @ (m.W_gate if cfg.gated_mlp else m.W_in) + (0 if cfg.gated_mlp else m.b_in)
-        if cfg.act_fn == "solu_ln":  # x * softmax(x) with the softmax frozen, then the MLP's own LN, scale frozen
+        if (
+            cfg.act_fn == "solu_ln"
+        ):  # x * softmax(x) with the softmax frozen, then the MLP's own LN, scale frozen
             assert not cfg.gated_mlp
             post = _tl_norm(pre * pre.softmax(-1).detach(), m.ln, cfg, center=True)
         elif cfg.gated_mlp:

@@ -32,17 +32,21 @@ class NotComputedError(ValueError):
 
 def _need(lcache: LinearCache, hook: str, detached: bool, todo: str) -> torch.Tensor:
     if not lcache.is_computed(hook, detached=detached):
-        raise NotComputedError(f"this figure needs the {'detached' if detached else 'ordinary'} Jacobian of "
-                               f"{hook!r} at position {lcache.pos}, not computed yet: run `{todo}` first")
+        raise NotComputedError(
+            f"this figure needs the {'detached' if detached else 'ordinary'} Jacobian of "
+            f"{hook!r} at position {lcache.pos}, not computed yet: run `{todo}` first"
+        )
     return lcache.jacobian(hook, detached=detached)
 
 
 def layer_hooks(model: Any) -> dict[str, list[str]]:
     """Every layer's block, attention and MLP outputs (the stable-rank figure's hooks)."""
     n = model.cfg.n_layers
-    return {"block": [f"blocks.{l}.hook_resid_post" for l in range(n)],
-            "attention": [f"blocks.{l}.hook_attn_out" for l in range(n)],
-            "mlp": [f"blocks.{l}.hook_mlp_out" for l in range(n)]}
+    return {
+        "block": [f"blocks.{l}.hook_resid_post" for l in range(n)],
+        "attention": [f"blocks.{l}.hook_attn_out" for l in range(n)],
+        "mlp": [f"blocks.{l}.hook_mlp_out" for l in range(n)],
+    }
 
 
 def _with_data(rendered: Any, **data: Any) -> Any:
@@ -56,9 +60,17 @@ def attention_patterns(lcache: LinearCache, layer: int) -> Any:
     layer = normalize_index(layer, lcache.model.cfg.n_layers)
     pattern = lcache.attention.pattern(layer)  # [heads, q, k]
     names = [f"L{layer}H{h}" for h in range(pattern.shape[0])]
-    return _with_data(cv.attention.attention_heads(attention=pattern.float(), tokens=lcache.str_tokens,
-                                                   attention_head_names=names, mask_upper_tri=True),
-                      tokens=lcache.str_tokens, pattern=pattern, layer=layer)
+    return _with_data(
+        cv.attention.attention_heads(
+            attention=pattern.float(),
+            tokens=lcache.str_tokens,
+            attention_head_names=names,
+            mask_upper_tri=True,
+        ),
+        tokens=lcache.str_tokens,
+        pattern=pattern,
+        layer=layer,
+    )
 
 
 def token_contributions(lcache: LinearCache, token: str | int | None = None) -> Any:
@@ -72,8 +84,12 @@ def token_contributions(lcache: LinearCache, token: str | int | None = None) -> 
         index = token if isinstance(token, int) else single_token(lcache.model, token)
         values = parts @ lcache.model.W_U[:, index].to(parts)
         label = f"logit of {lcache.model.tokenizer.decode([index]) if lcache.model.tokenizer else index!r}"
-    return _with_data(cv.tokens.colored_tokens(tokens=lcache.str_tokens, values=values.float()),
-                      tokens=lcache.str_tokens, values=values, label=label)
+    return _with_data(
+        cv.tokens.colored_tokens(tokens=lcache.str_tokens, values=values.float()),
+        tokens=lcache.str_tokens,
+        values=values,
+        label=label,
+    )
 
 
 def singular_tokens(lcache: LinearCache, n_tokens: int = 5) -> Any:
@@ -83,7 +99,14 @@ def singular_tokens(lcache: LinearCache, n_tokens: int = 5) -> Any:
     rows, shown, values = [], [], []
     for i, tok in enumerate(lcache.str_tokens):
         top = lcache.decode(input_pos=i, n_triplets=1, n_tokens=n_tokens)[0]
-        rows.append({"token": tok, "sigma": top.value, "output": top.output.tokens, "scores": top.output.scores})
+        rows.append(
+            {
+                "token": tok,
+                "sigma": top.value,
+                "output": top.output.tokens,
+                "scores": top.output.scores,
+            }
+        )
         shown += [f"[{tok}] ", *top.output.tokens, "\n"]
         values += [0.0, *top.output.scores, 0.0]
     return _with_data(cv.tokens.colored_tokens(tokens=shown, values=values), rows=rows)
@@ -98,12 +121,27 @@ def reconstruction_figure(lcache: LinearCache) -> go.Figure:
     for detached, name in ((False, "ordinary Jacobian"), (True, "detached Jacobian")):
         rec = lcache.reconstruction(detached=detached).double()
         err = lcache.reconstruction_error(detached=detached)
-        fig.add_trace(go.Scattergl(x=y.tolist(), y=rec.tolist(), mode="markers", marker=dict(size=4, opacity=0.6),
-                                   name=f"{name} (error {err:.1e})"))
+        fig.add_trace(
+            go.Scattergl(
+                x=y.tolist(),
+                y=rec.tolist(),
+                mode="markers",
+                marker=dict(size=4, opacity=0.6),
+                name=f"{name} (error {err:.1e})",
+            )
+        )
     lo, hi = float(y.min()), float(y.max())
-    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="gray"), name="y = x"))
-    fig.update_layout(title="Output embedding vs reconstruction Σ J_i x_i + bias",
-                      xaxis_title="output embedding y*", yaxis_title="reconstruction", template="plotly_white")
+    fig.add_trace(
+        go.Scatter(
+            x=[lo, hi], y=[lo, hi], mode="lines", line=dict(dash="dot", color="gray"), name="y = x"
+        )
+    )
+    fig.update_layout(
+        title="Output embedding vs reconstruction Σ J_i x_i + bias",
+        xaxis_title="output embedding y*",
+        yaxis_title="reconstruction",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -114,8 +152,13 @@ def spectra_figure(lcache: LinearCache) -> go.Figure:
     for i, tok in enumerate(lcache.str_tokens):
         s = torch.linalg.svdvals(jac[i].double())
         fig.add_trace(go.Scatter(y=s.tolist(), mode="lines", name=f"{i}: {tok!r}"))
-    fig.update_layout(title="Singular values of J_i per input token", xaxis_title="index",
-                      yaxis_title="singular value", yaxis_type="log", template="plotly_white")
+    fig.update_layout(
+        title="Singular values of J_i per input token",
+        xaxis_title="index",
+        yaxis_title="singular value",
+        yaxis_type="log",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -129,9 +172,15 @@ def stable_rank_figure(lcache: LinearCache) -> go.Figure:
         for h in hooks:
             _need(lcache, h, True, todo)
         ranks = [lcache.stable_rank(h) for h in hooks]
-        fig.add_trace(go.Scatter(x=list(range(len(hooks))), y=ranks, mode="lines+markers", name=label))
-    fig.update_layout(title="Stable rank ‖J‖²_F / ‖J‖²_2 by layer", xaxis_title="layer",
-                      yaxis_title="stable rank", template="plotly_white")
+        fig.add_trace(
+            go.Scatter(x=list(range(len(hooks))), y=ranks, mode="lines+markers", name=label)
+        )
+    fig.update_layout(
+        title="Stable rank ‖J‖²_F / ‖J‖²_2 by layer",
+        xaxis_title="layer",
+        yaxis_title="stable rank",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -141,10 +190,23 @@ def alignment_figure(lcache: LinearCache, n_triplets: int = 3) -> go.Figure:
     for h in hooks:
         _need(lcache, h, True, "lcache.jacobians()")
     align = lcache.alignment(hooks, n_triplets=n_triplets)  # [layers, n_triplets]
-    fig = go.Figure([go.Scatter(x=list(range(len(hooks))), y=align[:, j].tolist(), mode="lines+markers",
-                                name=f"u{j + 1}") for j in range(align.shape[1])])
-    fig.update_layout(title="Projection of each layer's top singular vectors onto the last layer's",
-                      xaxis_title="layer", yaxis_title="|⟨u_j(layer), u_j(last)⟩|", template="plotly_white")
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=list(range(len(hooks))),
+                y=align[:, j].tolist(),
+                mode="lines+markers",
+                name=f"u{j + 1}",
+            )
+            for j in range(align.shape[1])
+        ]
+    )
+    fig.update_layout(
+        title="Projection of each layer's top singular vectors onto the last layer's",
+        xaxis_title="layer",
+        yaxis_title="|⟨u_j(layer), u_j(last)⟩|",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -156,16 +218,30 @@ def patching_figure(result: PatchingResult) -> go.Figure:
         values = values.sum(-1)
     columns = "position" if result.axes[1] == "pos" else result.axes[1]
     if columns == "position" and result.str_tokens:
-        x = [f"{i}: {t}" for i, t in enumerate(result.str_tokens[:values.shape[1]])]
+        x = [f"{i}: {t}" for i, t in enumerate(result.str_tokens[: values.shape[1]])]
     else:
         x = [f"{columns[0].upper()}{i}" for i in range(values.shape[1])]
     rows = result.layers or list(range(values.shape[0]))
     bound = float(values.abs().max()) or 1.0
-    fig = go.Figure(go.Heatmap(z=values.tolist(), x=x, y=[f"L{l}" for l in rows], colorscale="RdBu",
-                               zmid=0, zmin=-bound, zmax=bound, colorbar=dict(title="normalized")))
-    fig.update_layout(title=f"Activation patching: {result.sweep} (clean {result.clean:+.2f}, "
-                            f"corrupted {result.corrupted:+.2f})", xaxis_title=columns, yaxis_title="layer",
-                      template="plotly_white")
+    fig = go.Figure(
+        go.Heatmap(
+            z=values.tolist(),
+            x=x,
+            y=[f"L{l}" for l in rows],
+            colorscale="RdBu",
+            zmid=0,
+            zmin=-bound,
+            zmax=bound,
+            colorbar=dict(title="normalized"),
+        )
+    )
+    fig.update_layout(
+        title=f"Activation patching: {result.sweep} (clean {result.clean:+.2f}, "
+        f"corrupted {result.corrupted:+.2f})",
+        xaxis_title=columns,
+        yaxis_title="layer",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -173,10 +249,14 @@ def patching_figure(result: PatchingResult) -> go.Figure:
 def summary_html(lcache: LinearCache) -> str:
     """Prediction, reconstruction errors and token contributions as a small HTML block."""
     esc = html.escape
-    preds = " ".join(f"<code>{esc(repr(p.token))}</code> {p.prob:.3f}" for p in lcache.top_predictions(5))
-    lines = [f"<b>LinearCache</b> {esc(str(lcache.model.cfg.model_name))}, {lcache.n_pos} tokens, "
-             f"output at position {lcache.pos} ({esc(repr(lcache.str_tokens[lcache.pos]))})",
-             f"next token: {preds}"]
+    preds = " ".join(
+        f"<code>{esc(repr(p.token))}</code> {p.prob:.3f}" for p in lcache.top_predictions(5)
+    )
+    lines = [
+        f"<b>LinearCache</b> {esc(str(lcache.model.cfg.model_name))}, {lcache.n_pos} tokens, "
+        f"output at position {lcache.pos} ({esc(repr(lcache.str_tokens[lcache.pos]))})",
+        f"next token: {preds}",
+    ]
     if lcache.is_computed():
         errs = f"detached {lcache.reconstruction_error():.1e}"
         if lcache.is_computed(detached=False):
@@ -184,9 +264,11 @@ def summary_html(lcache: LinearCache) -> str:
         lines.append(f"reconstruction error: {errs}")
         norms = lcache.contributions().norm(dim=-1)
         top = float(norms.max()) or 1.0
-        spans = "".join(f'<span title="{float(v):.3g}" style="background: rgba(220, 80, 40, {float(v) / top:.2f}); '
-                        f'padding: 1px 2px; margin: 1px; border-radius: 3px">{esc(t)}</span>'
-                        for t, v in zip(lcache.str_tokens, norms))
+        spans = "".join(
+            f'<span title="{float(v):.3g}" style="background: rgba(220, 80, 40, {float(v) / top:.2f}); '
+            f'padding: 1px 2px; margin: 1px; border-radius: 3px">{esc(t)}</span>'
+            for t, v in zip(lcache.str_tokens, norms)
+        )
         lines.append(f"contribution ‖J_i x_i‖: {spans}")
     else:
         lines.append("Jacobian not computed yet: <code>lcache.jacobian()</code>")
@@ -199,8 +281,13 @@ def _circuitsvis_js() -> str:
     return path.read_text(encoding="utf-8").replace("</script>", "")
 
 
-def report(lcache: LinearCache, path: str | Path, layers: bool = True,
-           patching: Sequence[PatchingResult] = (), attention_layers: Sequence[int] | None = None) -> Path:
+def report(
+    lcache: LinearCache,
+    path: str | Path,
+    layers: bool = True,
+    patching: Sequence[PatchingResult] = (),
+    attention_layers: Sequence[int] | None = None,
+) -> Path:
     """Write one self-contained HTML file (every script inlined: it opens with no network)
     with the figures and circuitsvis components above; computes what they need."""
     from plotly.offline import get_plotlyjs
@@ -214,20 +301,31 @@ def report(lcache: LinearCache, path: str | Path, layers: bool = True,
     n_layers = lcache.model.cfg.n_layers
     attention_layers = [0, n_layers - 1] if attention_layers is None else attention_layers
     top = lcache.top_predictions(1)[0]
-    views = [("Token contributions ‖J_i x_i‖", token_contributions(lcache)),
-             (f"Contributions to the logit of {top.token!r}", token_contributions(lcache, top.token_id)),
-             ("Leading singular vector of each J_i, read as output tokens", singular_tokens(lcache))]
-    views += [(f"Attention patterns, layer {l}", attention_patterns(lcache, l)) for l in attention_layers]
+    views = [
+        ("Token contributions ‖J_i x_i‖", token_contributions(lcache)),
+        (f"Contributions to the logit of {top.token!r}", token_contributions(lcache, top.token_id)),
+        ("Leading singular vector of each J_i, read as output tokens", singular_tokens(lcache)),
+    ]
+    views += [
+        (f"Attention patterns, layer {l}", attention_patterns(lcache, l)) for l in attention_layers
+    ]
     js = _circuitsvis_js()
     body = [f"<h1>lens_linear report</h1>{summary_html(lcache)}"]
-    body += [f'<div class="figure">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>' for fig in figures]
+    body += [
+        f'<div class="figure">{fig.to_html(full_html=False, include_plotlyjs=False)}</div>'
+        for fig in figures
+    ]
     for title, view in views:
-        body.append(f'<h3>{html.escape(title)}</h3><div class="circuitsvis">{view.local_src.replace(js, "")}</div>')
+        body.append(
+            f'<h3>{html.escape(title)}</h3><div class="circuitsvis">{view.local_src.replace(js, "")}</div>'
+        )
     meta = {"figures": len(figures), "components": len(views)}
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lens_linear report</title>"
-            f"<script>{get_plotlyjs()}</script><script>{js}</script>"
-            f"<style>body {{ font-family: sans-serif; margin: 24px; }} .figure {{ margin: 12px 0; }}</style></head>"
-            f"<body data-expected='{json.dumps(meta)}'>{''.join(body)}</body></html>")
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lens_linear report</title>"
+        f"<script>{get_plotlyjs()}</script><script>{js}</script>"
+        f"<style>body {{ font-family: sans-serif; margin: 24px; }} .figure {{ margin: 12px 0; }}</style></head>"
+        f"<body data-expected='{json.dumps(meta)}'>{''.join(body)}</body></html>"
+    )
     path = Path(path)
     path.write_text(page, encoding="utf-8")
     return path

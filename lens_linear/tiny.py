@@ -30,8 +30,13 @@ def char_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        name_or_path="lens-linear-char", add_bos_token=True,
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        name_or_path="lens-linear-char",
+        add_bos_token=True,
     )
 
 
@@ -39,18 +44,36 @@ def _hf_configs() -> dict[str, Callable[[], Any]]:
     import transformers as tf
 
     s = _SIZES
-    common = dict(vocab_size=VOCAB, hidden_size=s["d_model"], intermediate_size=s["d_mlp"],
-                  num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
-                  max_position_embeddings=s["n_ctx"], bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=s["d_model"],
+        intermediate_size=s["d_mlp"],
+        num_hidden_layers=s["n_layers"],
+        num_attention_heads=s["n_heads"],
+        max_position_embeddings=s["n_ctx"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     return {
-        "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=s["d_model"], n_layer=s["n_layers"],
-                                      n_head=s["n_heads"], n_positions=s["n_ctx"], bos_token_id=1,
-                                      eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        "gpt2": lambda: tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=s["d_model"],
+            n_layer=s["n_layers"],
+            n_head=s["n_heads"],
+            n_positions=s["n_ctx"],
+            bos_token_id=1,
+            eos_token_id=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
         "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, **common),
         "mistral": lambda: tf.MistralConfig(num_key_value_heads=2, head_dim=s["d_head"], **common),
         "qwen3": lambda: tf.Qwen3Config(num_key_value_heads=2, head_dim=s["d_head"], **common),
-        "gemma3": lambda: tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=s["d_head"],
-                                              sliding_window=16, **common),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            num_key_value_heads=2, head_dim=s["d_head"], sliding_window=16, **common
+        ),
         "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, **common),
         "gpt_neox": lambda: tf.GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common),
         "olmo2": lambda: tf.Olmo2Config(num_key_value_heads=2, **common),
@@ -60,12 +83,30 @@ def _hf_configs() -> dict[str, Callable[[], Any]]:
 def _hooked_configs() -> dict[str, dict[str, Any]]:
     s = dict(_SIZES, d_vocab=VOCAB)
     return {
-        "gpt2": dict(s, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"),
-        "llama": dict(s, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-                      gated_mlp=True, n_key_value_heads=2, final_rms=True, rotary_dim=s["d_head"]),
-        "gpt_neox": dict(s, act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
-                         parallel_attn_mlp=True, rotary_dim=s["d_head"] // 2),
-        "solu": dict(s, act_fn="solu_ln", normalization_type="LN", positional_embedding_type="standard"),
+        "gpt2": dict(
+            s, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"
+        ),
+        "llama": dict(
+            s,
+            act_fn="silu",
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            gated_mlp=True,
+            n_key_value_heads=2,
+            final_rms=True,
+            rotary_dim=s["d_head"],
+        ),
+        "gpt_neox": dict(
+            s,
+            act_fn="gelu",
+            normalization_type="LN",
+            positional_embedding_type="rotary",
+            parallel_attn_mlp=True,
+            rotary_dim=s["d_head"] // 2,
+        ),
+        "solu": dict(
+            s, act_fn="solu_ln", normalization_type="LN", positional_embedding_type="standard"
+        ),
     }
 
 
@@ -81,7 +122,10 @@ def perturb_(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torc
         for name, p in module.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if p.ndim == 1 or leaf in ("b", "bias") or leaf.startswith("b_"):
-                p.add_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64, device="cpu").to(p))
+                p.add_(
+                    scale
+                    * torch.randn(p.shape, generator=gen, dtype=torch.float64, device="cpu").to(p)
+                )
     return module
 
 
@@ -91,7 +135,9 @@ def tiny_hf_model(arch: str = "gpt2", seed: int = 0, dtype: torch.dtype = torch.
 
     table = _hf_configs()
     if arch not in table:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(sorted(table))}")
+        raise ValueError(
+            f"unknown tiny architecture {arch!r}; choose from {', '.join(sorted(table))}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = table[arch]()
@@ -101,8 +147,9 @@ def tiny_hf_model(arch: str = "gpt2", seed: int = 0, dtype: torch.dtype = torch.
     return hf_model.to(dtype).eval()
 
 
-def tiny_model(arch: str = "gpt2", backend: str = "bridge", seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> Any:
+def tiny_model(
+    arch: str = "gpt2", backend: str = "bridge", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Any:
     """A small random model (2 layers, d_model 64) with perturbed biases and norm weights.
 
     Args:
@@ -115,8 +162,10 @@ def tiny_model(arch: str = "gpt2", backend: str = "bridge", seed: int = 0,
     backend = resolve_backend(backend)
     table = _hf_configs() if backend == "bridge" else _hooked_configs()
     if arch not in table:
-        raise ValueError(f"unknown tiny architecture {arch!r} for backend {backend!r}; "
-                         f"choose from {', '.join(sorted(table))}")
+        raise ValueError(
+            f"unknown tiny architecture {arch!r} for backend {backend!r}; "
+            f"choose from {', '.join(sorted(table))}"
+        )
     tokenizer = char_tokenizer()
     if backend == "bridge":
         hf_model = tiny_hf_model(arch, seed, dtype)
@@ -125,8 +174,9 @@ def tiny_model(arch: str = "gpt2", backend: str = "bridge", seed: int = 0,
         torch.manual_seed(seed)
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-        cfg = HookedTransformerConfig(**table[arch], model_name=f"tiny-{arch}", seed=seed,
-                                      dtype=dtype, device="cpu")
+        cfg = HookedTransformerConfig(
+            **table[arch], model_name=f"tiny-{arch}", seed=seed, dtype=dtype, device="cpu"
+        )
         model = HookedTransformer(cfg, tokenizer=tokenizer)
     perturb_(model, seed=seed)
     return model.to(dtype).eval()

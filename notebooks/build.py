@@ -17,10 +17,10 @@ NOTEBOOKS = {
         "float rounding; the ordinary Jacobian does not. This notebook reproduces the paper's first "
         "results on SmolLM2.",
         SETUP,
-        "lcache = ll.run_with_linear_cache(model, \"The bridge out of Marin is the\")\nlcache  # prediction, "
+        'lcache = ll.run_with_linear_cache(model, "The bridge out of Marin is the")\nlcache  # prediction, '
         "reconstruction error and each token's contribution",
         "## Reconstruction (figure 3)\nThe detached Jacobian reproduces the output embedding; the ordinary one is off by order one.",
-        "print(f\"detached {lcache.reconstruction_error():.1e}, ordinary {lcache.reconstruction_error(detached=False):.2f}\")"
+        'print(f"detached {lcache.reconstruction_error():.1e}, ordinary {lcache.reconstruction_error(detached=False):.2f}")'
         "  # the ordinary one from one Jacobian-vector product: its matrix is not formed\n"
         "render.reconstruction_figure(lcache)",
         "## Which input tokens matter\n`J_i x_i` is the exact share of input token `i`; projected on the "
@@ -47,38 +47,39 @@ NOTEBOOKS = {
         "## The attention Jacobian of one head\nFrom the residual stream at the attended token to the "
         "head's output at the query (norm frozen); its eigenvalues through `W_E` and `W_U` measure copying.",
         "S = (tokens.shape[-1] - 1) // 2\nq = tokens.shape[-1] - 5\nfm = lcache.attention_jacobian(top.layer, q, q - S + 1, "
-        "head=top.head, include_norm=True)\nprint(fm.shape, \"copying score\", float(lcache.attention.copying_score(fm)))",
+        'head=top.head, include_norm=True)\nprint(fm.shape, "copying score", float(lcache.attention.copying_score(fm)))',
         "## What freezing the pattern leaves out\nThe full Jacobian is the OV term plus the QK term "
         "(the pattern's own response); rotary attention takes the autograd route.",
         "# Jacobians act on column vectors (J @ dx), like lcache.jacobian; circuits (ov_circuit) are TL's x @ M\n"
         "ov = lcache.attention_jacobian(top.layer, q, q - S + 1).AB\nqk = lcache.attention.qk_term(top.layer, q, q - S + 1)\n"
-        "print(f\"|OV| = {ov.norm():.3f}, |QK| = {qk.norm():.3f}\")",
+        'print(f"|OV| = {ov.norm():.3f}, |QK| = {qk.norm():.3f}")',
     ],
     "3_ioi_patching.ipynb": [
         "# IOI: activation patching and its Jacobian prediction\n\nPatching the clean run's residual "
         "stream into the corrupted run, layer by layer and position by position, shows where the "
         "indirect object's name moves to the final position. One backward pass through the frozen map "
         "predicts the whole table.",
-        SETUP + "\nfrom lens_linear.patching import activation_patching, predicted_patching, prompt_pairs",
-        "pairs = prompt_pairs(model, \"After John and Mary went to the store, Mary gave a bottle of milk to\",\n"
-        "                     \"After John and Mary went to the store, John gave a bottle of milk to\", \" John\", \" Mary\")\n"
-        "real = activation_patching(model, pairs, \"resid_pre\")\nreal",
+        SETUP
+        + "\nfrom lens_linear.patching import activation_patching, predicted_patching, prompt_pairs",
+        'pairs = prompt_pairs(model, "After John and Mary went to the store, Mary gave a bottle of milk to",\n'
+        '                     "After John and Mary went to the store, John gave a bottle of milk to", " John", " Mary")\n'
+        'real = activation_patching(model, pairs, "resid_pre")\nreal',
         "render.patching_figure(real)",
         "## Per head",
-        "heads = activation_patching(model, pairs, \"head\")\nrender.patching_figure(heads)",
+        'heads = activation_patching(model, pairs, "head")\nrender.patching_figure(heads)',
         "## Predicted by the frozen map (one backward)\nExact for patching through the corrupted run's "
         "frozen map; compared here with real patching.",
-        "pred = predicted_patching(model, pairs, \"resid_pre\")\n"
+        'pred = predicted_patching(model, pairs, "resid_pre")\n'
         "corr = torch.corrcoef(torch.stack([pred.values.flatten(), real.values.flatten()]))[0, 1]\n"
-        "print(f\"correlation with real patching: {corr:.3f}\")\nrender.patching_figure(pred)",
+        'print(f"correlation with real patching: {corr:.3f}")\nrender.patching_figure(pred)',
     ],
     "4_steering.ipynb": [
         "# Steering with a concept's frozen map\n\nThe concept prompt's detached Jacobian, applied to a new "
         "prompt's embeddings and mixed into the residual stream at one layer (the paper's equation 16), "
         "pulls generation towards the concept. `lam = 1` is ordinary generation.",
         SETUP + "\nfrom lens_linear.patching import steer",
-        "concept, prompt = \"The Golden Gate\", \"Here is a painting of the\"\n"
-        "target = model.to_single_token(\" Bridge\")\nfor lam in (1.0, 0.75, 0.5):\n"
+        'concept, prompt = "The Golden Gate", "Here is a painting of the"\n'
+        'target = model.to_single_token(" Bridge")\nfor lam in (1.0, 0.75, 0.5):\n'
         "    out = steer(model, concept, prompt, layer=15, lam=lam, max_new_tokens=8)\n"
         "    rank = int((out.first_logits > out.first_logits[target]).sum())\n"
         "    print(f\"lam={lam}: rank of ' Bridge' {rank:5d}  {out.text!r}\")",
@@ -92,8 +93,14 @@ NOTEBOOKS = {
 def main() -> None:
     here = Path(__file__).parent
     for name, cells in NOTEBOOKS.items():
-        nb = new_notebook(cells=[new_markdown_cell(c) if c.startswith("#") else new_code_cell(c) for c in cells])
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb = new_notebook(
+            cells=[new_markdown_cell(c) if c.startswith("#") else new_code_cell(c) for c in cells]
+        )
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
         nbformat.write(nb, here / name)
 
 

@@ -12,13 +12,12 @@ lens_linear code; routers are made constant by detaching their outputs.
 
 import pytest
 import torch
+from conftest import hooks_left, rel
 
 import lens_linear as ll
 from lens_linear.models import tl_has_hooked_transformer, wrap_bridge
 from lens_linear.reference import full_precision, hf_frozen
 from lens_linear.tiny import char_tokenizer
-
-from conftest import hooks_left, rel
 
 if tl_has_hooked_transformer():
     pytest.skip("architecture probes run with the newest TransformerLens", allow_module_level=True)
@@ -26,15 +25,44 @@ from lens_linear.coverage import tiny_hf  # noqa: E402
 
 PROMPT = "Hello world"
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-DENSE = ["GPTJForCausalLM", "GPTNeoForCausalLM", "OPTForCausalLM", "XGLMForCausalLM", "OlmoForCausalLM",
-         "BloomForCausalLM", "NanoChatForCausalLM", "FalconForCausalLM"]
-MOE = ["MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "PhiMoEForCausalLM",
-       "GraniteMoeForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"]
-STATE_SPACE = ["MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM", "JambaForCausalLM",
-               "BambaForCausalLM", "FalconH1ForCausalLM",
-               "Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "OlmoHybridForCausalLM"]  # gated delta rules
-FLOAT32_INSIDE = ["MptForCausalLM", "DeepseekV2ForCausalLM"]  # HF casts float64 down to float32 inside
-NO_FLOAT64 = {"XGLMForCausalLM"}  # the Hugging Face model itself fails in float64 (a float32 mask fill)
+DENSE = [
+    "GPTJForCausalLM",
+    "GPTNeoForCausalLM",
+    "OPTForCausalLM",
+    "XGLMForCausalLM",
+    "OlmoForCausalLM",
+    "BloomForCausalLM",
+    "NanoChatForCausalLM",
+    "FalconForCausalLM",
+]
+MOE = [
+    "MixtralForCausalLM",
+    "OlmoeForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "PhiMoEForCausalLM",
+    "GraniteMoeForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "Glm4MoeForCausalLM",
+]
+STATE_SPACE = [
+    "MambaForCausalLM",
+    "Mamba2ForCausalLM",
+    "FalconMambaForCausalLM",
+    "JambaForCausalLM",
+    "BambaForCausalLM",
+    "FalconH1ForCausalLM",
+    "Qwen3NextForCausalLM",
+    "Qwen3_5ForCausalLM",
+    "OlmoHybridForCausalLM",
+]  # gated delta rules
+FLOAT32_INSIDE = [
+    "MptForCausalLM",
+    "DeepseekV2ForCausalLM",
+]  # HF casts float64 down to float32 inside
+NO_FLOAT64 = {
+    "XGLMForCausalLM"
+}  # the Hugging Face model itself fails in float64 (a float32 mask fill)
 
 
 def bridge(arch, dtype=torch.float32):
@@ -51,10 +79,14 @@ def test_jacobian_matches_reference(arch, dtype):
     with full_precision():
         lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
         ours, value = lc.jacobian(), lc.activation()
-        jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], lc.x).transpose(0, 1)
+        jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], lc.x).transpose(
+            0, 1
+        )
     with torch.no_grad():
         errors = rel(hf_frozen(hf, lc.x)[-1], value), rel(jac, ours), lc.reconstruction_error()
-    print(f"\n{arch} {dtype}: value {errors[0]:.1e}, jacobian {errors[1]:.1e}, reconstruction {errors[2]:.1e}")
+    print(
+        f"\n{arch} {dtype}: value {errors[0]:.1e}, jacobian {errors[1]:.1e}, reconstruction {errors[2]:.1e}"
+    )
     assert max(errors) <= TOL[dtype], errors
     u = torch.randn(value.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
     _, plain = torch.autograd.functional.vjp(lambda x: hf_frozen(hf, x, frozen=False)[-1], lc.x, u)
@@ -86,7 +118,9 @@ def test_moe_freezing_keeps_the_output_and_replays_the_recorded_routing(arch):
     try:
         with torch.no_grad():
             model(tokens)  # the recorded routing
-            lc.point.replay(torch.randn_like(lc.x) * lc.x.std(), [lc.output])  # another input, frozen routing
+            lc.point.replay(
+                torch.randn_like(lc.x) * lc.x.std(), [lc.output]
+            )  # another input, frozen routing
             model(model.to_tokens("Other words!"[: len(PROMPT)]))  # the same length, live routing
     finally:
         handle.remove()

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
+from conftest import HOOKED, PROMPT, cached_tiny, newest_tl_only, rel
 
 import lens_linear as ll
 from lens_linear.attention import attention_input, induction_heads
 
-from conftest import HOOKED, PROMPT, cached_tiny, newest_tl_only, rel
-
 PAIRS = [(5, 5), (5, 0), (7, 3), (0, 0)]  # (query, key): the diagonal, the first position, neither
 FROZEN = ("attn.hook_pattern", "ln1.hook_scale", "ln1_post.hook_scale")
-pytestmark = pytest.mark.filterwarnings("ignore:.*hook_scale/hook_normalized")  # the reference edits norms
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*hook_scale/hook_normalized"
+)  # the reference edits norms
 
 
 def reference(model, lc, layer, q, k, detach=FROZEN, source=None):
@@ -21,10 +22,13 @@ def reference(model, lc, layer, q, k, detach=FROZEN, source=None):
     names = [f"blocks.{layer}.{d}" for d in detach if f"blocks.{layer}.{d}" in model.hook_dict]
 
     def f(xk):
-        x = torch.cat([x0[:k], xk[None], x0[k + 1:]])
+        x = torch.cat([x0[:k], xk[None], x0[k + 1 :]])
         out = {}
-        hooks = ([(source, lambda v, hook: x[None].to(v.dtype))] + [(n, lambda v, hook: v.detach()) for n in names]
-                 + [(f"blocks.{layer}.hook_attn_out", lambda v, hook: out.__setitem__("y", v))])
+        hooks = (
+            [(source, lambda v, hook: x[None].to(v.dtype))]
+            + [(n, lambda v, hook: v.detach()) for n in names]
+            + [(f"blocks.{layer}.hook_attn_out", lambda v, hook: out.__setitem__("y", v))]
+        )
         with model.hooks(fwd_hooks=hooks):
             model(lc.tokens)
         return out["y"][0, q]
@@ -50,7 +54,7 @@ def test_analytic_qk_term_completes_the_plain_jacobian(backend):
     In float64, since the autograd QK term is a difference of two larger matrices."""
     model = cached_tiny(backend, "gpt2", torch.float64)
     lc = ll.run_with_linear_cache(model, PROMPT)
-    assert lc.attention._score_scale(1) == pytest.approx(model.cfg.d_head ** 0.5, rel=1e-10)
+    assert lc.attention._score_scale(1) == pytest.approx(model.cfg.d_head**0.5, rel=1e-10)
     for q, k in PAIRS:
         analytic = lc.attention.qk_term(1, q, k, method="analytic")
         plain = reference(model, lc, 1, q, k, detach=())
@@ -66,7 +70,9 @@ def test_analytic_qk_term_completes_the_plain_jacobian(backend):
 def test_rotary_qk_term_by_autograd():
     model = cached_tiny("bridge", "llama")
     lc = ll.run_with_linear_cache(model, PROMPT)
-    assert lc.attention._score_scale(1) is None  # rotary scores are not q·k of the unrotated vectors
+    assert (
+        lc.attention._score_scale(1) is None
+    )  # rotary scores are not q·k of the unrotated vectors
     with pytest.raises(ValueError, match="method='autograd'"):
         lc.attention.qk_term(1, 5, 2, method="analytic")
     total = lc.attention_jacobian(1, 5, 2).AB + lc.attention.qk_term(1, 5, 2)
@@ -74,7 +80,9 @@ def test_rotary_qk_term_by_autograd():
 
 
 def test_factored_matrix_operations_and_circuits():
-    model = cached_tiny("bridge", "llama")  # grouped-query attention: 4 query heads, 2 key/value heads
+    model = cached_tiny(
+        "bridge", "llama"
+    )  # grouped-query attention: 4 query heads, 2 key/value heads
     lc = ll.run_with_linear_cache(model, PROMPT)
     fm = lc.attention_jacobian(1, 6, 2)
     dense = fm.AB
@@ -87,25 +95,40 @@ def test_factored_matrix_operations_and_circuits():
     eig = fm.eigenvalues
     dense_eig = torch.linalg.eigvals(dense)
     big = dense_eig[dense_eig.abs() > 1e-4 * dense_eig.abs().max()]
-    assert rel(eig.abs().sort().values[-len(big):], big.abs().sort().values) <= 1e-4
+    assert rel(eig.abs().sort().values[-len(big) :], big.abs().sort().values) <= 1e-4
 
     w = lc.attention.weights(1)
     ov = lc.attention.ov_circuit(1)
     assert ov.AB.shape == (4, 64, 64)
-    assert rel(ov.AB[3], (model.blocks[1].attn.W_V[1] @ model.blocks[1].attn.W_O[3]).detach()) <= 1e-6  # head 3 reads kv head 1
+    assert (
+        rel(ov.AB[3], (model.blocks[1].attn.W_V[1] @ model.blocks[1].attn.W_O[3]).detach()) <= 1e-6
+    )  # head 3 reads kv head 1
     pattern = lc.attention.pattern(1)
     assert torch.allclose(pattern.sum(-1), torch.ones_like(pattern[..., 0]), atol=1e-5)
     weighted = torch.einsum("h,hio->io", pattern[:, 6, 2], ov.AB)  # circuits: row convention
     assert rel(weighted.T, dense) <= 1e-6  # Jacobians: column convention
-    assert rel(lc.attention.ov_circuit(1, head=2, key_pos=2).AB, lc.attention.norm_map(1, pos=2) @ ov.AB[2]) <= 1e-6
+    assert (
+        rel(
+            lc.attention.ov_circuit(1, head=2, key_pos=2).AB,
+            lc.attention.norm_map(1, pos=2) @ ov.AB[2],
+        )
+        <= 1e-6
+    )
     with pytest.warns(UserWarning, match="rotary"):
         qk = lc.attention.qk_circuit(1, head=0, query_pos=6, key_pos=2)
-    expected = lc.attention.norm_map(1, pos=6) @ w["W_Q"][0] @ w["W_K"][0].T @ lc.attention.norm_map(1, pos=2).T
+    expected = (
+        lc.attention.norm_map(1, pos=6)
+        @ w["W_Q"][0]
+        @ w["W_K"][0].T
+        @ lc.attention.norm_map(1, pos=2).T
+    )
     assert rel(qk.AB, expected) <= 1e-5
 
     full = model.W_E @ dense.T @ model.W_U
     lam = torch.linalg.eigvals(full)
-    assert lc.attention.copying_score(fm) == pytest.approx(float((lam.sum() / lam.abs().sum()).real), abs=1e-4)
+    assert lc.attention.copying_score(fm) == pytest.approx(
+        float((lam.sum() / lam.abs().sum()).real), abs=1e-4
+    )
 
 
 def test_bad_attention_input():
@@ -131,13 +154,21 @@ def test_induction_scores_match_head_detector(backend):
     assert report.tokens.shape[-1] == 41  # BOS + 2 × 20
     assert report.detector_scores is not None
     assert float((report.scores.double() - report.detector_scores).abs().max()) <= 1e-5
-    assert [h.score for h in report.top] == sorted(report.scores.flatten().tolist(), reverse=True)[:3]
+    assert [h.score for h in report.top] == sorted(report.scores.flatten().tolist(), reverse=True)[
+        :3
+    ]
     # copying scores: eigenvalues of W_E Jᵀ W_U of the dense Jacobians, over the same 8 query positions
     lc = ll.run_with_linear_cache(model, report.tokens, check=False)
     queries = torch.linspace(21, 40, 8).round().long()  # second-half positions after BOS
     for h in report.top:
-        dense = [lc.attention_jacobian(h.layer, int(q), int(q) - 19, head=h.head, include_norm=True).AB for q in queries]
-        lam = [torch.linalg.eigvals(model.W_E.double() @ j.T.double() @ model.W_U.double()) for j in dense]
+        dense = [
+            lc.attention_jacobian(h.layer, int(q), int(q) - 19, head=h.head, include_norm=True).AB
+            for q in queries
+        ]
+        lam = [
+            torch.linalg.eigvals(model.W_E.double() @ j.T.double() @ model.W_U.double())
+            for j in dense
+        ]
         expected = sum(float((e.sum() / e.abs().sum()).real) for e in lam) / len(lam)
         assert h.copying_score == pytest.approx(expected, abs=1e-6)
     assert set(report.to_dict()) == {"scores", "top", "detector_scores"}
@@ -160,4 +191,6 @@ def test_smollm2_induction_heads(smollm2):
     assert report.tokens.shape[-1] == 100  # SmolLM2 prepends no BOS
     assert report.top[0].score > 0.3
     assert float((report.scores.double() - report.detector_scores).abs().max()) <= 1e-5
-    assert max(h.copying_score for h in report.top) > 0.5  # some induction head copies what it attends to
+    assert (
+        max(h.copying_score for h in report.top) > 0.5
+    )  # some induction head copies what it attends to

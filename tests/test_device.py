@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import HOOKED, PROMPT, cached_tiny, rel
 
 import lens_linear as ll
 from lens_linear.hooks.operating_point import computing_in
@@ -19,10 +20,10 @@ from lens_linear.patching import activation_patching, predicted_patching, prompt
 from lens_linear.stats import dataset_sensitivity, sensitivity
 from lens_linear.tiny import tiny_model
 
-from conftest import HOOKED, PROMPT, cached_tiny, rel
-
 DEVICE = os.environ.get("LENS_LINEAR_TEST_DEVICE", "cpu")
-ARCHS = [("bridge", a) for a in ("llama", "gpt2", "gemma3")] + ([("hooked", "llama")] if HOOKED else [])
+ARCHS = [("bridge", a) for a in ("llama", "gpt2", "gemma3")] + (
+    [("hooked", "llama")] if HOOKED else []
+)
 
 
 @contextlib.contextmanager
@@ -55,8 +56,9 @@ def public_calls(model, tmp_path):
     out["jacobian"] = lc.jacobian()
     out["ordinary"] = lc.jacobian(detached=False)
     out["bias"] = lc.bias_term()
-    out["forward"] = lc.jacobians(["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], method="forward")[
-        "blocks.1.hook_resid_post"]
+    out["forward"] = lc.jacobians(
+        ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], method="forward"
+    )["blocks.1.hook_resid_post"]
     out["layerwise"] = lc.layerwise_jacobian(1)
     out["svd"] = lc.svd(n_triplets=3).S
     out["matfree"] = lc.svd_matrix_free(n_triplets=2).S
@@ -67,17 +69,32 @@ def public_calls(model, tmp_path):
     out["qk"] = lc.attention.qk_term(1, 5, 2)
     out["copying"] = lc.attention.copying_score(lc.attention_jacobian(1, 5, 2))
     out["induction"] = ll.induction_heads(model, seq_len=8, n_top_heads=1).scores
-    pairs = prompt_pairs(model, ["Hello there, friend!", "abcdefgh"], ["Hello where, friend!", "abcxefgh"],
-                         ["a", "b"], ["c", "d"])
+    pairs = prompt_pairs(
+        model,
+        ["Hello there, friend!", "abcdefgh"],
+        ["Hello where, friend!", "abcxefgh"],
+        ["a", "b"],
+        ["c", "d"],
+    )
     for sweep in ("resid_pre", "head"):
         out[f"patch {sweep}"] = activation_patching(model, pairs, sweep, progress=False).raw
-        out[f"frozen {sweep}"] = activation_patching(model, pairs, sweep, detached=True, progress=False).raw
+        out[f"frozen {sweep}"] = activation_patching(
+            model, pairs, sweep, detached=True, progress=False
+        ).raw
         out[f"predicted {sweep}"] = predicted_patching(model, pairs, sweep).raw
-    out["steer"] = steer(model, "Hello", "Hi there", layer=1, lam=0.5, max_new_tokens=2).first_logits
+    out["steer"] = steer(
+        model, "Hello", "Hi there", layer=1, lam=0.5, max_new_tokens=2
+    ).first_logits
     out["sensitivity"] = sensitivity(model, ["Hello there", "abc"]).values
     out["hutchinson"] = sensitivity(model, "Hello", method="hutchinson", probes=4).values
-    acc = dataset_sensitivity(model, ["ab", "abc", "abcd"], max_len=6, batch_size=2, checkpoint=str(tmp_path / "c.pt"),
-                              progress=False)
+    acc = dataset_sensitivity(
+        model,
+        ["ab", "abc", "abcd"],
+        max_len=6,
+        batch_size=2,
+        checkpoint=str(tmp_path / "c.pt"),
+        progress=False,
+    )
     out["dataset"] = acc.mean
     try:
         from lens_linear import render  # the report's data: figures from the cache's own numbers
@@ -114,9 +131,16 @@ def test_half_precision_is_verified_in_float32(dtype):
     model = tiny_model("llama", dtype=dtype).to(DEVICE)
     lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
     assert lc.reconstruction_error() <= 2e-2
-    squash = ("blocks.1.hook_mlp_out", lambda v, hook: torch.tanh(100 * v) / 100)  # same scale, nonlinear
-    lenient = ll.run_with_linear_cache(model, PROMPT, fwd_hooks=[squash], check=False, progress=False)
-    assert lenient.reconstruction_error() <= 2e-2  # half precision's tolerance alone would let it through
+    squash = (
+        "blocks.1.hook_mlp_out",
+        lambda v, hook: torch.tanh(100 * v) / 100,
+    )  # same scale, nonlinear
+    lenient = ll.run_with_linear_cache(
+        model, PROMPT, fwd_hooks=[squash], check=False, progress=False
+    )
+    assert (
+        lenient.reconstruction_error() <= 2e-2
+    )  # half precision's tolerance alone would let it through
     with pytest.raises(ll.LinearizationError, match=r"float32.*blocks\.1"):
         ll.run_with_linear_cache(model, PROMPT, fwd_hooks=[squash], progress=False)
     with pytest.raises(ll.LinearizationError):  # and float32 refuses it as well
@@ -128,8 +152,12 @@ def test_half_precision_is_verified_in_float32(dtype):
     assert mf.converged and mf.S.dtype == torch.float32
     assert rel(mf.S.cpu(), s.cpu()) <= 3e-2  # the dense Jacobian itself is half precision
     fm = lc.attention_jacobian(1, 5, 2)  # eigenvalues upcast: no half-precision kernel needed
-    lam = torch.linalg.eigvals(model.W_E.double() @ (fm.A.double() @ fm.B.double()).T @ model.W_U.double())
-    assert lc.attention.copying_score(fm) == pytest.approx(float((lam.sum() / lam.abs().sum()).real), abs=1e-6)
+    lam = torch.linalg.eigvals(
+        model.W_E.double() @ (fm.A.double() @ fm.B.double()).T @ model.W_U.double()
+    )
+    assert lc.attention.copying_score(fm) == pytest.approx(
+        float((lam.sum() / lam.abs().sum()).real), abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -147,7 +175,9 @@ def test_a_half_model_linearized_in_float32(dtype):
     assert lc.reconstruction_error("blocks.0.hook_resid_post") <= 1e-5
     mf = lc.svd_matrix_free(n_triplets=2)
     assert mf.converged and float(mf.residuals.max()) <= 1e-4
-    assert all(torch.equal(before[n], t) and t.dtype == dtype for n, t in model.state_dict().items())
+    assert all(
+        torch.equal(before[n], t) and t.dtype == dtype for n, t in model.state_dict().items()
+    )
     # independent: the same half-precision weights in float32, frozen at the model's own coefficients
     # differ from ours only by where the coefficients were computed (half vs float32): at rounding level
     hf = tiny_hf_model("llama").to(DEVICE)
@@ -168,12 +198,19 @@ def test_float32_computation_restores_the_model_bit_for_bit():
     after = model.state_dict()
     assert model.cfg.dtype == torch.bfloat16
     for name, (ptr, value) in before.items():
-        assert after[name].data_ptr() == ptr and after[name].dtype == value.dtype and torch.equal(after[name], value)
+        assert (
+            after[name].data_ptr() == ptr
+            and after[name].dtype == value.dtype
+            and torch.equal(after[name], value)
+        )
 
 
 def accelerate_state(model):
     """Every module's accelerate hook and instance ``forward``, by object identity."""
-    return {n: (id(vars(m).get("forward")), id(getattr(m, "_hf_hook", None))) for n, m in model.named_modules()}
+    return {
+        n: (id(vars(m).get("forward")), id(getattr(m, "_hf_hook", None)))
+        for n, m in model.named_modules()
+    }
 
 
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
@@ -193,19 +230,36 @@ def test_offloaded_models_give_the_plain_numbers_and_keep_their_hooks(offload, t
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert all(rel(ours.jacobians(hooks)[h], ref.jacobians(hooks)[h]) <= 1e-5 for h in hooks)
     assert rel(ours.svd_matrix_free(n_triplets=2).S, ref.svd_matrix_free(n_triplets=2).S) <= 1e-5
-    pairs = [prompt_pairs(m, "Hello there, friend!", "Hello where, friend!", "a", "c") for m in (model, plain)]
-    assert rel(activation_patching(model, pairs[0], progress=False).raw,
-               activation_patching(plain, pairs[1], progress=False).raw) <= 1e-5
-    assert rel(steer(model, "Hello", "Hi there", layer=1, max_new_tokens=1).first_logits,
-               steer(plain, "Hello", "Hi there", layer=1, max_new_tokens=1).first_logits) <= 1e-5
+    pairs = [
+        prompt_pairs(m, "Hello there, friend!", "Hello where, friend!", "a", "c")
+        for m in (model, plain)
+    ]
+    assert (
+        rel(
+            activation_patching(model, pairs[0], progress=False).raw,
+            activation_patching(plain, pairs[1], progress=False).raw,
+        )
+        <= 1e-5
+    )
+    assert (
+        rel(
+            steer(model, "Hello", "Hi there", layer=1, max_new_tokens=1).first_logits,
+            steer(plain, "Hello", "Hi there", layer=1, max_new_tokens=1).first_logits,
+        )
+        <= 1e-5
+    )
 
     def explode(value, hook):
         raise RuntimeError("boom inside")
 
     with pytest.raises(RuntimeError, match="boom inside"):
-        ll.run_with_linear_cache(model, tokens, fwd_hooks=[("blocks.1.hook_resid_pre", explode)], progress=False)
+        ll.run_with_linear_cache(
+            model, tokens, fwd_hooks=[("blocks.1.hook_resid_pre", explode)], progress=False
+        )
     assert accelerate_state(model) == state
-    assert all(p.device.type == "meta" for p in model.original_model.model.norm.parameters())  # offloaded again
+    assert all(
+        p.device.type == "meta" for p in model.original_model.model.norm.parameters()
+    )  # offloaded again
 
 
 def test_offloaded_biases_are_refused_where_they_would_be_zeroed(monkeypatch):
@@ -215,7 +269,9 @@ def test_offloaded_biases_are_refused_where_they_would_be_zeroed(monkeypatch):
     model = tiny_model("gpt2")
     real = op.bias_tensors(model)
     name = next(iter(real))
-    monkeypatch.setattr(op, "bias_tensors", lambda m: {**real, name: torch.empty(real[name].shape, device="meta")})
+    monkeypatch.setattr(
+        op, "bias_tensors", lambda m: {**real, name: torch.empty(real[name].shape, device="meta")}
+    )
     with pytest.raises(ll.LinearizationError, match="offloaded by accelerate"):
         with op.biases_zeroed(model):
             pass

@@ -13,14 +13,17 @@ def test_api_table_is_current():
     spec = importlib.util.spec_from_file_location("build_api", ROOT / "docs" / "build_api.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    assert (ROOT / "docs" / "api.md").read_text(encoding="utf-8") == build.render_doc(), \
+    assert (ROOT / "docs" / "api.md").read_text(encoding="utf-8") == build.render_doc(), (
         "docs/api.md is stale: run `python docs/build_api.py`"
+    )
 
 
 @newest_tl_only
 def test_readme_examples_run_on_the_default_model(tmp_path, monkeypatch):
     """Every ```python block of the README, in order, in one namespace, on SmolLM2."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    blocks = re.findall(
+        r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S
+    )
     assert len(blocks) >= 6
     monkeypatch.chdir(tmp_path)  # the examples write out.html and run.pt
     namespace: dict = {}

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import cached_tiny, hooks_left
 
 import lens_linear as ll
 from lens_linear.models import tl_has_hooked_transformer
-
-from conftest import cached_tiny, hooks_left
 
 
 @pytest.fixture
@@ -42,7 +41,10 @@ def test_not_a_transformer_lens_model():
 
 def test_unknown_hook_name_lists_close_matches(gpt2):
     lc = ll.run_with_linear_cache(gpt2, "abcd")
-    with pytest.raises(KeyError, match=r"unknown hook name 'blocks\.1\.hook_resid_psot'.*blocks\.1\.hook_resid_post"):
+    with pytest.raises(
+        KeyError,
+        match=r"unknown hook name 'blocks\.1\.hook_resid_psot'.*blocks\.1\.hook_resid_post",
+    ):
         lc.jacobian("blocks.1.hook_resid_psot")
 
 
@@ -81,15 +83,19 @@ def test_bad_model_name_and_backend():
 
 @pytest.mark.skipif(tl_has_hooked_transformer(), reason="TransformerLens < 4 has HookedTransformer")
 def test_hooked_backend_on_tl4_explains():
-    with pytest.raises(ValueError, match=r"removed \(TL 4\.0\).*backend='bridge'.*transformer-lens<4"):
+    with pytest.raises(
+        ValueError, match=r"removed \(TL 4\.0\).*backend='bridge'.*transformer-lens<4"
+    ):
         ll.load_model(backend="hooked")
     with pytest.raises(ValueError, match="removed"):
         ll.tiny_model("gpt2", backend="hooked")
 
 
 def test_errors_leave_no_hooks(gpt2):
-    for bad in [lambda: ll.run_with_linear_cache(gpt2, "abcd", pos=99),
-                lambda: ll.run_with_linear_cache(gpt2, "abcd").jacobian("nope")]:
+    for bad in [
+        lambda: ll.run_with_linear_cache(gpt2, "abcd", pos=99),
+        lambda: ll.run_with_linear_cache(gpt2, "abcd").jacobian("nope"),
+    ]:
         with pytest.raises((IndexError, KeyError)):
             bad()
     assert not hooks_left(gpt2)

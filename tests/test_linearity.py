@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import CASE_IDS, CASES, PROMPT, cached_tiny, hooks_left, rel
 
 import lens_linear as ll
 from lens_linear.hooks import detach_hooks, detached_function, find_sites, operating_point
-from lens_linear.tiny import tiny_hf_model
-
-from conftest import CASE_IDS, CASES, PROMPT, cached_tiny, hooks_left, rel
 from lens_linear.reference import FORWARDS
+from lens_linear.tiny import tiny_hf_model
 
 
 def test_detach_hooks_keep_logits(tiny):
@@ -19,7 +18,9 @@ def test_detach_hooks_keep_logits(tiny):
     assert not hooks_left(tiny)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["f32", "f64"]
+)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_reconstruction_and_bias_split(case, dtype, tol):
     model = cached_tiny(*case, dtype=dtype)
@@ -29,7 +30,9 @@ def test_reconstruction_and_bias_split(case, dtype, tol):
     assert rel(recon, y) <= tol, rel(recon, y)
     assert lc.reconstruction_error() <= tol
     parts = lc.bias_contributions()
-    assert rel(sum(parts.values()), lc.bias_term()) <= max(tol, 1e-12 if dtype == torch.float64 else 1e-5)
+    assert rel(sum(parts.values()), lc.bias_term()) <= max(
+        tol, 1e-12 if dtype == torch.float64 else 1e-5
+    )
     if case[0] == "bridge" and case[1] == "gpt2":  # GPT-2 has real biases: the split is not trivial
         assert lc.bias_term().norm() > 0.1 * y.norm()
         assert sum(1 for v in parts.values() if v.norm() > 0) > 5
@@ -39,7 +42,9 @@ def test_replay_reproduces_forward_and_jvp(tiny):
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     out = lc.output
     recorded = lc.activation()
-    assert torch.equal(lc.activations[out][0, lc.pos], recorded)  # the full cache, filled later, agrees
+    assert torch.equal(
+        lc.activations[out][0, lc.pos], recorded
+    )  # the full cache, filled later, agrees
     assert "blocks.0.hook_resid_pre" in lc.activations
     replayed = lc.point.replay(lc.x, [out])[out][0]
     assert rel(replayed, lc.activations[out][0]) <= 1e-6
@@ -48,14 +53,18 @@ def test_replay_reproduces_forward_and_jvp(tiny):
     autograd = torch.einsum("pod,pd->o", lc.jacobian(), v)
     assert rel(jvp, autograd) <= 1e-5
     u = torch.randn(lc.activation().shape, generator=torch.Generator().manual_seed(2))
-    assert rel(lc.point.vjp(u, out, pos=lc.pos), torch.einsum("o,pod->pd", u, lc.jacobian())) <= 1e-5
+    assert (
+        rel(lc.point.vjp(u, out, pos=lc.pos), torch.einsum("o,pod->pd", u, lc.jacobian())) <= 1e-5
+    )
 
 
 def test_detached_autograd_equals_replay(tiny):
     """Two views of one map: autograd through the detach hooks at x*, and replay."""
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     through_detach_hooks = detached_function(tiny, lc.tokens)
-    jac = torch.autograd.functional.jacobian(through_detach_hooks, lc.x, vectorize=False)  # [d_out, pos, d_in]
+    jac = torch.autograd.functional.jacobian(
+        through_detach_hooks, lc.x, vectorize=False
+    )  # [d_out, pos, d_in]
     assert rel(jac.transpose(0, 1), lc.jacobian()) <= 1e-5
 
 
@@ -71,11 +80,14 @@ def test_jacobian_matches_independent_reference(arch):
     err = rel(jac.transpose(0, 1), lc.jacobian())
     assert err <= 1e-5, err
     plain = lc.jacobian(detached=False)
-    assert rel(plain, lc.jacobian()) > 1e-3  # freezing matters: the reference is not the plain Jacobian
+    assert (
+        rel(plain, lc.jacobian()) > 1e-3
+    )  # freezing matters: the reference is not the plain Jacobian
 
 
 def test_user_hook_composes_with_detach(tiny):
     """A user's ablation on hook_pattern takes effect; the frozen pattern is the ablated one."""
+
     def ablate(pattern, hook):
         pattern = pattern.clone()
         pattern[:, 0] = 0.0
@@ -140,11 +152,16 @@ def test_model_is_returned_as_it_was(tiny):
 
     with pytest.raises(RuntimeError, match="boom inside forward"):
         ll.run_with_linear_cache(tiny, PROMPT, fwd_hooks=[("blocks.1.hook_resid_pre", explode)])
-    ll.run_with_linear_cache(tiny, PROMPT).svd_matrix_free(n_triplets=2)  # analysis_mode freezes, then restores
+    ll.run_with_linear_cache(tiny, PROMPT).svd_matrix_free(
+        n_triplets=2
+    )  # analysis_mode freezes, then restores
     assert not hooks_left(tiny)
     assert tiny.training and all(m.training for m in tiny.modules())
     assert all(torch.equal(v, state[k]) for k, v in tiny.state_dict().items())
-    assert flags == {n: p.requires_grad for n, p in tiny.named_parameters()} and not frozen_by_user.requires_grad
+    assert (
+        flags == {n: p.requires_grad for n, p in tiny.named_parameters()}
+        and not frozen_by_user.requires_grad
+    )
     frozen_by_user.requires_grad_(True)
     tiny.eval()
 
@@ -168,9 +185,13 @@ def test_cheap_check_catches_a_site_left_out(tiny, kind, whole, monkeypatch):
     wrong, full = lc.projected_reconstruction_error(), lc.reconstruction_error()
     assert full / 5 <= wrong <= 5 * full and full > 1e3 * max(exact, 1e-9)
     assert lc.directional_error() == pytest.approx(full, rel=1e-3)  # forward mode: the error itself
-    if whole:  # the site check covers every position: at least as large as the last position's error
+    if (
+        whole
+    ):  # the site check covers every position: at least as large as the last position's error
         probed = lc.point.check_sites(y).error
-        assert probed >= full / 5 and probed > 1e3 * max(probed_exact, 1e-9) and probed_exact <= 1e-5
+        assert (
+            probed >= full / 5 and probed > 1e3 * max(probed_exact, 1e-9) and probed_exact <= 1e-5
+        )
     else:
         assert lc.point.check_sites(y).error is None
     assert not hooks_left(tiny)
@@ -222,15 +243,24 @@ def test_constant_operand_tangents_match_torch_forward_mode():
     product per tangent; products of two dual operands fall back to PyTorch's rule."""
     import torch.autograd.forward_ad as fwAD
     import torch.nn.functional as F
+
     from lens_linear.hooks.tangents import constant_operand_tangents
 
     gen = torch.Generator().manual_seed(0)
     a, t = (torch.randn(2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(2))
-    w, b = torch.randn(3, 4, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64)
-    cases = {"linear": lambda x: F.linear(x, w, b), "linear kw": lambda x: F.linear(x, w, bias=b),
-             "matmul": lambda x: x @ w.T, "matmul left": lambda x: w @ x.transpose(1, 2),
-             "einsum": lambda x: torch.einsum("bpd,od->bpo", x, w), "bmm": lambda x: torch.bmm(x, x.transpose(1, 2)),
-             "mm": lambda x: torch.mm(x[0], w.T)}
+    w, b = (
+        torch.randn(3, 4, generator=gen, dtype=torch.float64),
+        torch.randn(3, generator=gen, dtype=torch.float64),
+    )
+    cases = {
+        "linear": lambda x: F.linear(x, w, b),
+        "linear kw": lambda x: F.linear(x, w, bias=b),
+        "matmul": lambda x: x @ w.T,
+        "matmul left": lambda x: w @ x.transpose(1, 2),
+        "einsum": lambda x: torch.einsum("bpd,od->bpo", x, w),
+        "bmm": lambda x: torch.bmm(x, x.transpose(1, 2)),
+        "mm": lambda x: torch.mm(x[0], w.T),
+    }
     with torch.no_grad(), fwAD.dual_level():
         x = fwAD.make_dual(a, t)
         for name, fn in cases.items():

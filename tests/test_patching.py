@@ -3,12 +3,17 @@ Jacobian-predicted patching vs the frozen map; steering."""
 
 import pytest
 import torch
+from conftest import HOOKED, cached_tiny, newest_tl_only, rel
 
 import lens_linear as ll
-from lens_linear.patching import (SWEEPS, activation_patching, ioi_pairs, predicted_patching, prompt_pairs,
-                                  steer)
-
-from conftest import HOOKED, cached_tiny, newest_tl_only, rel
+from lens_linear.patching import (
+    SWEEPS,
+    activation_patching,
+    ioi_pairs,
+    predicted_patching,
+    prompt_pairs,
+    steer,
+)
 
 IOI_CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
 IOI_CORRUPT = "After John and Mary went to the store, John gave a bottle of milk to"
@@ -36,7 +41,7 @@ def naive(model, pairs, sweep, scale=1.0, metric=None):
         def hook(value, hook):
             value = value.clone()
             for i in range(len(pairs.answers)):
-                for p in ([pos] if pos is not None else range(n_pos)):
+                for p in [pos] if pos is not None else range(n_pos):
                     if pairs.mask[i, p]:
                         if head is None:
                             value[i, p] = target[i, p]
@@ -47,17 +52,26 @@ def naive(model, pairs, sweep, scale=1.0, metric=None):
         with torch.no_grad():
             return metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=[(name, hook)]))
 
-    grid = {"pos": [[run(l, p, None) for p in range(n_pos)] for l in range(n_layers)],
-            "head": [[run(l, None, h) for h in range(n_heads)] for l in range(n_layers)],
-            "pos_head": [[[run(l, p, h) for h in range(n_heads)] for p in range(n_pos)] for l in range(n_layers)]}[kind]
+    grid = {
+        "pos": [[run(l, p, None) for p in range(n_pos)] for l in range(n_layers)],
+        "head": [[run(l, None, h) for h in range(n_heads)] for l in range(n_layers)],
+        "pos_head": [
+            [[run(l, p, h) for h in range(n_heads)] for p in range(n_pos)] for l in range(n_layers)
+        ],
+    }[kind]
     return torch.tensor(grid)
 
 
 def tiny_pairs(model):
     """Two pairs of different lengths (right-padded), one with a BOS: padding and special
     tokens must stay out of every patch."""
-    return prompt_pairs(model, ["Hello there, friend!", "abcdefgh"], ["Hello where, friend!", "abcxefgh"],
-                        ["a", "b"], ["c", "d"])
+    return prompt_pairs(
+        model,
+        ["Hello there, friend!", "abcdefgh"],
+        ["Hello where, friend!", "abcxefgh"],
+        ["a", "b"],
+        ["c", "d"],
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,9 +80,21 @@ def test_batched_sweeps_equal_one_forward_per_patch(backend, arch):
     model = cached_tiny(backend, arch)
     pairs = tiny_pairs(model)
     assert not pairs.mask[1, 9:].any() and bool(pairs.mask[0, 1])
-    assert bool(pairs.mask[0, 0]) is (model.tokenizer.bos_token_id is None or not model.cfg.default_prepend_bos)
-    for sweep in ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "head_by_pos"]:
-        ours = activation_patching(model, pairs, sweep, progress=False, max_memory=1 << 20)  # many small chunks
+    assert bool(pairs.mask[0, 0]) is (
+        model.tokenizer.bos_token_id is None or not model.cfg.default_prepend_bos
+    )
+    for sweep in [
+        "resid_pre",
+        "resid_mid",
+        "resid_post",
+        "attn_out",
+        "mlp_out",
+        "head",
+        "head_by_pos",
+    ]:
+        ours = activation_patching(
+            model, pairs, sweep, progress=False, max_memory=1 << 20
+        )  # many small chunks
         assert (ours.raw - naive(model, pairs, sweep)).abs().max() <= 1e-4, sweep
 
 
@@ -80,8 +106,11 @@ def test_matches_transformer_lens_patching(backend):
     pairs = prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "a", "c")
     _, cache = model.run_with_cache(pairs.clean)
     metric = lambda logits: logits[0, -1, pairs.answers[0]] - logits[0, -1, pairs.wrong[0]]  # noqa: E731
-    theirs = {"resid_pre": tlp.get_act_patch_resid_pre, "mlp_out": tlp.get_act_patch_mlp_out,
-              "head": tlp.get_act_patch_attn_head_out_all_pos}
+    theirs = {
+        "resid_pre": tlp.get_act_patch_resid_pre,
+        "mlp_out": tlp.get_act_patch_mlp_out,
+        "head": tlp.get_act_patch_attn_head_out_all_pos,
+    }
     for sweep, fn in theirs.items():
         reference = fn(model, pairs.corrupted, cache, metric)
         ours = activation_patching(model, pairs, sweep, progress=False)
@@ -99,7 +128,9 @@ def test_predicted_patching_is_exact_for_the_frozen_map():
     for sweep in ["resid_pre", "attn_out", "head", "head_by_pos"]:
         frozen = activation_patching(model, pairs, sweep, detached=True, progress=False)
         predicted = predicted_patching(model, pairs, sweep)
-        assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, sweep
+        assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, (
+            sweep
+        )
         small = activation_patching(model, pairs, sweep, scale=1e-3, progress=False)
         plain = predicted_patching(model, pairs, sweep, scale=1e-3, detached=False)
         assert rel(plain.raw - plain.corrupted, small.raw - small.corrupted) <= 1e-2, sweep
@@ -109,7 +140,9 @@ def test_ioi_pairs_and_bad_input():
     model = cached_tiny("bridge", "gpt2")  # a character tokenizer: no name is one token
     with pytest.raises(ValueError, match="single tokens"):
         ioi_pairs(model)
-    with pytest.raises(ValueError, match="pair 0: the clean prompt has 6 tokens and the corrupted one 7"):
+    with pytest.raises(
+        ValueError, match="pair 0: the clean prompt has 6 tokens and the corrupted one 7"
+    ):
         prompt_pairs(model, "Hello", "Hellos", "a", "b")
     with pytest.raises(ValueError, match="'ab' is 2 tokens"):
         prompt_pairs(model, "Hello", "Jello", "ab", "b")
@@ -128,7 +161,9 @@ def test_steering_with_lam_one_is_greedy_generation():
             tokens = torch.cat([tokens, model(tokens)[0, -1].argmax().reshape(1, 1)], dim=1)
     steered = steer(model, "The Golden Gate", "Hello", layer=1, lam=1.0, max_new_tokens=6)
     assert torch.equal(steered.tokens, tokens)
-    long_concept = steer(model, "Hi", "Hello there", layer=0, lam=0.3, max_new_tokens=2)  # concept shorter
+    long_concept = steer(
+        model, "Hi", "Hello there", layer=0, lam=0.3, max_new_tokens=2
+    )  # concept shorter
     assert long_concept.tokens.shape[-1] == model.to_tokens("Hello there").shape[-1] + 2
 
 
@@ -144,21 +179,41 @@ def test_smollm2_ioi_patching(smollm2):
     assert result.values[0, changed] == pytest.approx(1.0, abs=1e-4)  # all the information is there
     post = activation_patching(smollm2, pairs, "resid_post", layers=[-1], progress=False)
     assert post.layers == [29] and post.values[0, -1] == pytest.approx(1.0, abs=1e-4)
-    frozen = activation_patching(smollm2, pairs, "resid_pre", detached=True, layers=[0, 12, 24], progress=False)
+    frozen = activation_patching(
+        smollm2, pairs, "resid_pre", detached=True, layers=[0, 12, 24], progress=False
+    )
     predicted = predicted_patching(smollm2, pairs, "resid_pre", layers=[0, 12, 24])
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-5
 
     ioi = ioi_pairs(smollm2, n_pairs=4)  # names that are one token with a leading space
-    assert ioi.clean.shape == ioi.corrupted.shape == (4, pairs.clean.shape[1]) and bool(ioi.mask.all())
-    assert (ioi.clean != ioi.corrupted).sum(1).tolist() == [1, 1, 1, 1]  # only the repeated subject differs
-    assert torch.equal(ioi.answers[::2], ioi.wrong[1::2]) and not bool((ioi.answers == ioi.wrong).any())
+    assert ioi.clean.shape == ioi.corrupted.shape == (4, pairs.clean.shape[1]) and bool(
+        ioi.mask.all()
+    )
+    assert (ioi.clean != ioi.corrupted).sum(1).tolist() == [
+        1,
+        1,
+        1,
+        1,
+    ]  # only the repeated subject differs
+    assert torch.equal(ioi.answers[::2], ioi.wrong[1::2]) and not bool(
+        (ioi.answers == ioi.wrong).any()
+    )
 
     _, cache = smollm2.run_with_cache(pairs.clean)
     metric = lambda logits: pairs.logit_diff(logits[:, -1]).mean()  # noqa: E731
     layers = [0, 15, 29]
-    index = pd.DataFrame([(l, p) for l in layers for p in range(pairs.clean.shape[1])], columns=["layer", "pos"])
-    reference = tlp.generic_activation_patch(smollm2, pairs.corrupted, cache, metric, tlp.layer_pos_patch_setter,
-                                             "resid_pre", index_df=index)
+    index = pd.DataFrame(
+        [(l, p) for l in layers for p in range(pairs.clean.shape[1])], columns=["layer", "pos"]
+    )
+    reference = tlp.generic_activation_patch(
+        smollm2,
+        pairs.corrupted,
+        cache,
+        metric,
+        tlp.layer_pos_patch_setter,
+        "resid_pre",
+        index_df=index,
+    )
     assert (result.raw[layers].flatten() - reference).abs().max() <= 1e-4
 
 
@@ -166,8 +221,12 @@ def test_smollm2_steering_raises_the_concept(smollm2):
     concept = ll.run_with_linear_cache(smollm2, "The Golden Gate", check=False)
     bridge = concept.top_predictions(1)[0]
     assert bridge.token == " Bridge"
-    plain = steer(smollm2, "The Golden Gate", "Here is a painting of the", layer=15, lam=1.0, max_new_tokens=1)
-    steered = steer(smollm2, "The Golden Gate", "Here is a painting of the", layer=15, lam=0.5, max_new_tokens=1)
+    plain = steer(
+        smollm2, "The Golden Gate", "Here is a painting of the", layer=15, lam=1.0, max_new_tokens=1
+    )
+    steered = steer(
+        smollm2, "The Golden Gate", "Here is a painting of the", layer=15, lam=0.5, max_new_tokens=1
+    )
     rank = lambda logits: int((logits > logits[bridge.token_id]).sum())  # noqa: E731
     assert rank(steered.first_logits) < rank(plain.first_logits)
 
@@ -183,15 +242,23 @@ def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, mo
 
     model = cached_tiny(backend, family, torch.float64)
     pairs = tiny_pairs(model)
-    truth = {sweep: activation_patching(model, pairs, sweep, detached=True, progress=False)
-             for sweep in ["resid_pre", "head_by_pos"]}
+    truth = {
+        sweep: activation_patching(model, pairs, sweep, detached=True, progress=False)
+        for sweep in ["resid_pre", "head_by_pos"]
+    }
     applied = []
     original = patterns.FrozenAttention.apply
-    monkeypatch.setattr(patterns.FrozenAttention, "apply", lambda self, v: applied.append(v.shape) or original(self, v))
+    monkeypatch.setattr(
+        patterns.FrozenAttention,
+        "apply",
+        lambda self, v: applied.append(v.shape) or original(self, v),
+    )
     monkeypatch.setattr(op, "PATTERN_BUDGET", 0)  # every prompt is "long"
     for sweep, frozen in truth.items():
         predicted = predicted_patching(model, pairs, sweep, progress=False)
-        assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, sweep
+        assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, (
+            sweep
+        )
         assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
     one = pairs.pair(1)  # a single pair: no other pairs' logits to hold constant
     predicted = predicted_patching(model, one, "resid_pre", progress=False)
@@ -199,4 +266,6 @@ def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, mo
     frozen = activation_patching(model, one, "resid_pre", detached=True, progress=False)
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10
     assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
-    assert applied and all(shape[0] == 1 for shape in applied)  # one pair at a time, through q and k
+    assert applied and all(
+        shape[0] == 1 for shape in applied
+    )  # one pair at a time, through q and k

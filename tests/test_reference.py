@@ -8,9 +8,9 @@ the HookedTransformer's weights and config (``reference.hooked_frozen``).
 import pytest
 import torch
 from conftest import HOOKED, PROMPT, cached_tiny, rel
-from lens_linear.reference import full_precision_softmax, hf_frozen, hooked_frozen
 
 import lens_linear as ll
+from lens_linear.reference import full_precision_softmax, hf_frozen, hooked_frozen
 from lens_linear.tiny import tiny_architectures, tiny_hf_model
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -32,7 +32,9 @@ def test_jacobian_matches_reference(backend, arch, dtype):
     with full_precision_softmax():
         lc = ll.run_with_linear_cache(model, PROMPT)
         ours, value = lc.jacobian(), lc.activation()
-    jac = torch.autograd.functional.jacobian(ref, lc.x, vectorize=True).transpose(0, 1)  # [pos, d_out, d_in]
+    jac = torch.autograd.functional.jacobian(ref, lc.x, vectorize=True).transpose(
+        0, 1
+    )  # [pos, d_out, d_in]
     with torch.no_grad():
         errors = rel(ref(lc.x), value), rel(jac, ours)
     print(f"\n{backend}-{arch} {dtype}: value {errors[0]:.1e}, jacobian {errors[1]:.1e}")

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROMPT, cached_tiny, newest_tl_only, rel
 
 import lens_linear as ll
 from lens_linear import render
 from lens_linear.patching import activation_patching, prompt_pairs
 
-from conftest import PROMPT, cached_tiny, newest_tl_only, rel
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(os.environ.get("LENS_LINEAR_ARTIFACTS", Path(__file__).parent.parent / "artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("LENS_LINEAR_ARTIFACTS", Path(__file__).parent.parent / "artifacts")
+)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -29,8 +30,12 @@ def lcache(request):
 
 def arr(values):
     """A figure's trace data as float64 (plotly keeps Python floats)."""
-    return torch.tensor([list(v) for v in values] if len(values) and hasattr(values[0], "__len__") else list(values),
-                        dtype=torch.float64)
+    return torch.tensor(
+        [list(v) for v in values]
+        if len(values) and hasattr(values[0], "__len__")
+        else list(values),
+        dtype=torch.float64,
+    )
 
 
 def test_attention_patterns_show_every_head_of_the_frozen_pattern(lcache):
@@ -50,8 +55,14 @@ def test_token_contributions_are_exact_shares_of_the_output_and_its_logit(lcache
     top = lcache.top_predictions(1)[0]
     signed = render.token_contributions(lcache, top.token_id).data["values"]
     model, bias = lcache.model, lcache.bias_term()
-    logit = signed.sum() + bias @ model.W_U[:, top.token_id] + (model.b_U[top.token_id] if getattr(model, "b_U", None) is not None else 0)
-    assert abs(float(logit - lcache.logits[lcache.pos, top.token_id])) <= 1e-4 * float(lcache.logits[lcache.pos].abs().max())
+    logit = (
+        signed.sum()
+        + bias @ model.W_U[:, top.token_id]
+        + (model.b_U[top.token_id] if getattr(model, "b_U", None) is not None else 0)
+    )
+    assert abs(float(logit - lcache.logits[lcache.pos, top.token_id])) <= 1e-4 * float(
+        lcache.logits[lcache.pos].abs().max()
+    )
 
 
 def test_singular_tokens_decode_each_tokens_leading_direction(lcache):
@@ -73,10 +84,14 @@ def test_figures_plot_the_cache_data(lcache):
     assert rel(arr(spectra.data[2].y), torch.linalg.svdvals(lcache.jacobian()[2].double())) <= 1e-12
     ranks = render.stable_rank_figure(lcache)
     assert [t.name for t in ranks.data] == ["block", "attention", "mlp"]
-    assert list(ranks.data[2].y) == [lcache.stable_rank(h) for h in render.layer_hooks(lcache.model)["mlp"]]
+    assert list(ranks.data[2].y) == [
+        lcache.stable_rank(h) for h in render.layer_hooks(lcache.model)["mlp"]
+    ]
     align = render.alignment_figure(lcache, n_triplets=2)
     expected = lcache.alignment(render.layer_hooks(lcache.model)["block"], n_triplets=2)
-    assert rel(arr(align.data[1].y), expected[:, 1]) <= 1e-6 and abs(align.data[0].y[-1] - 1) <= 1e-5
+    assert (
+        rel(arr(align.data[1].y), expected[:, 1]) <= 1e-6 and abs(align.data[0].y[-1] - 1) <= 1e-5
+    )
 
 
 def test_patching_figure_is_the_table():
@@ -125,39 +140,76 @@ def check_in_chromium(path: Path, screenshot: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
     if CHROMIUM is None:
-        pytest.fail("the report must be checked in a browser here (CI or LENS_LINEAR_REQUIRE_BROWSER is set) but no "
-                    "chromium was found: install Debian's chromium (`apt-get install chromium`; .ci/run does)")
+        pytest.fail(
+            "the report must be checked in a browser here (CI or LENS_LINEAR_REQUIRE_BROWSER is set) but no "
+            "chromium was found: install Debian's chromium (`apt-get install chromium`; .ci/run does)"
+        )
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+            page.route(
+                "**/*",
+                lambda route: (
+                    route.continue_() if route.request.url.startswith("file:") else route.abort()
+                ),
+            )
             page.goto(path.resolve().as_uri())
             expected = json.loads(page.get_attribute("body", "data-expected"))
-            page.wait_for_function(f"document.querySelectorAll('.plotly-graph-div .main-svg').length >= {expected['figures']}",
-                                   timeout=30000)
-            page.wait_for_function("[...document.querySelectorAll('.circuitsvis > div[id^=circuits-vis]')]"
-                                   ".every(d => d.querySelector('*') !== null)", timeout=30000)
-            found = {"figures": page.eval_on_selector_all(".plotly-graph-div", "els => els.filter(e => e.querySelector('.main-svg')).length"),
-                     "components": page.eval_on_selector_all(".circuitsvis > div[id^=circuits-vis]", "els => els.filter(e => e.children.length > 0).length"),
-                     "text": page.inner_text("body")}
+            page.wait_for_function(
+                f"document.querySelectorAll('.plotly-graph-div .main-svg').length >= {expected['figures']}",
+                timeout=30000,
+            )
+            page.wait_for_function(
+                "[...document.querySelectorAll('.circuitsvis > div[id^=circuits-vis]')]"
+                ".every(d => d.querySelector('*') !== null)",
+                timeout=30000,
+            )
+            found = {
+                "figures": page.eval_on_selector_all(
+                    ".plotly-graph-div",
+                    "els => els.filter(e => e.querySelector('.main-svg')).length",
+                ),
+                "components": page.eval_on_selector_all(
+                    ".circuitsvis > div[id^=circuits-vis]",
+                    "els => els.filter(e => e.children.length > 0).length",
+                ),
+                "text": page.inner_text("body"),
+            }
             png = page.screenshot(full_page=True)
         finally:
             browser.close()
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     screenshot.write_bytes(png)
     pixels = np.asarray(Image.open(BytesIO(png)).convert("L"), dtype=np.float64)
-    return {**found, "expected": expected, "errors": errors, "variance": float(pixels.var()), "size": pixels.shape}
+    return {
+        **found,
+        "expected": expected,
+        "errors": errors,
+        "variance": float(pixels.var()),
+        "size": pixels.shape,
+    }
 
 
 BROWSER_REQUIRED = bool(os.environ.get("CI") or os.environ.get("LENS_LINEAR_REQUIRE_BROWSER"))
-needs_chromium = pytest.mark.skipif(CHROMIUM is None and not BROWSER_REQUIRED,
-                                    reason="no chromium here (in CI, where CI is set, this test fails instead)")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None and not BROWSER_REQUIRED,
+    reason="no chromium here (in CI, where CI is set, this test fails instead)",
+)
 
 
 @needs_chromium
@@ -166,7 +218,9 @@ def test_report_opens_offline_in_headless_chromium(lcache, tmp_path):
     result = activation_patching(lcache.model, pairs, "resid_pre", progress=False)
     path = render.report(lcache, tmp_path / "report.html", patching=[result])
     text = path.read_text()
-    assert "<script src" not in text  # every script inlined; any network request is aborted and fails the test
+    assert (
+        "<script src" not in text
+    )  # every script inlined; any network request is aborted and fails the test
     seen = check_in_chromium(path, ARTIFACTS / f"report-{lcache.model.cfg.model_name}.png")
     assert seen["errors"] == []
     assert seen["figures"] == seen["expected"]["figures"] == 5

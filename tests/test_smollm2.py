@@ -4,15 +4,18 @@ import json
 
 import pytest
 import torch
+from conftest import hooks_left, newest_tl_only, rel
 
 import lens_linear as ll
 from lens_linear.cli import main
 from lens_linear.hooks import detach_hooks
 
-from conftest import hooks_left, newest_tl_only, rel
-
-PROMPTS = ["The bridge out of Marin is the", "The capital of France is", "Once upon a time, there was a",
-           "def fibonacci(n):"]
+PROMPTS = [
+    "The bridge out of Marin is the",
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "def fibonacci(n):",
+]
 
 
 def test_detach_hooks_keep_logits(smollm2):
@@ -82,8 +85,11 @@ def marin(smollm2):
 
 @newest_tl_only
 def test_every_layer_and_component_reconstructs(smollm2, marin):
-    hooks = [f"blocks.{l}.{h}" for l in range(smollm2.cfg.n_layers)
-             for h in ("hook_resid_post", "hook_attn_out", "hook_mlp_out")]
+    hooks = [
+        f"blocks.{l}.{h}"
+        for l in range(smollm2.cfg.n_layers)
+        for h in ("hook_resid_post", "hook_attn_out", "hook_mlp_out")
+    ]
     marin.jacobians(hooks)  # one set of forward replay passes for all 90
     errors = {h: marin.reconstruction_error(h) for h in hooks}
     assert max(errors.values()) <= 1e-5, max(errors.items(), key=lambda kv: kv[1])
@@ -91,7 +97,9 @@ def test_every_layer_and_component_reconstructs(smollm2, marin):
 
 def test_contributions_sum(marin):
     y = marin.activation()
-    assert torch.linalg.norm(marin.contributions().sum(0) + marin.bias_term() - y) <= 1e-5 * torch.linalg.norm(y)
+    assert torch.linalg.norm(
+        marin.contributions().sum(0) + marin.bias_term() - y
+    ) <= 1e-5 * torch.linalg.norm(y)
     assert len(marin.contributions(by="component")) == 2 + 2 * 30
 
 
@@ -113,10 +121,14 @@ def _same(a, b):
 def test_singular_vectors_decode_as_the_paper_reports(marin):
     """Right vectors of each token's Jacobian point at that token (>= 5 of 7); the leading
     left vector of the all-positions matrix reads as the model's prediction (top 5)."""
-    hits = [any(_same(t, tok) for t in marin.decode(input_pos=i, n_triplets=1)[0].input.tokens)
-            for i, tok in enumerate(marin.str_tokens)]
+    hits = [
+        any(_same(t, tok) for t in marin.decode(input_pos=i, n_triplets=1)[0].input.tokens)
+        for i, tok in enumerate(marin.str_tokens)
+    ]
     assert sum(hits) >= 5, hits
-    assert marin.top_predictions(1)[0].token in marin.decode(n_triplets=1, n_tokens=5)[0].output.tokens
+    assert (
+        marin.top_predictions(1)[0].token in marin.decode(n_triplets=1, n_tokens=5)[0].output.tokens
+    )
 
 
 @newest_tl_only
@@ -139,7 +151,10 @@ def test_smollm2_half_precision_linearized_in_float32(dtype):
     s = torch.linalg.svdvals(jac.permute(1, 0, 2).reshape(jac.shape[1], -1).double())[:3]
     assert mf.converged and float(mf.residuals.max()) <= 1e-4
     assert float(((mf.S.double() - s).abs() / s).max()) <= 1e-3
-    assert all(torch.equal(before[n], t) and t.dtype == before[n].dtype for n, t in model.state_dict().items())
+    assert all(
+        torch.equal(before[n], t) and t.dtype == before[n].dtype
+        for n, t in model.state_dict().items()
+    )
 
 
 @newest_tl_only
@@ -150,8 +165,13 @@ def test_long_prompt_path_agrees_with_stored_patterns(smollm2):
     text = " ".join(["The bridge out of Marin is the most photographed bridge in the world."] * 24)
     tokens = smollm2.to_tokens(text)[:, :320]
     kept = ll.run_with_linear_cache(smollm2, tokens, progress=False, store_patterns=False)
-    stored = ll.run_with_linear_cache(smollm2, tokens, progress=False, store_patterns=True, check=False)
-    assert len(kept.point.frozen_attention) == smollm2.cfg.n_layers and not stored.point.frozen_attention
+    stored = ll.run_with_linear_cache(
+        smollm2, tokens, progress=False, store_patterns=True, check=False
+    )
+    assert (
+        len(kept.point.frozen_attention) == smollm2.cfg.n_layers
+        and not stored.point.frozen_attention
+    )
     assert kept.check() <= 1e-5
     out, gen = kept.output, torch.Generator().manual_seed(0)
     u = torch.randn(kept.activation().shape, generator=gen)

@@ -6,12 +6,11 @@ import sys
 
 import pytest
 import torch
+from conftest import PROMPT, cached_tiny, newest_tl_only, rel
 
 import lens_linear as ll
 from lens_linear.hooks import detached_function
 from lens_linear.stats import Welford, dataset_sensitivity, sensitivity
-
-from conftest import PROMPT, cached_tiny, newest_tl_only, rel
 
 SHORT = "Hello there"
 PROMPTS = ["Hello there", "abc", "The fox", "Hi", "jumps over", "ok then"]
@@ -20,12 +19,18 @@ MAX = 12
 
 def plain_function(model, tokens, hook, pos):
     """x ↦ hook[pos] with nothing frozen, written on the model's own hooks."""
+
     def fn(x):
         out = {}
-        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda v, hook: x[None]),
-                                    (hook, lambda v, hook: out.setdefault("y", v))]):
+        with model.hooks(
+            fwd_hooks=[
+                ("blocks.0.hook_resid_pre", lambda v, hook: x[None]),
+                (hook, lambda v, hook: out.setdefault("y", v)),
+            ]
+        ):
             model(tokens)
         return out["y"][0, pos].reshape(-1)
+
     return fn
 
 
@@ -62,9 +67,13 @@ def test_hutchinson_is_unbiased_and_the_constant_cotangent_shortcut_is_not_a_nor
     # one VJP with the constant cotangent 1/sqrt(d) per output position: ‖(1/√d)ᵀ J_ij‖², not ‖J_ij‖²_F
     lc = ll.run_with_linear_cache(model, PROMPT, check=False)
     d = model.cfg.d_model
-    v = torch.full((d,), d ** -0.5)
-    shortcut = torch.stack([torch.einsum("o,poi->pi", v, lc.jacobian(pos=i)).double().pow(2).sum(-1)
-                            for i in range(lc.n_pos)])
+    v = torch.full((d,), d**-0.5)
+    shortcut = torch.stack(
+        [
+            torch.einsum("o,poi->pi", v, lc.jacobian(pos=i)).double().pow(2).sum(-1)
+            for i in range(lc.n_pos)
+        ]
+    )
     assert rel(shortcut * d, exact) >= 0.1 and rel(shortcut, exact) >= 0.1
 
 
@@ -85,9 +94,16 @@ def test_rows_and_patterns_as_queries_and_keys_give_the_brute_force_values(arch,
     assert rel(rows.values[[2, n - 1]], full[[2, n - 1]]) <= 1e-5
     others = [i for i in range(n) if i not in (2, n - 1)]
     assert bool(rows.values[others].isnan().all()) and int(rows.mask.sum()) == 2 * n
-    est = sensitivity(model, PROMPT, positions=[-1], method="hutchinson", probes=64, store_patterns=False,
-                      max_memory=1)  # one probe per backward pass: the estimate is the same in chunks
-    z = ((est.values[-1] - full[-1]) / est.stderr[-1].clamp_min(1e-30))
+    est = sensitivity(
+        model,
+        PROMPT,
+        positions=[-1],
+        method="hutchinson",
+        probes=64,
+        store_patterns=False,
+        max_memory=1,
+    )  # one probe per backward pass: the estimate is the same in chunks
+    z = (est.values[-1] - full[-1]) / est.stderr[-1].clamp_min(1e-30)
     assert float(z.abs().mean()) <= 3.0 and bool(est.stderr[0].isnan().all())
     with pytest.raises(IndexError, match="out of range"):  # the project's position error
         sensitivity(model, PROMPT, positions=[n])
@@ -115,7 +131,9 @@ def test_welford_equals_two_pass_and_merges_exactly():
 def test_batched_prompts_equal_one_prompt_at_a_time(tiny):
     """Right padding changes nothing: each prompt's block of a batch is its own sensitivity."""
     batch = sensitivity(tiny, PROMPTS[:4])
-    assert batch.values.shape[0] == 4 and batch.lengths.tolist() == [len(tiny.to_tokens(p)[0]) for p in PROMPTS[:4]]
+    assert batch.values.shape[0] == 4 and batch.lengths.tolist() == [
+        len(tiny.to_tokens(p)[0]) for p in PROMPTS[:4]
+    ]
     for k, p in enumerate(PROMPTS[:4]):
         n = int(batch.lengths[k])
         alone = sensitivity(tiny, p).values
@@ -128,10 +146,13 @@ def test_batched_prompts_equal_one_prompt_at_a_time(tiny):
 def test_dataset_sensitivity_resumes_without_losing_or_repeating(tmp_path, monkeypatch):
     model = cached_tiny("bridge", "gpt2")
     path = str(tmp_path / "run.pt")
-    whole = dataset_sensitivity(model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=path, progress=False)
+    whole = dataset_sensitivity(
+        model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=path, progress=False
+    )
     assert torch.load(path, weights_only=True)["done"] == len(PROMPTS)
     # a run killed in its second batch: its checkpoint holds the first batch; the rerun does the rest
     import lens_linear.stats as stats
+
     real, calls = stats.sensitivity, []
 
     def dies_in_batch_two(*args, **kwargs):
@@ -143,20 +164,35 @@ def test_dataset_sensitivity_resumes_without_losing_or_repeating(tmp_path, monke
     killed = str(tmp_path / "killed.pt")
     monkeypatch.setattr(stats, "sensitivity", dies_in_batch_two)
     with pytest.raises(KeyboardInterrupt):
-        dataset_sensitivity(model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=killed, progress=False)
-    assert torch.load(killed, weights_only=True)["done"] == 2 and not os.path.exists(killed + ".tmp")
+        dataset_sensitivity(
+            model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=killed, progress=False
+        )
+    assert torch.load(killed, weights_only=True)["done"] == 2 and not os.path.exists(
+        killed + ".tmp"
+    )
     monkeypatch.setattr(stats, "sensitivity", real)
-    resumed = dataset_sensitivity(model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=killed, progress=False)
+    resumed = dataset_sensitivity(
+        model, PROMPTS, max_len=MAX, batch_size=2, checkpoint=killed, progress=False
+    )
     assert torch.equal(resumed.count, whole.count)
     assert rel(resumed.mean, whole.mean) <= 1e-12 and rel(resumed.m2, whole.m2) <= 1e-12
     lengths = [model.to_tokens(p).shape[-1] for p in PROMPTS]
-    assert float(whole.count[0, 0]) == 6 and float(whole.count[MAX - 1, MAX - 1]) == sum(n >= MAX for n in lengths)
+    assert float(whole.count[0, 0]) == 6 and float(whole.count[MAX - 1, MAX - 1]) == sum(
+        n >= MAX for n in lengths
+    )
     short = min(lengths)  # an entry only the longer prompts have: padding is not counted as zeros
     assert float(whole.count[short, short]) == sum(n > short for n in lengths)
     # Welford over batches = a two-pass mean and variance over every prompt's own sensitivity
     k = short - 1  # an entry every prompt has
-    column = torch.cat([sensitivity(model, PROMPTS[b:b + 2], max_len=MAX).values[:, k, 0] for b in range(0, 6, 2)])
-    assert rel(whole.mean[k, 0], column.mean()) <= 1e-6 and rel(whole.var[k, 0], column.var()) <= 1e-6
+    column = torch.cat(
+        [
+            sensitivity(model, PROMPTS[b : b + 2], max_len=MAX).values[:, k, 0]
+            for b in range(0, 6, 2)
+        ]
+    )
+    assert (
+        rel(whole.mean[k, 0], column.mean()) <= 1e-6 and rel(whole.var[k, 0], column.var()) <= 1e-6
+    )
     with pytest.raises(ValueError, match="belongs to another run"):
         dataset_sensitivity(model, PROMPTS[:2], max_len=MAX, checkpoint=killed, progress=False)
 
@@ -201,7 +237,13 @@ dist.destroy_process_group()
 def test_two_process_gloo_run_equals_one_process(tmp_path):
     script = tmp_path / "worker.py"
     out = str(tmp_path / "state.pt")
-    script.write_text(WORKER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), store=str(tmp_path / "store"), out=out))
+    script.write_text(
+        WORKER.format(
+            root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            store=str(tmp_path / "store"),
+            out=out,
+        )
+    )
     procs = [subprocess.Popen([sys.executable, str(script), str(rank)]) for rank in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     torch.manual_seed(0)
@@ -232,10 +274,17 @@ def test_matrix_free_svd_matches_the_full_svd(tiny, position):
     assert mf.converged and float(mf.residuals.max()) <= 1e-4
     assert rel(mf.S, s[:3]) <= 1e-4
     assert principal_angle(mf.U, u[:, :3]) <= 1e-2 and principal_angle(mf.V, vh[:3].T) <= 1e-2
-    mU, mS, mV = (t.double() for t in mf)  # its residuals, measured from its own products, against the full Jacobian's
-    direct = ((full.double() @ mV - mU * mS).norm(dim=0) ** 2 + (full.double().T @ mU - mV * mS).norm(dim=0) ** 2).sqrt()
+    mU, mS, mV = (
+        t.double() for t in mf
+    )  # its residuals, measured from its own products, against the full Jacobian's
+    direct = (
+        (full.double() @ mV - mU * mS).norm(dim=0) ** 2
+        + (full.double().T @ mU - mV * mS).norm(dim=0) ** 2
+    ).sqrt()
     assert (direct / mS - mf.residuals.double()).abs().max() <= 1e-5
-    one_at_a_time = lc.svd_matrix_free(input_pos=position, n_triplets=3, chunk=1)  # the default for long prompts
+    one_at_a_time = lc.svd_matrix_free(
+        input_pos=position, n_triplets=3, chunk=1
+    )  # the default for long prompts
     assert rel(one_at_a_time.S, mf.S) <= 1e-5 and one_at_a_time.products == mf.products
     with pytest.raises(ValueError, match="n_triplets=0 must be between 1"):
         lc.svd_matrix_free(n_triplets=0)
@@ -249,7 +298,9 @@ def test_smollm2_matrix_free_svd(smollm2):
     text = " ".join(["The bridge out of Marin is the longest in the region"] * 4)
     lc = ll.run_with_linear_cache(smollm2, smollm2.to_tokens(text)[:, :32], check=False)
     jac = lc.jacobian()
-    u, s, vh = torch.linalg.svd(jac.permute(1, 0, 2).reshape(jac.shape[1], -1).double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(
+        jac.permute(1, 0, 2).reshape(jac.shape[1], -1).double(), full_matrices=False
+    )
     mf = lc.svd_matrix_free(n_triplets=3)
     assert mf.converged and rel(mf.S, s[:3]) <= 1e-3
     assert principal_angle(mf.U, u[:, :3]) <= 1e-2 and principal_angle(mf.V, vh[:3].T) <= 1e-2
@@ -258,8 +309,12 @@ def test_smollm2_matrix_free_svd(smollm2):
 
 def spectrum_matrix(singular_values, d_out=120, width=400):
     gen = torch.Generator().manual_seed(1)
-    u = torch.linalg.qr(torch.randn(d_out, len(singular_values), generator=gen, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(width, len(singular_values), generator=gen, dtype=torch.float64)).Q
+    u = torch.linalg.qr(
+        torch.randn(d_out, len(singular_values), generator=gen, dtype=torch.float64)
+    ).Q
+    v = torch.linalg.qr(
+        torch.randn(width, len(singular_values), generator=gen, dtype=torch.float64)
+    ).Q
     return u @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ v.T
 
 
@@ -273,13 +328,25 @@ def test_block_lanczos_finds_a_repeated_singular_value_that_one_vector_misses():
     values = [10.0, 5.0, 5.0, 4.9] + torch.linspace(4.0, 0.1, 30).tolist()
     a = spectrum_matrix(values)
     u_ref, s_ref, vh_ref = torch.linalg.svd(a)
-    run = lambda block: golub_kahan_lanczos(lambda v: a @ v, lambda u: a.T @ u, *a.shape, k=3, block=block,
-                                            tol=1e-10, max_iter=100, dtype=torch.float64)
+    run = lambda block: golub_kahan_lanczos(
+        lambda v: a @ v,
+        lambda u: a.T @ u,
+        *a.shape,
+        k=3,
+        block=block,
+        tol=1e-10,
+        max_iter=100,
+        dtype=torch.float64,
+    )
     u, s, v, residuals, steps, products = run(3)
     assert rel(s, s_ref[:3]) <= 1e-10 and products < 2 * a.shape[0]
-    assert principal_angle(u, u_ref[:, :3]) <= 1e-6 and principal_angle(v, vh_ref[:3].T) <= 1e-6  # arccos: ~1e-8 floor
-    direct = (((a @ v - u * s).norm(dim=0) ** 2 + (a.T @ u - v * s).norm(dim=0) ** 2).sqrt() / s)
-    assert direct.max() <= 1e-9 and (residuals - direct).abs().max() <= 1e-12  # measured from the stored products
+    assert (
+        principal_angle(u, u_ref[:, :3]) <= 1e-6 and principal_angle(v, vh_ref[:3].T) <= 1e-6
+    )  # arccos: ~1e-8 floor
+    direct = ((a @ v - u * s).norm(dim=0) ** 2 + (a.T @ u - v * s).norm(dim=0) ** 2).sqrt() / s
+    assert (
+        direct.max() <= 1e-9 and (residuals - direct).abs().max() <= 1e-12
+    )  # measured from the stored products
     _, s_one, _, _, _, _ = run(1)
     assert abs(float(s_one[2]) - 4.9) <= 1e-8  # the trap, measured
 

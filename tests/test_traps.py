@@ -8,12 +8,11 @@ MoE block or a state-space mixer.
 
 import pytest
 import torch
+from conftest import hooks_left
 
 import lens_linear as ll
 from lens_linear.models import tl_has_hooked_transformer, wrap_bridge
 from lens_linear.tiny import char_tokenizer
-
-from conftest import hooks_left
 
 if tl_has_hooked_transformer():
     pytest.skip("architecture probes run with the newest TransformerLens", allow_module_level=True)
@@ -39,8 +38,14 @@ def test_trap_ends_in_linearization_error(arch):
     assert not hooks_left(model)
 
 
-@pytest.mark.parametrize("arch, hook", [("MixtralForCausalLM", "blocks.1.mlp.hook_out"),
-                                        ("MambaForCausalLM", "blocks.1.mixer.hook_out")], ids=["experts", "scan"])
+@pytest.mark.parametrize(
+    "arch, hook",
+    [
+        ("MixtralForCausalLM", "blocks.1.mlp.hook_out"),
+        ("MambaForCausalLM", "blocks.1.mixer.hook_out"),
+    ],
+    ids=["experts", "scan"],
+)
 def test_nonlinearity_inside_an_expert_block_or_mixer_is_refused_naming_its_layer(arch, hook):
     model = bridge(arch)
     squash = (hook, lambda v, hook: torch.tanh(3 * v))
@@ -57,8 +62,12 @@ def test_an_error_inside_a_state_space_mixer_leaves_no_freezing_mode_behind():
         raise RuntimeError("user hook failed")
 
     with pytest.raises(Exception, match="user hook failed"):
-        ll.run_with_linear_cache(model, "Hello world", fwd_hooks=[("blocks.0.mixer.x_proj.hook_out", fail)],
-                                 progress=False)
+        ll.run_with_linear_cache(
+            model,
+            "Hello world",
+            fwd_hooks=[("blocks.0.mixer.x_proj.hook_out", fail)],
+            progress=False,
+        )
     assert torch._C._len_torch_function_stack() == 0  # the mode entered inside the mixer was left
     assert not hooks_left(model)
     lc = ll.run_with_linear_cache(model, "Hello world", progress=False)  # and the model still works

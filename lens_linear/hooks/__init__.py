@@ -5,5 +5,18 @@ from lens_linear.hooks.operating_point import INPUT_HOOK, OperatingPoint, output
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, Site, find_sites
 
-__all__ = ["detach_hooks", "detached", "detached_function", "OperatingPoint", "INPUT_HOOK", "output_hook", "PARTS",
-           "Site", "find_sites", "Hook", "forward", "hooks_on", "run_to"]
+__all__ = [
+    "detach_hooks",
+    "detached",
+    "detached_function",
+    "OperatingPoint",
+    "INPUT_HOOK",
+    "output_hook",
+    "PARTS",
+    "Site",
+    "find_sites",
+    "Hook",
+    "forward",
+    "hooks_on",
+    "run_to",
+]

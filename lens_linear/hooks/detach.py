@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_tl_model
-from lens_linear.hooks.operating_point import INPUT_HOOK, output_hook, site_hooks
 from lens_linear.hooks.inside import ModuleHook
+from lens_linear.hooks.operating_point import INPUT_HOOK, output_hook, site_hooks
 from lens_linear.hooks.run import Hook, hooks_on, run_to
 from lens_linear.hooks.sites import PARTS, find_sites
 
@@ -30,12 +30,17 @@ def detach_hooks(model: Any, parts: Sequence[str] = PARTS) -> list[Hook]:
     require_tl_model(model)
     hooks = site_hooks(model, find_sites(model, parts), {}, "record")
     inside = [h for h in hooks if isinstance(h, ModuleHook)]
-    whole = [n for n, m in model.named_modules() if hasattr(m, "hook_pattern") and type(m).__name__ == "AttentionBridge"]
+    whole = [
+        n
+        for n, m in model.named_modules()
+        if hasattr(m, "hook_pattern") and type(m).__name__ == "AttentionBridge"
+    ]
     if inside or whole:
         raise ValueError(
             f"this model has coefficients TransformerLens' hook points do not reach in time "
             f"({'a mixture of experts' if inside else f'attention computed inside the wrapped module, {whole[0]}'}): "
-            f"run_with_hooks cannot freeze them. Use `with lens_linear.detached(model): ...` instead.")
+            f"run_with_hooks cannot freeze them. Use `with lens_linear.detached(model): ...` instead."
+        )
     return hooks
 
 
@@ -55,8 +60,14 @@ def detached(model: Any, parts: Sequence[str] = PARTS) -> Iterator[Any]:
         yield model
 
 
-def detached_function(model: Any, tokens: torch.Tensor, hook: str | None = None, *, pos: int = -1,
-                      parts: Sequence[str] = PARTS) -> Callable[[torch.Tensor], torch.Tensor]:
+def detached_function(
+    model: Any,
+    tokens: torch.Tensor,
+    hook: str | None = None,
+    *,
+    pos: int = -1,
+    parts: Sequence[str] = PARTS,
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x ↦ y``: the activation at ``hook[pos]`` as a function of the input variable
     (``blocks.0.hook_resid_pre``, shape ``[pos, d_model]``), with the detach hooks on.
 
@@ -68,7 +79,8 @@ def detached_function(model: Any, tokens: torch.Tensor, hook: str | None = None,
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         hooks = site_hooks(model, find_sites(model, parts), {}, "record")
-        return run_to(model, tokens, hooks, inject=(INPUT_HOOK, x[None]),
-                      capture=[hook], pos=pos)[hook][0].reshape(-1)
+        return run_to(model, tokens, hooks, inject=(INPUT_HOOK, x[None]), capture=[hook], pos=pos)[
+            hook
+        ][0].reshape(-1)
 
     return fn

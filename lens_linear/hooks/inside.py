@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from lens_linear._validation import LinearizationError
 from lens_linear.hooks.sites import layer_of, wrapped
 
+
 @dataclass(frozen=True)
 class ModuleHook:
     """A PyTorch forward hook (``pre``: forward pre-hook) on a module inside the wrapped model:
@@ -39,8 +40,12 @@ class ModuleHook:
     module: torch.nn.Module
     fn: Callable[..., Any]
     pre: bool = False
-    attribute: str | None = None  # a plain function the module calls (``self.act_fn = F.silu``): a pre-hook on it
-    always: bool = False  # a forward hook that runs also when the forward raises (to leave a mode it entered)
+    attribute: str | None = (
+        None  # a plain function the module calls (``self.act_fn = F.silu``): a pre-hook on it
+    )
+    always: bool = (
+        False  # a forward hook that runs also when the forward raises (to leave a mode it entered)
+    )
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
@@ -67,9 +72,6 @@ class ModuleHook:
                 vars(self.module)[self.attribute] = own
 
 
-
-
-
 class _PatternThroughHook(TorchFunctionMode):
     """Inside one attention module's forward: every softmax output goes through ``hook_pattern``."""
 
@@ -77,12 +79,16 @@ class _PatternThroughHook(TorchFunctionMode):
         super().__init__()
         self.bridge, self.n_heads, self.calls = bridge, n_heads, 0
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         if getattr(func, "__name__", None) == "softmax":  # F.softmax, torch.softmax, Tensor.softmax
             self.calls += 1
             shape = out.shape
-            heads = out.reshape(-1, self.n_heads, *shape[1:]) if out.ndim == 3 else out  # [batch·heads, q, k]
+            heads = (
+                out.reshape(-1, self.n_heads, *shape[1:]) if out.ndim == 3 else out
+            )  # [batch·heads, q, k]
             out = self.bridge.hook_pattern(heads).reshape(shape)
         return out
 
@@ -93,10 +99,14 @@ class ModelScan:
     bridge component for an attribute goes through its delegation (~40 ms a scan on SmolLM2)."""
 
     structure: tuple[int, ...]  # ids of the modules it was made from: a changed model is rescanned
-    attentions: list[tuple[torch.nn.Module, torch.nn.Module]]  # (bridge with hook_pattern, wrapped module)
+    attentions: list[
+        tuple[torch.nn.Module, torch.nn.Module]
+    ]  # (bridge with hook_pattern, wrapped module)
     weightless_norms: list[torch.nn.Module]  # norm bridges whose norm has no weight
     experts_configs: list[Any]  # configs of Hugging Face experts modules
-    norms: list[torch.nn.Module]  # modules whose class is a norm (accelerate may offload their weights)
+    norms: list[
+        torch.nn.Module
+    ]  # modules whose class is a norm (accelerate may offload their weights)
 
 
 _SCANS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelScan]" = weakref.WeakKeyDictionary()
@@ -116,7 +126,9 @@ def scan(model: torch.nn.Module) -> ModelScan:
             attentions.append((m, inner))
         if inner is not None and hasattr(m, "hook_scale") and not hasattr(m, "weight"):
             weightless.append(m)
-        if hasattr(type(m), "_apply_gate") and hasattr(getattr(m, "config", None), "_experts_implementation"):
+        if hasattr(type(m), "_apply_gate") and hasattr(
+            getattr(m, "config", None), "_experts_implementation"
+        ):
             configs[id(m.config)] = m.config
     norms = [m for m in modules if "Norm" in type(m).__name__]
     _SCANS[model] = ModelScan(structure, attentions, weightless, list(configs.values()), norms)
@@ -136,6 +148,7 @@ def patterns_inside(model: Any, found: "ModelScan | None" = None) -> Iterator[No
             mode = _PatternThroughHook(bridge, model.cfg.n_heads)
             mode.__enter__()
             active.append(mode)
+
         return pre
 
     def leave(bridge: Any) -> Any:
@@ -147,7 +160,10 @@ def patterns_inside(model: Any, found: "ModelScan | None" = None) -> Iterator[No
                 raise LinearizationError(
                     f"{name} computes its attention inside the wrapped module with {mode.calls} softmax "
                     f"calls (one expected), so its pattern cannot be frozen (a fused kernel such as "
-                    f"SDPA has none): load the model with attn_implementation='eager'.", layer=layer_of(name))
+                    f"SDPA has none): load the model with attn_implementation='eager'.",
+                    layer=layer_of(name),
+                )
+
         return post
 
     try:
@@ -184,11 +200,17 @@ class _NoFloat32(TorchFunctionMode):
     """Casts of float64 tensors down to float32 (``.float()``, ``.to(torch.float32)``, a
     softmax's ``dtype=torch.float32``) leave them in float64."""
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None)
-        if name in ("float", "to", "softmax", "log_softmax") and args and torch.is_tensor(args[0]) \
-                and args[0].dtype == torch.float64:
+        if (
+            name in ("float", "to", "softmax", "log_softmax")
+            and args
+            and torch.is_tensor(args[0])
+            and args[0].dtype == torch.float64
+        ):
             if name == "float":
                 return args[0]
             if name == "to" and torch.float32 in (kwargs.get("dtype"), *args[1:]):
@@ -227,9 +249,11 @@ def fit_to(stored: torch.Tensor, like: torch.Tensor, batch: int = 1) -> torch.Te
     that flattens batch, positions (and heads) is cut per prompt and tiled ``batch`` times."""
     if stored.shape[0] not in (1, like.shape[0]):
         rows = like.shape[0] // batch
-        stored = stored[stored.shape[0] - rows:].repeat(batch, *([1] * (stored.ndim - 1)))
-    index = tuple(slice(s - n, None) if d and s != n else slice(None)
-                  for d, (s, n) in enumerate(zip(stored.shape, like.shape)))
+        stored = stored[stored.shape[0] - rows :].repeat(batch, *([1] * (stored.ndim - 1)))
+    index = tuple(
+        slice(s - n, None) if d and s != n else slice(None)
+        for d, (s, n) in enumerate(zip(stored.shape, like.shape))
+    )
     return stored[index].expand(like.shape)
 
 
@@ -258,8 +282,14 @@ def experts_eager(model: Any, found: "ModelScan | None" = None) -> Iterator[None
             config._experts_implementation = implementation
 
 
-def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], mode: str,
-              factor: torch.Tensor | None = None) -> list[ModuleHook]:
+def moe_hooks(
+    model: Any,
+    layer: int,
+    key: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None = None,
+) -> list[ModuleHook]:
     """Freeze one mixture-of-experts block: the router's outputs (weights and choices, so the
     replay routes every token as recorded), each selected expert's gate pre-activation (so
     ``act(gate)`` is a constant and ``act(gate) · up`` linear), and a shared expert's scalar
@@ -267,13 +297,22 @@ def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], 
     them for any batch, or for the last positions alone. Shared experts that TransformerLens
     bridges as gated MLPs are ``gate`` sites of their own; the load-balancing path is untouched."""
     block = wrapped(model.blocks[layer].mlp)
-    router = next((wrapped(getattr(block, n)) for n in ROUTERS if isinstance(getattr(block, n, None), torch.nn.Module)), None)
+    router = next(
+        (
+            wrapped(getattr(block, n))
+            for n in ROUTERS
+            if isinstance(getattr(block, n, None), torch.nn.Module)
+        ),
+        None,
+    )
     experts = wrapped(getattr(block, "experts", None))
     act = getattr(experts, "act_fn", None)
     if router is None or not callable(act):
         raise LinearizationError(
             f"blocks.{layer}.mlp is a mixture of experts without a router module ({', '.join(ROUTERS)}) or "
-            f"an expert activation module (experts.act_fn): no freezing rule for its gates.", layer=layer)
+            f"an expert activation module (experts.act_fn): no freezing rule for its gates.",
+            layer=layer,
+        )
     live: dict[str, Any] = {}
 
     def block_pre(module: Any, args: tuple) -> None:
@@ -288,14 +327,23 @@ def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], 
                         store[f"{key}#{name}{j}"] = o.detach()
                 frozen = tuple(store.get(f"{key}#{name}{j}", o) for j, o in enumerate(outs))
             else:
-                frozen = tuple(_scaled(_fit(store[f"{key}#{name}{j}"], o, live["n_pos"]), factor) if torch.is_tensor(o)
-                               else o for j, o in enumerate(outs))
+                frozen = tuple(
+                    _scaled(_fit(store[f"{key}#{name}{j}"], o, live["n_pos"]), factor)
+                    if torch.is_tensor(o)
+                    else o
+                    for j, o in enumerate(outs)
+                )
             return frozen if isinstance(output, tuple) else frozen[0]
+
         return hook
 
-    def experts_pre(module: Any, args: tuple) -> None:  # the rows of each expert call, as the loop visits them
+    def experts_pre(
+        module: Any, args: tuple
+    ) -> None:  # the rows of each expert call, as the loop visits them
         index = args[1]
-        mask = torch.nn.functional.one_hot(index, num_classes=module.num_experts + 1).permute(2, 1, 0)
+        mask = torch.nn.functional.one_hot(index, num_classes=module.num_experts + 1).permute(
+            2, 1, 0
+        )
         hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
         live["rows"] = [torch.where(mask[e[0]]) for e in hit if e[0] != module.num_experts]
         live["call"], live["top_k"] = 0, index.shape[-1]
@@ -313,32 +361,51 @@ def moe_hooks(model: Any, layer: int, key: str, store: dict[str, torch.Tensor], 
         n_pos = live["n_pos"]
         return (_scaled(recorded[recorded.shape[0] - n_pos + token % n_pos, slot], factor),)
 
-    hooks = [ModuleHook(block, block_pre, pre=True), ModuleHook(router, constant("router")),
-             ModuleHook(experts, experts_pre, pre=True),
-             ModuleHook(act, gate_pre, pre=True) if isinstance(act, torch.nn.Module) else
-             ModuleHook(experts, gate_pre, attribute="act_fn")]
+    hooks = [
+        ModuleHook(block, block_pre, pre=True),
+        ModuleHook(router, constant("router")),
+        ModuleHook(experts, experts_pre, pre=True),
+        ModuleHook(act, gate_pre, pre=True)
+        if isinstance(act, torch.nn.Module)
+        else ModuleHook(experts, gate_pre, attribute="act_fn"),
+    ]
     for name in SHARED_GATES:
         if isinstance(getattr(block, name, None), torch.nn.Module):
             hooks.append(ModuleHook(wrapped(getattr(block, name)), constant(name)))
     for name in SHARED_EXPERTS:  # a shared expert TransformerLens does not bridge: its activation
         shared = getattr(block, name, None)
         shared_act = getattr(shared, "act_fn", None)
-        if "_original_component" not in getattr(shared, "_modules", {}) and isinstance(shared_act, torch.nn.Module):
-            hooks.append(ModuleHook(shared_act, _constant_input(f"{key}#{name}", store, mode, factor, live), pre=True))
+        if "_original_component" not in getattr(shared, "_modules", {}) and isinstance(
+            shared_act, torch.nn.Module
+        ):
+            hooks.append(
+                ModuleHook(
+                    shared_act,
+                    _constant_input(f"{key}#{name}", store, mode, factor, live),
+                    pre=True,
+                )
+            )
     return hooks
 
 
-def _constant_input(key: str, store: dict[str, torch.Tensor], mode: str, factor: torch.Tensor | None,
-                    live: dict[str, Any]) -> Any:
+def _constant_input(
+    key: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+    live: dict[str, Any],
+) -> Any:
     def hook(module: Any, args: tuple) -> tuple:
         if mode == "record":
             store[key] = args[0].detach()
             return (store[key],)
         return (_scaled(_fit(store[key], args[0], live["n_pos"]), factor),)
+
     return hook
 
 
 # ---- selective state-space mixers ------------------------------------------------------------
+
 
 class _ScanFrozen(TorchFunctionMode):
     """Inside one selective state-space mixer's forward: ``y = out(scan_{Δ,B,C}(u) · act(z))``
@@ -354,8 +421,14 @@ class _ScanFrozen(TorchFunctionMode):
     and so is every ``rsqrt`` after that (q/k normalisation, the gated norm's scale): the state
     recurrence is then linear in ``v``."""
 
-    def __init__(self, key: str, store: dict[str, torch.Tensor], mode: str, factor: torch.Tensor | None,
-                 live: int = 0):
+    def __init__(
+        self,
+        key: str,
+        store: dict[str, torch.Tensor],
+        mode: str,
+        factor: torch.Tensor | None,
+        live: int = 0,
+    ):
         super().__init__()
         self.key, self.store, self.mode, self.factor, self.live = key, store, mode, factor, live
         self.acts = self.splits = self.steps = self.frozen = 0
@@ -371,7 +444,9 @@ class _ScanFrozen(TorchFunctionMode):
             return self.store[tag]
         return _scaled(fit_to(self.store[tag], out, self.batch), self.factor)
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", None)
         if name == "silu":
@@ -382,24 +457,35 @@ class _ScanFrozen(TorchFunctionMode):
             self.batch = x.shape[0]  # the convolution's input, batch first
             ratio = self._value(out, torch.where(x == 0, 0.5, out / x))
             return out.detach() + (x - x.detach()) * ratio if self.mode == "record" else x * ratio
-        if name == "split" and self.acts == 1 and not self.splits:  # [x or Δ's input, B, C] or [q, k, v]
+        if (
+            name == "split" and self.acts == 1 and not self.splits
+        ):  # [x or Δ's input, B, C] or [q, k, v]
             self.splits += 1
             live = self.live % len(out)
             return type(out)([o if j == live else self._value(o, o) for j, o in enumerate(out)])
-        if name in ("softplus", "sigmoid") or (name == "rsqrt" and self.steps):  # Δ or g, β; norm scales after
+        if name in ("softplus", "sigmoid") or (
+            name == "rsqrt" and self.steps
+        ):  # Δ or g, β; norm scales after
             self.steps += name == "softplus"
             return self._value(out, out)
         return out
 
 
-def scan_hooks(model: Any, name: str, store: dict[str, torch.Tensor], mode: str,
-               factor: torch.Tensor | None = None) -> list[ModuleHook]:
+def scan_hooks(
+    model: Any,
+    name: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None = None,
+) -> list[ModuleHook]:
     """Freeze the selective state-space mixer whose bridge owns hook ``name``: a mode active
     only while the wrapped module's forward runs (see :class:`_ScanFrozen`). A mixer that does
     not compute these steps as PyTorch functions (a fused kernel) is refused."""
     bridge = model.get_submodule(name.rsplit(".", 1)[0])
     delta = "D" not in wrapped(bridge)._parameters  # a gated delta rule: [q, k, v], the values last
-    component = bridge if delta else wrapped(bridge)  # (TransformerLens reimplements the delta rule)
+    component = (
+        bridge if delta else wrapped(bridge)
+    )  # (TransformerLens reimplements the delta rule)
     active: list[_ScanFrozen] = []
 
     def enter(module: Any, args: tuple) -> None:
@@ -414,6 +500,8 @@ def scan_hooks(model: Any, name: str, store: dict[str, torch.Tensor], mode: str,
                 f"{name.rsplit('.', 1)[0]} is a selective state-space mixer whose forward ran {frozen.acts} "
                 f"activations, {frozen.splits} B/C splits and {frozen.steps} softplus steps (2, 1 and at least 1 "
                 f"expected): a fused kernel (mamba-ssm, causal-conv1d or a Hub kernel) computes it out of reach "
-                f"of the freezing rule. Load the model without those kernels.", layer=layer_of(name))
+                f"of the freezing rule. Load the model without those kernels.",
+                layer=layer_of(name),
+            )
 
     return [ModuleHook(component, enter, pre=True), ModuleHook(component, leave, always=True)]

@@ -20,8 +20,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from jaxtyping import Float, Int
 
-from lens_linear._validation import (LinearizationError, relative_error, require_hook, require_tl_model,
-                                     tolerance)
+from lens_linear._validation import (
+    LinearizationError,
+    relative_error,
+    require_hook,
+    require_tl_model,
+    tolerance,
+)
 from lens_linear.hooks.inside import fit_to, moe_hooks, scan_hooks
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
@@ -31,7 +36,9 @@ from lens_linear.hooks.tangents import forward_mode
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 PATTERN_BUDGET = 256 << 20  # bytes of attention patterns stored whole; beyond, queries and keys
 SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
-WHOLE_CHECK_POSITIONS = 64  # up to this length the site check replays the whole prompt and also checks the
+WHOLE_CHECK_POSITIONS = (
+    64  # up to this length the site check replays the whole prompt and also checks the
+)
 # reconstruction; beyond, the recording carries J⁺x* in forward mode. SmolLM2, 2 CPU cores, seconds at 8 / 32 /
 # 64 / 128 tokens: whole-prompt check 0.51 / 0.70 / 1.28 / 2.44, against tangents + suffix check 0.85 / 0.82 /
 # 1.11 / 1.31; the whole-prompt check's graph then saves the first Jacobian's forward (~0.5 s at 64 tokens)
@@ -70,9 +77,14 @@ def _spread(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return factor.expand_as(like)
 
 
-def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor], mode: str,
-               factors: dict[str, torch.Tensor] | None = None,
-               frozen: dict[str, FrozenAttention] | None = None) -> list[Hook]:
+def site_hooks(
+    model: Any,
+    sites: Sequence[Site],
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factors: dict[str, torch.Tensor] | None = None,
+    frozen: dict[str, FrozenAttention] | None = None,
+) -> list[Hook]:
     """Hook functions that freeze every site.
 
     ``mode="record"``: detach each coefficient at its current value (the detached
@@ -88,8 +100,15 @@ def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor]
     for site in sites:
         special = None
         if site.kind == "attn" and frozen is not None and (mode == "record" or site.name in frozen):
-            special = attention_hooks(model, site.name, store, frozen, mode, factors.get(site.name),
-                                      recipe_tolerance(model_dtype(model) or torch.float32))
+            special = attention_hooks(
+                model,
+                site.name,
+                store,
+                frozen,
+                mode,
+                factors.get(site.name),
+                recipe_tolerance(model_dtype(model) or torch.float32),
+            )
         if special is not None:
             hooks += special
         elif site.kind == "ratio":
@@ -99,24 +118,48 @@ def site_hooks(model: Any, sites: Sequence[Site], store: dict[str, torch.Tensor]
         elif site.kind == "scan":
             hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))
         elif site.kind == "slice":
-            hooks.append((site.name, partial(_slice_hook, site=site, store=store, mode=mode,
-                                             factor=factors.get(site.name))))
+            hooks.append(
+                (
+                    site.name,
+                    partial(
+                        _slice_hook,
+                        site=site,
+                        store=store,
+                        mode=mode,
+                        factor=factors.get(site.name),
+                    ),
+                )
+            )
         elif mode == "record":
+
             def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
                 store[key] = value.detach()
                 return store[key]
+
             hooks.append((site.name, record))
         else:
-            def replay(value: torch.Tensor, hook: Any, key: str = site.name,
-                       factor: torch.Tensor | None = factors.get(site.name)) -> torch.Tensor:
+
+            def replay(
+                value: torch.Tensor,
+                hook: Any,
+                key: str = site.name,
+                factor: torch.Tensor | None = factors.get(site.name),
+            ) -> torch.Tensor:
                 frozen = _broadcast(store[key], value)
                 return frozen if factor is None else frozen * _spread(factor, value)
+
             hooks.append((site.name, replay))
     return hooks
 
 
-def _slice_hook(value: torch.Tensor, hook: Any, site: Site, store: dict[str, torch.Tensor], mode: str,
-                factor: torch.Tensor | None) -> torch.Tensor:
+def _slice_hook(
+    value: torch.Tensor,
+    hook: Any,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
     """Freeze thirds ``site.frozen`` of the last dimension, keep the rest live."""
     third = value.shape[-1] // 3
     part = slice(site.frozen[0] * third, site.frozen[1] * third)
@@ -126,11 +169,16 @@ def _slice_hook(value: torch.Tensor, hook: Any, site: Site, store: dict[str, tor
     else:
         frozen = _broadcast(store[site.name], value[..., part])
         frozen = frozen if factor is None else frozen * _spread(factor, frozen)
-    return torch.cat([value[..., :part.start], frozen, value[..., part.stop:]], dim=-1)
+    return torch.cat([value[..., : part.start], frozen, value[..., part.stop :]], dim=-1)
 
 
-def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: str,
-                 factor: torch.Tensor | None = None) -> list[Hook]:
+def _ratio_hooks(
+    model: Any,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None = None,
+) -> list[Hook]:
     act = activation_fn(model, site.layer) if site.layer is not None else None
     live: dict[str, torch.Tensor] = {}
 
@@ -146,21 +194,29 @@ def _ratio_hooks(model: Any, site: Site, store: dict[str, torch.Tensor], mode: s
             raise LinearizationError(
                 f"{site.name} is not an elementwise activation of {site.source} "
                 f"(shapes {None if pre is None else tuple(pre.shape)} vs {tuple(post.shape)}); "
-                f"this MLP (e.g. a mixture of experts) has no frozen-gate rule.", layer=site.layer)
+                f"this MLP (e.g. a mixture of experts) has no frozen-gate rule.",
+                layer=site.layer,
+            )
         if act is None:
             raise LinearizationError(
                 f"cannot verify the activation of blocks.{site.layer}.mlp: no act_fn found on the "
                 f"module (a mixture-of-experts block, say, whose router and expert gates have no "
                 f"freezing rule), so freezing {site.name} as a gate could hide a nonlinearity.",
-                layer=site.layer)
+                layer=site.layer,
+            )
         with torch.no_grad():
             expected = act(pre)
             err = float((expected - post).abs().max() / post.abs().max().clamp_min(1e-30))
             if err > tolerance(post.dtype):
                 raise LinearizationError(
                     f"{site.name} is not act_fn({site.source}) (max relative difference {err:.2e}); "
-                    f"the gate rule would hide a nonlinearity, so it is refused.", layer=site.layer, error=err)
-            gate = torch.where(pre != 0, post / torch.where(pre != 0, pre, 1), slope_at_zero(act, pre))
+                    f"the gate rule would hide a nonlinearity, so it is refused.",
+                    layer=site.layer,
+                    error=err,
+                )
+            gate = torch.where(
+                pre != 0, post / torch.where(pre != 0, pre, 1), slope_at_zero(act, pre)
+            )
         store[site.name] = gate
         return post.detach() + (pre - pre.detach()) * gate  # value: post; gradient: gate
 
@@ -176,10 +232,17 @@ class OperatingPoint:
     ``input_hook`` where the input is placed, ``start_pos`` the first input position replayed.
     """
 
-    def __init__(self, model: Any, tokens: Int[torch.Tensor, "1 pos"], sites: list[Site],
-                 values: dict[str, torch.Tensor], x_star: Float[torch.Tensor, "pos d_model"],
-                 fwd_hooks: Sequence[Hook] = (), tangents: dict[str, torch.Tensor] | None = None,
-                 frozen_attention: dict[str, FrozenAttention] | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokens: Int[torch.Tensor, "1 pos"],
+        sites: list[Site],
+        values: dict[str, torch.Tensor],
+        x_star: Float[torch.Tensor, "pos d_model"],
+        fwd_hooks: Sequence[Hook] = (),
+        tangents: dict[str, torch.Tensor] | None = None,
+        frozen_attention: dict[str, FrozenAttention] | None = None,
+    ):
         self.model = model
         self.tokens = tokens
         self.sites = sites
@@ -187,13 +250,21 @@ class OperatingPoint:
         self.x_star = x_star
         self.fwd_hooks = list(fwd_hooks)
         self.tangents = tangents or {}  # hook → J⁺x* at every position, carried by the recording
-        self.frozen_attention = frozen_attention or {}  # hook_pattern → its queries and keys (not in values)
+        self.frozen_attention = (
+            frozen_attention or {}
+        )  # hook_pattern → its queries and keys (not in values)
 
     @classmethod
-    def record(cls, model: Any, tokens: Int[torch.Tensor, "1 pos"], parts: Sequence[str] = PARTS,
-               fwd_hooks: Sequence[Hook] = (), names_filter: Any = None,
-               tangent_at: str | None = None, store_patterns: bool | None = None,
-               ) -> tuple["OperatingPoint", torch.Tensor, Any]:
+    def record(
+        cls,
+        model: Any,
+        tokens: Int[torch.Tensor, "1 pos"],
+        parts: Sequence[str] = PARTS,
+        fwd_hooks: Sequence[Hook] = (),
+        names_filter: Any = None,
+        tangent_at: str | None = None,
+        store_patterns: bool | None = None,
+    ) -> tuple["OperatingPoint", torch.Tensor, Any]:
         """Run ``model`` once on ``tokens`` and freeze every coefficient at its value.
 
         ``fwd_hooks`` (the user's own, names or name filters as in ``run_with_hooks``) stay
@@ -225,7 +296,9 @@ class OperatingPoint:
 
         def carry(value: torch.Tensor, hook: Any) -> torch.Tensor:
             primal, tangent = fwAD.unpack_dual(value)
-            tangents[hook.name] = (torch.zeros_like(value) if tangent is None else tangent)[0].clone()
+            tangents[hook.name] = (torch.zeros_like(value) if tangent is None else tangent)[
+                0
+            ].clone()
             return primal  # the rest of the forward (the unembedding) needs no tangent
 
         extra = [(INPUT_HOOK, grab)] + ([(tangent_at, carry)] if tangent_at is not None else [])
@@ -233,8 +306,14 @@ class OperatingPoint:
             with torch.no_grad(), contextlib.ExitStack() as stack:
                 if tangent_at is not None:
                     stack.enter_context(forward_mode())
-                stack.enter_context(hooks_on(model, list(fwd_hooks) +
-                                             site_hooks(model, sites, values, "record", frozen=frozen) + extra))
+                stack.enter_context(
+                    hooks_on(
+                        model,
+                        list(fwd_hooks)
+                        + site_hooks(model, sites, values, "record", frozen=frozen)
+                        + extra,
+                    )
+                )
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
                 logits = fwAD.unpack_dual(logits).primal
         except LinearizationError:
@@ -242,20 +321,33 @@ class OperatingPoint:
         except NotImplementedError:
             if tangent_at is None:
                 raise
-            return cls.record(model, tokens, parts, fwd_hooks, names_filter, store_patterns=store_patterns)
+            return cls.record(
+                model, tokens, parts, fwd_hooks, names_filter, store_patterns=store_patterns
+            )
         except Exception as exc:
             with torch.no_grad():
-                forward(model, tokens, fwd_hooks)  # the model runs without the freezing hooks: they are the cause
+                forward(
+                    model, tokens, fwd_hooks
+                )  # the model runs without the freezing hooks: they are the cause
             raise LinearizationError(
                 f"the model's forward pass fails once its coefficients are frozen "
                 f"({type(exc).__name__}: {exc}). A component of this model does not accept an "
-                f"edited hook value (a weight-free norm in TransformerLens' bridge, say).") from exc
+                f"edited hook value (a weight-free norm in TransformerLens' bridge, say)."
+            ) from exc
         # a coefficient only upstream of the input variable is not part of the map from it (one
         # that fires again later, as a norm module shared by the embedding and the output, is)
         before = {name for name, value in upstream.items() if values.get(name) is value}
         sites = [s for s in sites if s.name not in before]
-        point = cls(model, tokens, sites, {k: v for k, v in values.items() if k not in before}, seen["x"], fwd_hooks,
-                    tangents, frozen)
+        point = cls(
+            model,
+            tokens,
+            sites,
+            {k: v for k, v in values.items() if k not in before},
+            seen["x"],
+            fwd_hooks,
+            tangents,
+            frozen,
+        )
         return point, logits, cache
 
     @functools.cached_property
@@ -266,8 +358,15 @@ class OperatingPoint:
         if self.x_star.dtype == model_dtype(self.model):
             hooks = self.hooks("record")
         else:
-            hooks = self.hooks("replay") + [(INPUT_HOOK, lambda value, hook: self.x_star[None].to(value.dtype))]
-        with self.computing(), analysis_mode(self.model), torch.no_grad(), hooks_on(self.model, hooks):
+            hooks = self.hooks("replay") + [
+                (INPUT_HOOK, lambda value, hook: self.x_star[None].to(value.dtype))
+            ]
+        with (
+            self.computing(),
+            analysis_mode(self.model),
+            torch.no_grad(),
+            hooks_on(self.model, hooks),
+        ):
             return self.model.run_with_cache(self.tokens)[1]
 
     def computing(self) -> contextlib.AbstractContextManager:
@@ -279,8 +378,12 @@ class OperatingPoint:
         """Sites whose frozen value never reaches the output (see :meth:`check_sites`)."""
         return self.check_sites().ignored
 
-    def check_sites(self, target: Float[torch.Tensor, "pos d_out"] | None = None, n_projections: int = 8,
-                    keep_graph: bool = False) -> "SiteCheck":
+    def check_sites(
+        self,
+        target: Float[torch.Tensor, "pos d_out"] | None = None,
+        n_projections: int = 8,
+        keep_graph: bool = False,
+    ) -> "SiteCheck":
         """Which sites never reach the output and, on a short prompt, how far ``J⁺x* + F(0)`` is
         from ``target`` (the output hook's value at every position), from one replay.
 
@@ -309,8 +412,13 @@ class OperatingPoint:
         ignored = [s.name for s in checked if s.name not in fired]  # never fired at all
         whole = target is not None and checks_whole_prompt(len(self.x_star), self.fwd_hooks)
         start = 0 if whole or self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
-        factors = {s.name: torch.ones((), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True)
-                   for s in checked if s.name in fired}
+        factors = {
+            s.name: torch.ones(
+                (), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True
+            )
+            for s in checked
+            if s.name in fired
+        }
         x = self.x_star[start:].clone().requires_grad_(whole)  # [pos, d_in]: replay adds the batch
         inputs = list(factors.values()) + ([x] if whole else [])
         with analysis_mode(self.model), torch.enable_grad():
@@ -325,17 +433,30 @@ class OperatingPoint:
         pulled = torch.zeros_like(u) if grads[-1] is None else grads[-1]  # Uᵀ J⁺: [k, pos, d_in]
         pulled_x = pulled.double().flatten(1) @ self.x_star.double().reshape(-1)
         constant = self.bias_term(out_name) if self.may_add_constant() else None
-        return SiteCheck(ignored, projected_error(u, pulled_x, constant, target), (y[0], x) if keep_graph else None)
+        return SiteCheck(
+            ignored,
+            projected_error(u, pulled_x, constant, target),
+            (y[0], x) if keep_graph else None,
+        )
 
     def hooks(self, mode: str = "replay") -> list[Hook]:
         """The user's hooks plus the freezing hooks (``record`` re-detaches, ``replay`` substitutes)."""
         if mode == "replay":
-            return self.fwd_hooks + site_hooks(self.model, self.sites, self.values, mode, frozen=self.frozen_attention)
+            return self.fwd_hooks + site_hooks(
+                self.model, self.sites, self.values, mode, frozen=self.frozen_attention
+            )
         return self.fwd_hooks + site_hooks(self.model, self.sites, {}, mode)
 
-    def replay(self, x: Float[torch.Tensor, "batch pos d_in"], hooks: Sequence[str], *,
-               input_hook: str = INPUT_HOOK, start_pos: int = 0, pos: int | None = None,
-               factors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def replay(
+        self,
+        x: Float[torch.Tensor, "batch pos d_in"],
+        hooks: Sequence[str],
+        *,
+        input_hook: str = INPUT_HOOK,
+        start_pos: int = 0,
+        pos: int | None = None,
+        factors: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Run the frozen map on inputs ``x`` placed at ``input_hook``; return the values at ``hooks``.
 
         With the default input hook this is ``F``, the map from the input embeddings. Any
@@ -351,18 +472,34 @@ class OperatingPoint:
         if x.ndim == 2:
             x = x.unsqueeze(0)
         if input_hook == INPUT_HOOK and x.shape[1:] != self.x_star[start_pos:].shape:
-            raise ValueError(f"replay input must have shape [batch, {self.x_star.shape[0] - start_pos}, "
-                             f"{self.x_star.shape[1]}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"replay input must have shape [batch, {self.x_star.shape[0] - start_pos}, "
+                f"{self.x_star.shape[1]}], got {tuple(x.shape)}"
+            )
         sites, store = self.sites, self.values
         if start_pos:  # norms that feed only frozen values may run live on the suffix
             sites = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]
-            store = {**store, **{s.name: cut_positions(s, store[s.name], slice(start_pos, None), 1, len(self.x_star))
-                                 for s in sites if s.kind not in ("moe", "scan") and s.name in store}}  # others fit
+            store = {
+                **store,
+                **{
+                    s.name: cut_positions(
+                        s, store[s.name], slice(start_pos, None), 1, len(self.x_star)
+                    )
+                    for s in sites
+                    if s.kind not in ("moe", "scan") and s.name in store
+                },
+            }  # others fit
             # their values themselves (mixtures, scans, attention kept as queries and keys)
         with self.computing():
-            return run_to(self.model, self.tokens[:, start_pos:].expand(x.shape[0], -1),
-                          self.fwd_hooks + site_hooks(self.model, sites, store, "replay", factors, self.frozen_attention),
-                          inject=(input_hook, x), capture=hooks, pos=pos)
+            return run_to(
+                self.model,
+                self.tokens[:, start_pos:].expand(x.shape[0], -1),
+                self.fwd_hooks
+                + site_hooks(self.model, sites, store, "replay", factors, self.frozen_attention),
+                inject=(input_hook, x),
+                capture=hooks,
+                pos=pos,
+            )
 
     def dead_linears(self, hooks: Sequence[str]) -> list[torch.nn.Module]:
         """Linear layers whose output cannot reach ``hooks`` once the coefficients are frozen.
@@ -390,7 +527,9 @@ class OperatingPoint:
                 handle.remove()
         found = [(m, o) for m, o in found if isinstance(o, torch.Tensor) and o.requires_grad]
         total = sum(v.sum() for v in out.values())
-        grads = torch.autograd.grad(total, [o for _, o in found], allow_unused=True) if found else []
+        grads = (
+            torch.autograd.grad(total, [o for _, o in found], allow_unused=True) if found else []
+        )
         live = {id(m) for (m, _), g in zip(found, grads) if g is not None}
         dead = list({id(m): m for m, _ in found if id(m) not in live}.values())
         if dead:
@@ -400,8 +539,9 @@ class OperatingPoint:
                 return []
         return dead
 
-    def bias_term(self, hook: str, *, input_hook: str = INPUT_HOOK,
-                  like: torch.Tensor | None = None) -> torch.Tensor:
+    def bias_term(
+        self, hook: str, *, input_hook: str = INPUT_HOOK, like: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``F(0)`` at ``hook``, every position: what the frozen map adds with no input. For
         another ``input_hook``, ``like`` is a value of that hook (its shape)."""
         zero = torch.zeros_like(self.x_star if like is None else like)
@@ -413,8 +553,10 @@ class OperatingPoint:
         unseen) or user hooks are on. Without either every operation of the frozen map is
         linear with no constant term, so ``F(0) = 0``; a constant we did not know of would make
         :meth:`LinearCache.check` fail, never pass wrongly."""
-        return bool(self.fwd_hooks) or any(t.device.type == "meta" or bool(torch.count_nonzero(t))
-                                           for t in bias_tensors(self.model).values())
+        return bool(self.fwd_hooks) or any(
+            t.device.type == "meta" or bool(torch.count_nonzero(t))
+            for t in bias_tensors(self.model).values()
+        )
 
     def directional(self, hook: str, *, pos: int | None = None) -> torch.Tensor:
         """``J⁺ x*`` at ``hook`` (every position, or ``pos``): free where the recording carried
@@ -450,7 +592,9 @@ class OperatingPoint:
     def jvp(self, v: Float[torch.Tensor, "pos d_model"], hook: str) -> torch.Tensor:
         """``J⁺ v`` at ``hook`` (all positions) by one batched replay: ``F(v) − F(0)``."""
         with torch.no_grad():
-            out = self.replay(torch.stack([v.to(self.x_star), torch.zeros_like(self.x_star)]), [hook])[hook]
+            out = self.replay(
+                torch.stack([v.to(self.x_star), torch.zeros_like(self.x_star)]), [hook]
+            )[hook]
         return out[0] - out[1]
 
     def vjp(self, u: torch.Tensor, hook: str, *, pos: int) -> Float[torch.Tensor, "pos d_model"]:
@@ -461,7 +605,9 @@ class OperatingPoint:
             (grad,) = torch.autograd.grad(y, x, grad_outputs=u.reshape(-1).to(y))
         return grad
 
-    def linearity_profile(self, hooks: Sequence[str] | None = None, seed: int = 0) -> dict[str, float]:
+    def linearity_profile(
+        self, hooks: Sequence[str] | None = None, seed: int = 0
+    ) -> dict[str, float]:
         """Per-hook affinity error of the replayed map: ``F(a)+F(b)−F(a+b)−F(0)`` vs ``F(a)``.
 
         Zero (to rounding) at every hook where all nonlinearities upstream are frozen; the
@@ -479,8 +625,15 @@ class OperatingPoint:
         """The same frozen map with its coefficients and input cast to ``dtype``: replay it
         inside :func:`computing_in` to run a half-precision model's frozen map in float32."""
         values = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.values.items()}
-        return OperatingPoint(self.model, self.tokens, self.sites, values, self.x_star.to(dtype), self.fwd_hooks,
-                              frozen_attention={k: v.to(dtype) for k, v in self.frozen_attention.items()})
+        return OperatingPoint(
+            self.model,
+            self.tokens,
+            self.sites,
+            values,
+            self.x_star.to(dtype),
+            self.fwd_hooks,
+            frozen_attention={k: v.to(dtype) for k, v in self.frozen_attention.items()},
+        )
 
     def pattern(self, layer: int) -> Float[torch.Tensor, "head query key"] | None:
         """Block ``layer``'s frozen attention pattern, stored or recomputed from its queries and
@@ -509,31 +662,54 @@ class SiteCheck:
     graph: tuple[Float[torch.Tensor, "pos d_out"], Float[torch.Tensor, "pos d_in"]] | None = None
 
 
-def _batched_grad(y: torch.Tensor, inputs: list[torch.Tensor], u: torch.Tensor,
-                  retain_graph: bool = False) -> list[torch.Tensor | None]:
+def _batched_grad(
+    y: torch.Tensor, inputs: list[torch.Tensor], u: torch.Tensor, retain_graph: bool = False
+) -> list[torch.Tensor | None]:
     """``uₖᵀ ∂y/∂input`` for every row ``k`` of ``u`` and every input (``None``: no path), as one
     batched backward, or one backward per row where an op in the graph has no batching rule."""
     try:
-        return list(torch.autograd.grad(y, inputs, grad_outputs=u, retain_graph=True if retain_graph else None,
-                                        is_grads_batched=True, allow_unused=True))
+        return list(
+            torch.autograd.grad(
+                y,
+                inputs,
+                grad_outputs=u,
+                retain_graph=True if retain_graph else None,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        )
     except RuntimeError:
-        rows = [torch.autograd.grad(y, inputs, grad_outputs=row, retain_graph=True, allow_unused=True) for row in u]
-        return [None if any(g is None for g in column) else torch.stack(column) for column in map(list, zip(*rows))]
+        rows = [
+            torch.autograd.grad(y, inputs, grad_outputs=row, retain_graph=True, allow_unused=True)
+            for row in u
+        ]
+        return [
+            None if any(g is None for g in column) else torch.stack(column)
+            for column in map(list, zip(*rows))
+        ]
 
 
-def centred_projections(n: int, shape: Sequence[int], like: torch.Tensor, seed: int) -> torch.Tensor:
+def centred_projections(
+    n: int, shape: Sequence[int], like: torch.Tensor, seed: int
+) -> torch.Tensor:
     """``n`` seeded Gaussian rows of ``shape``, each centred: ``u · t`` then projects
     ``t − mean(t)``, as the relative error's ``std()`` measures."""
     u = seeded_randn((n, *shape), like, seed)
     return u - u.flatten(1).mean(1).reshape(-1, *[1] * len(shape))
 
 
-def projected_error(u: torch.Tensor, pulled_x: Float[torch.Tensor, "rows"], constant: torch.Tensor | None,
-                    target: torch.Tensor) -> float:
+def projected_error(
+    u: torch.Tensor,
+    pulled_x: Float[torch.Tensor, "rows"],  # noqa: F821
+    constant: torch.Tensor | None,
+    target: torch.Tensor,
+) -> float:
     """``‖U(J⁺x + c − t)‖ / ‖U t‖`` from ``pulled_x = (Uᵀ J⁺) · x`` (one value per row of ``U``),
     the constant ``c`` (``None``: none) and the target ``t``, in float64."""
     rows = u.double().flatten(1)
-    reconstructed = pulled_x.double() + (0 if constant is None else rows @ constant.double().reshape(-1))
+    reconstructed = pulled_x.double() + (
+        0 if constant is None else rows @ constant.double().reshape(-1)
+    )
     expected = rows @ target.double().reshape(-1)
     return float((reconstructed - expected).norm() / expected.norm().clamp_min(1e-300))
 
@@ -572,24 +748,33 @@ def feeds_frozen_only(site: Site, sites: Sequence[Site]) -> bool:
         return False
     if ".attn." in site.name and any(s.kind == "attn" for s in sites):
         return True
-    return any(s.kind == "scan" and site.name.startswith(s.name.rsplit(".", 1)[0] + ".") for s in sites)
+    return any(
+        s.kind == "scan" and site.name.startswith(s.name.rsplit(".", 1)[0] + ".") for s in sites
+    )
 
 
 @contextlib.contextmanager
-def biases_zeroed(model: torch.nn.Module, keep: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def biases_zeroed(
+    model: torch.nn.Module, keep: str | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Zero every bias (but ``keep``) in place; restore them bit-for-bit on exit, even on error.
 
     ``torch.func.functional_call`` would not touch the model, but on a TransformerBridge it
     leaves the substituted tensors behind, so the swap is done by hand.
     """
     biases = bias_tensors(model)
-    offloaded = [n for n, t in biases.items() if t.device.type == "meta" and _offloaded_nonzero(model, n)]
-    if offloaded:  # accelerate reloads them from its weights map before every use: a zero would not stick
+    offloaded = [
+        n for n, t in biases.items() if t.device.type == "meta" and _offloaded_nonzero(model, n)
+    ]
+    if (
+        offloaded
+    ):  # accelerate reloads them from its weights map before every use: a zero would not stick
         raise LinearizationError(
             f"{len(offloaded)} bias(es) of this model are offloaded by accelerate (first {offloaded[0]}), so they "
             f"cannot be zeroed for the bias decomposition, the forward Jacobian engine, the matrix-free SVD or "
             f"steering. Load the model without offloading its biased layers, or use lcache.jacobians(..., "
-            f"method='reverse').")
+            f"method='reverse')."
+        )
     saved = {n: t.detach().clone() for n, t in biases.items()}
     try:
         with torch.no_grad():
@@ -618,10 +803,13 @@ def _offloaded_nonzero(model: torch.nn.Module, name: str) -> bool:
 def linears_skipped(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Let these linear layers return zeros instead of computing (see
     :meth:`OperatingPoint.dead_linears`); their own ``forward`` is back on exit, even on error."""
+
     def zeros(module: torch.nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], module.out_features)
 
-    saved = [(module, vars(module).get("forward")) for module in modules]  # accelerate wraps forward here
+    saved = [
+        (module, vars(module).get("forward")) for module in modules
+    ]  # accelerate wraps forward here
     try:
         for module in modules:
             module.forward = partial(zeros, module)
@@ -696,14 +884,18 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
         yield
         return
     if any(p.device.type == "meta" for p in model.parameters()):
-        raise LinearizationError(f"this model's weights are offloaded by accelerate: they cannot be copied to "
-                                 f"{dtype} for the computation. Compute in the model's own dtype ({own}).")
+        raise LinearizationError(
+            f"this model's weights are offloaded by accelerate: they cannot be copied to "
+            f"{dtype} for the computation. Compute in the model's own dtype ({own})."
+        )
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     cfg = getattr(model, "cfg", None)
     cfg_dtype = getattr(cfg, "dtype", None)
     try:
         for t in [*model.parameters(), *model.buffers()]:
-            if t.dtype == own:  # buffers kept in another precision (rotary frequencies) stay as they are
+            if (
+                t.dtype == own
+            ):  # buffers kept in another precision (rotary frequencies) stay as they are
                 saved.append((t, t.data))
                 t.data = t.data.to(dtype)
         if cfg_dtype is not None:
@@ -716,7 +908,9 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
             cfg.dtype = cfg_dtype
 
 
-def input_embeddings(model: Any, tokens: Int[torch.Tensor, "1 pos"]) -> Float[torch.Tensor, "pos d_model"]:
+def input_embeddings(
+    model: Any, tokens: Int[torch.Tensor, "1 pos"]
+) -> Float[torch.Tensor, "pos d_model"]:
     """The input variable ``x`` (``blocks.0.hook_resid_pre``) of ``tokens``; the forward stops there."""
     with torch.no_grad():
         return run_to(model, tokens, capture=[INPUT_HOOK], detach=True)[INPUT_HOOK][0]

@@ -28,11 +28,16 @@ from jaxtyping import Float
 from lens_linear._validation import tolerance
 
 ROWS_BYTES = 64 << 20  # one block of pattern rows, all heads
-FUSED = True  # on a CPU, P v and Pᵀ g run as torch's fused attention kernel (2.6x and 4.8x faster than
+FUSED = (
+    True  # on a CPU, P v and Pᵀ g run as torch's fused attention kernel (2.6x and 4.8x faster than
+)
 # blocks of rows at 2,048 tokens, SmolLM2's shapes); False: blocks of rows everywhere
 _TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None) \
-    if _TORCH >= (2, 3) else None  # (out, logsumexp, ...) with a ``scale`` keyword from torch 2.3 on
+_FLASH_CPU = (
+    getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if _TORCH >= (2, 3)
+    else None
+)  # (out, logsumexp, ...) with a ``scale`` keyword from torch 2.3 on
 
 
 @dataclass
@@ -62,16 +67,18 @@ class FrozenAttention:
     def rows(self, rows: slice, start: int = 0) -> Float[torch.Tensor, "head rows keys"]:
         """Rows ``rows`` of the pattern (every head), keys ``start..rows.stop`` (the later ones
         are masked) of the softmax over every key."""
-        keys = self._keys[..., :rows.stop]
+        keys = self._keys[..., : rows.stop]
         scores = (self.q[rows].to(keys.dtype).transpose(0, 1) @ keys) * self.scale
         size = rows.stop - rows.start
         diagonal = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
-        scores[..., rows.start:].masked_fill_(diagonal, float("-inf"))
+        scores[..., rows.start :].masked_fill_(diagonal, float("-inf"))
         return scores.softmax(-1).to(self.q.dtype)[..., start:]
 
     def pattern(self) -> Float[torch.Tensor, "head query key"]:
         n = self.q.shape[0]
-        return torch.cat([F.pad(self.rows(block), (0, n - block.stop)) for block in self._blocks(0)], dim=1)
+        return torch.cat(
+            [F.pad(self.rows(block), (0, n - block.stop)) for block in self._blocks(0)], dim=1
+        )
 
     def prefix(self, end: int) -> "FrozenAttention":
         """The first ``end`` positions' pattern (causal: the same rows, cut). The fused path's
@@ -105,8 +112,14 @@ class FrozenAttention:
         by ``exp(L'_i − L_i)`` to the full rows' normalizer."""
         q, k = self._heads_first(start)
         batch = v.shape[0]
-        out, lse = _FLASH_CPU(q.expand(batch, -1, -1, -1), k.expand(batch, -1, -1, -1), v.to(q), 0.0, True,
-                              scale=self.scale)
+        out, lse = _FLASH_CPU(
+            q.expand(batch, -1, -1, -1),
+            k.expand(batch, -1, -1, -1),
+            v.to(q),
+            0.0,
+            True,
+            scale=self.scale,
+        )
         if start:
             out = out * (lse - self._lse[:, start:]).exp()[..., None]
         else:  # the full rows' log-normalizers come with the output: keep them (same q, k in every batch entry)
@@ -124,21 +137,36 @@ class FrozenAttention:
         keys = torch.cat([q, bias], -1).flip(1)
         batch = g.shape[0]
         values = F.pad(g.to(q), (0, 1)).flip(2)
-        out, lse = _FLASH_CPU(queries.expand(batch, -1, -1, -1), keys.expand(batch, -1, -1, -1), values, 0.0, True,
-                              scale=self.scale)
+        out, lse = _FLASH_CPU(
+            queries.expand(batch, -1, -1, -1),
+            keys.expand(batch, -1, -1, -1),
+            values,
+            0.0,
+            True,
+            scale=self.scale,
+        )
         return (out[..., :-1] * lse.exp()[..., None]).flip(2).to(g.dtype)
 
-    def apply(self, v: Float[torch.Tensor, "batch m kv_head d_head"]) -> Float[torch.Tensor, "batch m head d_head"]:
+    def apply(
+        self, v: Float[torch.Tensor, "batch m kv_head d_head"]
+    ) -> Float[torch.Tensor, "batch m head d_head"]:
         """``z = P v`` for the last ``m`` positions (a suffix replay: rows and columns ``n − m..``)."""
         n, m, heads = self.q.shape[0], v.shape[1], self.q.shape[1]
         start = n - m
         v = v.repeat_interleave(heads // v.shape[2], dim=2).transpose(1, 2)  # [batch, head, m, d]
         if self.fused:
             return self._apply_fused(v, start).transpose(1, 2)
-        return torch.cat([(self.rows(block, start).to(v) @ _part(v, 2, 0, block.stop - start)).transpose(1, 2)
-                          for block in self._blocks(start)], dim=1)
+        return torch.cat(
+            [
+                (self.rows(block, start).to(v) @ _part(v, 2, 0, block.stop - start)).transpose(1, 2)
+                for block in self._blocks(start)
+            ],
+            dim=1,
+        )
 
-    def apply_t(self, g: Float[torch.Tensor, "batch m head d_head"]) -> Float[torch.Tensor, "batch m kv_head d_head"]:
+    def apply_t(
+        self, g: Float[torch.Tensor, "batch m head d_head"]
+    ) -> Float[torch.Tensor, "batch m kv_head d_head"]:
         """``Pᵀ g``, summed over the heads sharing a key/value head: the backward of :meth:`apply`."""
         n, m, heads, kv_heads = self.q.shape[0], g.shape[1], self.q.shape[1], self.k.shape[1]
         start = n - m
@@ -149,7 +177,9 @@ class FrozenAttention:
         out = None
         for block in self._blocks(start):
             part = _part(g, 2, block.start - start, block.stop - block.start)
-            term = F.pad(self.rows(block, start).to(g).transpose(-1, -2) @ part, (0, 0, 0, n - block.stop))
+            term = F.pad(
+                self.rows(block, start).to(g).transpose(-1, -2) @ part, (0, 0, 0, n - block.stop)
+            )
             out = term if out is None else out + term
         out = out.transpose(1, 2)
         return out.reshape(*out.shape[:2], kv_heads, heads // kv_heads, out.shape[-1]).sum(3)
@@ -172,8 +202,9 @@ class _Attend(torch.autograd.Function):
         return attention.apply_t(x) if transposed else attention.apply(x)
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple, x: torch.Tensor, attention: FrozenAttention,
-             transposed: bool) -> tuple[torch.Tensor, int]:
+    def vmap(
+        info: Any, in_dims: tuple, x: torch.Tensor, attention: FrozenAttention, transposed: bool
+    ) -> tuple[torch.Tensor, int]:
         """Batched (``is_grads_batched``, ``vmap``): the vmapped dimension joins the batch."""
         x = x.movedim(in_dims[0], 0)
         out = _Attend.apply(x.flatten(0, 1), attention, transposed)
@@ -205,30 +236,44 @@ def recipe_tolerance(dtype: torch.dtype) -> float:
     return min(tolerance(dtype), 64 * torch.finfo(dtype).eps)
 
 
-def fit_recipe(q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: torch.Tensor,
-               tol: float) -> FrozenAttention | None:
+def fit_recipe(
+    q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: torch.Tensor, tol: float
+) -> FrozenAttention | None:
     """The recipe for one layer from its recorded ``q``, ``k`` ([pos, heads, d]), scores and
     pattern ([heads, pos, pos]), or ``None`` where its first or last row differs from the
     model's by more than ``tol`` (absolute: entries lie in [0, 1])."""
     n = q.shape[0]
     if k.shape[0] != n or pattern.shape[-1] != n or q.shape[1] % k.shape[1]:
         return None
-    last = torch.einsum("hd,khd->hk", q[-1].double(),
-                        k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+    last = torch.einsum(
+        "hd,khd->hk", q[-1].double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    )
     row = scores[:, -1].double()
     if not bool((row.abs() < 1e30).all()) or not float(last.norm()):  # a key masked in the last row
         return None  # (a sliding window shorter than the prompt): not a causal softmax of q kᵀ
     scale = float((row * last).sum() / (last * last).sum())
     attention = FrozenAttention(q, k, scale)
-    first_last = slice(0, 1), slice(n - 1, n)  # the others are checked through z = P v (see attention_hooks)
-    if any(float((attention.rows(rows) - pattern[:, rows, :rows.stop]).abs().max()) > tol for rows in first_last):
+    first_last = (
+        slice(0, 1),
+        slice(n - 1, n),
+    )  # the others are checked through z = P v (see attention_hooks)
+    if any(
+        float((attention.rows(rows) - pattern[:, rows, : rows.stop]).abs().max()) > tol
+        for rows in first_last
+    ):
         return None
     return attention
 
 
-def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
-                    frozen: dict[str, FrozenAttention], mode: str, factor: torch.Tensor | None,
-                    tol: float) -> list[tuple[str, Any]] | None:
+def attention_hooks(
+    model: Any,
+    site_name: str,
+    store: dict[str, torch.Tensor],
+    frozen: dict[str, FrozenAttention],
+    mode: str,
+    factor: torch.Tensor | None,
+    tol: float,
+) -> list[tuple[str, Any]] | None:
     """Hooks that freeze one attention's pattern through its queries and keys (see the module
     docstring), or ``None`` where the layer lacks the hook points the recipe needs.
 
@@ -252,18 +297,23 @@ def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
         def hook(value: torch.Tensor, hook: Any) -> torch.Tensor | None:
             live[key] = value.detach() if detach else value
             return live[key] if pass_on else None  # queries and keys reach the output only through
+
         return hook  # the frozen pattern: passed on detached, no tangent or gradient is spent on scores
 
     if mode == "replay":
+
         def replace_z(value: torch.Tensor, hook: Any) -> torch.Tensor:
             z = attend(live.pop("v"), frozen[site_name]).reshape(value.shape)
             return z if factor is None else z * factor.reshape(-1, *[1] * (z.ndim - 1)).expand_as(z)
+
         return [(prefix + "hook_v", keep("v", False)), (prefix + "hook_z", replace_z)]
 
     def record_pattern(value: torch.Tensor, hook: Any) -> torch.Tensor:
         pattern, fitted = value.detach(), None
         q, k, scores = live.pop("q", None), live.pop("k", None), live.pop("scores", None)
-        if pattern.shape[0] == 1 and all(t is not None and t.ndim == 4 for t in (q, k, scores)):  # all fired
+        if pattern.shape[0] == 1 and all(
+            t is not None and t.ndim == 4 for t in (q, k, scores)
+        ):  # all fired
             fitted = fit_recipe(q[0], k[0], scores[0], pattern[0], tol)
         if fitted is None:
             store[site_name] = pattern
@@ -276,10 +326,17 @@ def attention_hooks(model: Any, site_name: str, store: dict[str, torch.Tensor],
         if site_name not in frozen or pattern is None:
             return
         z = attend(live.pop("v"), frozen[site_name])
-        if z.numel() != value.numel() or float((z.reshape(value.shape) - value).abs().max()) > \
-                tol * max(float(value.abs().max()), 1e-30):
+        if z.numel() != value.numel() or float(
+            (z.reshape(value.shape) - value).abs().max()
+        ) > tol * max(float(value.abs().max()), 1e-30):
             store[site_name] = pattern  # the recipe or z = P v does not hold here: keep P itself
             del frozen[site_name]
 
-    return [(q_name, keep("q", True, True)), (k_name, keep("k", True, True)), (prefix + "hook_attn_scores", keep("scores", True)),
-            (prefix + "hook_v", keep("v", True)), (site_name, record_pattern), (prefix + "hook_z", check_z)]
+    return [
+        (q_name, keep("q", True, True)),
+        (k_name, keep("k", True, True)),
+        (prefix + "hook_attn_scores", keep("scores", True)),
+        (prefix + "hook_v", keep("v", True)),
+        (site_name, record_pattern),
+        (prefix + "hook_z", check_z),
+    ]

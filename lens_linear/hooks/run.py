@@ -16,14 +16,23 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_hook
-from lens_linear.hooks.inside import (ModelScan, ModuleHook, experts_eager, float64_throughout, patterns_inside, scan,
-                                      weightless_norms_completed)
+from lens_linear.hooks.inside import (
+    ModelScan,
+    ModuleHook,
+    experts_eager,
+    float64_throughout,
+    patterns_inside,
+    scan,
+    weightless_norms_completed,
+)
 
 NameFilter = str | Callable[[str], bool]
 
 
 Hook = tuple[NameFilter, Callable[..., Any]] | ModuleHook
-_LEVELS = itertools.count(1 << 40)  # hook context levels of our own, apart from TransformerLens' small ones
+_LEVELS = itertools.count(
+    1 << 40
+)  # hook context levels of our own, apart from TransformerLens' small ones
 
 
 @contextlib.contextmanager
@@ -37,7 +46,9 @@ def quiet_bridge() -> Iterator[None]:
         yield
 
 
-def resolve_hooks(hook_dict: dict[str, Any], hooks: Sequence[Hook]) -> list[tuple[Any, Callable[..., Any]]]:
+def resolve_hooks(
+    hook_dict: dict[str, Any], hooks: Sequence[Hook]
+) -> list[tuple[Any, Callable[..., Any]]]:
     """``(hook point, fn)`` for each hook; a callable name filter (as in ``run_with_hooks``)
     selects every matching hook point once, however many aliases a bridge lists it under."""
     points = []
@@ -66,7 +77,9 @@ def offloaded_norms_loaded(model: Any, found: ModelScan | None = None) -> Iterat
     try:
         for module in (found or scan(model)).norms:
             top = getattr(module, "_hf_hook", None)
-            for hook in getattr(top, "hooks", None) or ([top] if top is not None else []):  # SequentialHook
+            for hook in getattr(top, "hooks", None) or (
+                [top] if top is not None else []
+            ):  # SequentialHook
                 if getattr(hook, "offload", False):
                     hook.pre_forward(module)
                     loaded.append((module, hook))
@@ -95,9 +108,15 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     points = []
     try:
         found = scan(model)
-        with quiet_bridge(), offloaded_norms_loaded(model, found), weightless_norms_completed(model, found), \
-                patterns_inside(model, found), experts_eager(model, found), float64_throughout(model), \
-                contextlib.ExitStack() as attached:
+        with (
+            quiet_bridge(),
+            offloaded_norms_loaded(model, found),
+            weightless_norms_completed(model, found),
+            patterns_inside(model, found),
+            experts_eager(model, found),
+            float64_throughout(model),
+            contextlib.ExitStack() as attached,
+        ):
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)
@@ -119,9 +138,16 @@ class _Stop(Exception):
     """Ends a forward once every requested activation is captured."""
 
 
-def run_to(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook] = (), *,
-           inject: tuple[str, torch.Tensor] | None = None, capture: Sequence[str] = (),
-           pos: int | None = None, detach: bool = False) -> dict[str, torch.Tensor]:
+def run_to(
+    model: Any,
+    tokens: torch.Tensor,
+    hooks: Sequence[Hook] = (),
+    *,
+    inject: tuple[str, torch.Tensor] | None = None,
+    capture: Sequence[str] = (),
+    pos: int | None = None,
+    detach: bool = False,
+) -> dict[str, torch.Tensor]:
     """Run ``model`` on ``tokens`` with ``hooks``, replace the value of hook ``inject[0]`` by
     ``inject[1]`` (same shape; cast to the hook's dtype) and return the values of ``capture``
     (at position ``pos`` only, where given; detached if ``detach``). The forward stops once
@@ -131,8 +157,10 @@ def run_to(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook] = (), *,
 
     def put(value: torch.Tensor, hook: Any, new: torch.Tensor) -> torch.Tensor:
         if value.shape != new.shape:
-            raise ValueError(f"the value injected at {inject[0]} must have shape {tuple(value.shape)}, "
-                             f"got {tuple(new.shape)}")
+            raise ValueError(
+                f"the value injected at {inject[0]} must have shape {tuple(value.shape)}, "
+                f"got {tuple(new.shape)}"
+            )
         return new.to(value.dtype)
 
     def take(value: torch.Tensor, hook: Any, name: str) -> None:

@@ -62,22 +62,38 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
     seen: set[int] = set()
     sites: list[Site] = []
 
-    def add(name: str, kind: str, source: str | None = None, frozen: tuple[int, int] | None = None) -> None:
+    def add(
+        name: str, kind: str, source: str | None = None, frozen: tuple[int, int] | None = None
+    ) -> None:
         if id(names[name]) not in seen:  # a bridge lists one hook point under several aliases
             seen.add(id(names[name]))
             sites.append(Site(name, kind, layer_of(name), source, frozen))
 
     for name in names:
-        if "mixer" in parts and name.endswith("conv.hook_in_proj") and name[:-len("in_proj")] + "gated" in names:
-            add(name, "slice", frozen=(0, 2))  # a doubly gated convolution C·conv(B·x): B, C = thirds 1-2
-        elif "mixer" in parts and name.endswith((".hook_ssm_state", ".hook_in")) and is_state_space(model, name):
-            prefix = name.rsplit(".", 1)[0]  # one site per mixer, on hook_ssm_state where the bridge has it
+        if (
+            "mixer" in parts
+            and name.endswith("conv.hook_in_proj")
+            and name[: -len("in_proj")] + "gated" in names
+        ):
+            add(
+                name, "slice", frozen=(0, 2)
+            )  # a doubly gated convolution C·conv(B·x): B, C = thirds 1-2
+        elif (
+            "mixer" in parts
+            and name.endswith((".hook_ssm_state", ".hook_in"))
+            and is_state_space(model, name)
+        ):
+            prefix = name.rsplit(".", 1)[
+                0
+            ]  # one site per mixer, on hook_ssm_state where the bridge has it
             add(prefix + ".hook_ssm_state" if prefix + ".hook_ssm_state" in names else name, "scan")
         elif "norm" in parts and name.endswith("hook_scale"):
             add(name, "norm")
         elif "attn" in parts and name.endswith("hook_pattern"):
             add(name, "attn")
-        elif "attn" in parts and name.endswith("attn.hook_q_gate"):  # a gated attention's output gate
+        elif "attn" in parts and name.endswith(
+            "attn.hook_q_gate"
+        ):  # a gated attention's output gate
             add(name, "gate")
         elif "mlp" in parts and ".mlp." in name and name.endswith("hook_pre"):
             prefix = name[: -len("hook_pre")]
@@ -85,7 +101,9 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                 add(name, "gate")
             elif not name.endswith("mlp.hook_pre"):
                 continue
-            elif prefix + "hook_router_scores" in names:  # a mixture of experts: router and expert gates
+            elif (
+                prefix + "hook_router_scores" in names
+            ):  # a mixture of experts: router and expert gates
                 add(prefix + "hook_router_scores", "moe")
             else:
                 out = prefix + "hook_mid" if prefix + "hook_mid" in names else prefix + "hook_post"
@@ -138,7 +156,10 @@ def components_without_sites(model: Any, layer: int, sites: Sequence[Site]) -> l
     coefficient site: where an operator without a freezing rule (a state-space mixer, a gated
     convolution, a recurrence) is to be looked for when linearity breaks in that block."""
     prefix = f"blocks.{layer}."
-    parts = {n[len(prefix):].split(".")[0] for n in model.hook_dict if n.startswith(prefix) and
-             n[len(prefix):].count(".") >= 1}
-    covered = {s.name[len(prefix):].split(".")[0] for s in sites if s.name.startswith(prefix)}
+    parts = {
+        n[len(prefix) :].split(".")[0]
+        for n in model.hook_dict
+        if n.startswith(prefix) and n[len(prefix) :].count(".") >= 1
+    }
+    covered = {s.name[len(prefix) :].split(".")[0] for s in sites if s.name.startswith(prefix)}
     return sorted(parts - covered)

@@ -19,8 +19,15 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-_BILINEAR = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
-             torch.Tensor.bmm}
+_BILINEAR = {
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.mm,
+    torch.Tensor.mm,
+    torch.bmm,
+    torch.Tensor.bmm,
+}
 
 
 def _tangent(t: Any) -> torch.Tensor | None:
@@ -49,7 +56,9 @@ def _product(func: Callable, args: tuple, kwargs: dict, operands: list[int]) -> 
 
 
 class _ConstantOperandTangents(TorchFunctionMode):
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = None
         if func is F.linear and len(args) >= 2:
