@@ -49,7 +49,7 @@ PUBLIC = {
     "results": [
         decode.SVDResult,
         matfree.MatrixFreeSVD,
-        patching.PatchingResult,
+        patching.PatchingTable,
         stats.Sensitivity,
     ],
 }

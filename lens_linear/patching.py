@@ -10,10 +10,17 @@
   metric linear in the logits); ``detached=False`` is the ordinary gradient (attribution
   patching, as ``transformer_lens.tools.analysis.attribution_patch``).
 
-Metrics follow ``transformer_lens.patching``'s ``patching_metric``: a function of logits
-returning a scalar. Here it receives the logits at each pair's last real position,
-``[n_pairs, d_vocab]`` (only those rows are unembedded); the default is the mean logit
-difference between each pair's answer and wrong answer.
+Metrics are written as for ``transformer_lens.patching`` (its ``patching_metric``): a
+function of logits ``[batch, pos, d_vocab]`` returning a scalar, so
+``lambda logits: (logits[:, -1, a] - logits[:, -1, b]).mean()`` works unchanged. Here the
+``pos`` axis holds one position, each pair's last real token: a right-padded shorter pair is
+read where its prompt ends, not at its padding, and only those rows are unembedded. The
+default is the mean logit difference between each pair's answer and wrong answer.
+
+Both patching functions take the same arguments with the same defaults but ``detached``
+(real patching by default; the exact frozen-map prediction by default) and return a
+:class:`PatchingTable` naming its ``method``.
+
 * :func:`steer` — the paper's equation 16: a layer's activation mixed with the concept
   prompt's frozen map applied to the new prompt's embeddings, token by token.
 """
@@ -43,10 +50,9 @@ from lens_linear.hooks.sites import layer_of
 from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 
-MAX_PATCHES = (
-    64  # patched runs per batch at most: a memory bound, not tuned (10 s for 480 IOI patches)
-)
-Metric = Callable[[Float[torch.Tensor, "n_pairs d_vocab"]], torch.Tensor]
+Metric = Callable[[Float[torch.Tensor, "n_pairs pos d_vocab"]], torch.Tensor]
+"""A patching metric as ``transformer_lens.patching`` writes one: logits to a scalar. ``pos``
+holds each pair's last real position (see the module docstring)."""
 
 
 # sweep name → (hook in each block, axes of one patch)
@@ -79,15 +85,17 @@ class PromptPairs:
     str_tokens: list[str] = field(default_factory=list)  # of the first clean prompt
 
     def logit_diff(
-        self, final: Float[torch.Tensor, "n_pairs d_vocab"]
+        self, logits: Float[torch.Tensor, "n_pairs *pos d_vocab"]
     ) -> Float[torch.Tensor, "n_pairs"]:  # noqa: F821
-        """``logit[answer] − logit[wrong]`` of each pair, from the logits at its last real position."""
+        """``logit[answer] − logit[wrong]`` of each pair, read at ``pos`` −1 of a metric's
+        logits ``[n_pairs, pos, d_vocab]`` (or from logits ``[n_pairs, d_vocab]``)."""
+        final = logits[:, -1] if logits.ndim == 3 else logits
         rows = torch.arange(final.shape[0], device=final.device)
         return final[rows, self.answers] - final[rows, self.wrong]
 
-    def mean_logit_diff(self, final: Float[torch.Tensor, "n_pairs d_vocab"]) -> torch.Tensor:
+    def mean_logit_diff(self, logits: Float[torch.Tensor, "n_pairs pos d_vocab"]) -> torch.Tensor:
         """The default metric: the mean of :meth:`logit_diff` over pairs."""
-        return self.logit_diff(final).mean()
+        return self.logit_diff(logits).mean()
 
     def pair(self, i: int) -> "PromptPairs":
         """Pair ``i`` alone (same padded length)."""
@@ -104,15 +112,15 @@ class PromptPairs:
 
     def final_logits(
         self, model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[Hook] = ()
-    ) -> Float[torch.Tensor, "batch d_vocab"]:
-        """Logits at each pair's last real position only (the batch is any number of copies
-        of the pairs, in order): the forward stops at the unembedding's input, then only those
-        rows are unembedded (a 50k-word unembedding of every position can cost as much as
-        the rest of a short forward)."""
+    ) -> Float[torch.Tensor, "batch 1 d_vocab"]:
+        """A metric's logits: each pair's last real position only, ``[batch, 1, d_vocab]``
+        (the batch is any number of copies of the pairs, in order). The forward stops at the
+        unembedding's input, then only those rows are unembedded (a 50k-word unembedding of
+        every position can cost as much as the rest of a short forward)."""
         name = output_hook(model)
         x = run_to(model, tokens, hooks, capture=[name])[name]
         rows = torch.arange(x.shape[0], device=x.device)
-        return model.unembed(x[rows, self.last.repeat(x.shape[0] // len(self.last))][:, None])[:, 0]
+        return model.unembed(x[rows, self.last.repeat(x.shape[0] // len(self.last))][:, None])
 
 
 def prompt_pairs(
@@ -205,10 +213,18 @@ def ioi_pairs(
 
 
 @dataclass
-class PatchingResult:
-    """A patching table: ``values`` normalized (0 = corrupted, 1 = clean), ``raw`` the metric."""
+class PatchingTable:
+    """A patching table: ``values`` normalized (0 = corrupted, 1 = clean), ``raw`` the metric.
+
+    ``method`` names how it was computed: ``"activation patching"`` (real patched runs),
+    ``"frozen-map patching"`` (patched runs through the corrupted run's frozen map),
+    ``"frozen-map prediction"`` (its exact gradient) or ``"attribution patching"`` (the
+    ordinary gradient). (``transformer_lens.patching.PatchingResult`` is another thing: the
+    per-example values of one sweep.)
+    """
 
     sweep: str
+    method: str
     values: Float[torch.Tensor, "layer ..."]
     raw: Float[torch.Tensor, "layer ..."]
     clean: float
@@ -222,13 +238,14 @@ class PatchingResult:
         where = [tuple(int(i) for i in torch.unravel_index(b, self.values.shape)) for b in best]
         tops = ", ".join(f"{w}={float(self.values[w]):+.3f}" for w in where)
         return (
-            f"PatchingResult({self.sweep}, {'×'.join(self.axes)} {tuple(self.values.shape)}, "
+            f"PatchingTable({self.sweep}, {self.method}, {'×'.join(self.axes)} {tuple(self.values.shape)}, "
             f"clean={self.clean:+.3f}, corrupted={self.corrupted:+.3f}; largest {tops})"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "sweep": self.sweep,
+            "method": self.method,
             "axes": list(self.axes),
             "values": self.values.tolist(),
             "raw": self.raw.tolist(),
@@ -274,7 +291,7 @@ def _sweep(
 
 
 def _metric_per_copy(pairs: PromptPairs, metric: Metric, final: torch.Tensor) -> torch.Tensor:
-    """The metric of each copy of the pairs in a batch of final logits ``[copies · n, d_vocab]``."""
+    """The metric of each copy of the pairs in a batch of a metric's logits ``[copies · n, 1, d_vocab]``."""
     n = len(pairs.answers)
     return torch.stack(
         [
@@ -301,8 +318,27 @@ def _capture(
         return float(metric(pairs.final_logits(model, tokens, hooks))), acts
 
 
-def _normalized(raw: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:
-    return (raw - corrupted) / (clean - corrupted)
+def _table(
+    sweep: str,
+    method: str,
+    raw: torch.Tensor,
+    clean: float,
+    corrupted: float,
+    axes: tuple[str, ...],
+    pairs: PromptPairs,
+    hooks: Sequence[str],
+) -> PatchingTable:
+    return PatchingTable(
+        sweep=sweep,
+        method=method,
+        values=(raw - corrupted) / (clean - corrupted),
+        raw=raw,
+        clean=clean,
+        corrupted=corrupted,
+        axes=axes,
+        str_tokens=pairs.str_tokens,
+        layers=[layer_of(h) for h in hooks],
+    )
 
 
 def _check_gap(clean: float, corrupted: float) -> None:
@@ -345,7 +381,7 @@ def activation_patching(
     layers: Sequence[int] | None = None,
     max_memory: int | None = None,
     progress: bool = True,
-) -> PatchingResult:
+) -> PatchingTable:
     """Patch ``corrupted + scale · (clean − corrupted)`` at every (layer, position / head) of a
     sweep into the corrupted run and read the metric (default: mean logit difference).
 
@@ -366,9 +402,7 @@ def activation_patching(
         per_patch = sequence_bytes(
             model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n
         )
-        chunk = chunk_size(
-            len(patches), per_patch, max_memory, cap=MAX_PATCHES, device=pairs.clean.device
-        )
+        chunk = chunk_size(len(patches), per_patch, max_memory, device=pairs.clean.device)
         raw = []
         grow = True
         for start in tqdm(
@@ -411,16 +445,8 @@ def activation_patching(
                     )
             raw.append(_metric_per_copy(pairs, metric, final))
     raw_t = torch.cat(raw).reshape(shape).double().cpu()
-    return PatchingResult(
-        sweep,
-        _normalized(raw_t, clean_m, corrupt_m),
-        raw_t,
-        clean_m,
-        corrupt_m,
-        axes,
-        pairs.str_tokens,
-        [layer_of(h) for h in hooks],
-    )
+    method = "frozen-map patching" if detached else "activation patching"
+    return _table(sweep, method, raw_t, clean_m, corrupt_m, axes, pairs, hooks)
 
 
 def predicted_patching(
@@ -433,14 +459,15 @@ def predicted_patching(
     detached: bool = True,
     layers: Sequence[int] | None = None,
     progress: bool = True,
-) -> PatchingResult:
+) -> PatchingTable:
     """The patching table of :func:`activation_patching` from one forward and one backward
     pass of the corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
 
-    ``detached=True`` takes the gradient with the detach hooks on: the corrupted run's frozen
-    map is affine, so for a metric linear in the logits (the default) this equals
-    ``activation_patching(..., detached=True)`` exactly. ``detached=False`` is the ordinary
-    gradient (attribution patching), a first-order estimate of real patching.
+    ``detached=True`` (``method="frozen-map prediction"``) takes the gradient with the detach
+    hooks on: the corrupted run's frozen map is affine, so for a metric linear in the logits
+    (the default) this equals ``activation_patching(..., detached=True)`` exactly.
+    ``detached=False`` (``"attribution patching"``) is the ordinary gradient, a first-order
+    estimate of real patching, equal to TransformerLens' ``attribution_patch``.
 
     Long prompts (``detached=True``, every pair's patterns together past the recording budget,
     :func:`~lens_linear.hooks.operating_point.patterns_fit`): a backward through detached
@@ -470,16 +497,8 @@ def predicted_patching(
         keep = {"pos": (0,), "head": (0, 1), "pos_head": (0,)}[SWEEPS[sweep][1]]
         table.append(change.sum(keep))
     raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
-    return PatchingResult(
-        sweep,
-        _normalized(raw, clean_m, corrupt_m),
-        raw,
-        clean_m,
-        corrupt_m,
-        axes,
-        pairs.str_tokens,
-        [layer_of(h) for h in hooks],
-    )
+    method = "frozen-map prediction" if detached else "attribution patching"
+    return _table(sweep, method, raw, clean_m, corrupt_m, axes, pairs, hooks)
 
 
 def _gradients(

@@ -20,7 +20,7 @@ import plotly.graph_objects as go
 import torch
 
 from lens_linear._validation import normalize_index
-from lens_linear.patching import PatchingResult
+from lens_linear.patching import PatchingTable
 from lens_linear.tokens import single_token
 
 LinearCache = Any  # lens_linear.cache.LinearCache, which imports this module lazily
@@ -210,7 +210,7 @@ def alignment_figure(lcache: LinearCache, n_triplets: int = 3) -> go.Figure:
     return fig
 
 
-def patching_figure(result: PatchingResult) -> go.Figure:
+def patching_figure(result: PatchingTable) -> go.Figure:
     """A patching table as a heat map: layer × position, or layer × head (× position: one
     panel per head is too many, so positions are summed)."""
     values = result.values
@@ -285,7 +285,7 @@ def report(
     lcache: LinearCache,
     path: str | Path,
     layers: bool = True,
-    patching: Sequence[PatchingResult] = (),
+    patching: Sequence[PatchingTable] = (),
     attention_layers: Sequence[int] | None = None,
 ) -> Path:
     """Write one self-contained HTML file (every script inlined: it opens with no network)

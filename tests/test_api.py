@@ -141,7 +141,7 @@ def test_metric_is_a_function_of_the_final_logits_and_a_zero_gap_is_refused():
         ["a", "b"],
         ["c", "d"],
     )
-    logprob = lambda final: final.log_softmax(-1)[torch.arange(2), pairs.answers].mean()  # noqa: E731
+    logprob = lambda logits: logits[:, -1].log_softmax(-1)[torch.arange(2), pairs.answers].mean()
 
     def loop_metric(logits):  # the same metric on full logits, as TransformerLens passes them
         final = logits[torch.arange(2), pairs.last]

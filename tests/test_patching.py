@@ -269,3 +269,31 @@ def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, mo
     assert applied and all(
         shape[0] == 1 for shape in applied
     )  # one pair at a time, through q and k
+
+
+@pytest.mark.parametrize("sweep", ["resid_pre", "head"])
+def test_a_transformer_lens_metric_gives_the_default_table(sweep):
+    """A metric written for ``transformer_lens.patching`` (logits ``[batch, pos, d_vocab]``,
+    read at ``[:, -1]``) runs unchanged in both functions and gives the default's table; on
+    right-padded pairs it reads each pair's last real token, as the naive loop's metric does."""
+    model = cached_tiny("bridge", "llama")
+    one = prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "a", "c")
+    a, b = int(one.answers[0]), int(one.wrong[0])
+    tl_metric = lambda logits: (logits[:, -1, a] - logits[:, -1, b]).mean()  # noqa: E731
+    pairs = tiny_pairs(model)  # two pairs of different lengths: right padding
+    rows = torch.arange(2)
+    per_pair = lambda logits: (  # noqa: E731
+        logits[rows, -1, pairs.answers] - logits[rows, -1, pairs.wrong]
+    ).mean()
+    for table_pairs, metric in [(one, tl_metric), (pairs, per_pair)]:
+        for fn in (activation_patching, predicted_patching):
+            default = fn(model, table_pairs, sweep, progress=False)
+            theirs = fn(model, table_pairs, sweep, metric=metric, progress=False)
+            assert (theirs.raw - default.raw).abs().max() <= 1e-4, (fn.__name__, sweep)
+            assert theirs.method == default.method
+    assert activation_patching(model, one, sweep, progress=False).method == "activation patching"
+    # the ground truth of the padded pairs: one forward per patch, metric of the full logits
+    truth = naive(model, pairs, sweep)
+    assert (
+        activation_patching(model, pairs, sweep, metric=per_pair, progress=False).raw - truth
+    ).abs().max() <= 1e-4
