@@ -297,3 +297,84 @@ def test_a_transformer_lens_metric_gives_the_default_table(sweep):
     assert (
         activation_patching(model, pairs, sweep, metric=per_pair, progress=False).raw - truth
     ).abs().max() <= 1e-4
+
+
+def frozen_patching_by_hand(model, pairs, sweep, layers):
+    """The frozen patching table written on TransformerLens' hook points, sharing no code with
+    lens_linear: the corrupted run's norm scales, attention patterns and gated MLPs'
+    pre-activations are recorded with ``run_with_cache``; each patch then reruns the corrupted
+    prompt with hooks that put those recorded values back (the gradient-free meaning of
+    "frozen") and patch the clean activation in. Recorded in the reference's full precision (the
+    bridge rounds float64 softmax and RMS norms through float32). Returns the table and the
+    frozen corrupted run's metric (the mean logit difference)."""
+    from lens_linear.reference import full_precision
+
+    names = [
+        n
+        for n in model.hook_dict
+        if n.endswith(("hook_scale", "attn.hook_pattern"))
+        or (n.endswith("mlp.hook_pre") and n + "_linear" in model.hook_dict)
+    ]
+    leaf, kind = SWEEPS[sweep]
+    with torch.no_grad(), full_precision():
+        _, clean = model.run_with_cache(pairs.clean)
+        _, corrupt = model.run_with_cache(pairs.corrupted)
+    fired = set()
+
+    def put_back(value, hook, name):
+        fired.add(name)
+        return corrupt[name]
+
+    freeze = [(n, lambda v, hook, n=n: put_back(v, hook, n)) for n in names]
+    rows = torch.arange(len(pairs.answers))
+
+    def metric(logits):
+        final = logits[rows, pairs.last]
+        return float((final[rows, pairs.answers] - final[rows, pairs.wrong]).mean())
+
+    def run(layer, pos, head):
+        name = f"blocks.{layer}.{leaf}"
+
+        def patch(value, hook):
+            value = value.clone()
+            for i in range(len(pairs.answers)):
+                for p in range(value.shape[1]) if pos is None else [pos]:
+                    if pairs.mask[i, p]:
+                        where = (i, p) if head is None else (i, p, head)
+                        value[where] = clean[name][where]
+            return value
+
+        with torch.no_grad():
+            return metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=freeze + [(name, patch)]))
+
+    n_pos, heads = pairs.clean.shape[1], range(model.cfg.n_heads)
+    grid = {
+        "pos": lambda: [[run(l, p, None) for p in range(n_pos)] for l in layers],
+        "head": lambda: [[run(l, None, h) for h in heads] for l in layers],
+        "pos_head": lambda: [[[run(l, p, h) for h in heads] for p in range(n_pos)] for l in layers],
+    }[kind]()
+    assert fired == set(names)  # every recorded value was put back
+    with torch.no_grad():
+        corrupted = metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=freeze))
+    return torch.tensor(grid, dtype=torch.float64), corrupted
+
+
+@pytest.mark.filterwarnings("ignore:.*hook_scale/hook_normalized")  # the reference edits norms
+@pytest.mark.parametrize(
+    "sweep, layers",
+    [("resid_pre", [0, 1]), ("head", [0, 1]), ("head_by_pos", [1])],
+)
+def test_predicted_patching_equals_hand_written_frozen_patching(sweep, layers):
+    """An independent ground truth for ``predicted_patching(detached=True)``: real patched runs
+    with the corrupted run's coefficients put back by hand (float64). Measured: entries agree to
+    2.2e-16, their changes from the corrupted run to 3.8e-14 (relative); ordinary patching
+    differs from this table by 0.27-0.62."""
+    model = cached_tiny("bridge", "llama", torch.float64)
+    pairs = tiny_pairs(model)
+    truth, corrupted = frozen_patching_by_hand(model, pairs, sweep, layers)
+    predicted = predicted_patching(model, pairs, sweep, layers=layers, progress=False)
+    assert abs(predicted.corrupted - corrupted) <= 1e-12
+    assert float((predicted.raw - truth).abs().max()) <= 1e-12
+    assert rel(predicted.raw - predicted.corrupted, truth - corrupted) <= 1e-10
+    plain = activation_patching(model, pairs, sweep, layers=layers, progress=False)
+    assert rel(plain.raw - plain.corrupted, truth - corrupted) >= 0.1  # freezing is seen
