@@ -19,7 +19,7 @@ import transformers as tf
 
 import lens_linear as ll
 from lens_linear.hooks import detached_function
-from lens_linear.hooks.operating_point import computing_in
+from lens_linear.hooks.contexts import computing_in
 from lens_linear.models import wrap_bridge
 from lens_linear.patching import activation_patching, predicted_patching, prompt_pairs
 from lens_linear.stats import dataset_sensitivity, sensitivity

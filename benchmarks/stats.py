@@ -27,7 +27,8 @@ import torch
 from jacobian import TEXT, measure
 
 import lens_linear as ll
-from lens_linear.hooks.operating_point import analysis_mode, output_hook
+from lens_linear.hooks.contexts import analysis_mode
+from lens_linear.hooks.sites import output_hook
 from lens_linear.stats import Welford, dataset_sensitivity, frozen_batch_map, right_padded
 
 

@@ -36,7 +36,8 @@ from jaxtyping import Float, Int
 from transformer_lens import FactoredMatrix
 
 from lens_linear._validation import normalize_index, normalize_position, tolerance
-from lens_linear.hooks.operating_point import OperatingPoint, analysis_mode
+from lens_linear.hooks.contexts import analysis_mode
+from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.run import run_to
 from lens_linear.jacobian import batched_vjp_jacobian
 from lens_linear.memory import chunk_size, sequence_bytes

@@ -40,22 +40,18 @@ from lens_linear._validation import (
 )
 from lens_linear.attention import AttentionCircuits
 from lens_linear.decode import Direction, SVDResult
-from lens_linear.hooks.operating_point import (
-    HALF,
-    INPUT_HOOK,
-    OperatingPoint,
-    analysis_mode,
-    biases_zeroed,
-    block_outputs,
-    centred_projections,
-    checks_whole_prompt,
-    linears_skipped,
-    output_hook,
-    projected_error,
-    seeded_randn,
-)
+from lens_linear.hooks.contexts import HALF, analysis_mode, biases_zeroed, linears_skipped
+from lens_linear.hooks.operating_point import OperatingPoint, checks_whole_prompt
 from lens_linear.hooks.run import Hook, run_to
-from lens_linear.hooks.sites import PARTS, components_without_sites, layer_of
+from lens_linear.hooks.sites import (
+    INPUT_HOOK,
+    PARTS,
+    block_outputs,
+    components_without_sites,
+    layer_of,
+    output_hook,
+)
+from lens_linear.hooks.verify import centred_projections, projected_error, seeded_randn
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
 from lens_linear.memory import chunk_size, default_memory, sequence_bytes

@@ -32,6 +32,11 @@ from typing import Any
 
 import torch
 
+from lens_linear._compat import (
+    module_hook_count,
+    set_attn_implementation,
+    set_experts_implementation,
+)
 from lens_linear._validation import LinearizationError
 from lens_linear.tiny import char_tokenizer, perturb_
 
@@ -380,13 +385,8 @@ def tiny_hf(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = tiny_config(arch)
-        config._attn_implementation = (
-            "eager"  # an explicit softmax (some families cannot switch later)
-        )
-        if hasattr(config, "_experts_implementation"):
-            config._experts_implementation = (
-                "eager"  # grouped matrix products have no float64 kernel
-            )
+        set_attn_implementation(config, "eager")  # an explicit softmax (some cannot switch later)
+        set_experts_implementation(config, "eager")  # grouped products have no float64 kernel
         hf = cls(config)
     config.architectures = [arch]  # the bridge picks its adapter from this
     return perturb_(hf, seed=seed).to(dtype).eval()
@@ -415,7 +415,7 @@ def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[int
     """Parameters and buffers (copies), hooks per hook point, PyTorch hooks per module."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     points = [len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values()]
-    modules = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    modules = [module_hook_count(m) for m in model.modules()]
     return state, points, modules
 
 

@@ -33,13 +33,8 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
-from lens_linear.hooks.operating_point import (
-    HALF,
-    OperatingPoint,
-    analysis_mode,
-    biases_zeroed,
-    linears_skipped,
-)
+from lens_linear.hooks.contexts import HALF, analysis_mode, biases_zeroed, linears_skipped
+from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.memory import chunk_size, sequence_bytes
 
 Product = Callable[[torch.Tensor], torch.Tensor]

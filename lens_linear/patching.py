@@ -36,17 +36,11 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_index, require_tl_model
+from lens_linear.hooks.contexts import analysis_mode, biases_zeroed
 from lens_linear.hooks.detach import detach_hooks
-from lens_linear.hooks.operating_point import (
-    OperatingPoint,
-    analysis_mode,
-    biases_zeroed,
-    input_embeddings,
-    output_hook,
-    patterns_fit,
-)
-from lens_linear.hooks.run import Hook, forward, run_to
-from lens_linear.hooks.sites import layer_of
+from lens_linear.hooks.operating_point import OperatingPoint, patterns_fit
+from lens_linear.hooks.run import Hook, forward, input_embeddings, run_to
+from lens_linear.hooks.sites import layer_of, output_hook
 from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 

@@ -1,5 +1,7 @@
 """Independent references for the detached Jacobian: this module imports nothing from
-lens_linear, and the tests and ``lens_linear.coverage`` compare the library against it.
+lens_linear (but :mod:`lens_linear._compat`, which reads other packages' private names and
+knows nothing of linearization), and the tests and ``lens_linear.coverage`` compare the
+library against it.
 
 Plain-PyTorch forwards of tiny HF models with explicit detaches, written from the weights:
 the detaches are placed by hand, so the Jacobians they give are an independent reference for J⁺.
@@ -21,6 +23,8 @@ import re
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from lens_linear._compat import attn_implementation, experts_implementation
 
 F = torch.nn.functional
 
@@ -360,7 +364,8 @@ class _DetachedSigmoids(TorchFunctionMode):
 
 def _is_ssm(m):
     """A Mamba scan (decay ``A_log`` and skip ``D``) or a gated delta rule (``A_log``, ``dt_bias``)."""
-    return "A_log" in m._parameters and bool({"D", "dt_bias"} & set(m._parameters))
+    params = {name for name, _ in m.named_parameters(recurse=False)}
+    return "A_log" in params and bool({"D", "dt_bias"} & params)
 
 
 def _ssm_frozen_hook(module, args, kwargs, out):
@@ -369,7 +374,7 @@ def _ssm_frozen_hook(module, args, kwargs, out):
     h = args[0] if args else kwargs["hidden_states"]
     recompute = (
         _delta
-        if "D" not in module._parameters
+        if "D" not in dict(module.named_parameters(recurse=False))
         else _mamba2
         if hasattr(module, "dt_bias")
         else _mamba
@@ -488,11 +493,11 @@ def full_precision_softmax(detach=False):
 def _eager_attention(hf):
     """Eager attention (an explicit softmax) and, in a mixture of experts, the per-expert loop
     (grouped matrix products have no float64 kernel)."""
-    prev = hf.config._attn_implementation
-    experts = getattr(hf.config, "_experts_implementation", None)
+    prev = attn_implementation(hf.config)
+    experts = experts_implementation(hf.config)
     if prev != "eager":
         hf.set_attn_implementation("eager")
-    assert hf.config._attn_implementation == "eager", (
+    assert attn_implementation(hf.config) == "eager", (
         "this model cannot switch to eager attention: build it eager"
     )
     if experts is not None:

@@ -19,20 +19,13 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from lens_linear._validation import hook_name, normalize_position, require_tl_model
-from lens_linear.hooks.operating_point import (
-    INPUT_HOOK,
-    OperatingPoint,
-    analysis_mode,
-    cut_positions,
-    feeds_frozen_only,
-    linears_skipped,
-    output_hook,
-    patterns_fit,
-    site_hooks,
-)
+from lens_linear.hooks.contexts import analysis_mode, linears_skipped
+from lens_linear.hooks.freeze import site_hooks
+from lens_linear.hooks.operating_point import OperatingPoint, patterns_fit
 from lens_linear.hooks.patterns import FrozenAttention
 from lens_linear.hooks.run import forward, run_to
-from lens_linear.hooks.sites import find_sites
+from lens_linear.hooks.sites import INPUT_HOOK, feeds_frozen_only, find_sites, output_hook
+from lens_linear.hooks.values import cut_positions
 from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, to_tokens
 

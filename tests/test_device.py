@@ -15,7 +15,7 @@ import torch
 from conftest import HOOKED, PROMPT, cached_tiny, rel
 
 import lens_linear as ll
-from lens_linear.hooks.operating_point import computing_in
+from lens_linear.hooks.contexts import computing_in
 from lens_linear.patching import activation_patching, predicted_patching, prompt_pairs, steer
 from lens_linear.stats import dataset_sensitivity, sensitivity
 from lens_linear.tiny import tiny_model
@@ -264,14 +264,16 @@ def test_offloaded_models_give_the_plain_numbers_and_keep_their_hooks(offload, t
 
 def test_offloaded_biases_are_refused_where_they_would_be_zeroed(monkeypatch):
     """An offloaded bias (on ``meta``, reloaded by accelerate before each use) cannot be zeroed."""
-    import lens_linear.hooks.operating_point as op
+    import lens_linear.hooks.contexts as contexts
 
     model = tiny_model("gpt2")
-    real = op.bias_tensors(model)
+    real = contexts.bias_tensors(model)
     name = next(iter(real))
     monkeypatch.setattr(
-        op, "bias_tensors", lambda m: {**real, name: torch.empty(real[name].shape, device="meta")}
+        contexts,
+        "bias_tensors",
+        lambda m: {**real, name: torch.empty(real[name].shape, device="meta")},
     )
     with pytest.raises(ll.LinearizationError, match="offloaded by accelerate"):
-        with op.biases_zeroed(model):
+        with contexts.biases_zeroed(model):
             pass

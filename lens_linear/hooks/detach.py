@@ -12,10 +12,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lens_linear._validation import require_tl_model
-from lens_linear.hooks.inside import ModuleHook
-from lens_linear.hooks.operating_point import INPUT_HOOK, output_hook, site_hooks
+from lens_linear.hooks.freeze import site_hooks
+from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.run import Hook, hooks_on, run_to
-from lens_linear.hooks.sites import PARTS, find_sites
+from lens_linear.hooks.sites import INPUT_HOOK, PARTS, find_sites, output_hook
 
 
 def detach_hooks(model: Any, parts: Sequence[str] = PARTS) -> list[Hook]:

@@ -2,19 +2,21 @@
 
 Detach (autograd at ``x*`` with every coefficient detached) and replay (a forward pass at
 any input with every coefficient replaced by its recorded value) are two views of one
-frozen affine map ``F``. Both are built here from one set of hook functions:
+frozen affine map ``F``. Both are built here from one set of hook functions
+(:func:`lens_linear.hooks.freeze.site_hooks`):
 
 * ``F(x*) = y*``; ``F(v) - F(0) = J⁺ v`` (one forward); ``F(0)`` is the bias term;
 * backward through a replay graph gives ``uᵀ J⁺``.
+
+The memory constants below decide how a recording stores attention patterns
+(:func:`patterns_fit`) and how the site check replays (:func:`checks_whole_prompt`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -25,15 +27,37 @@ from lens_linear._validation import (
     relative_error,
     require_hook,
     require_tl_model,
-    tolerance,
 )
-from lens_linear.hooks.inside import fit_to, moe_hooks, scan_hooks
-from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
+from lens_linear.hooks.contexts import (
+    analysis_mode,
+    bias_tensors,
+    biases_zeroed,
+    computing_in,
+    linears_skipped,
+    model_dtype,
+)
+from lens_linear.hooks.freeze import site_hooks
+from lens_linear.hooks.patterns import FrozenAttention
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
-from lens_linear.hooks.sites import PARTS, Site, activation_fn, find_sites, slope_at_zero
+from lens_linear.hooks.sites import (
+    INPUT_HOOK,
+    PARTS,
+    Site,
+    block_outputs,
+    feeds_frozen_only,
+    find_sites,
+    output_hook,
+)
 from lens_linear.hooks.tangents import forward_mode
+from lens_linear.hooks.values import cut_positions
+from lens_linear.hooks.verify import (
+    SiteCheck,
+    batched_grad,
+    centred_projections,
+    projected_error,
+    seeded_randn,
+)
 
-INPUT_HOOK = "blocks.0.hook_resid_pre"
 PATTERN_BUDGET = 256 << 20  # bytes of attention patterns stored whole; beyond, queries and keys
 SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
 WHOLE_CHECK_POSITIONS = (
@@ -50,177 +74,12 @@ def checks_whole_prompt(n_pos: int, fwd_hooks: Sequence[Any] = ()) -> bool:
     return bool(fwd_hooks) or n_pos <= WHOLE_CHECK_POSITIONS
 
 
-def output_hook(model: Any) -> str:
-    """The final-normed residual: the unembedding's input (the predicted output embedding)."""
-    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
-        if name in model.hook_dict:
-            return name
-    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-
-
-def block_outputs(model: Any) -> list[str]:
-    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
-
-
-def _broadcast(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A recorded value (batch 1) for a batch: expand, or tile where batch and positions are
-    flattened into one leading dimension (as some models do inside their MLP)."""
-    return fit_to(stored, like, max(like.shape[0] // stored.shape[0], 1))
-
-
-def _spread(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-batch-element factor for a value whose leading dim may be batch × positions."""
-    if factor.ndim == 0:
-        return factor
-    if factor.shape[0] != like.shape[0]:
-        factor = factor.repeat_interleave(like.shape[0] // factor.shape[0], dim=0)
-    return factor.expand_as(like)
-
-
-def site_hooks(
-    model: Any,
-    sites: Sequence[Site],
-    store: dict[str, torch.Tensor],
-    mode: str,
-    factors: dict[str, torch.Tensor] | None = None,
-    frozen: dict[str, FrozenAttention] | None = None,
-) -> list[Hook]:
-    """Hook functions that freeze every site.
-
-    ``mode="record"``: detach each coefficient at its current value (the detached
-    Jacobian) and store it. ``mode="replay"``: substitute the stored value, whatever the
-    input; ``factors`` (site name → per-batch-element multiplier) perturbs chosen sites, to
-    prove that each substitution reaches the output. The output value is unchanged in
-    record mode. ``frozen`` (attention patterns kept as queries and keys,
-    :mod:`lens_linear.hooks.patterns`): given in record mode, each pattern goes there where its
-    recipe verifies instead of into ``store``; in replay mode, those layers attend through it.
-    """
-    factors = factors or {}
-    hooks: list[Hook] = []
-    for site in sites:
-        special = None
-        if site.kind == "attn" and frozen is not None and (mode == "record" or site.name in frozen):
-            special = attention_hooks(
-                model,
-                site.name,
-                store,
-                frozen,
-                mode,
-                factors.get(site.name),
-                recipe_tolerance(model_dtype(model) or torch.float32),
-            )
-        if special is not None:
-            hooks += special
-        elif site.kind == "ratio":
-            hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
-        elif site.kind == "moe":
-            hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
-        elif site.kind == "scan":
-            hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))
-        elif site.kind == "slice":
-            hooks.append(
-                (
-                    site.name,
-                    partial(
-                        _slice_hook,
-                        site=site,
-                        store=store,
-                        mode=mode,
-                        factor=factors.get(site.name),
-                    ),
-                )
-            )
-        elif mode == "record":
-
-            def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
-                store[key] = value.detach()
-                return store[key]
-
-            hooks.append((site.name, record))
-        else:
-
-            def replay(
-                value: torch.Tensor,
-                hook: Any,
-                key: str = site.name,
-                factor: torch.Tensor | None = factors.get(site.name),
-            ) -> torch.Tensor:
-                frozen = _broadcast(store[key], value)
-                return frozen if factor is None else frozen * _spread(factor, value)
-
-            hooks.append((site.name, replay))
-    return hooks
-
-
-def _slice_hook(
-    value: torch.Tensor,
-    hook: Any,
-    site: Site,
-    store: dict[str, torch.Tensor],
-    mode: str,
-    factor: torch.Tensor | None,
-) -> torch.Tensor:
-    """Freeze thirds ``site.frozen`` of the last dimension, keep the rest live."""
-    third = value.shape[-1] // 3
-    part = slice(site.frozen[0] * third, site.frozen[1] * third)
-    if mode == "record":
-        store[site.name] = value.detach()[..., part]
-        frozen = store[site.name]
-    else:
-        frozen = _broadcast(store[site.name], value[..., part])
-        frozen = frozen if factor is None else frozen * _spread(factor, frozen)
-    return torch.cat([value[..., : part.start], frozen, value[..., part.stop :]], dim=-1)
-
-
-def _ratio_hooks(
-    model: Any,
-    site: Site,
-    store: dict[str, torch.Tensor],
-    mode: str,
-    factor: torch.Tensor | None = None,
-) -> list[Hook]:
-    act = activation_fn(model, site.layer) if site.layer is not None else None
-    live: dict[str, torch.Tensor] = {}
-
-    def keep_pre(value: torch.Tensor, hook: Any) -> None:
-        live["pre"] = value
-
-    def gate_post(post: torch.Tensor, hook: Any) -> torch.Tensor:
-        pre = live.pop("pre", None)
-        if mode == "replay":
-            gate = _broadcast(store[site.name], pre)
-            return pre * (gate if factor is None else gate * _spread(factor, pre))
-        if pre is None or pre.shape != post.shape:
-            raise LinearizationError(
-                f"{site.name} is not an elementwise activation of {site.source} "
-                f"(shapes {None if pre is None else tuple(pre.shape)} vs {tuple(post.shape)}); "
-                f"this MLP (e.g. a mixture of experts) has no frozen-gate rule.",
-                layer=site.layer,
-            )
-        if act is None:
-            raise LinearizationError(
-                f"cannot verify the activation of blocks.{site.layer}.mlp: no act_fn found on the "
-                f"module (a mixture-of-experts block, say, whose router and expert gates have no "
-                f"freezing rule), so freezing {site.name} as a gate could hide a nonlinearity.",
-                layer=site.layer,
-            )
-        with torch.no_grad():
-            expected = act(pre)
-            err = float((expected - post).abs().max() / post.abs().max().clamp_min(1e-30))
-            if err > tolerance(post.dtype):
-                raise LinearizationError(
-                    f"{site.name} is not act_fn({site.source}) (max relative difference {err:.2e}); "
-                    f"the gate rule would hide a nonlinearity, so it is refused.",
-                    layer=site.layer,
-                    error=err,
-                )
-            gate = torch.where(
-                pre != 0, post / torch.where(pre != 0, pre, 1), slope_at_zero(act, pre)
-            )
-        store[site.name] = gate
-        return post.detach() + (pre - pre.detach()) * gate  # value: post; gradient: gate
-
-    return [(site.source, keep_pre), (site.name, gate_post)]
+def patterns_fit(model: Any, n_pos: int, batch: int = 1) -> bool:
+    """Whether every layer's attention pattern for ``batch`` prompts of ``n_pos`` tokens fits
+    in ``PATTERN_BUDGET`` bytes (the model's dtype): the default for storing them whole."""
+    cfg = model.cfg
+    itemsize = (model_dtype(model) or torch.float32).itemsize
+    return batch * cfg.n_layers * cfg.n_heads * n_pos * n_pos * itemsize <= PATTERN_BUDGET
 
 
 class OperatingPoint:
@@ -426,7 +285,7 @@ class OperatingPoint:
             if not y.requires_grad:
                 return SiteCheck(ignored + list(factors))
             u = centred_projections(n_projections if whole else 1, y.shape, y, seed=1)
-            grads = _batched_grad(y, inputs, u, retain_graph=whole and keep_graph)
+            grads = batched_grad(y, inputs, u, retain_graph=whole and keep_graph)
         ignored += [name for name, g in zip(factors, grads) if g is None or not bool(g.ne(0).any())]
         if not whole:
             return SiteCheck(ignored)
@@ -649,268 +508,3 @@ class OperatingPoint:
             if err > tol:
                 return int(name.split(".")[1]), err
         return None, None
-
-
-@dataclass(frozen=True)
-class SiteCheck:
-    """What :meth:`OperatingPoint.check_sites` found: the sites whose value never reaches the
-    output; on a whole-prompt replay, the projected reconstruction error and (asked for) the
-    replay's graph, the output at every position and the input leaf it was computed from."""
-
-    ignored: list[str]
-    error: float | None = None
-    graph: tuple[Float[torch.Tensor, "pos d_out"], Float[torch.Tensor, "pos d_in"]] | None = None
-
-
-def _batched_grad(
-    y: torch.Tensor, inputs: list[torch.Tensor], u: torch.Tensor, retain_graph: bool = False
-) -> list[torch.Tensor | None]:
-    """``uₖᵀ ∂y/∂input`` for every row ``k`` of ``u`` and every input (``None``: no path), as one
-    batched backward, or one backward per row where an op in the graph has no batching rule."""
-    try:
-        return list(
-            torch.autograd.grad(
-                y,
-                inputs,
-                grad_outputs=u,
-                retain_graph=True if retain_graph else None,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-        )
-    except RuntimeError:
-        rows = [
-            torch.autograd.grad(y, inputs, grad_outputs=row, retain_graph=True, allow_unused=True)
-            for row in u
-        ]
-        return [
-            None if any(g is None for g in column) else torch.stack(column)
-            for column in map(list, zip(*rows))
-        ]
-
-
-def centred_projections(
-    n: int, shape: Sequence[int], like: torch.Tensor, seed: int
-) -> torch.Tensor:
-    """``n`` seeded Gaussian rows of ``shape``, each centred: ``u · t`` then projects
-    ``t − mean(t)``, as the relative error's ``std()`` measures."""
-    u = seeded_randn((n, *shape), like, seed)
-    return u - u.flatten(1).mean(1).reshape(-1, *[1] * len(shape))
-
-
-def projected_error(
-    u: torch.Tensor,
-    pulled_x: Float[torch.Tensor, "rows"],  # noqa: F821
-    constant: torch.Tensor | None,
-    target: torch.Tensor,
-) -> float:
-    """``‖U(J⁺x + c − t)‖ / ‖U t‖`` from ``pulled_x = (Uᵀ J⁺) · x`` (one value per row of ``U``),
-    the constant ``c`` (``None``: none) and the target ``t``, in float64."""
-    rows = u.double().flatten(1)
-    reconstructed = pulled_x.double() + (
-        0 if constant is None else rows @ constant.double().reshape(-1)
-    )
-    expected = rows @ target.double().reshape(-1)
-    return float((reconstructed - expected).norm() / expected.norm().clamp_min(1e-300))
-
-
-def patterns_fit(model: Any, n_pos: int, batch: int = 1) -> bool:
-    """Whether every layer's attention pattern for ``batch`` prompts of ``n_pos`` tokens fits
-    in ``PATTERN_BUDGET`` bytes (the model's dtype): the default for storing them whole."""
-    cfg = model.cfg
-    itemsize = (model_dtype(model) or torch.float32).itemsize
-    return batch * cfg.n_layers * cfg.n_heads * n_pos * n_pos * itemsize <= PATTERN_BUDGET
-
-
-def seeded_randn(shape: Sequence[int], like: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Standard normal values from a seeded CPU generator (the same numbers on every device;
-    the user's RNG untouched), placed like ``like``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64, device="cpu").to(like)
-
-
-def cut_positions(site: Site, value: torch.Tensor, keep: slice, batch: int, n: int) -> torch.Tensor:
-    """A frozen value of ``batch`` prompts of ``n`` positions cut to positions ``keep``:
-    patterns on both query and key axes; values whose leading dimension flattens batch and
-    positions (as some MLPs have) are cut per prompt."""
-    if site.kind == "attn":
-        return value[:, :, keep, keep]
-    if value.shape[0] == batch * n != batch:
-        return value.reshape(batch, n, *value.shape[1:])[:, keep].flatten(0, 1)
-    return value[:, keep]
-
-
-def feeds_frozen_only(site: Site, sites: Sequence[Site]) -> bool:
-    """A norm that matters only through other frozen values: inside attention (q/k norms, once
-    the pattern is frozen) or inside a state-space mixer (on the step sizes' input, once the
-    step sizes are frozen). It cannot reach the output, and may run live on a suffix replay."""
-    if site.kind != "norm":
-        return False
-    if ".attn." in site.name and any(s.kind == "attn" for s in sites):
-        return True
-    return any(
-        s.kind == "scan" and site.name.startswith(s.name.rsplit(".", 1)[0] + ".") for s in sites
-    )
-
-
-@contextlib.contextmanager
-def biases_zeroed(
-    model: torch.nn.Module, keep: str | None = None
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Zero every bias (but ``keep``) in place; restore them bit-for-bit on exit, even on error.
-
-    ``torch.func.functional_call`` would not touch the model, but on a TransformerBridge it
-    leaves the substituted tensors behind, so the swap is done by hand.
-    """
-    biases = bias_tensors(model)
-    offloaded = [
-        n for n, t in biases.items() if t.device.type == "meta" and _offloaded_nonzero(model, n)
-    ]
-    if (
-        offloaded
-    ):  # accelerate reloads them from its weights map before every use: a zero would not stick
-        raise LinearizationError(
-            f"{len(offloaded)} bias(es) of this model are offloaded by accelerate (first {offloaded[0]}), so they "
-            f"cannot be zeroed for the bias decomposition, the forward Jacobian engine, the matrix-free SVD or "
-            f"steering. Load the model without offloading its biased layers, or use lcache.jacobians(..., "
-            f"method='reverse')."
-        )
-    saved = {n: t.detach().clone() for n, t in biases.items()}
-    try:
-        with torch.no_grad():
-            for name, t in biases.items():
-                if name != keep:
-                    t.zero_()
-        yield biases
-    finally:
-        with torch.no_grad():
-            for name, t in biases.items():
-                t.copy_(saved[name])
-
-
-def _offloaded_nonzero(model: torch.nn.Module, name: str) -> bool:
-    """Whether an accelerate-offloaded tensor holds anything but zeros (unknown: ``True``)."""
-    path, _, leaf = name.rpartition(".")
-    top = getattr(model.get_submodule(path), "_hf_hook", None)
-    for hook in getattr(top, "hooks", None) or ([top] if top is not None else []):
-        store = getattr(hook, "weights_map", None)
-        if store is not None and leaf in store:
-            return bool(torch.count_nonzero(store[leaf]))
-    return True
-
-
-@contextlib.contextmanager
-def linears_skipped(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """Let these linear layers return zeros instead of computing (see
-    :meth:`OperatingPoint.dead_linears`); their own ``forward`` is back on exit, even on error."""
-
-    def zeros(module: torch.nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], module.out_features)
-
-    saved = [
-        (module, vars(module).get("forward")) for module in modules
-    ]  # accelerate wraps forward here
-    try:
-        for module in modules:
-            module.forward = partial(zeros, module)
-        yield
-    finally:
-        for module, own in saved:
-            if own is None:
-                vars(module).pop("forward", None)
-            else:
-                module.forward = own
-
-
-def _is_bias(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("bias", "b") or leaf.startswith("b_")
-
-
-def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every bias parameter or buffer, one per memory block.
-
-    A bridge can expose one bias twice (a joint QKV bias and per-projection views of it):
-    of tensors sharing storage only the largest is kept, so no share is counted twice.
-    """
-    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if _is_bias(n)]
-    best: dict[int, tuple[str, torch.Tensor]] = {}
-    for name, t in named:
-        key = t.untyped_storage().data_ptr()
-        if key not in best or t.numel() > best[key][1].numel():
-            best[key] = (name, t)
-    return dict(best.values())
-
-
-@contextlib.contextmanager
-def analysis_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and no parameter requiring grad: the Jacobians we take are
-    w.r.t. activations, so a graph built here saves no layer inputs for weight gradients
-    (less memory, faster). Every module's flag and parameter's ``requires_grad`` are
-    restored on exit, even on error."""
-    modes = [(m, m.training) for m in model.modules()]
-    params = [p for p in model.parameters() if p.requires_grad]
-    for module, training in modes:  # the flag itself: ``model.eval()`` on a bridge costs ~0.1 s
-        if training:
-            module.training = False
-    try:
-        for param in params:
-            param.requires_grad_(False)
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        for param in params:
-            param.requires_grad_(True)
-
-
-HALF = (torch.float16, torch.bfloat16)
-
-
-def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating-point parameter."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
-@contextlib.contextmanager
-def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Run the model's floating-point parameters and buffers in ``dtype`` for the duration.
-
-    The original tensors are put back on exit (the same storage: bit for bit), even on
-    error. Costs one copy of the weights in ``dtype`` while it lasts (for a bfloat16 model in
-    float32: twice the model's size)."""
-    own = model_dtype(model) or dtype
-    if own == dtype:  # already there (or nested inside another computing_in): nothing to do
-        yield
-        return
-    if any(p.device.type == "meta" for p in model.parameters()):
-        raise LinearizationError(
-            f"this model's weights are offloaded by accelerate: they cannot be copied to "
-            f"{dtype} for the computation. Compute in the model's own dtype ({own})."
-        )
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    cfg = getattr(model, "cfg", None)
-    cfg_dtype = getattr(cfg, "dtype", None)
-    try:
-        for t in [*model.parameters(), *model.buffers()]:
-            if (
-                t.dtype == own
-            ):  # buffers kept in another precision (rotary frequencies) stay as they are
-                saved.append((t, t.data))
-                t.data = t.data.to(dtype)
-        if cfg_dtype is not None:
-            cfg.dtype = dtype
-        yield
-    finally:
-        for t, data in saved:
-            t.data = data
-        if cfg_dtype is not None:
-            cfg.dtype = cfg_dtype
-
-
-def input_embeddings(
-    model: Any, tokens: Int[torch.Tensor, "1 pos"]
-) -> Float[torch.Tensor, "pos d_model"]:
-    """The input variable ``x`` (``blocks.0.hook_resid_pre``) of ``tokens``; the forward stops there."""
-    with torch.no_grad():
-        return run_to(model, tokens, capture=[INPUT_HOOK], detach=True)[INPUT_HOOK][0]

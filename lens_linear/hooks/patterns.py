@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from lens_linear._compat import flash_attention_cpu
 from lens_linear._validation import tolerance
 
 ROWS_BYTES = 64 << 20  # one block of pattern rows, all heads
@@ -32,12 +33,7 @@ FUSED = (
     True  # on a CPU, P v and Pᵀ g run as torch's fused attention kernel (2.6x and 4.8x faster than
 )
 # blocks of rows at 2,048 tokens, SmolLM2's shapes); False: blocks of rows everywhere
-_TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-_FLASH_CPU = (
-    getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if _TORCH >= (2, 3)
-    else None
-)  # (out, logsumexp, ...) with a ``scale`` keyword from torch 2.3 on
+_FLASH_CPU = flash_attention_cpu()  # None: blocks of pattern rows on a CPU too
 
 
 @dataclass

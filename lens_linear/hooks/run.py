@@ -14,17 +14,18 @@ from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from jaxtyping import Float, Int
 
 from lens_linear._validation import require_hook
-from lens_linear.hooks.inside import (
-    ModelScan,
-    ModuleHook,
+from lens_linear.hooks.contexts import (
     experts_eager,
     float64_throughout,
+    offloaded_norms_loaded,
     patterns_inside,
-    scan,
     weightless_norms_completed,
 )
+from lens_linear.hooks.modules import ModuleHook, scan
+from lens_linear.hooks.sites import INPUT_HOOK
 
 NameFilter = str | Callable[[str], bool]
 
@@ -64,29 +65,6 @@ def resolve_hooks(
         else:
             raise KeyError(name)
     return points
-
-
-@contextlib.contextmanager
-def offloaded_norms_loaded(model: Any, found: ModelScan | None = None) -> Iterator[None]:
-    """Load the weights of norm modules that accelerate offloads (``cpu_offload``,
-    ``disk_offload``, ``dispatch_model`` with offloaded layers) for the duration, and put them
-    back on ``meta`` after, even on error. Once a norm's scale is edited, TransformerLens'
-    bridge computes the norm itself and reads ``module.weight`` directly, bypassing the
-    module's forward, where accelerate would have loaded it. Costs the norms' weights only."""
-    loaded = []
-    try:
-        for module in (found or scan(model)).norms:
-            top = getattr(module, "_hf_hook", None)
-            for hook in getattr(top, "hooks", None) or (
-                [top] if top is not None else []
-            ):  # SequentialHook
-                if getattr(hook, "offload", False):
-                    hook.pre_forward(module)
-                    loaded.append((module, hook))
-        yield
-    finally:
-        for module, hook in loaded:
-            hook.post_forward(module, None)
 
 
 @contextlib.contextmanager
@@ -178,3 +156,11 @@ def run_to(
     if missing:
         raise RuntimeError(f"these hooks never fired during the forward pass: {sorted(missing)}")
     return out
+
+
+def input_embeddings(
+    model: Any, tokens: Int[torch.Tensor, "1 pos"]
+) -> Float[torch.Tensor, "pos d_model"]:
+    """The input variable ``x`` (``blocks.0.hook_resid_pre``) of ``tokens``; the forward stops there."""
+    with torch.no_grad():
+        return run_to(model, tokens, capture=[INPUT_HOOK], detach=True)[INPUT_HOOK][0]

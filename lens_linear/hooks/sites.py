@@ -15,14 +15,18 @@ coefficient ``A``. One rule per kind serves every architecture:
   Mamba scan or the ``dt_bias`` of a gated delta rule; the site is its bridge's
   ``hook_ssm_state``, or ``hook_in`` where the bridge has no other): step sizes,
   input/output matrices, output gate and the convolution's activation ratio, frozen inside
-  the wrapped module (:mod:`lens_linear.hooks.inside`), so the scan is linear in its input.
+  the wrapped module (:mod:`lens_linear.hooks.rules.state_space`), so the scan is linear in
+  its input.
 * ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
   (weights and choices) and each selected expert's gate, frozen inside the wrapped module
-  (:mod:`lens_linear.hooks.inside`), where TransformerLens has no hook point.
+  (:mod:`lens_linear.hooks.rules.moe`), where TransformerLens has no hook point.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
   its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
   ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
   is ``act_fn(pre)``; that is checked on every forward.
+
+The map's input and output are hook names too: :data:`INPUT_HOOK` (the input embeddings at
+every position) and :func:`output_hook` (the final-normed residual).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lens_linear._compat import original_component
+
+INPUT_HOOK = "blocks.0.hook_resid_pre"
 PARTS = ("norm", "attn", "mlp", "mixer")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
@@ -46,6 +53,18 @@ class Site:
     layer: int | None
     source: str | None = None  # ratio sites: the hook holding the activation's input
     frozen: tuple[int, int] | None = None  # slice sites: the frozen part of the last dim, in thirds
+
+
+def output_hook(model: Any) -> str:
+    """The final-normed residual: the unembedding's input (the predicted output embedding)."""
+    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
+        if name in model.hook_dict:
+            return name
+    return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def block_outputs(model: Any) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
 
 
 def layer_of(name: str) -> int | None:
@@ -114,8 +133,9 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
 
 
 def wrapped(module: Any) -> Any:
-    """The Hugging Face module behind a bridge component (itself if it is one)."""
-    return module._modules.get("_original_component", module) if module is not None else None
+    """The Hugging Face module behind a bridge component (the module itself where it wraps none)."""
+    inner = original_component(module)
+    return module if inner is None else inner
 
 
 def is_state_space(model: Any, name: str) -> bool:
@@ -123,10 +143,16 @@ def is_state_space(model: Any, name: str) -> bool:
     and either the skip ``D`` of a Mamba scan or the step bias ``dt_bias`` of a gated delta rule
     (hybrid bridges name every block's mixer alike, experts included)."""
     try:
-        params = set(wrapped(model.get_submodule(name.rsplit(".", 1)[0]))._parameters)
+        module = wrapped(model.get_submodule(name.rsplit(".", 1)[0]))
     except AttributeError:  # a hook alias whose prefix names no module
         return False
+    params = own_parameters(module)
     return "A_log" in params and bool(params & {"D", "dt_bias"})
+
+
+def own_parameters(module: torch.nn.Module) -> set[str]:
+    """The names of ``module``'s own parameters (not its children's)."""
+    return {name for name, _ in module.named_parameters(recurse=False)}
 
 
 def activation_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -163,3 +189,16 @@ def components_without_sites(model: Any, layer: int, sites: Sequence[Site]) -> l
     }
     covered = {s.name[len(prefix) :].split(".")[0] for s in sites if s.name.startswith(prefix)}
     return sorted(parts - covered)
+
+
+def feeds_frozen_only(site: Site, sites: Sequence[Site]) -> bool:
+    """A norm that matters only through other frozen values: inside attention (q/k norms, once
+    the pattern is frozen) or inside a state-space mixer (on the step sizes' input, once the
+    step sizes are frozen). It cannot reach the output, and may run live on a suffix replay."""
+    if site.kind != "norm":
+        return False
+    if ".attn." in site.name and any(s.kind == "attn" for s in sites):
+        return True
+    return any(
+        s.kind == "scan" and site.name.startswith(s.name.rsplit(".", 1)[0] + ".") for s in sites
+    )

@@ -1,0 +1,347 @@
+"""Every context that temporarily changes the model, and puts it back on exit, even on error.
+
+Entered by :func:`lens_linear.hooks.run.hooks_on` for every run:
+
+* :func:`offloaded_norms_loaded` — accelerate-offloaded norm weights loaded for the duration;
+* :func:`weightless_norms_completed` — a weight-free norm (OLMo 1) given the weight 1: an
+  edited scale makes the bridge multiply by a ``weight`` the norm does not have;
+* :func:`patterns_inside` — an attention that computes its softmax inside the wrapped module
+  (GPT-J, GPT-Neo, OPT, XGLM, ...) passes the softmax's output through the bridge's
+  ``hook_pattern`` as it is computed, so the pattern site freezes the weights the module uses;
+* :func:`experts_eager` — Hugging Face experts modules run their per-expert loop;
+* :func:`float64_throughout` — a float64 model's float32 casts skipped.
+
+Entered by the analyses: :func:`analysis_mode` (eval mode, no weight gradients),
+:func:`biases_zeroed` (the bias decomposition, the forward engines), :func:`linears_skipped`
+(dead projections of a replay return zeros) and :func:`computing_in` (a half-precision model's
+weights in float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lens_linear._compat import accelerate_hooks, experts_implementation, set_experts_implementation
+from lens_linear._validation import LinearizationError
+from lens_linear.hooks.modules import ModelScan, scan
+from lens_linear.hooks.sites import layer_of
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+# ---- entered for every run -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def offloaded_norms_loaded(model: Any, found: ModelScan | None = None) -> Iterator[None]:
+    """Load the weights of norm modules that accelerate offloads (``cpu_offload``,
+    ``disk_offload``, ``dispatch_model`` with offloaded layers) for the duration, and put them
+    back on ``meta`` after, even on error. Once a norm's scale is edited, TransformerLens'
+    bridge computes the norm itself and reads ``module.weight`` directly, bypassing the
+    module's forward, where accelerate would have loaded it. Costs the norms' weights only."""
+    loaded = []
+    try:
+        for module in (found or scan(model)).norms:
+            for hook in accelerate_hooks(module):
+                if getattr(hook, "offload", False):
+                    hook.pre_forward(module)
+                    loaded.append((module, hook))
+        yield
+    finally:
+        for module, hook in loaded:
+            hook.post_forward(module, None)
+
+
+class _PatternThroughHook(TorchFunctionMode):
+    """Inside one attention module's forward: every softmax output goes through ``hook_pattern``."""
+
+    def __init__(self, bridge: Any, n_heads: int):
+        super().__init__()
+        self.bridge, self.n_heads, self.calls = bridge, n_heads, 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", None) == "softmax":  # F.softmax, torch.softmax, Tensor.softmax
+            self.calls += 1
+            shape = out.shape
+            heads = (
+                out.reshape(-1, self.n_heads, *shape[1:]) if out.ndim == 3 else out
+            )  # [batch·heads, q, k]
+            out = self.bridge.hook_pattern(heads).reshape(shape)
+        return out
+
+
+@contextlib.contextmanager
+def patterns_inside(model: Any, found: ModelScan | None = None) -> Iterator[None]:
+    """For every attention bridge that calls its wrapped module's forward, route the softmax
+    computed there through ``hook_pattern`` while that forward runs. Bridges that compute
+    attention themselves never call it: for them nothing changes. One softmax per call is
+    required; an attention without one (a fused kernel such as SDPA) is refused."""
+    handles, active = [], []
+
+    def enter(bridge: Any) -> Any:
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            mode = _PatternThroughHook(bridge, model.cfg.n_heads)
+            mode.__enter__()
+            active.append(mode)
+
+        return pre
+
+    def leave(bridge: Any) -> Any:
+        def post(module: torch.nn.Module, args: Any, output: Any) -> None:
+            mode = active.pop()
+            mode.__exit__(None, None, None)
+            if mode.calls != 1:
+                name = next((n for n, m in model.named_modules() if m is bridge), "attention")
+                raise LinearizationError(
+                    f"{name} computes its attention inside the wrapped module with {mode.calls} softmax "
+                    f"calls (one expected), so its pattern cannot be frozen (a fused kernel such as "
+                    f"SDPA has none): load the model with attn_implementation='eager'.",
+                    layer=layer_of(name),
+                )
+
+        return post
+
+    try:
+        for module, inner in (found or scan(model)).attentions:
+            handles.append(inner.register_forward_pre_hook(enter(module)))
+            handles.append(inner.register_forward_hook(leave(module)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while active:  # a forward that raised inside an attention module
+            active.pop().__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def weightless_norms_completed(model: Any, found: ModelScan | None = None) -> Iterator[None]:
+    """Give a weight-free norm's bridge (OLMo 1's LayerNorm) the weight 1 for the duration.
+    Once its scale is edited, TransformerLens' bridge computes the norm itself and multiplies
+    by ``self.weight``, which such a norm does not have (an AttributeError inside the
+    forward). The attribute is removed on exit, even on error."""
+    completed = []
+    try:
+        for module in (found or scan(model)).weightless_norms:
+            if "weight" not in vars(module):  # (an enclosing run may have completed it already)
+                vars(module)["weight"] = 1.0
+                completed.append(module)
+        yield
+    finally:
+        for module in completed:
+            vars(module).pop("weight", None)
+
+
+@contextlib.contextmanager
+def experts_eager(model: Any, found: ModelScan | None = None) -> Iterator[None]:
+    """Hugging Face experts modules computed by their per-expert loop for the duration (the
+    loop calls the expert activation once per selected expert, where the expert gates are
+    frozen); the configured implementation is put back on exit, even on error."""
+    saved = [(c, experts_implementation(c)) for c in (found or scan(model)).experts_configs]
+    try:
+        for config, _ in saved:
+            set_experts_implementation(config, "eager")
+        yield
+    finally:
+        for config, implementation in saved:
+            set_experts_implementation(config, implementation)
+
+
+class _NoFloat32(TorchFunctionMode):
+    """Casts of float64 tensors down to float32 (``.float()``, ``.to(torch.float32)``, a
+    softmax's ``dtype=torch.float32``) leave them in float64."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if (
+            name in ("float", "to", "softmax", "log_softmax")
+            and args
+            and torch.is_tensor(args[0])
+            and args[0].dtype == torch.float64
+        ):
+            if name == "float":
+                return args[0]
+            if name == "to" and torch.float32 in (kwargs.get("dtype"), *args[1:]):
+                args = tuple(a for a in args if a is not torch.float32)
+                kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+            elif kwargs.get("dtype") == torch.float32:
+                kwargs = {**kwargs, "dtype": None}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def float64_throughout(model: Any) -> Iterator[None]:
+    """A float64 model computes in float64 everywhere. Hugging Face computes norms, softmaxes,
+    rotary angles and state-space scans in float32 "for precision" (some families keep the
+    residual stream in float32), which in a float64 model is a downcast: the frozen map would
+    be linear only to float32 rounding, and float64 verification would refuse it."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.dtype != torch.float64:
+        yield
+        return
+    with _NoFloat32():
+        yield
+
+
+# ---- entered by the analyses -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def analysis_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no parameter requiring grad: the Jacobians we take are
+    w.r.t. activations, so a graph built here saves no layer inputs for weight gradients
+    (less memory, faster). Every module's flag and parameter's ``requires_grad`` are
+    restored on exit, even on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for module, training in modes:  # the flag itself: ``model.eval()`` on a bridge costs ~0.1 s
+        if training:
+            module.training = False
+    try:
+        for param in params:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param in params:
+            param.requires_grad_(True)
+
+
+def _is_bias(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("bias", "b") or leaf.startswith("b_")
+
+
+def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every bias parameter or buffer, one per memory block.
+
+    A bridge can expose one bias twice (a joint QKV bias and per-projection views of it):
+    of tensors sharing storage only the largest is kept, so no share is counted twice.
+    """
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if _is_bias(n)]
+    best: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, t in named:
+        key = t.untyped_storage().data_ptr()
+        if key not in best or t.numel() > best[key][1].numel():
+            best[key] = (name, t)
+    return dict(best.values())
+
+
+@contextlib.contextmanager
+def biases_zeroed(
+    model: torch.nn.Module, keep: str | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Zero every bias (but ``keep``) in place; restore them bit-for-bit on exit, even on error.
+
+    ``torch.func.functional_call`` would not touch the model, but on a TransformerBridge it
+    leaves the substituted tensors behind, so the swap is done by hand.
+    """
+    biases = bias_tensors(model)
+    offloaded = [
+        n for n, t in biases.items() if t.device.type == "meta" and _offloaded_nonzero(model, n)
+    ]
+    if (
+        offloaded
+    ):  # accelerate reloads them from its weights map before every use: a zero would not stick
+        raise LinearizationError(
+            f"{len(offloaded)} bias(es) of this model are offloaded by accelerate (first {offloaded[0]}), so they "
+            f"cannot be zeroed for the bias decomposition, the forward Jacobian engine, the matrix-free SVD or "
+            f"steering. Load the model without offloading its biased layers, or use lcache.jacobians(..., "
+            f"method='reverse')."
+        )
+    saved = {n: t.detach().clone() for n, t in biases.items()}
+    try:
+        with torch.no_grad():
+            for name, t in biases.items():
+                if name != keep:
+                    t.zero_()
+        yield biases
+    finally:
+        with torch.no_grad():
+            for name, t in biases.items():
+                t.copy_(saved[name])
+
+
+def _offloaded_nonzero(model: torch.nn.Module, name: str) -> bool:
+    """Whether an accelerate-offloaded tensor holds anything but zeros (unknown: ``True``)."""
+    path, _, leaf = name.rpartition(".")
+    for hook in accelerate_hooks(model.get_submodule(path)):
+        store = getattr(hook, "weights_map", None)
+        if store is not None and leaf in store:
+            return bool(torch.count_nonzero(store[leaf]))
+    return True
+
+
+@contextlib.contextmanager
+def linears_skipped(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Let these linear layers return zeros instead of computing (see
+    :meth:`OperatingPoint.dead_linears`); their own ``forward`` is back on exit, even on error."""
+
+    def zeros(module: torch.nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], module.out_features)
+
+    saved = [
+        (module, vars(module).get("forward")) for module in modules
+    ]  # accelerate wraps forward here
+    try:
+        for module in modules:
+            module.forward = partial(zeros, module)
+        yield
+    finally:
+        for module, own in saved:
+            if own is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = own
+
+
+@contextlib.contextmanager
+def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run the model's floating-point parameters and buffers in ``dtype`` for the duration.
+
+    The original tensors are put back on exit (the same storage: bit for bit), even on
+    error. Costs one copy of the weights in ``dtype`` while it lasts (for a bfloat16 model in
+    float32: twice the model's size)."""
+    own = model_dtype(model) or dtype
+    if own == dtype:  # already there (or nested inside another computing_in): nothing to do
+        yield
+        return
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise LinearizationError(
+            f"this model's weights are offloaded by accelerate: they cannot be copied to "
+            f"{dtype} for the computation. Compute in the model's own dtype ({own})."
+        )
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    cfg = getattr(model, "cfg", None)
+    cfg_dtype = getattr(cfg, "dtype", None)
+    try:
+        for t in [*model.parameters(), *model.buffers()]:
+            if (
+                t.dtype == own
+            ):  # buffers kept in another precision (rotary frequencies) stay as they are
+                saved.append((t, t.data))
+                t.data = t.data.to(dtype)
+        if cfg_dtype is not None:
+            cfg.dtype = dtype
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+        if cfg_dtype is not None:
+            cfg.dtype = cfg_dtype

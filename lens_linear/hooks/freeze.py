@@ -1,0 +1,173 @@
+"""The freezing hooks: one set per site, recording or replaying its coefficient.
+
+``mode="record"`` detaches each coefficient at its value (the detached Jacobian: the output is
+unchanged, the gradient linear) and stores it; ``mode="replay"`` substitutes the stored value
+whatever the input (the frozen map). On TransformerLens' hook points the rules are here, per
+kind of site (:mod:`lens_linear.hooks.sites`): a norm's scale and a gated MLP's gate are
+replaced whole, a doubly gated convolution's gates are a slice of one projection, a plain
+MLP's activation is ``pre · gate`` with the ratio ``gate = act(pre) / pre`` frozen. Attention
+kept as queries and keys (:mod:`lens_linear.hooks.patterns`), mixtures of experts and
+state-space mixers (:mod:`lens_linear.hooks.rules`) have rules of their own.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+
+from lens_linear._validation import LinearizationError, tolerance
+from lens_linear.hooks.contexts import model_dtype
+from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
+from lens_linear.hooks.rules.moe import moe_hooks
+from lens_linear.hooks.rules.state_space import scan_hooks
+from lens_linear.hooks.run import Hook
+from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero
+from lens_linear.hooks.values import broadcast, spread
+
+
+def site_hooks(
+    model: Any,
+    sites: Sequence[Site],
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factors: dict[str, torch.Tensor] | None = None,
+    frozen: dict[str, FrozenAttention] | None = None,
+) -> list[Hook]:
+    """Hook functions that freeze every site.
+
+    ``mode="record"``: detach each coefficient at its current value (the detached
+    Jacobian) and store it. ``mode="replay"``: substitute the stored value, whatever the
+    input; ``factors`` (site name → per-batch-element multiplier) perturbs chosen sites, to
+    prove that each substitution reaches the output. The output value is unchanged in
+    record mode. ``frozen`` (attention patterns kept as queries and keys,
+    :mod:`lens_linear.hooks.patterns`): given in record mode, each pattern goes there where its
+    recipe verifies instead of into ``store``; in replay mode, those layers attend through it.
+    """
+    factors = factors or {}
+    hooks: list[Hook] = []
+    for site in sites:
+        special = None
+        if site.kind == "attn" and frozen is not None and (mode == "record" or site.name in frozen):
+            special = attention_hooks(
+                model,
+                site.name,
+                store,
+                frozen,
+                mode,
+                factors.get(site.name),
+                recipe_tolerance(model_dtype(model) or torch.float32),
+            )
+        if special is not None:
+            hooks += special
+        elif site.kind == "ratio":
+            hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
+        elif site.kind == "moe":
+            hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
+        elif site.kind == "scan":
+            hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))
+        elif site.kind == "slice":
+            hooks.append(
+                (
+                    site.name,
+                    partial(
+                        _slice_hook,
+                        site=site,
+                        store=store,
+                        mode=mode,
+                        factor=factors.get(site.name),
+                    ),
+                )
+            )
+        elif mode == "record":
+
+            def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
+                store[key] = value.detach()
+                return store[key]
+
+            hooks.append((site.name, record))
+        else:
+
+            def replay(
+                value: torch.Tensor,
+                hook: Any,
+                key: str = site.name,
+                factor: torch.Tensor | None = factors.get(site.name),
+            ) -> torch.Tensor:
+                frozen = broadcast(store[key], value)
+                return frozen if factor is None else frozen * spread(factor, value)
+
+            hooks.append((site.name, replay))
+    return hooks
+
+
+def _slice_hook(
+    value: torch.Tensor,
+    hook: Any,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
+    """Freeze thirds ``site.frozen`` of the last dimension, keep the rest live."""
+    third = value.shape[-1] // 3
+    part = slice(site.frozen[0] * third, site.frozen[1] * third)
+    if mode == "record":
+        store[site.name] = value.detach()[..., part]
+        frozen = store[site.name]
+    else:
+        frozen = broadcast(store[site.name], value[..., part])
+        frozen = frozen if factor is None else frozen * spread(factor, frozen)
+    return torch.cat([value[..., : part.start], frozen, value[..., part.stop :]], dim=-1)
+
+
+def _ratio_hooks(
+    model: Any,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None = None,
+) -> list[Hook]:
+    act = activation_fn(model, site.layer) if site.layer is not None else None
+    live: dict[str, torch.Tensor] = {}
+
+    def keep_pre(value: torch.Tensor, hook: Any) -> None:
+        live["pre"] = value
+
+    def gate_post(post: torch.Tensor, hook: Any) -> torch.Tensor:
+        pre = live.pop("pre", None)
+        if mode == "replay":
+            gate = broadcast(store[site.name], pre)
+            return pre * (gate if factor is None else gate * spread(factor, pre))
+        if pre is None or pre.shape != post.shape:
+            raise LinearizationError(
+                f"{site.name} is not an elementwise activation of {site.source} "
+                f"(shapes {None if pre is None else tuple(pre.shape)} vs {tuple(post.shape)}); "
+                f"this MLP (e.g. a mixture of experts) has no frozen-gate rule.",
+                layer=site.layer,
+            )
+        if act is None:
+            raise LinearizationError(
+                f"cannot verify the activation of blocks.{site.layer}.mlp: no act_fn found on the "
+                f"module (a mixture-of-experts block, say, whose router and expert gates have no "
+                f"freezing rule), so freezing {site.name} as a gate could hide a nonlinearity.",
+                layer=site.layer,
+            )
+        with torch.no_grad():
+            expected = act(pre)
+            err = float((expected - post).abs().max() / post.abs().max().clamp_min(1e-30))
+            if err > tolerance(post.dtype):
+                raise LinearizationError(
+                    f"{site.name} is not act_fn({site.source}) (max relative difference {err:.2e}); "
+                    f"the gate rule would hide a nonlinearity, so it is refused.",
+                    layer=site.layer,
+                    error=err,
+                )
+            gate = torch.where(
+                pre != 0, post / torch.where(pre != 0, pre, 1), slope_at_zero(act, pre)
+            )
+        store[site.name] = gate
+        return post.detach() + (pre - pre.detach()) * gate  # value: post; gradient: gate
+
+    return [(site.source, keep_pre), (site.name, gate_post)]

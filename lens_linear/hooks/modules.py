@@ -1,0 +1,98 @@
+"""Sites on modules: PyTorch hooks inside the wrapped model, and one scan of a model's modules.
+
+Where TransformerLens has no hook point in time (a router, an expert's gate, a state-space
+mixer's step sizes), a coefficient is frozen by a :class:`ModuleHook` on the module that
+computes it. :func:`scan` finds, once per model, the modules that the run contexts
+(:mod:`lens_linear.hooks.contexts`) act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from lens_linear._compat import has_experts_implementation, is_experts_module, original_component
+
+
+@dataclass(frozen=True)
+class ModuleHook:
+    """A PyTorch forward hook (``pre``: forward pre-hook) on a module inside the wrapped model:
+    a coefficient site where TransformerLens has no hook point (a router, an expert's gate)."""
+
+    module: torch.nn.Module
+    fn: Callable[..., Any]
+    pre: bool = False
+    attribute: str | None = (
+        None  # a plain function the module calls (``self.act_fn = F.silu``): a pre-hook on it
+    )
+    always: bool = (
+        False  # a forward hook that runs also when the forward raises (to leave a mode it entered)
+    )
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Register for the duration; removed (the attribute put back as it was) on exit, even on error."""
+        if self.attribute is None:
+            if self.pre:
+                handle = self.module.register_forward_pre_hook(self.fn)
+            else:
+                handle = self.module.register_forward_hook(self.fn, always_call=self.always)
+            try:
+                yield
+            finally:
+                handle.remove()
+            return
+        own = vars(self.module).get(self.attribute)
+        original = getattr(self.module, self.attribute)
+        vars(self.module)[self.attribute] = lambda *args: original(*self.fn(self.module, args))
+        try:
+            yield
+        finally:
+            if own is None:
+                vars(self.module).pop(self.attribute, None)
+            else:
+                vars(self.module)[self.attribute] = own
+
+
+@dataclass(frozen=True)
+class ModelScan:
+    """What the run contexts act on, found once per model: every run enters them, and asking a
+    bridge component for an attribute goes through its delegation (~40 ms a scan on SmolLM2)."""
+
+    structure: tuple[int, ...]  # ids of the modules it was made from: a changed model is rescanned
+    attentions: list[
+        tuple[torch.nn.Module, torch.nn.Module]
+    ]  # (bridge with hook_pattern, wrapped module)
+    weightless_norms: list[torch.nn.Module]  # norm bridges whose norm has no weight
+    experts_configs: list[Any]  # configs of Hugging Face experts modules
+    norms: list[
+        torch.nn.Module
+    ]  # modules whose class is a norm (accelerate may offload their weights)
+
+
+_SCANS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelScan]" = weakref.WeakKeyDictionary()
+
+
+def scan(model: torch.nn.Module) -> ModelScan:
+    """The model's modules that the run contexts act on, cached until its structure changes."""
+    modules = list(model.modules())
+    structure = tuple(map(id, modules))
+    found = _SCANS.get(model)
+    if found is not None and found.structure == structure:
+        return found
+    attentions, weightless, configs = [], [], {}
+    for m in modules:
+        inner = original_component(m)
+        if inner is not None and hasattr(m, "hook_pattern"):
+            attentions.append((m, inner))
+        if inner is not None and hasattr(m, "hook_scale") and not hasattr(m, "weight"):
+            weightless.append(m)
+        if is_experts_module(m) and has_experts_implementation(getattr(m, "config", None)):
+            configs[id(m.config)] = m.config
+    norms = [m for m in modules if "Norm" in type(m).__name__]
+    _SCANS[model] = ModelScan(structure, attentions, weightless, list(configs.values()), norms)
+    return _SCANS[model]

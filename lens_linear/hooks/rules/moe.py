@@ -1,0 +1,145 @@
+"""The mixture-of-experts rule: router outputs and each selected expert's gate, frozen inside
+the wrapped Hugging Face block, where TransformerLens has no hook point.
+
+The router's outputs (weights and choices) are recorded whole, so a replay routes every token
+as recorded; each selected expert's gate pre-activation is recorded as the per-expert loop
+visits it (:func:`lens_linear.hooks.contexts.experts_eager` makes Hugging Face run that loop),
+so ``act(gate)`` is a constant and ``act(gate) · up`` linear; a shared expert's scalar gate and
+the activation of a shared expert TransformerLens does not bridge are constants too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lens_linear._compat import original_component
+from lens_linear._validation import LinearizationError
+from lens_linear.hooks.modules import ModuleHook
+from lens_linear.hooks.sites import wrapped
+from lens_linear.hooks.values import fit_positions, scaled
+
+ROUTERS = ("gate", "router")  # the HF child that computes routing weights and choices
+SHARED_GATES = ("shared_expert_gate",)  # a scalar gate on the shared expert: sigmoid(linear(x))
+SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
+
+
+def moe_hooks(
+    model: Any,
+    layer: int,
+    key: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None = None,
+) -> list[ModuleHook]:
+    """Freeze one mixture-of-experts block: the router's outputs (weights and choices, so the
+    replay routes every token as recorded), each selected expert's gate pre-activation (so
+    ``act(gate)`` is a constant and ``act(gate) · up`` linear), and a shared expert's scalar
+    gate. ``mode="record"`` stores them under ``key`` (detached); ``"replay"`` substitutes
+    them for any batch, or for the last positions alone. Shared experts that TransformerLens
+    bridges as gated MLPs are ``gate`` sites of their own; the load-balancing path is untouched."""
+    block = wrapped(model.blocks[layer].mlp)
+    router = next(
+        (
+            wrapped(getattr(block, n))
+            for n in ROUTERS
+            if isinstance(getattr(block, n, None), torch.nn.Module)
+        ),
+        None,
+    )
+    experts = wrapped(getattr(block, "experts", None))
+    act = getattr(experts, "act_fn", None)
+    if router is None or not callable(act):
+        raise LinearizationError(
+            f"blocks.{layer}.mlp is a mixture of experts without a router module ({', '.join(ROUTERS)}) or "
+            f"an expert activation module (experts.act_fn): no freezing rule for its gates.",
+            layer=layer,
+        )
+    live: dict[str, Any] = {}
+
+    def block_pre(module: Any, args: tuple) -> None:
+        live["n_pos"] = args[0].shape[-2] if args else None
+
+    def constant(name: str) -> Any:  # a whole module output, frozen (tuple outputs element-wise)
+        def hook(module: Any, args: tuple, output: Any) -> Any:
+            outs = output if isinstance(output, tuple) else (output,)
+            if mode == "record":
+                for j, o in enumerate(outs):
+                    if torch.is_tensor(o):
+                        store[f"{key}#{name}{j}"] = o.detach()
+                frozen = tuple(store.get(f"{key}#{name}{j}", o) for j, o in enumerate(outs))
+            else:
+                frozen = tuple(
+                    scaled(fit_positions(store[f"{key}#{name}{j}"], o, live["n_pos"]), factor)
+                    if torch.is_tensor(o)
+                    else o
+                    for j, o in enumerate(outs)
+                )
+            return frozen if isinstance(output, tuple) else frozen[0]
+
+        return hook
+
+    def experts_pre(
+        module: Any, args: tuple
+    ) -> None:  # the rows of each expert call, as the loop visits them
+        index = args[1]
+        mask = torch.nn.functional.one_hot(index, num_classes=module.num_experts + 1).permute(
+            2, 1, 0
+        )
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        live["rows"] = [torch.where(mask[e[0]]) for e in hit if e[0] != module.num_experts]
+        live["call"], live["top_k"] = 0, index.shape[-1]
+
+    def gate_pre(module: Any, args: tuple) -> tuple:
+        slot, token = live["rows"][live["call"]]
+        live["call"] += 1
+        gate = args[0]
+        if mode == "record":
+            if live["call"] == 1:
+                store[key] = gate.new_zeros(live["n_pos"], live["top_k"], gate.shape[-1])
+            store[key][token, slot] = gate.detach()
+            return (gate.detach(),)
+        recorded = store[key]
+        n_pos = live["n_pos"]
+        return (scaled(recorded[recorded.shape[0] - n_pos + token % n_pos, slot], factor),)
+
+    hooks = [
+        ModuleHook(block, block_pre, pre=True),
+        ModuleHook(router, constant("router")),
+        ModuleHook(experts, experts_pre, pre=True),
+        ModuleHook(act, gate_pre, pre=True)
+        if isinstance(act, torch.nn.Module)
+        else ModuleHook(experts, gate_pre, attribute="act_fn"),
+    ]
+    for name in SHARED_GATES:
+        if isinstance(getattr(block, name, None), torch.nn.Module):
+            hooks.append(ModuleHook(wrapped(getattr(block, name)), constant(name)))
+    for name in SHARED_EXPERTS:  # a shared expert TransformerLens does not bridge: its activation
+        shared = getattr(block, name, None)
+        shared_act = getattr(shared, "act_fn", None)
+        if original_component(shared) is None and isinstance(shared_act, torch.nn.Module):
+            hooks.append(
+                ModuleHook(
+                    shared_act,
+                    _constant_input(f"{key}#{name}", store, mode, factor, live),
+                    pre=True,
+                )
+            )
+    return hooks
+
+
+def _constant_input(
+    key: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+    live: dict[str, Any],
+) -> Any:
+    def hook(module: Any, args: tuple) -> tuple:
+        if mode == "record":
+            store[key] = args[0].detach()
+            return (store[key],)
+        return (scaled(fit_positions(store[key], args[0], live["n_pos"]), factor),)
+
+    return hook
