@@ -38,10 +38,11 @@ def reference_sensitivity(arch, tokens, frozen=True, dtype=torch.float32):
     return jac.double().pow(2).sum((1, 3))
 
 
-def hook_point_sensitivity(model, tokens):
+def hook_point_sensitivity(model, tokens, hook="unembed.hook_in"):
     """The same brute force for a gated (Llama-style) model written on TransformerLens' hook
     points alone: every norm scale, attention pattern and gated MLP's ``hook_pre`` detached by
-    a hand-written hook (each must fire), the input injected at ``blocks.0.hook_resid_pre``."""
+    a hand-written hook (each must fire), the input injected at ``blocks.0.hook_resid_pre``,
+    the output read at ``hook`` (default: the final norm's output, the unembedding's input)."""
     names = [
         n
         for n in model.hook_dict
@@ -60,7 +61,7 @@ def hook_point_sensitivity(model, tokens):
         out = {}
         hooks = [("blocks.0.hook_resid_pre", lambda v, hook: x[None])]
         hooks += [(n, detach) for n in names]
-        hooks += [("unembed.hook_in", lambda v, hook: out.setdefault("y", v))]
+        hooks += [(hook, lambda v, hook: out.setdefault("y", v))]
         with model.hooks(fwd_hooks=hooks):
             model(tokens)
         return out["y"][0]
