@@ -13,7 +13,7 @@ Entry points:
   patterns, token-to-token attention Jacobians as ``FactoredMatrix``, their QK term.
 """
 
-from lens_linear._validation import LinearizationError, ModelUnavailableError
+from lens_linear._validation import LinearizationError, ModelInUseError, ModelUnavailableError
 from lens_linear.attention import AttentionCircuits, induction_heads
 from lens_linear.cache import LinearCache, run_with_linear_cache
 from lens_linear.hooks import OperatingPoint, detach_hooks, detached
@@ -25,6 +25,7 @@ __all__ = [
     "AttentionCircuits",
     "LinearCache",
     "LinearizationError",
+    "ModelInUseError",
     "ModelUnavailableError",
     "OperatingPoint",
     "detach_hooks",

@@ -26,6 +26,11 @@ class ModelUnavailableError(RuntimeError):
     """A model file cannot be fetched; the message says how to supply it by hand."""
 
 
+class ModelInUseError(RuntimeError):
+    """A lens_linear call on a model another call is using (another thread, or a user hook
+    calling back in during that call's forward); the message names the call in progress."""
+
+
 def is_transformer_lens_model(model: Any) -> bool:
     return (
         hasattr(model, "hook_dict") and hasattr(model, "cfg") and isinstance(model, torch.nn.Module)

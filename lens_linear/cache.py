@@ -54,7 +54,7 @@ from lens_linear.hooks.sites import (
 from lens_linear.hooks.verify import centred_projections, projected_error, seeded_randn
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
-from lens_linear.memory import chunk_size, default_memory, sequence_bytes
+from lens_linear.memory import budget, chunk_size, sequence_bytes
 from lens_linear.tokens import to_tokens, token_strings
 
 
@@ -517,8 +517,8 @@ class LinearCache:
             not self._upcast
             and not self.is_computed()
             and self.model.cfg.n_layers * self._row_bytes()
-            <= (self.max_memory or default_memory(self.x.device))
-        )  # a small graph, for the first Jacobian
+            <= budget(self.max_memory, self.x.device) // 2
+        )  # a small graph (no more than a chunk), for the first Jacobian
         sites = self.point.check_sites(
             target if hook == self.output else None, n_projections, keep_graph=keep
         )
@@ -852,8 +852,9 @@ def run_with_linear_cache(
             the frozen map reconstructs it exactly; no full Jacobian is computed.
         names_filter: which activations ``lcache.activations`` keeps (a name, a list or a
             callable, as in ``run_with_cache``); by default all of them, recorded on first access.
-        max_memory: bytes of intermediates per chunk of batched products (default: 128 MB on
-            a CPU, a quarter of the free memory on a GPU).
+        max_memory: the memory budget in bytes (:mod:`lens_linear.memory`; default 256 MB on a
+            CPU, a quarter of the free memory on a GPU): stored attention patterns take at most
+            all of it, each chunk of batched products half, a block of pattern rows a quarter.
         progress: show progress bars (notebook-aware) while Jacobians are computed.
         dtype: compute the frozen map in this dtype (``torch.float32`` or ``torch.float64`` for a
             bfloat16/float16 model): the coefficients are recorded in the model's own dtype,
@@ -864,7 +865,7 @@ def run_with_linear_cache(
         store_patterns: keep every attention pattern whole (``True``: ``layers · heads · n²``
             values) or as its queries and keys (``False``: ``layers · heads · n · d_head``; each
             replay recomputes the pattern a block of rows at a time, in the backward pass too, so
-            no product holds a whole pattern). Default: whole while they fit in 256 MB (up to
+            no product holds a whole pattern). Default: whole while they fit in ``max_memory`` (256 MB: up to
             about 500 tokens on SmolLM2), then queries and keys. Where a layer's pattern is not
             ``softmax(scale · q kᵀ + causal mask)`` (softcapping, sliding windows shorter than
             the prompt, attention sinks), that layer's pattern is stored whole regardless.
@@ -889,6 +890,7 @@ def run_with_linear_cache(
             keep,
             tangent_at=output_hook(model) if carried else None,
             store_patterns=store_patterns,
+            max_memory=max_memory,
         )
     if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
         point = point.in_dtype(dtype)

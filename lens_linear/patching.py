@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 from lens_linear._validation import normalize_index, require_tl_model
 from lens_linear.hooks.contexts import analysis_mode, biases_zeroed
 from lens_linear.hooks.detach import detach_hooks
-from lens_linear.hooks.operating_point import OperatingPoint, patterns_fit
+from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.run import Hook, forward, input_embeddings, run_to
 from lens_linear.hooks.sites import layer_of, output_hook
-from lens_linear.memory import chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
 from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 
 Metric = Callable[[Float[torch.Tensor, "n_pairs pos d_vocab"]], torch.Tensor]
@@ -390,7 +390,10 @@ def activation_patching(
     n = len(pairs.answers)
     with analysis_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
-        base = OperatingPoint.record(model, pairs.corrupted)[0].hooks("replay") if detached else []
+        base = []
+        if detached:
+            point = OperatingPoint.record(model, pairs.corrupted, max_memory=max_memory)[0]
+            base = point.hooks("replay")
         corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, metric, base)
         _check_gap(clean_m, corrupt_m)
         per_patch = sequence_bytes(
@@ -452,6 +455,7 @@ def predicted_patching(
     scale: float = 1.0,
     detached: bool = True,
     layers: Sequence[int] | None = None,
+    max_memory: int | None = None,
     progress: bool = True,
 ) -> PatchingTable:
     """The patching table of :func:`activation_patching` from one forward and one backward
@@ -464,7 +468,7 @@ def predicted_patching(
     estimate of real patching, equal to TransformerLens' ``attribution_patch``.
 
     Long prompts (``detached=True``, every pair's patterns together past the recording budget,
-    :func:`~lens_linear.hooks.operating_point.patterns_fit`): a backward through detached
+    :func:`~lens_linear.memory.patterns_fit` of ``max_memory``): a backward through detached
     patterns would keep ``layers · heads · n²`` values. Instead each pair's corrupted run is
     recorded with its patterns as queries and keys and replayed with the gradient on, one pair
     at a time (a progress bar over pairs): memory ``O(layers · n · d)``, the same table.
@@ -474,9 +478,10 @@ def predicted_patching(
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     with analysis_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
-        if detached and not patterns_fit(model, pairs.corrupted.shape[1], len(pairs.answers)):
+        n_pos, n_pairs = pairs.corrupted.shape[1], len(pairs.answers)
+        if detached and not patterns_fit(model, n_pos, n_pairs, max_memory):
             value, corrupt_acts, grads = _frozen_gradients_by_pair(
-                model, pairs, hooks, metric, progress
+                model, pairs, hooks, metric, progress, max_memory
             )
         else:
             value, corrupt_acts, grads = _gradients(
@@ -529,7 +534,12 @@ def _gradients(
 
 
 def _frozen_gradients_by_pair(
-    model: Any, pairs: PromptPairs, hooks: Sequence[str], metric: Metric, progress: bool
+    model: Any,
+    pairs: PromptPairs,
+    hooks: Sequence[str],
+    metric: Metric,
+    progress: bool,
+    max_memory: int | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """:func:`_gradients` of the frozen corrupted run, one pair at a time, each through its own
     operating point (patterns as queries and keys where they do not fit whole): no pattern is
@@ -543,7 +553,9 @@ def _frozen_gradients_by_pair(
         range(len(pairs.answers)), desc="predicted patching", disable=not progress, leave=False
     ):
         one = pairs.pair(i)
-        point = OperatingPoint.record(model, one.corrupted, names_filter=[])[0]
+        point = OperatingPoint.record(model, one.corrupted, names_filter=[], max_memory=max_memory)[
+            0
+        ]
         parts.append(
             _gradients(model, one, hooks, metric, point.hooks("replay"), others=final, row=i)
         )

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from lens_linear._validation import hook_name, normalize_position, require_tl_model
 from lens_linear.hooks.contexts import analysis_mode, linears_skipped
 from lens_linear.hooks.freeze import site_hooks
-from lens_linear.hooks.operating_point import OperatingPoint, patterns_fit
+from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.patterns import FrozenAttention
 from lens_linear.hooks.run import forward, run_to
 from lens_linear.hooks.sites import INPUT_HOOK, feeds_frozen_only, find_sites, output_hook
 from lens_linear.hooks.values import cut_positions
-from lens_linear.memory import chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
 from lens_linear.tokens import model_device, to_tokens
 
 
@@ -153,6 +153,7 @@ def frozen_batch_map(
     hook: str,
     detached: bool = True,
     store_patterns: bool | None = None,
+    max_memory: int | None = None,
 ):
     """``x ↦`` activation of ``hook`` for a batch of prompts, each frozen at its own operating
     point (``detached=False``: nothing frozen), and the inputs ``x*`` ``[batch, pos, d_model]``.
@@ -169,12 +170,14 @@ def frozen_batch_map(
     seen: dict[str, torch.Tensor] = {}
     batch, n = tokens.shape
     if store_patterns is None:
-        store_patterns = patterns_fit(model, n, batch)
+        store_patterns = patterns_fit(model, n, batch, max_memory)
     frozen: dict[str, FrozenAttention] | None = None if store_patterns or batch > 1 else {}
     grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()))
     with torch.no_grad():
         forward(model, tokens, site_hooks(model, sites, store, "record", frozen=frozen) + [grab])
     x_star = seen["x"]
+    for attention in (frozen or {}).values():
+        attention.max_memory = max_memory
 
     def apply(x: Float[torch.Tensor, "mb end d_in"]) -> torch.Tensor:
         end = x.shape[1]
@@ -266,7 +269,7 @@ def sensitivity(
     stderr = values.clone() if method == "hutchinson" else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with analysis_mode(model):
-        apply, x_star = frozen_batch_map(model, tokens, hook, detached, store_patterns)
+        apply, x_star = frozen_batch_map(model, tokens, hook, detached, store_patterns, max_memory)
         dead = (
             _dead_projections(model, tokens[:1, : min(int(lengths[0]), 16)], hook)
             if detached

@@ -234,10 +234,9 @@ def test_smollm2_steering_raises_the_concept(smollm2):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, monkeypatch):
-    """Past the pattern budget, each pair is recorded with its patterns as queries and keys
-    and replayed with the gradient on: the table still equals real patched runs through the
-    frozen corrupted run (float64: 1e-10), and no attention pattern is kept."""
-    import lens_linear.hooks.operating_point as op
+    """Past the pattern budget (``max_memory``), each pair is recorded with its patterns as
+    queries and keys and replayed with the gradient on: the table still equals real patched
+    runs through the frozen corrupted run (float64: 1e-10), and no attention pattern is kept."""
     import lens_linear.hooks.patterns as patterns
 
     model = cached_tiny(backend, family, torch.float64)
@@ -253,16 +252,15 @@ def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, mo
         "apply",
         lambda self, v: applied.append(v.shape) or original(self, v),
     )
-    monkeypatch.setattr(op, "PATTERN_BUDGET", 0)  # every prompt is "long"
+    tiny = 1024  # bytes: every prompt is "long"
     for sweep, frozen in truth.items():
-        predicted = predicted_patching(model, pairs, sweep, progress=False)
+        predicted = predicted_patching(model, pairs, sweep, max_memory=tiny, progress=False)
         assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, (
             sweep
         )
         assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
     one = pairs.pair(1)  # a single pair: no other pairs' logits to hold constant
-    predicted = predicted_patching(model, one, "resid_pre", progress=False)
-    monkeypatch.setattr(op, "PATTERN_BUDGET", 1 << 40)
+    predicted = predicted_patching(model, one, "resid_pre", max_memory=tiny, progress=False)
     frozen = activation_patching(model, one, "resid_pre", detached=True, progress=False)
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10
     assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10

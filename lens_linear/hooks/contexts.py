@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from lens_linear._compat import accelerate_hooks, experts_implementation, set_experts_implementation
 from lens_linear._validation import LinearizationError
+from lens_linear.hooks.guard import exclusive
 from lens_linear.hooks.modules import ModelScan, scan
 from lens_linear.hooks.sites import layer_of
 
@@ -206,7 +207,13 @@ def analysis_mode(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) and no parameter requiring grad: the Jacobians we take are
     w.r.t. activations, so a graph built here saves no layer inputs for weight gradients
     (less memory, faster). Every module's flag and parameter's ``requires_grad`` are
-    restored on exit, even on error."""
+    restored on exit, even on error. Holds the model for this call
+    (:func:`~lens_linear.hooks.guard.exclusive`): a call from another thread is refused."""
+    with exclusive(model):
+        yield from _analysis_mode(model)
+
+
+def _analysis_mode(model: torch.nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     params = [p for p in model.parameters() if p.requires_grad]
     for module, training in modes:  # the flag itself: ``model.eval()`` on a bridge costs ~0.1 s

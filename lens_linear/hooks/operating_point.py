@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 
 from lens_linear._validation import (
     LinearizationError,
+    ModelInUseError,
     relative_error,
     require_hook,
     require_tl_model,
@@ -57,8 +58,8 @@ from lens_linear.hooks.verify import (
     projected_error,
     seeded_randn,
 )
+from lens_linear.memory import patterns_fit
 
-PATTERN_BUDGET = 256 << 20  # bytes of attention patterns stored whole; beyond, queries and keys
 SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
 WHOLE_CHECK_POSITIONS = (
     64  # up to this length the site check replays the whole prompt and also checks the
@@ -72,14 +73,6 @@ def checks_whole_prompt(n_pos: int, fwd_hooks: Sequence[Any] = ()) -> bool:
     """Whether :meth:`OperatingPoint.check_sites` replays the whole prompt (short prompts, or user
     hooks, which may index absolute positions), so that it can also check the reconstruction."""
     return bool(fwd_hooks) or n_pos <= WHOLE_CHECK_POSITIONS
-
-
-def patterns_fit(model: Any, n_pos: int, batch: int = 1) -> bool:
-    """Whether every layer's attention pattern for ``batch`` prompts of ``n_pos`` tokens fits
-    in ``PATTERN_BUDGET`` bytes (the model's dtype): the default for storing them whole."""
-    cfg = model.cfg
-    itemsize = (model_dtype(model) or torch.float32).itemsize
-    return batch * cfg.n_layers * cfg.n_heads * n_pos * n_pos * itemsize <= PATTERN_BUDGET
 
 
 class OperatingPoint:
@@ -123,6 +116,7 @@ class OperatingPoint:
         names_filter: Any = None,
         tangent_at: str | None = None,
         store_patterns: bool | None = None,
+        max_memory: int | None = None,
     ) -> tuple["OperatingPoint", torch.Tensor, Any]:
         """Run ``model`` once on ``tokens`` and freeze every coefficient at its value.
 
@@ -136,7 +130,9 @@ class OperatingPoint:
         a second pass); where an operation has no forward-mode rule it runs again without.
         ``store_patterns``: keep attention patterns whole (``True``) or as their queries and
         keys where that verifies (``False``, :mod:`lens_linear.hooks.patterns`); by default
-        whole while every layer's pattern together fits in ``PATTERN_BUDGET`` bytes.
+        whole while every layer's pattern together fits in ``max_memory``
+        (:func:`lens_linear.memory.patterns_fit`), which also sizes the blocks of pattern rows
+        that a replay recomputes from queries and keys.
         """
         require_tl_model(model)
         sites = find_sites(model, parts)
@@ -145,7 +141,7 @@ class OperatingPoint:
         upstream: dict[str, torch.Tensor] = {}
         tangents: dict[str, torch.Tensor] = {}
         if store_patterns is None:
-            store_patterns = patterns_fit(model, tokens.shape[-1])
+            store_patterns = patterns_fit(model, tokens.shape[-1], max_memory=max_memory)
         frozen: dict[str, FrozenAttention] | None = None if store_patterns else {}
 
         def grab(value: torch.Tensor, hook: Any) -> torch.Tensor | None:
@@ -175,13 +171,19 @@ class OperatingPoint:
                 )
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
                 logits = fwAD.unpack_dual(logits).primal
-        except LinearizationError:
+        except (LinearizationError, ModelInUseError):  # a user hook called back in: not ours
             raise
         except NotImplementedError:
             if tangent_at is None:
                 raise
             return cls.record(
-                model, tokens, parts, fwd_hooks, names_filter, store_patterns=store_patterns
+                model,
+                tokens,
+                parts,
+                fwd_hooks,
+                names_filter,
+                store_patterns=store_patterns,
+                max_memory=max_memory,
             )
         except Exception as exc:
             with torch.no_grad():
@@ -197,6 +199,8 @@ class OperatingPoint:
         # that fires again later, as a norm module shared by the embedding and the output, is)
         before = {name for name, value in upstream.items() if values.get(name) is value}
         sites = [s for s in sites if s.name not in before]
+        for attention in (frozen or {}).values():
+            attention.max_memory = max_memory
         point = cls(
             model,
             tokens,

@@ -27,8 +27,8 @@ from jaxtyping import Float
 
 from lens_linear._compat import flash_attention_cpu
 from lens_linear._validation import tolerance
+from lens_linear.memory import row_block
 
-ROWS_BYTES = 64 << 20  # one block of pattern rows, all heads
 FUSED = (
     True  # on a CPU, P v and Pᵀ g run as torch's fused attention kernel (2.6x and 4.8x faster than
 )
@@ -43,16 +43,17 @@ class FrozenAttention:
     q: Float[torch.Tensor, "pos head d_head"]
     k: Float[torch.Tensor, "pos kv_head d_head"]
     scale: float
+    max_memory: int | None = None  # the call's budget: sizes the blocks of pattern rows
 
     def to(self, dtype: torch.dtype) -> "FrozenAttention":
-        return FrozenAttention(self.q.to(dtype), self.k.to(dtype), self.scale)
+        return FrozenAttention(self.q.to(dtype), self.k.to(dtype), self.scale, self.max_memory)
 
     def _blocks(self, start: int) -> list[slice]:
-        """Query rows ``start..n`` in blocks of at most ``ROWS_BYTES`` of pattern (and 256 rows:
-        a block computes keys up to its own last row only, so small blocks skip most of the
-        masked upper triangle)."""
+        """Query rows ``start..n`` in blocks of at most a quarter of the budget
+        (:func:`lens_linear.memory.row_block`; a block computes keys up to its own last row
+        only, so small blocks skip most of the masked upper triangle)."""
         n, heads = self.q.shape[0], self.q.shape[1]
-        size = max(1, min(256, ROWS_BYTES // (heads * n * 4)))
+        size = row_block(heads, n, self.max_memory, self.q.device)
         return [slice(r, min(r + size, n)) for r in range(start, n, size)]
 
     @functools.cached_property
@@ -79,7 +80,7 @@ class FrozenAttention:
     def prefix(self, end: int) -> "FrozenAttention":
         """The first ``end`` positions' pattern (causal: the same rows, cut). The fused path's
         rows' log-normalizers are computed once here and shared by every prefix."""
-        cut = FrozenAttention(self.q[:end], self.k[:end], self.scale)
+        cut = FrozenAttention(self.q[:end], self.k[:end], self.scale, self.max_memory)
         if self.fused:
             cut._lse = self._lse[:, :end]
         return cut

@@ -24,6 +24,7 @@ from lens_linear.hooks.contexts import (
     patterns_inside,
     weightless_norms_completed,
 )
+from lens_linear.hooks.guard import forward_running
 from lens_linear.hooks.modules import ModuleHook, scan
 from lens_linear.hooks.sites import INPUT_HOOK
 
@@ -76,6 +77,11 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     ``hook_dict`` once per hook, and a TransformerLens 3.9 bridge rebuilds its aliases on
     every read: replaying 200 hooks spent most of its time there.)
     """
+    with forward_running(model):  # a lens_linear call from a hook in here is refused
+        yield from _hooks_on(model, hooks)
+
+
+def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     level = next(_LEVELS)
     hook_dict = model.hook_dict
     on_modules = [h for h in hooks if isinstance(h, ModuleHook)]
