@@ -1,11 +1,13 @@
 """Long prompts on SmolLM2: verified recording, then the top-3 matrix-free SVD.
 
-Ours: ``run_with_linear_cache`` (patterns kept as queries and keys beyond 256 MB; the check in
+Ours: ``run_with_linear_cache`` (patterns kept as queries and keys beyond ``max_memory``, 256 MB; the check in
 forward mode, carried by the recording), then ``svd_matrix_free(n_triplets=3)``. Anchor
 (``--anchor``, the previous default, measured in the same process): every pattern stored
 whole (``store_patterns=True``), recorded with ``check=False`` and verified by 8 projected
-vector-Jacobian products (``projected_reconstruction_error``), then the same SVD. Each step:
-seconds, peak resident memory of the whole process (the model included), products.
+vector-Jacobian products (``projected_reconstruction_error``), then the same SVD. Each path
+runs in a fresh process (:mod:`fresh`); each step prints its seconds and the process's
+high-water mark (``ru_maxrss``) once the step is done: the peak of everything so far, the
+model's loading included.
 
 With ``--patching``: ``predicted_patching`` (``resid_pre``, every layer and position) of one
 pair made long (the IOI pair after a document): ours (the pair recorded with patterns as
@@ -18,89 +20,65 @@ Usage: python benchmarks/long.py [--lengths 2048] [--anchor] [--no-svd] [--block
 from __future__ import annotations
 
 import argparse
-import resource
-import threading
-import time
 
 import torch
+from fresh import high_water_mark, in_fresh_process
 from jacobian import TEXT
 
 import lens_linear as ll
 
 
-class Peak:
-    """Peak resident memory of this process while a block runs (sampled every 10 ms)."""
-
-    def __enter__(self) -> "Peak":
-        self.peak, self._done = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * resource.getpagesize())
-            time.sleep(0.01)
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
+def _model_and_text():
+    model = ll.load_model()
+    text = " ".join([TEXT] * 256)
+    ll.run_with_linear_cache(model, model.to_tokens(text)[:, :8], progress=False)  # warm-up
+    return model, text
 
 
-def timed(fn):
-    with Peak() as peak:
-        t0 = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - t0
-    return result, seconds, peak.peak
-
-
-def run(
-    model, tokens, store_patterns: bool | None, svd: bool, block: int = 1, progress: bool = False
+def path_steps(
+    n: int, anchor: bool, svd: bool, block: int = 1, progress: bool = False
 ) -> list[tuple[str, float, int, str]]:
-    if store_patterns:  # the anchor: stored patterns, projected check
+    """One path in this (fresh) process: ``(step, seconds, high-water mark after it, detail)``."""
+    import time
 
-        def record():
-            lc = ll.run_with_linear_cache(
-                model, tokens, check=False, progress=False, store_patterns=True
-            )
-            return lc, lc.projected_reconstruction_error()
+    model, text = _model_and_text()
+    tokens = model.to_tokens(text)[:, :n]
+    t0 = time.perf_counter()
+    if anchor:  # stored patterns, projected check
+        lc = ll.run_with_linear_cache(
+            model, tokens, check=False, progress=False, store_patterns=True
+        )
+        err = lc.projected_reconstruction_error()
     else:  # one call, verified on return; the error it accepted is read again below, untimed
-
-        def record():
-            return ll.run_with_linear_cache(model, tokens, progress=False), None
-
-    (lc, err), t, peak = timed(record)
+        lc, err = ll.run_with_linear_cache(model, tokens, progress=False), None
+    t = time.perf_counter() - t0
+    peak = high_water_mark()
     err = lc.check() if err is None else err
     kept = len(lc.point.frozen_attention)
     steps = [("verified recording", t, peak, f"error {err:.1e}, {kept} layers as q/k")]
     if svd:
-        result, t, peak = timed(
-            lambda: lc.svd_matrix_free(n_triplets=3, block=block, progress=progress)
-        )
+        t0 = time.perf_counter()
+        result = lc.svd_matrix_free(n_triplets=3, block=block, progress=progress)
+        t = time.perf_counter() - t0
         s = ", ".join(f"{float(v):.3g}" for v in result.S)
-        steps.append(
-            (
-                "top-3 matrix-free SVD",
-                t,
-                peak,
-                f"S = [{s}], {result.products} products, "
-                f"converged {result.converged}, residuals "
-                f"{float(result.residuals.max()):.1e}, block {block}",
-            )
+        detail = (
+            f"S = [{s}], {result.products} products, converged {result.converged}, "
+            f"residuals {float(result.residuals.max()):.1e}, block {block}"
         )
+        steps.append(("top-3 matrix-free SVD", t, high_water_mark(), detail))
     return steps
 
 
-def patching(model, n: int, anchor: bool) -> None:
-    import lens_linear.hooks.operating_point as op
+def patching_path(n: int, anchor: bool) -> tuple[int, float, int, float]:
+    """Predicted patching of one long pair in this (fresh) process: ``(tokens, seconds, peak,
+    max |entry|)``. The anchor's budget holds every pattern whole."""
+    import time
+
     from lens_linear.patching import predicted_patching, prompt_pairs
 
+    model, text = _model_and_text()
     tail = " After John and Mary went to the store, {} gave a bottle of milk to"
-    head = model.to_str_tokens(" ".join([TEXT] * 256))[
-        1 : n - len(model.to_tokens(tail.format("Mary"))[0]) + 1
-    ]
+    head = model.to_str_tokens(text)[1 : n - len(model.to_tokens(tail.format("Mary"))[0]) + 1]
     pairs = prompt_pairs(
         model,
         "".join(head) + tail.format("Mary"),
@@ -108,20 +86,17 @@ def patching(model, n: int, anchor: bool) -> None:
         " John",
         " Mary",
     )
-    paths = [("ours", op.PATTERN_BUDGET)] + ([("anchor", 1 << 62)] if anchor else [])
-    for path, budget in paths:
-        saved, op.PATTERN_BUDGET = op.PATTERN_BUDGET, budget
-        try:
-            result, t, peak = timed(
-                lambda: predicted_patching(model, pairs, "resid_pre", progress=False)
-            )
-        finally:
-            op.PATTERN_BUDGET = saved
-        print(
-            f"{pairs.clean.shape[1]:>6} {path:<8} {'predicted patching':<22} {t:8.1f} {peak / 2**30:8.2f}  "
-            f"max |entry| {float(result.raw.sub(result.corrupted).abs().max()):.3f}",
-            flush=True,
-        )
+    t0 = time.perf_counter()
+    result = predicted_patching(
+        model, pairs, "resid_pre", max_memory=1 << 62 if anchor else None, progress=False
+    )
+    t = time.perf_counter() - t0
+    return (
+        pairs.clean.shape[1],
+        t,
+        high_water_mark(),
+        float(result.raw.sub(result.corrupted).abs().max()),
+    )
 
 
 def main() -> list[dict]:
@@ -135,21 +110,28 @@ def main() -> list[dict]:
         "--patching", action="store_true", help="predicted patching of a long pair instead"
     )
     args = parser.parse_args()
-    model = ll.load_model()
-    text = " ".join([TEXT] * 256)
-    ll.run_with_linear_cache(model, model.to_tokens(text)[:, :8], progress=False)  # warm-up
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; one fresh process per path"
+    )
     print(f"{'tokens':>6} {'path':<8} {'step':<22} {'seconds':>8} {'peak GB':>8}  detail")
+    paths = [("ours", False)] + ([("anchor", True)] if args.anchor else [])
     rows = []
     if args.patching:
         for n in args.lengths:
-            patching(model, n, args.anchor)
+            for path, anchor in paths:
+                (tokens, t, peak, entry), _, _ = in_fresh_process(patching_path, n, anchor)
+                print(
+                    f"{tokens:>6} {path:<8} {'predicted patching':<22} {t:8.1f} {peak / 2**30:8.2f}  "
+                    f"max |entry| {entry:.3f}",
+                    flush=True,
+                )
         return rows
     for n in args.lengths:
-        tokens = model.to_tokens(text)[:, :n]
         results = {}
-        for path, store in [("ours", None)] + ([("anchor", True)] if args.anchor else []):
-            steps = run(model, tokens, store, not args.no_svd, args.block, args.progress)
+        for path, anchor in paths:
+            steps, _, _ = in_fresh_process(
+                path_steps, n, anchor, not args.no_svd, args.block, args.progress
+            )
             results[path] = steps
             for name, t, peak, detail in steps:
                 print(
@@ -157,21 +139,25 @@ def main() -> list[dict]:
                     flush=True,
                 )
             total = sum(t for _, t, _, _ in steps)
-            print(
-                f"{n:>6} {path:<8} {'total':<22} {total:8.1f} {max(p for _, _, p, _ in steps) / 2**30:8.2f}"
-            )
+            peak = max(p for _, _, p, _ in steps)
+            print(f"{n:>6} {path:<8} {'total':<22} {total:8.1f} {peak / 2**30:8.2f}")
+            if not anchor and n == 2048 and not args.no_svd:
+                verdict = "within" if peak <= 4 << 30 else "OVER"
+                print(f"{'':>6} {path:<8} 2,048 tokens: peak {verdict} the 4 GB target")
         ours_t = sum(t for _, t, _, _ in results["ours"])
         ours_m = max(p for _, _, p, _ in results["ours"])
-        anchor = results.get("anchor")
+        anchor_steps = results.get("anchor")
         rows.append(
             dict(
                 benchmark="long prompt",
                 size=f"{n} tok",
-                anchor="stored patterns" if anchor else "(none)",
+                anchor="stored patterns" if anchor_steps else "(none)",
                 ours_s=ours_t,
-                anchor_s=sum(t for _, t, _, _ in anchor) if anchor else ours_t,
+                anchor_s=sum(t for _, t, _, _ in anchor_steps) if anchor_steps else ours_t,
                 ours_mb=ours_m / 2**20,
-                anchor_mb=max(p for _, _, p, _ in anchor) / 2**20 if anchor else ours_m / 2**20,
+                anchor_mb=max(p for _, _, p, _ in anchor_steps) / 2**20
+                if anchor_steps
+                else ours_m / 2**20,
             )
         )
     return rows
