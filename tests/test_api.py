@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import HOOKED, PROMPT, cached_tiny, hooks_left, rel
+from conftest import HOOKED, PROMPT, cached_tiny, hooks_left, leg_specific, rel
 from test_patching import naive
 from test_stats import hook_point_sensitivity
 
@@ -189,9 +189,8 @@ def test_steering_is_equation_16(concept, prompt):
     )  # lam < 1 changes the prediction
 
 
-@pytest.mark.skipif(
-    HOOKED,
-    reason="transformer_lens.tools.analysis.attribution_patching ships with TransformerLens 4",
+@leg_specific(
+    HOOKED, "transformer_lens.tools.analysis.attribution_patching ships with TransformerLens 4"
 )
 def test_ordinary_prediction_is_transformer_lens_attribution_patching():
     from transformer_lens.tools.analysis.attribution_patching import Node, attribution_patch

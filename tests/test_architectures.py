@@ -12,15 +12,15 @@ lens_linear code; routers are made constant by detaching their outputs.
 
 import pytest
 import torch
-from conftest import hooks_left, rel
+from conftest import LEG, hooks_left, not_applicable, rel, skip_leg
 
 import lens_linear as ll
-from lens_linear.models import tl_has_hooked_transformer, wrap_bridge
+from lens_linear.models import wrap_bridge
 from lens_linear.reference import full_precision, hf_frozen
 from lens_linear.tiny import char_tokenizer
 
-if tl_has_hooked_transformer():
-    pytest.skip("architecture probes run with the newest TransformerLens", allow_module_level=True)
+if LEG != "newest":
+    skip_leg("architecture probes run in the newest TransformerLens' leg")
 from lens_linear.coverage import tiny_hf  # noqa: E402
 
 PROMPT = "Hello world"
@@ -73,7 +73,7 @@ def bridge(arch, dtype=torch.float32):
 @pytest.mark.parametrize("arch", DENSE + MOE + STATE_SPACE + FLOAT32_INSIDE)
 def test_jacobian_matches_reference(arch, dtype):
     if dtype == torch.float64 and arch in NO_FLOAT64:
-        pytest.skip("the Hugging Face model does not run in float64")
+        not_applicable("the Hugging Face model does not run in float64")
     model, hf = bridge(arch, dtype), tiny_hf(arch, dtype=dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with full_precision():
@@ -141,3 +141,18 @@ def test_float64_models_compute_in_float64_throughout(arch):
     assert lc.reconstruction_error() <= 1e-10
     assert torch.ones(2, dtype=torch.float64).float().dtype == torch.float32
     assert torch._C._len_torch_function_stack() == 0 and not hooks_left(model)
+
+
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "GPTJForCausalLM", "MambaForCausalLM"])
+def test_the_ordinary_jacobian_is_the_unhooked_models(arch):
+    """``detached=False`` runs the model's own code path (none of the contexts a frozen run
+    needs: no eager experts, no softmax routed through ``hook_pattern``, Hugging Face's
+    float32 casts kept): float64, against autograd over the Hugging Face model itself."""
+    model, hf = bridge(arch, torch.float64), tiny_hf(arch, dtype=torch.float64)
+    lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
+    ours = lc.jacobian(detached=False)
+    plain = lambda x: hf_frozen(hf, x, frozen=False)[-1]  # noqa: E731
+    theirs = torch.autograd.functional.jacobian(plain, lc.x).transpose(0, 1)
+    print(f"\n{arch}: ordinary Jacobian vs the unhooked model {rel(ours, theirs):.1e}")
+    assert rel(ours, theirs) <= 1e-12
+    assert rel(ours, lc.jacobian()) > 1e-3  # and it is not the frozen map's

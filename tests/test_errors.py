@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import cached_tiny, hooks_left
+from conftest import cached_tiny, hooks_left, leg_specific
 
 import lens_linear as ll
 from lens_linear.models import tl_has_hooked_transformer
@@ -79,7 +79,7 @@ def test_bad_model_name_and_backend():
         ll.tiny_model("bert")
 
 
-@pytest.mark.skipif(tl_has_hooked_transformer(), reason="TransformerLens < 4 has HookedTransformer")
+@leg_specific(tl_has_hooked_transformer(), "TransformerLens < 4 has HookedTransformer")
 def test_hooked_backend_on_tl4_explains():
     with pytest.raises(
         ValueError, match=r"removed \(TL 4\.0\).*backend='bridge'.*transformer-lens<4"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CASE_IDS, CASES, PROMPT, cached_tiny, hooks_left, rel
+from conftest import CASE_IDS, CASES, PROMPT, cached_tiny, hooks_left, not_applicable, rel, skip_leg
 
 import lens_linear as ll
 from lens_linear.hooks import detach_hooks, detached_function, find_sites, operating_point
@@ -107,7 +107,7 @@ def test_user_hook_composes_with_detach(tiny):
 
 def test_solu_gate_sits_on_hook_mid():
     if not ll.models.tl_has_hooked_transformer():
-        pytest.skip("HookedTransformer (TL < 4) only")
+        skip_leg("HookedTransformer (TL < 4) only")
     model = cached_tiny("hooked", "solu")
     kinds = {s.name: s for s in find_sites(model)}
     assert kinds["blocks.0.mlp.hook_mid"].kind == "ratio"
@@ -118,7 +118,7 @@ def test_ratio_gate_refuses_a_non_activation(tiny):
     """The ratio rule would make any same-shape map look linear: it checks act_fn(pre) first."""
     ratio = [s for s in find_sites(tiny) if s.kind == "ratio"]
     if not ratio:
-        pytest.skip("gated MLP: no ratio gate")
+        not_applicable("gated MLP: no ratio gate")
     squash = (ratio[0].name, lambda post, hook: torch.tanh(post))
     with pytest.raises(ll.LinearizationError, match="is not act_fn"):
         ll.run_with_linear_cache(tiny, PROMPT, fwd_hooks=[squash])
@@ -176,7 +176,7 @@ def test_cheap_check_catches_a_site_left_out(tiny, kind, whole, monkeypatch):
     lc = ll.run_with_linear_cache(tiny, PROMPT, check=False)
     sites = [s for s in lc.point.sites if s.kind == kind and s.layer == 0]
     if not sites:
-        pytest.skip(f"no {kind} site in block 0")
+        not_applicable(f"no {kind} site in block 0")
     y = lc.activations[lc.output][0]
     exact, probed_exact = lc.projected_reconstruction_error(), lc.point.check_sites(y).error
     lc.point.sites = [s for s in lc.point.sites if s != sites[0]]  # that coefficient now runs live

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import hooks_left, newest_tl_only, rel
+from conftest import hooks_left, newest_tl_only, rel, skip_leg
 
 import lens_linear as ll
 from lens_linear.cli import main
@@ -47,7 +47,7 @@ def test_top_prediction(smollm2):
 
 def test_hooked_backend_matches_bridge(smollm2):
     if not ll.models.tl_has_hooked_transformer():
-        pytest.skip("HookedTransformer needs TransformerLens < 4")
+        skip_leg("HookedTransformer needs TransformerLens < 4")
     hooked = ll.load_model(backend="hooked")
     tokens = smollm2.to_tokens(PROMPTS[0])
     assert (hooked(tokens) - smollm2(tokens)).abs().max() <= 1e-3
@@ -56,15 +56,28 @@ def test_hooked_backend_matches_bridge(smollm2):
 
 
 @newest_tl_only
-def test_cli_analyze_json(capsys):
+def test_cli_analyze_json(capsys, marin):
+    """The JSON's numbers recomputed by hand from the Jacobians: ``‖J_i x_i‖``, and each
+    ``J_i``'s top singular value and stable rank ``Σσ² / σ₁²`` from ``torch.linalg.svdvals``."""
     assert main(["analyze", PROMPTS[0], "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["top"][0]["token"] == " only"
     assert result["reconstruction_error"]["detached"] <= 1e-5
     assert result["reconstruction_error"]["ordinary"] >= 1e-2
-    assert len(result["contribution_norms"]) == 7
+    jac, x = marin.jacobian().double(), marin.x.double()
+    norms = torch.einsum("pod,pd->po", jac, x).norm(dim=-1)
+    assert rel(torch.tensor(result["contribution_norms"]), norms) <= 1e-5
     assert [t["token"] for t in result["per_token"]] == result["tokens"]
-    assert len(result["layers"]) == 30 and result["layers"][-1]["stable_rank"] >= 1.0
+    for i, entry in enumerate(result["per_token"]):
+        s = torch.linalg.svdvals(jac[i])
+        assert entry["sigma"] == pytest.approx(float(s[0]), rel=1e-5)
+        assert entry["stable_rank"] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-5)
+    assert len(result["layers"]) == 30
+    last = marin.jacobian("blocks.29.hook_resid_post").double()  # [pos, d_out, d_in]
+    s = torch.linalg.svdvals(last.permute(1, 0, 2).reshape(last.shape[1], -1))
+    assert result["layers"][-1]["sigma"] == pytest.approx(float(s[0]), rel=1e-5)
+    stable_rank = float((s**2).sum() / s[0] ** 2)
+    assert result["layers"][-1]["stable_rank"] == pytest.approx(stable_rank, rel=1e-5)
 
 
 @newest_tl_only

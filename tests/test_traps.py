@@ -8,14 +8,14 @@ MoE block or a state-space mixer.
 
 import pytest
 import torch
-from conftest import hooks_left
+from conftest import LEG, hooks_left, skip_leg
 
 import lens_linear as ll
-from lens_linear.models import tl_has_hooked_transformer, wrap_bridge
+from lens_linear.models import wrap_bridge
 from lens_linear.tiny import char_tokenizer
 
-if tl_has_hooked_transformer():
-    pytest.skip("architecture probes run with the newest TransformerLens", allow_module_level=True)
+if LEG != "newest":
+    skip_leg("architecture probes run in the newest TransformerLens' leg")
 from lens_linear.coverage import tiny_hf  # noqa: E402
 
 TRAPS = {
