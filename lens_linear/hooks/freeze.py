@@ -19,6 +19,7 @@ import torch
 
 from lens_linear._validation import LinearizationError, tolerance
 from lens_linear.hooks.contexts import model_dtype
+from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
 from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
@@ -99,6 +100,9 @@ def site_hooks(
                 return frozen if factor is None else frozen * spread(factor, value)
 
             hooks.append((site.name, replay))
+    for hook in hooks:
+        if not isinstance(hook, ModuleHook):
+            hook[1].freezes = True  # such a run needs the model contexts (run.hooks_on)
     return hooks
 
 

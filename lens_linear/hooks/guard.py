@@ -12,7 +12,7 @@ forwards: that is how one call builds on another.
 from __future__ import annotations
 
 import contextlib
-import sys
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,7 +38,7 @@ _CALLS: WeakKeyDictionary[torch.nn.Module, _Call] = WeakKeyDictionary()
 def _call_name() -> str:
     """The outermost ``lens_linear`` function on this thread's stack (cheap: a frame walk,
     once per call)."""
-    name, frame = "lens_linear", sys._getframe(1)
+    name, frame = "lens_linear", inspect.currentframe()
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("lens_linear"):
             code = frame.f_code

@@ -81,6 +81,24 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
         yield from _hooks_on(model, hooks)
 
 
+@contextlib.contextmanager
+def model_contexts(model: Any) -> Iterator[None]:
+    """What a run that freezes coefficients needs of the model (see
+    :mod:`lens_linear.hooks.contexts`). A run that freezes nothing (the ordinary Jacobian, the
+    clean and corrupted runs of real patching, the user's own hooks) enters none of them: it
+    takes the model's own code path."""
+    found = scan(model)
+    with (
+        quiet_bridge(),
+        offloaded_norms_loaded(model, found),
+        weightless_norms_completed(model, found),
+        patterns_inside(model, found),
+        experts_eager(model, found),
+        float64_throughout(model),
+    ):
+        yield
+
+
 def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     level = next(_LEVELS)
     hook_dict = model.hook_dict
@@ -91,16 +109,10 @@ def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
         require_hook(model, *missing)  # raises, naming close matches
     points = []
     try:
-        found = scan(model)
-        with (
-            quiet_bridge(),
-            offloaded_norms_loaded(model, found),
-            weightless_norms_completed(model, found),
-            patterns_inside(model, found),
-            experts_eager(model, found),
-            float64_throughout(model),
-            contextlib.ExitStack() as attached,
-        ):
+        with contextlib.ExitStack() as attached:
+            if on_modules or any(getattr(fn, "freezes", False) for _, fn in hooks):
+                attached.enter_context(model_contexts(model))
+
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
                 points.append(point)
