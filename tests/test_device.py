@@ -150,7 +150,8 @@ def test_half_precision_is_verified_in_float32(dtype):
     mf = lc.svd_matrix_free(n_triplets=3)  # products in float32
     s = torch.linalg.svdvals(dense.permute(1, 0, 2).reshape(dense.shape[1], -1).double())[:3]
     assert mf.converged and mf.S.dtype == torch.float32
-    assert rel(mf.S.cpu(), s.cpu()) <= 3e-2  # the dense Jacobian itself is half precision
+    # float32 products against the half-precision dense Jacobian: measured 7.7e-5 (bf16), 3.9e-5 (fp16)
+    assert rel(mf.S.cpu(), s.cpu()) <= 1e-3
     fm = lc.attention_jacobian(1, 5, 2)  # eigenvalues upcast: no half-precision kernel needed
     lam = torch.linalg.eigvals(
         model.W_E.double() @ (fm.A.double() @ fm.B.double()).T @ model.W_U.double()
@@ -163,7 +164,10 @@ def test_half_precision_is_verified_in_float32(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_a_half_model_linearized_in_float32(dtype):
     """dtype=float32: coefficients recorded in half precision, the frozen map computed in
-    float32: exact to float32 against an independent reference, the model untouched."""
+    float32: it reconstructs its own output exactly to float32 (≤ 1e-5), the model untouched.
+    An independent reference (the same weights in float32, coefficients computed in float32)
+    agrees to the coefficients' own half-precision rounding, within one ``eps`` of the dtype:
+    measured 1.2e-3 (bf16, eps 7.8e-3) and 1.0e-4 (fp16, eps 9.8e-4) on a CPU."""
     from lens_linear.reference import hf_frozen
     from lens_linear.tiny import tiny_hf_model
 
@@ -178,14 +182,14 @@ def test_a_half_model_linearized_in_float32(dtype):
     assert all(
         torch.equal(before[n], t) and t.dtype == dtype for n, t in model.state_dict().items()
     )
-    # independent: the same half-precision weights in float32, frozen at the model's own coefficients
-    # differ from ours only by where the coefficients were computed (half vs float32): at rounding level
+    # independent: the same half-precision weights in float32, frozen at coefficients it computes in
+    # float32; ours are the model's own, rounded to half precision: they differ by that rounding
     hf = tiny_hf_model("llama").to(DEVICE)
     with torch.no_grad():
         for p, q in zip(hf.parameters(), model.parameters()):
             p.copy_(q.float())
     ref = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[lc.pos], lc.x)
-    assert rel(ref.transpose(0, 1), lc.jacobian()) <= 3e-2
+    assert rel(ref.transpose(0, 1), lc.jacobian()) <= torch.finfo(dtype).eps
 
 
 def test_float32_computation_restores_the_model_bit_for_bit():
