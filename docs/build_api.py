@@ -12,6 +12,12 @@ from pathlib import Path
 import lens_linear as ll
 from lens_linear import attention, decode, hooks, matfree, patching, render, stats
 
+ERRORS = [
+    getattr(ll, name)
+    for name in ll.__all__
+    if isinstance(getattr(ll, name), type) and issubclass(getattr(ll, name), Exception)
+]
+# a section named after a module lists names of that module (a test checks it)
 PUBLIC = {
     "lens_linear": [
         ll.load_model,
@@ -20,9 +26,10 @@ PUBLIC = {
         ll.run_with_linear_cache,
         ll.detach_hooks,
         ll.detached,
-        hooks.detached_function,
         ll.induction_heads,
+        *ERRORS,
     ],
+    "lens_linear.hooks": [hooks.detached_function],
     "LinearCache": [ll.LinearCache],
     "AttentionCircuits (lcache.attention)": [attention.AttentionCircuits],
     "OperatingPoint (lcache.point)": [ll.OperatingPoint],
@@ -67,6 +74,8 @@ def _first_line(obj) -> str:
 
 
 def rows(obj) -> list[str]:
+    if inspect.isclass(obj) and issubclass(obj, BaseException):  # an error: its name and meaning
+        return [f"| `{obj.__name__}` | (error) | {_first_line(obj)} |"]
     if inspect.isclass(obj):
         out = [f"| `{obj.__name__}` | | {_first_line(obj)} |"]
         for name, member in inspect.getmembers(obj):
