@@ -33,7 +33,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_position
-from lens_linear.hooks.contexts import HALF, analysis_mode, biases_zeroed, linears_skipped
+from lens_linear.hooks.contexts import HALF, analysis_mode, linears_skipped
 from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.memory import chunk_size, sequence_bytes
 
@@ -263,7 +263,8 @@ def matrix_free_svd(
         x[:, cols] = v.T.reshape(v.shape[1], -1, d_in) if input_pos == "all" else v.T
         return x
 
-    with point.computing(), analysis_mode(model), biases_zeroed(model), torch.enable_grad():
+    # no bias is zeroed: the products are gradients of the affine map, blind to its constant
+    with point.computing(), analysis_mode(model), torch.enable_grad():
         x = torch.zeros(n, d_in, dtype=dtype, device=device, requires_grad=True)
         with linears_skipped(point.dead_linears([hook])):  # q, k: no scores graph to build and drop
             y = point.replay(x, [hook], pos=pos)[hook][0].reshape(-1)
