@@ -268,7 +268,7 @@ def biases_zeroed(
     ):  # accelerate reloads them from its weights map before every use: a zero would not stick
         raise LinearizationError(
             f"{len(offloaded)} bias(es) of this model are offloaded by accelerate (first {offloaded[0]}), so they "
-            f"cannot be zeroed for the bias decomposition, the forward Jacobian engine, the matrix-free SVD or "
+            f"cannot be zeroed for the bias decomposition, the forward Jacobian engine or "
             f"steering. Load the model without offloading its biased layers, or use lcache.jacobians(..., "
             f"method='reverse')."
         )
