@@ -143,6 +143,27 @@ def test_float64_models_compute_in_float64_throughout(arch):
     assert torch._C._len_torch_function_stack() == 0 and not hooks_left(model)
 
 
+def unhooked(hf, x):
+    """The Hugging Face model's own forward from ``x`` at its first decoder layer (TL's
+    ``blocks.0.hook_resid_pre``) to the final norm: nothing detached, nothing recomputed."""
+    layers = next(
+        m
+        for m in hf.base_model.modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) == hf.config.num_hidden_layers
+    )
+
+    def inject(module, args, kwargs):
+        if args:
+            return (x[None], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x[None]}
+
+    handle = layers[0].register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        return hf.base_model(inputs_embeds=torch.zeros_like(x)[None], use_cache=False)[0][0]
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("arch", ["MixtralForCausalLM", "GPTJForCausalLM", "MambaForCausalLM"])
 def test_the_ordinary_jacobian_is_the_unhooked_models(arch):
     """``detached=False`` runs the model's own code path (none of the contexts a frozen run
@@ -151,8 +172,8 @@ def test_the_ordinary_jacobian_is_the_unhooked_models(arch):
     model, hf = bridge(arch, torch.float64), tiny_hf(arch, dtype=torch.float64)
     lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
     ours = lc.jacobian(detached=False)
-    plain = lambda x: hf_frozen(hf, x, frozen=False)[-1]  # noqa: E731
-    theirs = torch.autograd.functional.jacobian(plain, lc.x).transpose(0, 1)
+    theirs = torch.autograd.functional.jacobian(lambda x: unhooked(hf, x)[-1], lc.x)
+    theirs = theirs.transpose(0, 1)
     print(f"\n{arch}: ordinary Jacobian vs the unhooked model {rel(ours, theirs):.1e}")
     assert rel(ours, theirs) <= 1e-12
     assert rel(ours, lc.jacobian()) > 1e-3  # and it is not the frozen map's

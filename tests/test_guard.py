@@ -83,3 +83,29 @@ def test_a_hook_calling_back_in_is_refused_and_the_model_comes_back():
 
     predicted_patching(model, pairs, metric=patches_meanwhile, progress=False)
     assert same_state(model_state(model), before)
+
+
+def test_bias_free_replays_never_write_the_users_tensors():
+    """The bias decomposition replays the frozen map with biases zero, many times; the zeros
+    are substituted in each forward, so the user's bias tensors hold their values throughout
+    (a hook of the user's, active in every replay, reads them) and the parts add up to F(0)."""
+    from lens_linear.hooks.contexts import bias_tensors
+
+    model = cached_tiny("bridge", "gpt2")
+    biases = [b for b in bias_tensors(model).values() if bool(b.abs().sum() > 0)]
+    assert len(biases) >= 4  # the tiny models' biases are perturbed
+    seen = []
+
+    def read_biases(value, hook):
+        seen.append(min(float(b.abs().sum()) for b in biases))
+
+    lc = ll.run_with_linear_cache(
+        model, "Hi you", fwd_hooks=[("blocks.0.hook_resid_post", read_biases)]
+    )
+    before = model_state(model)
+    seen.clear()
+    parts = lc.bias_contributions()
+    assert len(seen) >= len(parts) and min(seen) > 0  # never zero while a replay ran
+    total = sum(parts.values())
+    assert float((total - lc.bias_term()).norm() / lc.bias_term().norm()) <= 1e-5
+    assert same_state(model_state(model), before)

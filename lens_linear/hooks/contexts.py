@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 from typing import Any, Iterator, Sequence
+from weakref import WeakKeyDictionary
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -250,14 +251,46 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(best.values())
 
 
+_SUBSTITUTES: WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = WeakKeyDictionary()
+
+
+def substitutes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors that :func:`lens_linear.hooks.run.forward` passes to the model's forwards in
+    place of its own (``torch.func.functional_call``), set by :func:`biases_zeroed`."""
+    return _SUBSTITUTES.get(model, {})
+
+
+def _attribute_names(model: torch.nn.Module, names: set[str]) -> list[str]:
+    """One name per (module, attribute) among every parameter and buffer name (duplicates
+    included) whose tensor is one of ``names``' tensors or shares their storage (a joint QKV
+    bias and the per-projection views a bridge makes of it)."""
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    storages = {t.untyped_storage().data_ptr() for n, t in named if n in names}
+    seen, out = set(), []
+    for name, t in named:
+        if t.untyped_storage().data_ptr() not in storages:
+            continue
+        path, _, leaf = name.rpartition(".")
+        key = (id(model.get_submodule(path)), leaf)  # a bridge reaches one module by two paths
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+    return out
+
+
 @contextlib.contextmanager
 def biases_zeroed(
     model: torch.nn.Module, keep: str | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Zero every bias (but ``keep``) in place; restore them bit-for-bit on exit, even on error.
-
-    ``torch.func.functional_call`` would not touch the model, but on a TransformerBridge it
-    leaves the substituted tensors behind, so the swap is done by hand.
+    """Every forward inside runs with every bias (but ``keep``, a name of
+    :func:`bias_tensors`) zero: the user's tensors are never written. Zeros are substituted by
+    ``torch.func.functional_call`` in each forward (:func:`substitutes`), once per module
+    attribute: a TransformerBridge reaches each Hugging Face module by two paths, and
+    ``functional_call``'s tied-weight handling (its default) then restores the substitute
+    instead of the original (torch 2.13; see the project's notes), so ties are given by hand.
     """
     biases = bias_tensors(model)
     offloaded = [
@@ -272,17 +305,23 @@ def biases_zeroed(
             f"steering. Load the model without offloading its biased layers, or use lcache.jacobians(..., "
             f"method='reverse')."
         )
-    saved = {n: t.detach().clone() for n, t in biases.items()}
+    kept = set(_attribute_names(model, {keep})) if keep is not None else set()
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    zeros = {
+        name: torch.zeros_like(named[name])
+        for name in _attribute_names(model, set(biases))
+        if name not in kept
+    }
+    previous = _SUBSTITUTES.get(model)
+    _SUBSTITUTES[model] = zeros
     try:
-        with torch.no_grad():
-            for name, t in biases.items():
-                if name != keep:
-                    t.zero_()
         yield biases
     finally:
-        with torch.no_grad():
-            for name, t in biases.items():
-                t.copy_(saved[name])
+        if previous is None:
+            del _SUBSTITUTES[model]
+        else:
+            _SUBSTITUTES[model] = previous
 
 
 def _offloaded_nonzero(model: torch.nn.Module, name: str) -> bool:

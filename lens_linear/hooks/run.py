@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float, Int
+from torch.func import functional_call
 
 from lens_linear._validation import require_hook
 from lens_linear.hooks.contexts import (
@@ -22,6 +23,7 @@ from lens_linear.hooks.contexts import (
     float64_throughout,
     offloaded_norms_loaded,
     patterns_inside,
+    substitutes,
     weightless_norms_completed,
 )
 from lens_linear.hooks.guard import forward_running
@@ -127,6 +129,9 @@ def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
 def forward(model: Any, tokens: torch.Tensor, hooks: Sequence[Hook] = ()) -> torch.Tensor:
     """The model's output on ``tokens`` with ``hooks`` on for this call only."""
     with hooks_on(model, hooks):
+        swapped = substitutes(model)
+        if swapped:  # biases_zeroed: zeros in place of the model's biases, for this forward only
+            return functional_call(model, swapped, (tokens,), tie_weights=False, strict=False)
         return model(tokens)
 
 
