@@ -548,20 +548,23 @@ def _frozen_gradients_by_pair(
     if len(pairs.answers) > 1:  # the metric may mix pairs: the others' logits, as constants
         with torch.no_grad():
             final = pairs.final_logits(model, pairs.corrupted)
-    parts = []
+    parts, frozen_final = [], []
     for i in tqdm(
         range(len(pairs.answers)), desc="predicted patching", disable=not progress, leave=False
     ):
         one = pairs.pair(i)
-        point = OperatingPoint.record(model, one.corrupted, names_filter=[], max_memory=max_memory)[
-            0
-        ]
+        point, logits, _ = OperatingPoint.record(
+            model, one.corrupted, names_filter=[], max_memory=max_memory
+        )
+        frozen_final.append(logits[:, one.last[0]][:, None])  # the frozen map's, at x*
         parts.append(
             _gradients(model, one, hooks, metric, point.hooks("replay"), others=final, row=i)
         )
     acts = {h: torch.cat([acts[h] for _, acts, _ in parts]) for h in hooks}
     grads = [torch.cat([g[j] for _, _, g in parts]) for j in range(len(hooks))]
-    return parts[0][0] if final is None else torch.as_tensor(metric(final)), acts, grads
+    # the corrupted value of the frozen map: the recordings' logits (the plain run's can differ
+    # at float32 rounding where the model casts down inside and the frozen map does not)
+    return torch.as_tensor(metric(torch.cat(frozen_final))), acts, grads
 
 
 @dataclass
