@@ -281,6 +281,15 @@ def _attribute_names(model: torch.nn.Module, names: set[str]) -> list[str]:
     return out
 
 
+def _zero_like(t: torch.Tensor) -> torch.Tensor:
+    """Zeros in ``t``'s place, a parameter where ``t`` is one (accelerate rebuilds a module's
+    tensors by their type)."""
+    zero = torch.zeros_like(t)
+    return (
+        torch.nn.Parameter(zero, requires_grad=False) if isinstance(t, torch.nn.Parameter) else zero
+    )
+
+
 @contextlib.contextmanager
 def biases_zeroed(
     model: torch.nn.Module, keep: str | None = None
@@ -308,10 +317,10 @@ def biases_zeroed(
     kept = set(_attribute_names(model, {keep})) if keep is not None else set()
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(model.named_buffers(remove_duplicate=False))
-    zeros = {
-        name: torch.zeros_like(named[name])
+    zeros = {  # an offloaded bias (on meta) is zero (else refused above): accelerate loads it
+        name: _zero_like(named[name])
         for name in _attribute_names(model, set(biases))
-        if name not in kept
+        if name not in kept and named[name].device.type != "meta"
     }
     previous = _SUBSTITUTES.get(model)
     _SUBSTITUTES[model] = zeros
