@@ -7,11 +7,13 @@ Baselines (the same frozen function, so all three compute the same matrix):
 lens_linear: ``run_with_linear_cache`` (recording and the default verification: ignored
 sites and a projected reconstruction check), then ``lcache.jacobian()``: one replay
 forward, then batched backward passes (``is_grads_batched``) in chunks sized to a memory
-bound. Verification alone (``lcache.check()``) is also timed against ``lcache.jacobian()``. Peak memory is the largest resident-set growth seen by a
-sampling thread while each method runs (one process, methods run one after another).
+bound. Verification alone (``lcache.check()``) is also timed against ``lcache.jacobian()``.
 
 Times are medians of ``--repeats`` runs (default 5) up to 32 tokens, single runs beyond (and
-for the unvectorized baseline); the methods take turns, run by run.
+for the unvectorized baseline), in this one process after a warm-up; the methods take turns,
+run by run. Memory is measured apart from them: peak MB (process high-water mark, model
+included) is that of one fresh process per method and length (:mod:`fresh`), which loads
+the model, prepares that method's inputs and runs it once, with no warm-up.
 
 Usage: python benchmarks/jacobian.py [--lengths 8 16 32 128] [--skip-unvectorized-above 32] [--repeats 5]
 """
@@ -21,11 +23,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import os
-import threading
 import time
 
 import torch
+from fresh import peak_of
 
 import lens_linear as ll
 from lens_linear.hooks import detached_function
@@ -36,51 +37,25 @@ TEXT = (
 ) * 20
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure(fn, prepare=None):
-    """(seconds, peak RSS growth in bytes, result) of ``fn()``; with ``prepare``, of
-    ``fn(prepare())``, and then also ``(seconds, peak growth)`` of the ``fn`` stage alone,
-    counted from where ``prepare`` left off (a step both methods share, such as recording)."""
+    """``(seconds, result)`` of ``fn()``; with ``prepare``, ``(seconds, result, stage seconds)``
+    of ``fn(prepare())``, the stage being ``fn`` alone (after a step both methods share, such
+    as recording). Times only: memory is measured in fresh processes (:mod:`fresh`)."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(
-        0
-    )  # hand freed memory back, so each method's growth is its own
-    base, peak, stage_peak, done = rss(), [0], [0, None], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            now = rss()
-            peak[0] = max(peak[0], now - base)
-            if stage_peak[1] is not None:
-                stage_peak[0] = max(stage_peak[0], now - stage_peak[1])
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # every run starts from the same allocator state
     t0 = t1 = time.perf_counter()
     if prepare is None:
         result = fn()
     else:
         prepared = prepare()
-        t1, stage_peak[1] = time.perf_counter(), rss()
+        t1 = time.perf_counter()
         result = fn(prepared)
     end = time.perf_counter()
-    done.set()
-    thread.join()
-    total = (end - t0, max(peak[0], rss() - base), result)
-    return (
-        total
-        if prepare is None
-        else (*total, (end - t1, max(stage_peak[0], rss() - stage_peak[1])))
-    )
+    return (end - t0, result) if prepare is None else (end - t0, result, end - t1)
 
 
 def interleaved(methods: dict, repeats: dict) -> dict:
-    """``{name: (median seconds, largest peak growth, last result)}`` of ``repeats[name]`` runs of
+    """``{name: (median seconds, last result)}`` of ``repeats[name]`` runs of
     each method, taken in turn (ours, theirs, ours, ...): single runs of a few seconds vary by
     ±10% on a loaded 2-core machine, and drift would favour whichever ran in the quieter spell."""
     runs: dict = {name: [] for name in methods}
@@ -89,11 +64,21 @@ def interleaved(methods: dict, repeats: dict) -> dict:
             if round_ < repeats[name]:
                 runs[name].append(measure(fn))
                 if round_ < repeats[name] - 1:
-                    runs[name][-1] = runs[name][-1][:2] + (None,)  # keep only the last result alive
-    return {
-        name: (sorted(t for t, _, _ in r)[len(r) // 2], max(m for _, m, _ in r), r[-1][2])
-        for name, r in runs.items()
-    }
+                    runs[name][-1] = (runs[name][-1][0], None)  # keep only the last result alive
+    return {name: (sorted(t for t, _ in r)[len(r) // 2], r[-1][1]) for name, r in runs.items()}
+
+
+def fresh_run(name: str, n: int) -> None:
+    """What a fresh process runs for ``name``'s peak at ``n`` tokens: the model loaded, the
+    method's inputs prepared (the baselines' detached function and input), the method run."""
+    model = ll.load_model()
+    tokens = model.to_tokens(TEXT)[:, :n]
+    if name == "lens_linear":
+        ll.run_with_linear_cache(model, tokens, progress=False).jacobian()
+        return
+    frozen = detached_function(model, tokens)
+    x = ll.run_with_linear_cache(model, tokens, check=False, progress=False).x
+    torch.autograd.functional.jacobian(frozen, x, vectorize=name == "autograd vectorize=True")
 
 
 def main() -> None:
@@ -108,6 +93,10 @@ def main() -> None:
     all_tokens = model.to_tokens(TEXT)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.cfg.model_name}"
+    )
+    print(
+        "seconds: medians in this process; peak MB (process high-water mark, model included): "
+        "one fresh process per method"
     )
     print(
         f"{'tokens':>6} {'method':<24} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} {'mem / ours':>10} {'max |ΔJ|':>9}"
@@ -145,19 +134,21 @@ def main() -> None:
         results = interleaved(
             methods, {name: 1 if "False" in name else repeats for name in methods}
         )
-        t_ours, m_ours, j_ours = results.pop("lens_linear")
+        t_ours, j_ours = results.pop("lens_linear")
+        peaks = {name: peak_of(fresh_run, name, n) for name in methods}
+        m_ours = peaks["lens_linear"]
         rows = [("lens_linear", t_ours, m_ours, 0.0)]
-        for name, (t, m, j) in results.items():
-            rows.append((name, t, m, float((j.transpose(0, 1) - j_ours).abs().max())))
+        for name, (t, j) in results.items():
+            rows.append((name, t, peaks[name], float((j.transpose(0, 1) - j_ours).abs().max())))
         del results
         for name, t, m, diff in rows:
             print(
                 f"{n:>6} {name:<24} {t:8.2f} {m / 2**20:8.0f} {t / t_ours:8.2f} {m / m_ours:10.2f} {diff:9.1e}"
             )
         del j_ours
-        fresh = lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False)  # noqa: E731
-        t_check, _, _, (t_check_only, _) = measure(lambda lc: lc.check(), fresh)
-        t_jac, _, _, (t_jac_only, _) = measure(lambda lc: lc.jacobian(), fresh)
+        record = lambda: ll.run_with_linear_cache(model, tokens, check=False, progress=False)  # noqa: E731
+        _, _, t_check_only = measure(lambda lc: lc.check(), record)
+        _, _, t_jac_only = measure(lambda lc: lc.jacobian(), record)
         verification.append((n, t_check_only, t_jac_only))
     print(f"\n{'tokens':>6} {'verify s':>9} {'Jacobian s':>10} {'verify / Jacobian':>17}")
     for n, t_check, t_jac in verification:

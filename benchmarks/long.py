@@ -6,8 +6,8 @@ forward mode, carried by the recording), then ``svd_matrix_free(n_triplets=3)``.
 whole (``store_patterns=True``), recorded with ``check=False`` and verified by 8 projected
 vector-Jacobian products (``projected_reconstruction_error``), then the same SVD. Each path
 runs in a fresh process (:mod:`fresh`); each step prints its seconds and the process's
-high-water mark (``ru_maxrss``) once the step is done: the peak of everything so far, the
-model's loading included.
+high-water mark (``VmHWM``, :func:`fresh.high_water_mark`) once the step is done: the peak of
+everything so far, the model's loading included.
 
 With ``--patching``: ``predicted_patching`` (``resid_pre``, every layer and position) of one
 pair made long (the IOI pair after a document): ours (the pair recorded with patterns as

@@ -15,6 +15,11 @@ on ``--exact-prompts`` prompts, and the anchor's time for them is extrapolated f
 brute force in the tests). Agreement of the two Hutchinson runs (independent probes): the
 mean |z| of their difference over entries.
 
+Times: one run per method in this process, after a warm-up. Memory is measured apart from
+them: peak MB (process high-water mark, model included) is that of one fresh process per
+measured method (:mod:`fresh`), which loads the model and runs the method once on the same
+prompts, with no warm-up; the extrapolated anchor has none (0).
+
 Usage: python benchmarks/stats.py [--prompts 64] [--tokens 16] [--probes 8] [--batch 16]
 """
 
@@ -24,6 +29,7 @@ import argparse
 import time
 
 import torch
+from fresh import peak_of
 from jacobian import TEXT, measure
 
 import lens_linear as ll
@@ -67,6 +73,28 @@ def per_sample_loop(model, prompts, tokens_per_prompt, method, probes, max_vjps=
     return acc, done
 
 
+def make_prompts(n_prompts: int, tokens: int) -> list[str]:
+    words = TEXT.split()
+    return [" ".join(words[3 * k : 3 * k + 2 * tokens]) for k in range(n_prompts)]
+
+
+def fresh_run(method: str, n_prompts: int, tokens: int, probes: int, batch: int) -> None:
+    """What a fresh process runs for ``method``'s peak: the model loaded, then ``ours`` or
+    ``anchor`` (the per-sample loop) with the Hutchinson estimator on ``n_prompts`` prompts, or
+    ``ours exact`` on them (as ``main`` runs each)."""
+    model = ll.load_model()
+    prompts = make_prompts(n_prompts, tokens)
+    kw = dict(max_len=tokens, progress=False)
+    if method == "ours":
+        dataset_sensitivity(
+            model, prompts, batch_size=batch, method="hutchinson", probes=probes, **kw
+        )
+    elif method == "anchor":
+        per_sample_loop(model, prompts, tokens, "hutchinson", probes)
+    else:
+        dataset_sensitivity(model, prompts, batch_size=batch, **kw)
+
+
 def main() -> list[dict]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=64)
@@ -77,13 +105,16 @@ def main() -> list[dict]:
     parser.add_argument("--anchor-vjps", type=int, default=200)
     args = parser.parse_args()
     model = ll.load_model()
-    words = TEXT.split()
-    prompts = [" ".join(words[3 * k : 3 * k + 2 * args.tokens]) for k in range(args.prompts)]
+    prompts = make_prompts(args.prompts, args.tokens)
     L = args.tokens
     dataset_sensitivity(
         model, prompts[:2], max_len=4, method="hutchinson", probes=2, progress=False
     )  # warm-up
     rows = []
+    print(
+        "seconds: one run in this process; peak MB (process high-water mark, model included): "
+        "one fresh process per method"
+    )
     print(
         f"{'estimator':<11} {'prompts':>7} {'method':<34} {'seconds':>8} {'peak MB':>8} {'t / ours':>8} "
         f"{'mem / ours':>10} {'agreement':>22}"
@@ -98,12 +129,12 @@ def main() -> list[dict]:
 
     # Hutchinson on the whole data set, both measured
     kw = dict(max_len=L, method="hutchinson", probes=args.probes, progress=False)
-    t_h, m_h, ours_h = measure(
-        lambda: dataset_sensitivity(model, prompts, batch_size=args.batch, **kw)
-    )
-    t_a, m_a, (anchor_h, _) = measure(
+    t_h, ours_h = measure(lambda: dataset_sensitivity(model, prompts, batch_size=args.batch, **kw))
+    t_a, (anchor_h, _) = measure(
         lambda: per_sample_loop(model, prompts, L, "hutchinson", args.probes)
     )
+    m_h = peak_of(fresh_run, "ours", args.prompts, L, args.probes, args.batch)
+    m_a = peak_of(fresh_run, "anchor", args.prompts, L, args.probes, args.batch)
     se = (
         (ours_h.var + anchor_h.var) / args.prompts
     ).sqrt()  # std. error of the difference of two means
@@ -133,9 +164,10 @@ def main() -> list[dict]:
 
     # exact: ours measured, the anchor extrapolated from timed single VJPs
     few = prompts[: args.exact_prompts]
-    t_e, m_e, ours_e = measure(
+    t_e, ours_e = measure(
         lambda: dataset_sensitivity(model, few, max_len=L, batch_size=args.batch, progress=False)
     )
+    m_e = peak_of(fresh_run, "ours exact", len(few), L, args.probes, args.batch)
     start = time.perf_counter()
     _, done = per_sample_loop(model, few[:1], L, "exact", 0, max_vjps=args.anchor_vjps)
     per_vjp = (time.perf_counter() - start) / done
