@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from lens_linear._validation import normalize_index, require_tl_model
 from lens_linear.hooks.contexts import analysis_mode, biases_zeroed
-from lens_linear.hooks.detach import detach_hooks
+from lens_linear.hooks.freeze import site_hooks
 from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.run import Hook, forward, input_embeddings, run_to
-from lens_linear.hooks.sites import layer_of, output_hook
+from lens_linear.hooks.sites import find_sites, layer_of, output_hook
 from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
 from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 
@@ -485,7 +485,7 @@ def predicted_patching(
             )
         else:
             value, corrupt_acts, grads = _gradients(
-                model, pairs, hooks, metric, detach_hooks(model) if detached else []
+                model, pairs, hooks, metric, _freezing(model) if detached else []
             )
     corrupt_m = float(value)
     _check_gap(clean_m, corrupt_m)
@@ -533,6 +533,12 @@ def _gradients(
     return value.detach(), acts, list(grads)
 
 
+def _freezing(model: Any) -> list[Hook]:
+    """Hooks that freeze every coefficient at its value in the run they see (the detach
+    hooks, module sites included: they run through our own forward, not ``run_with_hooks``)."""
+    return site_hooks(model, find_sites(model), {}, "record")
+
+
 def _frozen_gradients_by_pair(
     model: Any,
     pairs: PromptPairs,
@@ -575,7 +581,14 @@ class SteeringResult:
 
 
 def steer(
-    model: Any, concept: str, prompt: str, *, layer: int, lam: float = 0.5, max_new_tokens: int = 10
+    model: Any,
+    concept: str,
+    prompt: str,
+    *,
+    layer: int,
+    lam: float = 0.5,
+    max_new_tokens: int = 10,
+    max_memory: int | None = None,
 ) -> SteeringResult:
     """Greedy generation with ``blocks.{layer}.hook_resid_post`` replaced, at every step, by
     ``lam · f(x_new) + (1 − lam) · J⁺_concept x_new`` (the seed paper's equation 16).
@@ -592,7 +605,9 @@ def steer(
     hook = f"blocks.{_layers(model, [layer])[0]}.hook_resid_post"
     with analysis_mode(model):
         concept_tokens = to_tokens(model, concept)
-        point = OperatingPoint.record(model, concept_tokens, names_filter=[])[0]
+        point = OperatingPoint.record(
+            model, concept_tokens, names_filter=[], max_memory=max_memory
+        )[0]
         tokens = to_tokens(model, prompt)
         first = None
         for _ in range(max_new_tokens):

@@ -177,3 +177,17 @@ def test_the_ordinary_jacobian_is_the_unhooked_models(arch):
     print(f"\n{arch}: ordinary Jacobian vs the unhooked model {rel(ours, theirs):.1e}")
     assert rel(ours, theirs) <= 1e-12
     assert rel(ours, lc.jacobian()) > 1e-3  # and it is not the frozen map's
+
+
+@pytest.mark.parametrize("arch", ["GPTJForCausalLM", "MixtralForCausalLM"])
+def test_predicted_patching_freezes_sites_inside_the_wrapped_module(arch):
+    """Softmax inside the wrapped attention (GPT-J) and expert gates (Mixtral) are frozen by
+    module sites, which ``run_with_hooks`` cannot carry: the prediction runs them through our
+    own forward, and equals patched runs through the frozen map (float64)."""
+    from lens_linear.patching import activation_patching, predicted_patching, prompt_pairs
+
+    model = bridge(arch, torch.float64)
+    pairs = prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "a", "c")
+    frozen = activation_patching(model, pairs, detached=True, progress=False)
+    predicted = predicted_patching(model, pairs, progress=False)
+    assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10

@@ -69,7 +69,7 @@ def test_a_hook_calling_back_in_is_refused_and_the_model_comes_back():
     def calls_back_in(value, hook):
         ll.run_with_linear_cache(model, "Hello there")
 
-    with pytest.raises(ll.ModelInUseError, match="a hook called back in during its forward"):
+    with pytest.raises(ll.ModelInUseError, match="called from inside its forward"):
         ll.run_with_linear_cache(
             model, "Hi you", fwd_hooks=[("blocks.0.hook_resid_post", calls_back_in)]
         )
@@ -106,6 +106,18 @@ def test_bias_free_replays_never_write_the_users_tensors():
     seen.clear()
     parts = lc.bias_contributions()
     assert len(seen) >= len(parts) and min(seen) > 0  # never zero while a replay ran
+    total = sum(parts.values())
+    assert float((total - lc.bias_term()).norm() / lc.bias_term().norm()) <= 1e-5
+    assert same_state(model_state(model), before)
+
+
+def test_bias_decomposition_of_a_half_model_computed_in_float32():
+    """The zeros a bias-free replay substitutes are made at each forward, in the dtype the
+    weights then have (float32 copies of a bfloat16 model's)."""
+    model = ll.tiny_model("gpt2", dtype=torch.bfloat16)
+    before = model_state(model)
+    lc = ll.run_with_linear_cache(model, "Hi you there", dtype=torch.float32)
+    parts = lc.bias_contributions()
     total = sum(parts.values())
     assert float((total - lc.bias_term()).norm() / lc.bias_term().norm()) <= 1e-5
     assert same_state(model_state(model), before)

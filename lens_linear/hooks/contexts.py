@@ -1,6 +1,10 @@
 """Every context that temporarily changes the model, and puts it back on exit, even on error.
 
-Entered by :func:`lens_linear.hooks.run.hooks_on` for every run:
+Entered by :func:`lens_linear.hooks.run.hooks_on`. Every run enters the first three, which
+change no value (the model's output is the same with or without them), so that a user's
+hook that edits a norm scale or a pattern acts alike in ordinary and frozen runs; only runs
+that freeze a coefficient enter the last two, so an ordinary run computes what the model
+alone computes:
 
 * :func:`offloaded_norms_loaded` — accelerate-offloaded norm weights loaded for the duration;
 * :func:`weightless_norms_completed` — a weight-free norm (OLMo 1) given the weight 1: an
@@ -14,7 +18,9 @@ Entered by :func:`lens_linear.hooks.run.hooks_on` for every run:
 Entered by the analyses: :func:`analysis_mode` (eval mode, no weight gradients),
 :func:`biases_zeroed` (the bias decomposition, the forward engines), :func:`linears_skipped`
 (dead projections of a replay return zeros) and :func:`computing_in` (a half-precision model's
-weights in float32).
+weights in float32). The last two act on the model's own tensors and module attributes, and
+hold it (:func:`~lens_linear.hooks.guard.exclusive`); :func:`biases_zeroed` writes nothing: its
+zeros are substituted in each of the call's forwards.
 """
 
 from __future__ import annotations
@@ -244,20 +250,27 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if _is_bias(n)]
     best: dict[int, tuple[str, torch.Tensor]] = {}
-    for name, t in named:
-        key = t.untyped_storage().data_ptr()
+    for name, t in named:  # an offloaded (meta) tensor has no storage: each is its own
+        key = id(t) if t.device.type == "meta" else t.untyped_storage().data_ptr()
         if key not in best or t.numel() > best[key][1].numel():
             best[key] = (name, t)
     return dict(best.values())
 
 
-_SUBSTITUTES: WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = WeakKeyDictionary()
+_ZEROED: WeakKeyDictionary[torch.nn.Module, list[str]] = WeakKeyDictionary()
 
 
 def substitutes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Tensors that :func:`lens_linear.hooks.run.forward` passes to the model's forwards in
-    place of its own (``torch.func.functional_call``), set by :func:`biases_zeroed`."""
-    return _SUBSTITUTES.get(model, {})
+    place of its own (``torch.func.functional_call``): zeros for the biases
+    :func:`biases_zeroed` names, made at each forward from the tensors then in place (a half
+    model computing in float32 gets float32 zeros)."""
+    return {name: _zero_like(_tensor(model, name)) for name in _ZEROED.get(model, ())}
+
+
+def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    path, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(path), leaf)
 
 
 def _attribute_names(model: torch.nn.Module, names: set[str]) -> list[str]:
@@ -315,22 +328,21 @@ def biases_zeroed(
             f"method='reverse')."
         )
     kept = set(_attribute_names(model, {keep})) if keep is not None else set()
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    zeros = {  # an offloaded bias (on meta) is zero (else refused above): accelerate loads it
-        name: _zero_like(named[name])
+    zeroed = [  # an offloaded bias (on meta) is zero (else refused above): accelerate loads it
+        name
         for name in _attribute_names(model, set(biases))
-        if name not in kept and named[name].device.type != "meta"
-    }
-    previous = _SUBSTITUTES.get(model)
-    _SUBSTITUTES[model] = zeros
-    try:
-        yield biases
-    finally:
-        if previous is None:
-            del _SUBSTITUTES[model]
-        else:
-            _SUBSTITUTES[model] = previous
+        if name not in kept and _tensor(model, name).device.type != "meta"
+    ]
+    with exclusive(model):  # the setting is the model's: no other thread's forward may see it
+        previous = _ZEROED.get(model)
+        _ZEROED[model] = zeroed
+        try:
+            yield biases
+        finally:
+            if previous is None:
+                del _ZEROED[model]
+            else:
+                _ZEROED[model] = previous
 
 
 def _offloaded_nonzero(model: torch.nn.Module, name: str) -> bool:
@@ -377,6 +389,11 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
     if own == dtype:  # already there (or nested inside another computing_in): nothing to do
         yield
         return
+    with exclusive(model):  # the weights are the model's: no other thread may run meanwhile
+        yield from _computing_in(model, dtype, own)
+
+
+def _computing_in(model: torch.nn.Module, dtype: torch.dtype, own: torch.dtype) -> Iterator[None]:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise LinearizationError(
             f"this model's weights are offloaded by accelerate: they cannot be copied to "

@@ -68,7 +68,7 @@ def exclusive(model: torch.nn.Module) -> Iterator[None]:
         elif call.thread != me:
             raise _refuse(call, "in another thread")
         elif call.forwards:
-            raise _refuse(call, "a hook called back in during its forward")
+            raise _refuse(call, "called from inside its forward, or inside `detached(model)`")
         call.depth += 1
     try:
         yield

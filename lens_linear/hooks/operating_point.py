@@ -284,7 +284,7 @@ class OperatingPoint:
         }
         x = self.x_star[start:].clone().requires_grad_(whole)  # [pos, d_in]: replay adds the batch
         inputs = list(factors.values()) + ([x] if whole else [])
-        with analysis_mode(self.model), torch.enable_grad():
+        with self.computing(), analysis_mode(self.model), torch.enable_grad():
             y = self.replay(x, [out_name], start_pos=start, factors=factors)[out_name]
             if not y.requires_grad:
                 return SiteCheck(ignored + list(factors))
@@ -442,9 +442,8 @@ class OperatingPoint:
         The frozen map is jointly linear in the input and every bias, so replaying at zero
         input with all biases but one set to zero gives that bias's share. The key
         ``"(other)"`` is the replay with every bias zeroed: what no bias explains (zero for
-        the models we know). Biases are zeroed in place and restored bit-for-bit in a
-        ``finally``: ``torch.func.functional_call`` would not touch the model, but on a
-        TransformerBridge it leaves the substituted tensors behind.
+        the models we know). The zeros are substituted in each replay
+        (:func:`~lens_linear.hooks.contexts.biases_zeroed`): the model's tensors are not written.
         """
         parts: dict[str, torch.Tensor] = {}
         for bias_name in [*bias_tensors(self.model), None]:

@@ -84,20 +84,24 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def model_contexts(model: Any) -> Iterator[None]:
-    """What a run that freezes coefficients needs of the model (see
-    :mod:`lens_linear.hooks.contexts`). A run that freezes nothing (the ordinary Jacobian, the
-    clean and corrupted runs of real patching, the user's own hooks) enters none of them: it
-    takes the model's own code path."""
+def model_contexts(model: Any, freezing: bool) -> Iterator[None]:
+    """What a run needs of the model (see :mod:`lens_linear.hooks.contexts`): every run, the
+    contexts that change no value (offloaded norms loaded, weight-free norms completed, a
+    softmax computed inside the wrapped module passed through ``hook_pattern``), so a user's
+    hook edits the same values in every run; a run that freezes coefficients (``freezing``),
+    also the eager experts loop and float64 throughout. A run that freezes nothing (the
+    ordinary Jacobian, real patching) computes what the model alone computes."""
     found = scan(model)
     with (
-        quiet_bridge(),
         offloaded_norms_loaded(model, found),
         weightless_norms_completed(model, found),
         patterns_inside(model, found),
-        experts_eager(model, found),
-        float64_throughout(model),
+        contextlib.ExitStack() as frozen,
     ):
+        if freezing:
+            frozen.enter_context(quiet_bridge())
+            frozen.enter_context(experts_eager(model, found))
+            frozen.enter_context(float64_throughout(model))
         yield
 
 
@@ -112,8 +116,8 @@ def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     points = []
     try:
         with contextlib.ExitStack() as attached:
-            if on_modules or any(getattr(fn, "freezes", False) for _, fn in hooks):
-                attached.enter_context(model_contexts(model))
+            freezing = bool(on_modules) or any(getattr(fn, "freezes", False) for _, fn in hooks)
+            attached.enter_context(model_contexts(model, freezing))
 
             for point, fn in resolve_hooks(hook_dict, hooks):
                 point.add_hook(fn, dir="fwd", level=level)
