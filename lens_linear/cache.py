@@ -54,7 +54,7 @@ from lens_linear.hooks.sites import (
 from lens_linear.hooks.verify import centred_projections, projected_error, seeded_randn
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
-from lens_linear.memory import budget, chunk_size, sequence_bytes
+from lens_linear.memory import budget, chunk_size, release_freed_memory, sequence_bytes
 from lens_linear.tokens import to_tokens, token_strings
 
 
@@ -892,6 +892,8 @@ def run_with_linear_cache(
             store_patterns=store_patterns,
             max_memory=max_memory,
         )
+    if point.frozen_attention:  # a long prompt: its recording's freed memory back to the system
+        release_freed_memory()
     if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
         point = point.in_dtype(dtype)
     lcache = LinearCache(

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from lens_linear._validation import normalize_position
 from lens_linear.hooks.contexts import HALF, analysis_mode, linears_skipped
 from lens_linear.hooks.operating_point import OperatingPoint
-from lens_linear.memory import chunk_size, sequence_bytes
+from lens_linear.memory import chunk_size, release_freed_memory, sequence_bytes
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -238,6 +238,8 @@ def matrix_free_svd(
             torch.float32
         )  # runs in float32 (point.computing() copies the weights)
     model, x_star = point.model, point.x_star
+    if point.frozen_attention:  # a long prompt: what earlier work freed goes back first
+        release_freed_memory()
     n, d_in = x_star.shape
     k = n_triplets
     cols = slice(None) if input_pos == "all" else normalize_position(input_pos, n, "input_pos")

@@ -24,6 +24,7 @@ one 576-row batch took 0.13 s: hence the large default on a GPU.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -99,3 +100,24 @@ def row_block(
     """Query rows of a pattern (every head, float32) recomputed at once: a quarter of the
     budget, between 1 and 256 rows (beyond 256 a block is no faster)."""
     return max(1, min(256, budget(max_memory, device) // 4 // (n_heads * n_keys * 4)))
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim``;
+    nothing elsewhere). glibc keeps memory a long computation freed resident, fragmented
+    between the tensors still alive, and the next computation's peak stacks on top of it:
+    at 2,048 tokens on SmolLM2, a verified recording leaves 2.4-2.6 GB resident, and the top-3
+    matrix-free SVD after it peaked at 3.9-4.1 GB; trimmed in between, at 3.35 GB (the same
+    results). Called after long-prompt work only (each call walks the heap: milliseconds)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
