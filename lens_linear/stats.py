@@ -174,10 +174,9 @@ def frozen_batch_map(
     frozen: dict[str, FrozenAttention] | None = None if store_patterns or batch > 1 else {}
     grab = (INPUT_HOOK, lambda value, hook: seen.__setitem__("x", value.detach()))
     with torch.no_grad():
-        forward(model, tokens, site_hooks(model, sites, store, "record", frozen=frozen) + [grab])
+        hooks = site_hooks(model, sites, store, "record", frozen=frozen, max_memory=max_memory)
+        forward(model, tokens, hooks + [grab])
     x_star = seen["x"]
-    for attention in (frozen or {}).values():
-        attention.max_memory = max_memory
 
     def apply(x: Float[torch.Tensor, "mb end d_in"]) -> torch.Tensor:
         end = x.shape[1]

@@ -35,6 +35,7 @@ def site_hooks(
     mode: str,
     factors: dict[str, torch.Tensor] | None = None,
     frozen: dict[str, FrozenAttention] | None = None,
+    max_memory: int | None = None,
 ) -> list[Hook]:
     """Hook functions that freeze every site.
 
@@ -59,6 +60,7 @@ def site_hooks(
                 mode,
                 factors.get(site.name),
                 recipe_tolerance(model_dtype(model) or torch.float32),
+                max_memory,  # sizes the blocks of pattern rows, from the recording on
             )
         if special is not None:
             hooks += special

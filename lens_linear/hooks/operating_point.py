@@ -165,7 +165,9 @@ class OperatingPoint:
                     hooks_on(
                         model,
                         list(fwd_hooks)
-                        + site_hooks(model, sites, values, "record", frozen=frozen)
+                        + site_hooks(
+                            model, sites, values, "record", frozen=frozen, max_memory=max_memory
+                        )
                         + extra,
                     )
                 )
@@ -199,8 +201,6 @@ class OperatingPoint:
         # that fires again later, as a norm module shared by the embedding and the output, is)
         before = {name for name, value in upstream.items() if values.get(name) is value}
         sites = [s for s in sites if s.name not in before]
-        for attention in (frozen or {}).values():
-            attention.max_memory = max_memory
         point = cls(
             model,
             tokens,

@@ -234,7 +234,12 @@ def recipe_tolerance(dtype: torch.dtype) -> float:
 
 
 def fit_recipe(
-    q: torch.Tensor, k: torch.Tensor, scores: torch.Tensor, pattern: torch.Tensor, tol: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scores: torch.Tensor,
+    pattern: torch.Tensor,
+    tol: float,
+    max_memory: int | None = None,
 ) -> FrozenAttention | None:
     """The recipe for one layer from its recorded ``q``, ``k`` ([pos, heads, d]), scores and
     pattern ([heads, pos, pos]), or ``None`` where its first or last row differs from the
@@ -249,7 +254,7 @@ def fit_recipe(
     if not bool((row.abs() < 1e30).all()) or not float(last.norm()):  # a key masked in the last row
         return None  # (a sliding window shorter than the prompt): not a causal softmax of q kᵀ
     scale = float((row * last).sum() / (last * last).sum())
-    attention = FrozenAttention(q, k, scale)
+    attention = FrozenAttention(q, k, scale, max_memory)
     first_last = (
         slice(0, 1),
         slice(n - 1, n),
@@ -270,6 +275,7 @@ def attention_hooks(
     mode: str,
     factor: torch.Tensor | None,
     tol: float,
+    max_memory: int | None = None,
 ) -> list[tuple[str, Any]] | None:
     """Hooks that freeze one attention's pattern through its queries and keys (see the module
     docstring), or ``None`` where the layer lacks the hook points the recipe needs.
@@ -311,7 +317,7 @@ def attention_hooks(
         if pattern.shape[0] == 1 and all(
             t is not None and t.ndim == 4 for t in (q, k, scores)
         ):  # all fired
-            fitted = fit_recipe(q[0], k[0], scores[0], pattern[0], tol)
+            fitted = fit_recipe(q[0], k[0], scores[0], pattern[0], tol, max_memory)
         if fitted is None:
             store[site_name] = pattern
         else:
