@@ -173,8 +173,9 @@ def load_model(
     """Load a model as a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``).
 
     Args:
-        name: ``"smollm2"`` (the offline default) or any name TransformerLens can load
-            from the model hub.
+        name: ``"smollm2"`` (the offline default), a local model (a ``.gguf`` file, or a
+            folder saved by ``save_pretrained``: no network), or any name TransformerLens
+            can load from the model hub.
         backend: ``"bridge"``, ``"hooked"`` (TransformerLens < 4 only) or ``"auto"``
             (the bridge where available).
         dtype: parameter dtype; float32 by default, float64 for exactness studies.
@@ -195,6 +196,9 @@ def load_model(
             "device, with backend='bridge' (or 'auto')"
         )
     spec = DEFAULT_MODELS.get(name.lower())
+    local = Path(name).expanduser()
+    if spec is None and (local.exists() or local.suffix.lower() == ".gguf"):
+        return _load_local(local, backend, dtype, device, device_map)
     if spec is None:
         return _load_from_hub(name, backend, dtype, device, device_map)
     hf_model, tokenizer = _load_gguf(spec, dtype, device_map)
@@ -299,6 +303,44 @@ def wrap_hooked_llama(
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
     model.load_state_dict(convert_llama_weights(hf_model, cfg), strict=False)
     return model.to(dtype).eval()
+
+
+def _load_local(
+    path: Path, backend: str, dtype: torch.dtype, device: Any, device_map: Any = None
+) -> Any:
+    """A model on disk, through the bridge: a GGUF file (dequantized by ``transformers``) or
+    a Hugging Face folder (``config.json`` and weights, with its tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.exists():
+        raise ModelUnavailableError(f"no such model file: {path}")
+    if backend != "bridge":
+        raise ValueError(
+            "a local model loads as a TransformerBridge: pass backend='bridge' (or 'auto')"
+        )
+    gguf = path.is_file()
+    if gguf and path.suffix.lower() != ".gguf":
+        raise ValueError(
+            f"{path} is a file but not a .gguf: give a GGUF file, or the folder a Hugging Face "
+            f"model was saved to (its config.json and weights)"
+        )
+    if not gguf and not (path / "config.json").exists():
+        raise ValueError(
+            f"{path} has no config.json: give the folder a Hugging Face model was saved to "
+            f"(save_pretrained), or a .gguf file"
+        )
+    where = {"gguf_file": path.name} if gguf else {}
+    folder = path.parent if gguf else path
+    tokenizer = AutoTokenizer.from_pretrained(folder, **where)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device_map, **where
+    )
+    config = hf_model.config
+    if gguf and hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized floats now
+    if not getattr(config, "architectures", None):  # a GGUF's config names none (Gemma 3):
+        config.architectures = [type(hf_model).__name__]  # the bridge picks its adapter by it
+    return wrap_bridge(hf_model.eval(), tokenizer, path.stem, dtype, device)
 
 
 def _load_from_hub(

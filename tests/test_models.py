@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import newest_tl_only
 
 import lens_linear as ll
 from lens_linear import models
@@ -94,3 +95,42 @@ def test_unknown_model_name_is_a_clear_error():
     )
     assert result.returncode == 2
     assert "could not load 'no-such-model-xyz'" in result.stderr and "smollm2" in result.stderr
+
+
+def test_a_local_hugging_face_folder_loads_offline(tmp_path, monkeypatch):
+    """``load_model(folder)``: a model saved with ``save_pretrained`` (config, weights,
+    tokenizer) loads as a bridge with no network step, computes the saved model's logits, and
+    linearizes exactly."""
+    no_network(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = tiny_hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    model = ll.load_model(str(tmp_path))
+    tokens = model.to_tokens("Hello there")
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert float((ours - theirs).abs().max()) <= 1e-5
+    assert ll.run_with_linear_cache(model, "Hello there").reconstruction_error() <= 1e-5
+
+
+def test_local_model_errors(tmp_path):
+    with pytest.raises(ll.ModelUnavailableError, match="no such model file"):
+        ll.load_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a .gguf"):
+        ll.load_model(str(tmp_path / "weights.bin"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        ll.load_model(str(tmp_path))
+
+
+@newest_tl_only
+def test_a_local_gguf_file_loads_as_the_default_does(smollm2, real_cache, monkeypatch):
+    """``load_model("….gguf")``: the default model's own GGUF file, given as a path, is
+    dequantized by ``transformers`` and gives the default model's logits."""
+    no_network(monkeypatch)
+    model = ll.load_model(str(models.fetch_gguf()))
+    tokens = smollm2.to_tokens("The bridge out of Marin is the")
+    with torch.no_grad():
+        ours, default = model(tokens), smollm2(tokens)
+    assert float((ours - default).abs().max()) <= 1e-4 * float(default.abs().max())
