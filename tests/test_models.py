@@ -24,7 +24,8 @@ def real_cache():
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch, real_cache):
     monkeypatch.setenv("LENS_LINEAR_CACHE", str(tmp_path))
-    shutil.copy(real_cache / models.SMOLLM2.wheel, tmp_path / models.SMOLLM2.wheel)
+    wheel = models.SMOLLM2.wheels[0].wheel
+    shutil.copy(real_cache / wheel, tmp_path / wheel)
     return tmp_path
 
 

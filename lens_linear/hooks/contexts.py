@@ -38,13 +38,9 @@ from lens_linear._validation import LinearizationError
 from lens_linear.hooks.guard import exclusive
 from lens_linear.hooks.modules import ModelScan, scan
 from lens_linear.hooks.sites import layer_of
+from lens_linear.tokens import model_dtype
 
 HALF = (torch.float16, torch.bfloat16)
-
-
-def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating-point parameter."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 # ---- entered for every run -------------------------------------------------------------------
@@ -242,6 +238,11 @@ def _is_bias(name: str) -> bool:
     return leaf in ("bias", "b") or leaf.startswith("b_")
 
 
+def _memory_key(t: torch.Tensor) -> int:
+    """The memory block ``t`` lives in (an offloaded tensor, on meta, has none: it is its own)."""
+    return id(t) if t.device.type == "meta" else t.untyped_storage().data_ptr()
+
+
 def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every bias parameter or buffer, one per memory block.
 
@@ -250,8 +251,8 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if _is_bias(n)]
     best: dict[int, tuple[str, torch.Tensor]] = {}
-    for name, t in named:  # an offloaded (meta) tensor has no storage: each is its own
-        key = id(t) if t.device.type == "meta" else t.untyped_storage().data_ptr()
+    for name, t in named:
+        key = _memory_key(t)
         if key not in best or t.numel() > best[key][1].numel():
             best[key] = (name, t)
     return dict(best.values())
@@ -273,25 +274,22 @@ def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(path), leaf)
 
 
-def _attribute_names(model: torch.nn.Module, names: set[str]) -> list[str]:
-    """One name per (module, attribute) among every parameter and buffer name (duplicates
-    included) whose tensor is one of ``names``' tensors or shares their storage (a joint QKV
-    bias and the per-projection views a bridge makes of it)."""
-    named = [
+def _attributes_by_memory(model: torch.nn.Module) -> dict[int, list[str]]:
+    """Every parameter and buffer name by memory block (a joint QKV bias and the per-projection
+    views a bridge makes of it share one), one name per (module, attribute): a bridge reaches
+    each Hugging Face module by two paths."""
+    groups: dict[int, list[str]] = {}
+    seen = set()
+    for name, t in [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
-    ]
-    storages = {t.untyped_storage().data_ptr() for n, t in named if n in names}
-    seen, out = set(), []
-    for name, t in named:
-        if t.untyped_storage().data_ptr() not in storages:
-            continue
+    ]:
         path, _, leaf = name.rpartition(".")
-        key = (id(model.get_submodule(path)), leaf)  # a bridge reaches one module by two paths
-        if key not in seen:
-            seen.add(key)
-            out.append(name)
-    return out
+        attribute = (id(model.get_submodule(path)), leaf)
+        if attribute not in seen:
+            seen.add(attribute)
+            groups.setdefault(_memory_key(t), []).append(name)
+    return groups
 
 
 def _zero_like(t: torch.Tensor) -> torch.Tensor:
@@ -327,11 +325,12 @@ def biases_zeroed(
             f"steering. Load the model without offloading its biased layers, or use lcache.jacobians(..., "
             f"method='reverse')."
         )
-    kept = set(_attribute_names(model, {keep})) if keep is not None else set()
+    groups = _attributes_by_memory(model)
     zeroed = [  # an offloaded bias (on meta) is zero (else refused above): accelerate loads it
-        name
-        for name in _attribute_names(model, set(biases))
-        if name not in kept and _tensor(model, name).device.type != "meta"
+        attribute
+        for name, t in biases.items()
+        if name != keep and t.device.type != "meta"
+        for attribute in groups[_memory_key(t)]
     ]
     with exclusive(model):  # the setting is the model's: no other thread's forward may see it
         previous = _ZEROED.get(model)

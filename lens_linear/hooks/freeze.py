@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import torch
 
 from lens_linear._validation import LinearizationError, tolerance
-from lens_linear.hooks.contexts import model_dtype
 from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
 from lens_linear.hooks.rules.moe import moe_hooks
@@ -26,6 +25,7 @@ from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
 from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero
 from lens_linear.hooks.values import broadcast, spread
+from lens_linear.tokens import model_dtype
 
 
 def site_hooks(

@@ -35,7 +35,6 @@ from lens_linear.hooks.contexts import (
     biases_zeroed,
     computing_in,
     linears_skipped,
-    model_dtype,
 )
 from lens_linear.hooks.freeze import site_hooks
 from lens_linear.hooks.patterns import FrozenAttention
@@ -59,6 +58,7 @@ from lens_linear.hooks.verify import (
     seeded_randn,
 )
 from lens_linear.memory import patterns_fit
+from lens_linear.tokens import model_dtype
 
 SITE_CHECK_POSITIONS = 8  # positions replayed to find ignored sites (without user hooks)
 WHOLE_CHECK_POSITIONS = (
