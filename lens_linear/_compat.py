@@ -170,3 +170,14 @@ def accelerate_hooks(module: torch.nn.Module) -> list[Any]:
     if top is None:
         return []
     return list(getattr(top, "hooks", None) or [top])
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------
+
+
+def model_revision(model: Any) -> str | None:
+    """The Hugging Face commit a bridge's model was loaded at (``config._commit_hash``, as
+    TransformerLens' Jacobian lens records it); ``None`` for a local or hooked model."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    revision = getattr(config, "_commit_hash", None)
+    return revision if isinstance(revision, str) and revision else None

@@ -40,10 +40,10 @@ def char_tokenizer() -> Any:
     )
 
 
-def _hf_configs() -> dict[str, Callable[[], Any]]:
+def _hf_configs(n_layers: int = 2) -> dict[str, Callable[[], Any]]:
     import transformers as tf
 
-    s = _SIZES
+    s = dict(_SIZES, n_layers=n_layers)
     common = dict(
         vocab_size=VOCAB,
         hidden_size=s["d_model"],
@@ -80,8 +80,8 @@ def _hf_configs() -> dict[str, Callable[[], Any]]:
     }
 
 
-def _hooked_configs() -> dict[str, dict[str, Any]]:
-    s = dict(_SIZES, d_vocab=VOCAB)
+def _hooked_configs(n_layers: int = 2) -> dict[str, dict[str, Any]]:
+    s = dict(_SIZES, d_vocab=VOCAB, n_layers=n_layers)
     return {
         "gpt2": dict(
             s, act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard"
@@ -129,11 +129,13 @@ def perturb_(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torc
     return module
 
 
-def tiny_hf_model(arch: str = "gpt2", seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+def tiny_hf_model(
+    arch: str = "gpt2", seed: int = 0, dtype: torch.dtype = torch.float32, n_layers: int = 2
+) -> Any:
     """The Hugging Face model behind ``tiny_model(arch, "bridge")`` (same seed, same weights)."""
     from transformers import AutoModelForCausalLM
 
-    table = _hf_configs()
+    table = _hf_configs(n_layers)
     if arch not in table:
         raise ValueError(
             f"unknown tiny architecture {arch!r}; choose from {', '.join(sorted(table))}"
@@ -148,9 +150,14 @@ def tiny_hf_model(arch: str = "gpt2", seed: int = 0, dtype: torch.dtype = torch.
 
 
 def tiny_model(
-    arch: str = "gpt2", backend: str = "bridge", seed: int = 0, dtype: torch.dtype = torch.float32
+    arch: str = "gpt2",
+    backend: str = "bridge",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    n_layers: int = 2,
 ) -> Any:
-    """A small random model (2 layers, d_model 64) with perturbed biases and norm weights.
+    """A small random model (2 layers by default, d_model 64) with perturbed biases and norm
+    weights.
 
     Args:
         arch: one of :func:`tiny_architectures` for the backend.
@@ -158,9 +165,10 @@ def tiny_model(
             TransformerBridge) or ``"hooked"`` (a HookedTransformer config, TL < 4).
         seed: initialisation seed; the global RNG is left untouched.
         dtype: parameter dtype.
+        n_layers: number of blocks (a Jacobian lens needs at least 3 to chain layers).
     """
     backend = resolve_backend(backend)
-    table = _hf_configs() if backend == "bridge" else _hooked_configs()
+    table = _hf_configs(n_layers) if backend == "bridge" else _hooked_configs(n_layers)
     if arch not in table:
         raise ValueError(
             f"unknown tiny architecture {arch!r} for backend {backend!r}; "
@@ -168,7 +176,7 @@ def tiny_model(
         )
     tokenizer = char_tokenizer()
     if backend == "bridge":
-        hf_model = tiny_hf_model(arch, seed, dtype)
+        hf_model = tiny_hf_model(arch, seed, dtype, n_layers)
         return wrap_bridge(hf_model, tokenizer, f"tiny-{arch}", dtype).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
