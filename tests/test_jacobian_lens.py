@@ -33,7 +33,7 @@ from distributed_fit import PROMPTS as RANK_PROMPTS  # noqa: E402
 
 
 def brute_force(model, prompts, layer, skip=SKIP, hooks=()):
-    """``mean_prompts (1/|V|) Σ_t Σ_t' ∂h_last,t'/∂h_layer,t`` by ``autograd.functional.jacobian``
+    """``mean_prompts (1/|V|) Σ_t ∂(Σ_t' h_last,t')/∂h_layer,t`` by ``autograd.functional.jacobian``
     of the model's own forward, the source injected and the target read by TransformerLens
     hooks (``hooks``: extra ones, e.g. detaching)."""
     last = model.cfg.n_layers - 1
@@ -42,6 +42,7 @@ def brute_force(model, prompts, layer, skip=SKIP, hooks=()):
         tokens = model.to_tokens(prompt)
         _, cache = model.run_with_cache(tokens)
         h = cache[f"blocks.{layer}.hook_resid_post"][0].detach()
+        valid = list(range(skip, tokens.shape[-1] - 1))
         seen = {}
 
         def f(x):
@@ -59,11 +60,10 @@ def brute_force(model, prompts, layer, skip=SKIP, hooks=()):
                     (f"blocks.{last}.hook_resid_post", read),
                 ],
             )
-            return seen["y"][0]
+            return seen["y"][0][valid].sum(0)  # Σ over valid targets t'
 
-        jac = torch.autograd.functional.jacobian(f, h)  # [t', d_out, t, d_in]
-        valid = list(range(skip, tokens.shape[-1] - 1))
-        total = total + jac[valid][:, :, valid].double().sum((0, 2)) / len(valid)
+        jac = torch.autograd.functional.jacobian(f, h)  # [d_out, t, d_in]
+        total = total + jac[:, valid].double().sum(1) / len(valid)
     return total / len(prompts)
 
 
