@@ -223,7 +223,7 @@ def _check_affine(
 @dataclass
 class JacobianLensReadout:
     """Per-layer top-k lens logits of one prompt (TransformerLens' ``JacobianLensReadout``
-    fields, for TransformerLens versions without the Jacobian lens)."""
+    fields, for :class:`CompatibleJacobianLens`)."""
 
     lens_topk_values: dict[int, Float[torch.Tensor, "pos k"]]
     lens_topk_indices: dict[int, Int[torch.Tensor, "pos k"]]
@@ -236,8 +236,8 @@ class JacobianLensReadout:
 
 class CompatibleJacobianLens:
     """TransformerLens' ``JacobianLens`` fields, ``save``/``load`` format, ``merge``,
-    ``transport`` and ``readout``, for TransformerLens versions before 4.3 (and for the
-    ``HookedTransformer``, which its class refuses)."""
+    ``transport`` and ``readout``, for TransformerLens versions before 3.9 and for the
+    ``HookedTransformer`` (whose readout TransformerLens' class refuses)."""
 
     def __init__(
         self,
@@ -387,13 +387,15 @@ def read_logits(model: Any, residual: Float[torch.Tensor, "... d_model"]) -> tor
     return logits if cap <= 0 else cap * torch.tanh(logits / cap)
 
 
-def lens_class() -> type:
-    """TransformerLens' ``JacobianLens`` (TransformerLens ≥ 4.3), else the compatible class."""
+def lens_class(model: Any) -> type:
+    """TransformerLens' ``JacobianLens`` for a ``TransformerBridge`` (TransformerLens ≥ 3.9);
+    the compatible class for a ``HookedTransformer`` (whose readout TransformerLens' class
+    refuses) or an older TransformerLens."""
     try:
         from transformer_lens.tools.analysis import JacobianLens
     except ImportError:
         return CompatibleJacobianLens
-    return JacobianLens
+    return JacobianLens if type(model).__name__ == "TransformerBridge" else CompatibleJacobianLens
 
 
 # ---- fitting ---------------------------------------------------------------------------------
@@ -444,7 +446,8 @@ def fit_jacobian_lens(
     the lens of all prompts, equal to a single-process fit (sums are kept in float64).
 
     Returns:
-        ``JacobianLens`` (TransformerLens ≥ 4.3; else :class:`CompatibleJacobianLens`) with
+        TransformerLens' ``JacobianLens`` for a bridge (:class:`CompatibleJacobianLens` for a
+        ``HookedTransformer`` or a TransformerLens before 3.9), with
         ``metadata["estimator"]`` ``"jacobian_lens"`` or ``"detached_jacobian_lens"``.
 
     Example:
@@ -522,7 +525,7 @@ def fit_jacobian_lens(
             f"(a prompt needs more than skip_first_positions + 1 = {skip_first_positions + 1} tokens)"
         )
     meta["n_prompts"] = n_done
-    return lens_class()(
+    return lens_class(model)(
         {layer: (sums[layer] / n_done).float() for layer in layers},
         n_prompts=n_done,
         d_model=model.cfg.d_model,

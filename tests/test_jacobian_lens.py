@@ -18,9 +18,9 @@ from lens_linear.jacobian_lens import CompatibleJacobianLens, fit_jacobian_lens
 HAS_TL_LENS = True
 try:
     from transformer_lens.tools.analysis import JacobianLens
-except ImportError:  # TransformerLens before 4.3
+except ImportError:  # TransformerLens before 3.9
     HAS_TL_LENS = False
-needs_tl_lens = leg_specific(not HAS_TL_LENS, "TransformerLens' JacobianLens (TL >= 4.3)")
+needs_tl_lens = leg_specific(not HAS_TL_LENS, "TransformerLens' JacobianLens (TL >= 3.9)")
 
 PROMPTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -246,7 +246,7 @@ def test_short_prompts_are_skipped_and_bad_options_refused():
 
 
 def test_compatible_lens_saves_loads_merges_and_reads_out(tmp_path):
-    """The class used before TransformerLens 4.3: its artifact format, merge by prompt count,
+    """The class for HookedTransformer and TransformerLens before 3.9: its artifact format, merge by prompt count,
     and a readout equal to the model's own final norm and unembedding of ``J h``."""
     model = ll.tiny_model("gpt2", n_layers=3)
     a = fit_jacobian_lens(model, PROMPTS[:1], skip_first_positions=SKIP, progress=False)
