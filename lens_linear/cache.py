@@ -53,6 +53,7 @@ from lens_linear.hooks.sites import (
 )
 from lens_linear.hooks.verify import centred_projections, projected_error, seeded_randn
 from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_jacobians
+from lens_linear.jacobian_lens import prompt_transports, readout_functional, source_layer
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
 from lens_linear.memory import budget, chunk_size, release_freed_memory, sequence_bytes
 from lens_linear.tokens import to_tokens, token_strings
@@ -118,6 +119,7 @@ class LinearCache:
         self.max_memory = max_memory
         self.progress = progress
         self._jacobians: dict[tuple[str, int, bool, str], torch.Tensor] = {}
+        self._lens: dict[tuple, Any] = {}  # this input's Jacobian-lens transports
         self._check_graph: tuple[torch.Tensor, torch.Tensor] | None = (
             None  # see check(): used by one Jacobian
         )
@@ -429,6 +431,106 @@ class LinearCache:
         _, pos = self._resolve(None, pos)
         final_resid = f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
         return self.jacobian(self.output, pos=pos, input_hook=final_resid)[pos]
+
+    # ---- the Jacobian lens of this input --------------------------------------------------
+    def transport(
+        self, layer: int, *, skip_first_positions: int = 0
+    ) -> Float[torch.Tensor, "d_model d_model"]:
+        """This input's own Jacobian-lens transport from the output of block ``layer`` to the
+        last block's output, through its frozen map: ``(1/|V|) Σ_{t∈V} Σ_{t'∈V} J⁺_{t'←t}``
+        over the valid positions ``V`` (the first ``skip_first_positions`` and the last left
+        out), float64, verified. It is the matrix ``fit_jacobian_lens(model, [this input],
+        detached=True, source_layers=[layer])`` averages over prompts; memoized."""
+        layer = source_layer(self.model, layer)
+        key = ("transport", layer, skip_first_positions)
+        if key not in self._lens:
+            if self.n_pos <= skip_first_positions + 1:
+                raise ValueError(
+                    f"this input has {self.n_pos} tokens: none is valid with "
+                    f"skip_first_positions={skip_first_positions} (the last is always left out)"
+                )
+            self._lens[key] = prompt_transports(
+                self.model,
+                self.tokens,
+                [layer],
+                detached=True,
+                skip_first_positions=skip_first_positions,
+                max_memory=self.max_memory,
+                progress=self.progress,
+                point=self.point,
+            )[layer]
+        return self._lens[key]
+
+    def lens_contributions(
+        self,
+        layer: int,
+        token: int | str,
+        *,
+        lens: Any = None,
+        pos: int | None = None,
+        by: str = "component",
+    ) -> dict[str, float] | Float[torch.Tensor, "pos_in"]:  # noqa: F821
+        """This input's Jacobian-lens readout of ``token`` at ``pos`` from block ``layer``,
+        split exactly: the logit (before any soft cap) that ``lens`` (a fitted
+        ``JacobianLens``; default this input's own :meth:`transport`) reads from the residual
+        ``h`` there, with the final norm frozen at the transported vector ``T h``.
+
+        ``by="component"``: ``{"embed", "blocks.k.attn", "blocks.k.mlp", ..., "readout bias"}``,
+        each component's direct write to ``h`` read through the lens (``"readout bias"``: what
+        the final norm and unembedding add). ``by="position"``: ``[pos_in]``, the frozen map's
+        per-input-token parts ``J⁺_i x_i`` of ``h`` read through the lens; add
+        ``lens_contributions(..., by="component")["readout bias"]`` and the readout of the
+        frozen map's bias term (the last entry of the returned tensor) to get the logit.
+        Either sums to the readout to the dtype's precision, or :class:`LinearizationError`."""
+        _, pos = self._resolve(None, pos)
+        layer = source_layer(self.model, layer)
+        if isinstance(token, str):
+            token = int(to_tokens(self.model, token, prepend_bos=False)[0, 0])
+        hook = f"blocks.{layer}.hook_resid_post"
+        matrix = self.transport(layer) if lens is None else lens.jacobians[layer].double()
+        h = self.activation(hook, pos=pos).double()
+        g, constant = readout_functional(self.model, matrix.to(h.device) @ h, token)
+        read = g @ matrix.to(h.device)  # the readout as a functional of h
+        if by == "component":
+            parts = self.contributions(hook, pos=pos, by="component")
+            out = {label: float(read @ v.double()) for label, v in parts.items() if label != "bias"}
+            out["readout bias"] = constant
+        elif by == "position":
+            parts = self.contributions(hook, pos=pos, by="position").double()
+            bias = self.bias_term(hook, pos=pos).double()
+            out = torch.cat([parts @ read, (read @ bias)[None] + constant])
+        else:
+            raise ValueError(f"by must be 'component' or 'position', got {by!r}")
+        total = sum(out.values()) if isinstance(out, dict) else float(out.sum())
+        expected = float(read @ h) + constant
+        err = abs(total - expected) / max(abs(expected), float(read.abs() @ h.abs()), 1e-30)
+        if not err <= tolerance(self.x.dtype):
+            raise LinearizationError(
+                f"the lens readout's parts do not add up to it at {hook}[{pos}] (relative "
+                f"error {err:.2e} > {tolerance(self.x.dtype):.0e})",
+                layer=layer,
+                error=err,
+            )
+        return out
+
+    def transport_fraction(
+        self, lens: Any, layers: Sequence[int] | None = None, *, skip_first_positions: int = 0
+    ) -> dict[int, float]:
+        """How much of the corpus ``lens``' transport of this input this input's own map
+        explains, per source layer: ``1 − Σ_t ‖(J − T) h_t‖² / Σ_t ‖J h_t‖²`` over the valid
+        positions, ``J`` the lens's matrix and ``T`` this input's :meth:`transport` (1: the
+        corpus lens moves these residuals exactly as this input's own map does)."""
+        layers = lens.source_layers if layers is None else layers
+        out = {}
+        valid = list(range(skip_first_positions, self.n_pos - 1))
+        for layer in layers:
+            h = self.activations[f"blocks.{layer}.hook_resid_post"][0, valid].double()
+            corpus = h @ lens.jacobians[layer].double().to(h.device).T
+            own = (
+                h @ self.transport(layer, skip_first_positions=skip_first_positions).to(h.device).T
+            )
+            out[layer] = 1.0 - float((corpus - own).pow(2).sum() / corpus.pow(2).sum())
+        return out
 
     def reconstruction(
         self, hook: HookKey | None = None, *, pos: int | None = None, detached: bool = True

@@ -45,8 +45,10 @@ from lens_linear._validation import (
     tolerance,
 )
 from lens_linear.hooks.contexts import analysis_mode
+from lens_linear.hooks.freeze import site_hooks
 from lens_linear.hooks.operating_point import OperatingPoint
-from lens_linear.hooks.run import run_to
+from lens_linear.hooks.run import hooks_on, run_to
+from lens_linear.hooks.sites import find_sites
 from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, model_dtype, to_tokens
 
@@ -56,6 +58,19 @@ HOOK_CONVENTION = "blocks.{layer}.hook_out"  # = blocks.{layer}.hook_resid_post
 
 def resid_post(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
+
+
+def source_layer(model: Any, layer: int) -> int:
+    """A source layer index (negative counts from ``n_layers``, as in TransformerLens), below
+    the last block, whose output is the lens's target."""
+    n_layers = model.cfg.n_layers
+    layer = normalize_index(layer, n_layers)
+    if layer >= n_layers - 1:
+        raise ValueError(
+            f"source layers must lie below the last block ({n_layers - 1}), the lens's target; "
+            f"got {layer}"
+        )
+    return layer
 
 
 def valid_positions(n_pos: int, skip_first_positions: int) -> range:
@@ -113,6 +128,7 @@ def prompt_transports(
     skip_first_positions: int = 16,
     max_memory: int | None = None,
     progress: bool = False,
+    point: OperatingPoint | None = None,
 ) -> dict[int, Float[torch.Tensor, "d_model d_model"]]:
     """One prompt's transports ``(1/|V|) Σ_{t∈V} Σ_{t'∈V} ∂h_final,t'/∂h_l,t``, float64, for
     each source layer ``l`` (the rows are output dimensions, as in ``JacobianLens``).
@@ -121,7 +137,9 @@ def prompt_transports(
     below it enters the graph), then ``d_model`` cotangents, each one output dimension at
     every valid target position, pulled back in batched chunks; every source layer's rows
     are summed over the valid source positions as each chunk arrives. ``detached``: through
-    the frozen map of this prompt, verified before anything is returned."""
+    the frozen map of this prompt (``point``, where it is already recorded: a
+    :class:`~lens_linear.LinearCache`'s, with its user hooks and dtype), verified before
+    anything is returned."""
     cfg = model.cfg
     n_pos, d_model, last = tokens.shape[-1], cfg.d_model, cfg.n_layers - 1
     valid = list(valid_positions(n_pos, skip_first_positions))
@@ -130,14 +148,17 @@ def prompt_transports(
     sums = {layer: torch.zeros(d_model, d_model, dtype=torch.float64) for layer in source_layers}
     with analysis_mode(model), torch.enable_grad():
         if detached:
-            point, _, cache = OperatingPoint.record(
-                model, tokens, names_filter=[names[0], target], max_memory=max_memory
-            )
-            root = cache[names[0]][0].detach()
+            if point is None:
+                point, _, cache = OperatingPoint.record(
+                    model, tokens, names_filter=[names[0], target], max_memory=max_memory
+                )
+            else:
+                cache = point.activations
+            root = cache[names[0]][0].detach().to(point.x_star.dtype)
             leaf = root.clone().requires_grad_(True)
             with point.computing():
                 out = point.replay(leaf, [*names, target], input_hook=names[0])
-            _check_replay(out[target][0], cache[target][0], valid, target)
+            _check_replay(out[target][0], cache[target][0].to(root.dtype), valid, target)
         else:
 
             def make_leaf(value: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -215,6 +236,30 @@ def _check_affine(
             layer=layer,
             error=err,
         )
+
+
+# ---- one input's readout, exactly decomposed --------------------------------------------------
+
+
+def readout_functional(
+    model: Any,
+    v: Float[torch.Tensor, "d_model"],  # noqa: F821
+    token: int,
+) -> tuple[Float[torch.Tensor, "d_model"], float]:  # noqa: F821
+    """The lens readout of ``token`` (its logit before any soft cap) at the transported vector
+    ``v`` as ``g · v + c``: the final norm's coefficients frozen at ``v``'s own statistics (as
+    the readout computes them), so the readout is affine and any split of ``v`` splits it."""
+    sites = [site for site in find_sites(model) if site.name.startswith("ln_final.")]
+    dtype = model_dtype(model) or torch.float32
+    leaf = v.detach().to(dtype).clone().requires_grad_(True)
+    with (
+        analysis_mode(model),
+        torch.enable_grad(),
+        hooks_on(model, site_hooks(model, sites, {}, "record")),
+    ):
+        logit = model.unembed(model.ln_final(leaf[None, None]))[0, 0, token]
+        (g,) = torch.autograd.grad(logit, leaf)
+    return g.double(), float(logit.detach().double() - g.double() @ leaf.detach().double())
 
 
 # ---- the lens class: TransformerLens' where it has one ---------------------------------------
@@ -459,12 +504,8 @@ def fit_jacobian_lens(
     if n_layers < 2:
         raise ValueError("a Jacobian lens needs at least two blocks (sources below the last)")
     layers = sorted(
-        {normalize_index(layer, n_layers) for layer in (source_layers or range(n_layers - 1))}
+        {source_layer(model, layer) for layer in (source_layers or range(n_layers - 1))}
     )
-    if layers[-1] >= n_layers - 1:
-        raise ValueError(
-            f"source layers must lie below the last block ({n_layers - 1}); got {layers}"
-        )
     if isinstance(prompts, (str, torch.Tensor)):
         prompts = [prompts]
     if not isinstance(skip_first_positions, int) or skip_first_positions < 0:

@@ -282,3 +282,43 @@ def test_compatible_lens_saves_loads_merges_and_reads_out(tmp_path):
     logits = (normed * w.double() + bias.double()) @ model.original_model.lm_head.weight.double().T
     assert torch.equal(read.lens_topk_indices[1], logits.topk(4).indices)
     del ln
+
+
+def test_an_inputs_own_transport_and_its_readout_decomposed():
+    """``lcache.transport`` against brute-force autograd under the detach hooks written here;
+    the readout's parts (components and input positions) against the model's own final norm
+    and unembedding of the transported residual."""
+    model = ll.tiny_model("gpt2", n_layers=4)
+    prompt = PROMPTS[0]
+    lc = ll.run_with_linear_cache(model, prompt, progress=False)
+    hooks = plain_detach_hooks()
+    detach = [hooks[k] for k in ["scale", "pattern", "pre", "ratio"]]
+    own = lc.transport(1, skip_first_positions=SKIP)
+    assert rel(own, brute_force(model, [prompt], 1, hooks=detach)) <= 1e-5
+    corpus = fit_jacobian_lens(model, PROMPTS, skip_first_positions=SKIP, progress=False)
+    token = 7
+    h = lc.activations["blocks.1.hook_resid_post"][0, -1].double()
+    with torch.no_grad():
+        x = (corpus.jacobians[1].double() @ h).float()
+        expected = float(model.unembed(model.ln_final(x[None, None]))[0, 0, token])
+    parts = lc.lens_contributions(1, token, lens=corpus)
+    assert set(parts) == {
+        "embed",
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+        "readout bias",
+    }
+    assert abs(sum(parts.values()) - expected) <= 1e-5 * max(1.0, abs(expected))
+    by_position = lc.lens_contributions(1, token, lens=corpus, by="position")
+    assert by_position.shape == (lc.n_pos + 1,)
+    assert abs(float(by_position.sum()) - expected) <= 1e-5 * max(1.0, abs(expected))
+    fraction = lc.transport_fraction(corpus, skip_first_positions=SKIP)
+    assert set(fraction) == {0, 1, 2} and all(f < 1 for f in fraction.values())
+    one = fit_jacobian_lens(
+        model, [prompt], detached=True, skip_first_positions=SKIP, progress=False
+    )
+    assert lc.transport_fraction(one, skip_first_positions=SKIP)[1] >= 1 - 1e-10
+    with pytest.raises(ValueError, match="below the last block"):
+        lc.transport(-1)
