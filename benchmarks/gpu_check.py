@@ -188,6 +188,8 @@ def main() -> None:
     anchor = timed(lambda: [sensitivity(model, p, max_len=16) for p in prompts])
     row(f"sensitivity stats, {len(prompts)}x16", ours, anchor, "one prompt at a time")
 
+    jacobian_lens_rows(model)
+
     print("\nhalf precision (the same model in bfloat16 and float16)")
     for dtype in (torch.bfloat16, torch.float16):
         half = smollm2_shaped(dtype)
@@ -213,6 +215,43 @@ def main() -> None:
             f"residual {mf.residuals.max():.1e}, converged {mf.converged}",
             flush=True,
         )
+
+
+def jacobian_lens_rows(model: torch.nn.Module) -> None:
+    """Jacobian lens: ours (every backward row batched up to GPU_MAX_ROWS) vs TransformerLens'
+    ``JacobianLens.fit`` (``dim_batch=8``: ``d_model / 8`` backward passes per prompt)."""
+    try:
+        from transformer_lens.tools.analysis import JacobianLens
+    except ImportError:
+        print("Jacobian lens: this TransformerLens has no JacobianLens")
+        return
+    from lens_linear.jacobian_lens import fit_jacobian_lens
+
+    for n_prompts, length in [(2, 64)] if QUICK else [(2, 64), (2, 128), (1, 512)]:
+        prompts = [
+            "".join(chr(97 + (7 * i + 3 * k) % 26) for k in range(length)) for i in range(n_prompts)
+        ]
+        ours = timed(lambda: fit_jacobian_lens(model, prompts, max_seq_len=length, progress=False))
+        theirs = timed(
+            lambda: JacobianLens.fit(
+                model, prompts, corpus="gpu-check", max_seq_len=length, show_progress=False
+            )
+        )
+        err = max(
+            float(
+                (ours[2].jacobians[k] - theirs[2].jacobians[k]).norm()
+                / theirs[2].jacobians[k].norm()
+            )
+            for k in theirs[2].source_layers
+        )
+        row(f"Jacobian lens, {n_prompts}x{length}", ours, theirs, "JacobianLens.fit (dim_batch 8)")
+        detached = timed(
+            lambda: fit_jacobian_lens(
+                model, prompts, detached=True, max_seq_len=length, progress=False
+            )
+        )
+        row(f"detached Jacobian lens, {n_prompts}x{length}", detached, theirs, "JacobianLens.fit")
+        print(f"    ordinary lens vs TransformerLens' max rel difference per layer {err:.1e}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import lens_linear as ll
-from lens_linear import attention, decode, hooks, matfree, patching, render, stats
+from lens_linear import attention, decode, hooks, jacobian_lens, matfree, patching, render, stats
 
 ERRORS = [
     getattr(ll, name)
@@ -27,6 +27,7 @@ PUBLIC = {
         ll.detach_hooks,
         ll.detached,
         ll.induction_heads,
+        ll.fit_jacobian_lens,
         *ERRORS,
     ],
     "lens_linear.hooks": [hooks.detached_function],
@@ -40,6 +41,7 @@ PUBLIC = {
         patching.predicted_patching,
         patching.steer,
     ],
+    "lens_linear.jacobian_lens": [jacobian_lens.CompatibleJacobianLens],
     "lens_linear.stats": [stats.sensitivity, stats.dataset_sensitivity, stats.Welford],
     "lens_linear.matfree": [matfree.matrix_free_svd],
     "lens_linear.render": [

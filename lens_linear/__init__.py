@@ -11,12 +11,15 @@ Entry points:
   per-token contributions and reconstruction checks.
 * ``lcache.attention`` (:class:`AttentionCircuits`) and :func:`induction_heads` — frozen
   patterns, token-to-token attention Jacobians as ``FactoredMatrix``, their QK term.
+* :func:`fit_jacobian_lens` — TransformerLens' ``JacobianLens`` fitted by batched products,
+  ordinary or through each prompt's frozen map (``detached=True``).
 """
 
 from lens_linear._validation import LinearizationError, ModelInUseError, ModelUnavailableError
 from lens_linear.attention import AttentionCircuits, induction_heads
 from lens_linear.cache import LinearCache, run_with_linear_cache
 from lens_linear.hooks import OperatingPoint, detach_hooks, detached
+from lens_linear.jacobian_lens import fit_jacobian_lens
 from lens_linear.models import load_model
 from lens_linear.tiny import tiny_architectures, tiny_model
 
@@ -30,6 +33,7 @@ __all__ = [
     "OperatingPoint",
     "detach_hooks",
     "detached",
+    "fit_jacobian_lens",
     "induction_heads",
     "load_model",
     "run_with_linear_cache",
