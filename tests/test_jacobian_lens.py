@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HOOKED, leg_specific, rel
+from conftest import HOOKED, leg_specific, newest_tl_only, rel
 
 import lens_linear as ll
 from lens_linear.jacobian_lens import CompatibleJacobianLens, fit_jacobian_lens
@@ -322,3 +322,31 @@ def test_an_inputs_own_transport_and_its_readout_decomposed():
     assert lc.transport_fraction(one, skip_first_positions=SKIP)[1] >= 1 - 1e-10
     with pytest.raises(ValueError, match="below the last block"):
         lc.transport(-1)
+
+
+@newest_tl_only
+@needs_tl_lens
+def test_smollm2_lens_equals_transformer_lens_fit(smollm2):
+    """The default model: TransformerLens' fit and ours on one 24-token prompt, three source
+    layers (the backward runs from layer 0 either way)."""
+    prompt = "The bridge out of Marin is the most beautiful sight in the whole bay area, and"
+    layers = [0, 14, 28]
+    theirs = JacobianLens.fit(
+        smollm2,
+        [prompt],
+        corpus="t",
+        source_layers=layers,
+        skip_first_positions=SKIP,
+        max_seq_len=24,
+        show_progress=False,
+    )
+    ours = fit_jacobian_lens(
+        smollm2,
+        [prompt],
+        source_layers=layers,
+        skip_first_positions=SKIP,
+        max_seq_len=24,
+        progress=False,
+    )
+    for layer in layers:
+        assert rel(ours.jacobians[layer], theirs.jacobians[layer]) <= 1e-5, layer
