@@ -50,7 +50,7 @@ from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.run import hooks_on, run_to
 from lens_linear.hooks.sites import find_sites
 from lens_linear.memory import chunk_size, sequence_bytes
-from lens_linear.tokens import model_device, model_dtype, to_tokens
+from lens_linear.tokens import model_device, model_dtype, to_tokens, token_strings
 
 ESTIMATORS = {False: "jacobian_lens", True: "detached_jacobian_lens"}
 HOOK_CONVENTION = "blocks.{layer}.hook_out"  # = blocks.{layer}.hook_resid_post
@@ -723,3 +723,58 @@ class FitState:
 
 def _chained(digest: str, tokens: torch.Tensor) -> str:
     return hashlib.sha256(digest.encode() + tokens.cpu().long().numpy().tobytes()).hexdigest()
+
+
+# ---- lenses side by side on one input ---------------------------------------------------------
+
+OWN_MAP = "this input's own map (detached)"
+
+
+@torch.no_grad()
+def lens_table(
+    lcache: Any,
+    lenses: dict[str, Any] | None = None,
+    *,
+    token: int | None = None,
+    pos: int | None = None,
+) -> list[dict]:
+    """Each source layer's residual at ``pos`` read as the model's output through each lens:
+    the probability and rank of ``token`` and the top token, one row per layer and lens.
+
+    The logit lens (``"logit lens"``) reads block ``layer``'s output as if it were the last
+    block's; a Jacobian lens first carries it there (``lens.transport``), so comparing them
+    layer by layer shows how much of a readout's early answer (or its absence) is the
+    transport. ``lenses`` maps names to fitted lenses (their common source layers are read);
+    ``None`` compares with this input's own transport through its frozen map
+    (:meth:`~lens_linear.LinearCache.transport`, every layer below the last), the lens a
+    detached fit on this input alone would give. ``token`` defaults to the model's own top
+    prediction at ``pos`` (default the cache's position).
+
+    Rows: ``{"layer", "lens", "probability", "rank", "top_token"}`` (rank 0: the top token).
+    """
+    model = lcache.model
+    top = lcache.top_predictions(1, pos=pos)[0]  # also checks pos
+    token = top.token_id if token is None else int(token)
+    pos = lcache.pos if pos is None else pos % lcache.n_pos
+    transports: dict[str, Callable] = {"logit lens": lambda h, layer: h}
+    layers = set(range(model.cfg.n_layers - 1))
+    if lenses is None:
+        transports[OWN_MAP] = lambda h, layer: h.double() @ lcache.transport(layer).to(h.device).T
+    for name, lens in (lenses or {}).items():
+        transports[name] = lens.transport
+        layers &= set(lens.source_layers)
+    rows = []
+    for layer in sorted(layers):
+        h = lcache.activations[resid_post(layer)][0, pos]
+        for name, transport in transports.items():
+            logits = read_logits(model, transport(h, layer)[None, None])[0, 0].double()
+            rows.append(
+                {
+                    "layer": layer,
+                    "lens": name,
+                    "probability": float(logits.softmax(-1)[token]),
+                    "rank": int((logits > logits[token]).sum()),
+                    "top_token": token_strings(model, [int(logits.argmax())])[0],
+                }
+            )
+    return rows
