@@ -155,19 +155,22 @@ def prompt_transports(
             else:
                 cache = point.activations
             root = cache[names[0]][0].detach().to(point.x_star.dtype)
-            leaf = root.clone().requires_grad_(True)
+            # positions before the first valid one reach no valid source's rows: with the
+            # coefficients frozen they only add constants, so the replay leaves them out (not
+            # under user hooks, which may index absolute positions)
+            start = 0 if point.fwd_hooks else skip_first_positions
+            leaf = root[start:].clone().requires_grad_(True)
             with point.computing():
-                out = point.replay(leaf, [*names, target], input_hook=names[0])
-            _check_replay(out[target][0], cache[target][0].to(root.dtype), valid, target)
+                out = point.replay(leaf, [*names, target], input_hook=names[0], start_pos=start)
         else:
 
             def make_leaf(value: torch.Tensor, hook: Any) -> torch.Tensor:
                 return value.detach().requires_grad_(True)
 
             out = run_to(model, tokens, [(names[0], make_leaf)], capture=[*names, target])
-            root = leaf = None
-        y = out[target]  # [1, pos, d_model]
-        rows_at = torch.tensor(valid, device=y.device)
+            root, start = None, 0
+        y = out[target]  # [1, pos - start, d_model]
+        rows_at = torch.tensor([t - start for t in valid], device=y.device)
         pulled = torch.zeros(d_model, dtype=torch.float64)  # Σ_i (u_iᵀ J) h*: the check
 
         def cotangent(rows: slice) -> torch.Tensor:
@@ -183,59 +186,84 @@ def prompt_transports(
                 part = grad[:, 0, rows_at.to(grad.device)].double().sum(1) / len(valid)
                 sums[layer][rows] += part.cpu()
             if root is not None:
-                g = grads[0][:, 0]  # the leaf's rows: every position
-                pulled[rows] = (g.double().flatten(1) @ root.double().reshape(-1)).cpu()
+                g = grads[0][:, 0]  # the leaf's rows: every position replayed
+                pulled[rows] = (g.double().flatten(1) @ root[start:].double().reshape(-1)).cpu()
 
         row_bytes = sequence_bytes(cfg, n_pos, y.dtype) + len(names) * n_pos * d_model * 8
         chunk = chunk_size(d_model, row_bytes, max_memory, device=y.device)
         pullback_rows(y, [out[n] for n in names], cotangent, d_model, chunk, take, progress)
     if detached:
-        _check_affine(point, pulled, out[target][0].detach(), root, valid, names[0], target)
+        verify_frozen(point, names[0], target, root, start, pulled, y[0].detach(), cache, valid)
     return sums
 
 
-def _check_replay(
-    replayed: torch.Tensor, recorded: torch.Tensor, valid: list[int], target: str
-) -> None:
-    """The frozen map's value at the prompt is the model's own."""
-    err = relative_error(replayed.detach()[valid], recorded[valid])
-    if not err <= tolerance(recorded.dtype):
-        raise LinearizationError(
-            f"the frozen map replayed from the first source layer does not reproduce {target} "
-            f"(relative error {err:.2e} > {tolerance(recorded.dtype):.0e}): a coefficient is not "
-            f"frozen where the model reads it. Fit the ordinary lens (detached=False) instead."
-        )
-
-
-def _check_affine(
+def verify_frozen(
     point: OperatingPoint,
-    pulled: torch.Tensor,
-    y: torch.Tensor,
-    root: torch.Tensor,
-    valid: list[int],
     root_name: str,
     target: str,
+    root: Float[torch.Tensor, "pos d_model"],
+    start: int,
+    pulled: Float[torch.Tensor, "d_model"],  # noqa: F821
+    replayed: Float[torch.Tensor, "pos_replayed d_model"],
+    cache: Any,
+    valid: list[int],
 ) -> None:
-    """Every row ``u_i`` (one output dimension at every valid target) satisfies
-    ``u_iᵀ J⁺ h* = u_iᵀ (y* − F(0))``: the map the rows came from is linear along the prompt's
-    own activation (a coefficient left live makes it fail), ``d_model`` projections for one
-    replay at zero."""
-    constant = (
-        point.bias_term(target, input_hook=root_name, like=root)
-        if point.may_add_constant()
-        else torch.zeros_like(y)
-    )
-    expected = (y - constant)[valid].double().sum(0).cpu()
-    err = relative_error(pulled, expected)
-    if not err <= tolerance(y.dtype):
-        layer, layer_err = point.locate_break(tolerance(y.dtype))
-        where = f", first at blocks.{layer} ({layer_err:.2e})" if layer is not None else ""
-        raise LinearizationError(
-            f"the frozen map from {root_name} to {target} is not linear (relative error "
-            f"{err:.2e} > {tolerance(y.dtype):.0e}{where}): a nonlinearity is not frozen.",
+    """Raise :class:`LinearizationError` unless the rows came from the prompt's exact frozen
+    map, for three more replays (no backward):
+
+    * the frozen map from ``root_name`` reproduces the model's ``target`` at the prompt;
+    * the replayed map (positions ``start..``) is affine along the prompt's own activation
+      ``h*``: for every row ``u_i`` (one output dimension at every valid target),
+      ``u_iᵀ J h* = u_iᵀ (F(h*) − F(0))``, ``d_model`` projections at once; a coefficient left
+      live makes it fail;
+    * where positions before ``start`` were left out, the replayed map's linear part equals
+      the whole prompt's along ``h*``."""
+    tol = tolerance(root.dtype)
+    local = [t - start for t in valid]
+
+    def replay(x: torch.Tensor, first: int = 0) -> torch.Tensor:
+        return point.replay(x, [target], input_hook=root_name, start_pos=first)[target]
+
+    def refuse(what: str, err: float) -> LinearizationError:
+        layer, layer_err = point.locate_break(tol)
+        where = (
+            f"; linearity first breaks at blocks.{layer} ({layer_err:.2e})"
+            if layer is not None
+            else ""
+        )
+        return LinearizationError(
+            f"the frozen map from {root_name} to {target} {what} (relative error {err:.2e} > "
+            f"{tol:.0e}{where}): a nonlinearity is not frozen where the model reads it. Fit the "
+            f"ordinary lens (detached=False) instead.",
             layer=layer,
             error=err,
         )
+
+    with torch.no_grad(), point.computing():
+        whole = replay(root)[0] if start else replayed
+        err = relative_error(whole[valid], cache[target][0].to(whole.dtype)[valid])
+        if not err <= tol:
+            raise refuse("does not reproduce the model", err)
+        zero = torch.zeros_like(root[start:])
+        constant = replay(zero, start)[0] if start or point.may_add_constant() else zero
+        linear = (replayed - constant)[local]
+        err = relative_error(pulled, linear.double().sum(0).cpu())
+        if not err <= tol:
+            raise refuse("is not linear", err)
+        if start:
+            both = replay(
+                torch.stack(
+                    [
+                        torch.cat([torch.zeros_like(root[:start]), root[start:]]),
+                        torch.zeros_like(root),
+                    ]
+                )
+            )
+            err = relative_error(linear, (both[0] - both[1])[valid])
+            if not err <= tol:
+                raise refuse(
+                    "replayed from the first valid position differs from the whole prompt's", err
+                )
 
 
 # ---- one input's readout, exactly decomposed --------------------------------------------------

@@ -40,7 +40,8 @@ def brute_force(model, prompts, layer, skip=SKIP, hooks=()):
     total = 0
     for prompt in prompts:
         tokens = model.to_tokens(prompt)
-        _, cache = model.run_with_cache(tokens)
+        with model.hooks(fwd_hooks=list(hooks)):  # the operating point the hooks make
+            _, cache = model.run_with_cache(tokens)
         h = cache[f"blocks.{layer}.hook_resid_post"][0].detach()
         valid = list(range(skip, tokens.shape[-1] - 1))
         seen = {}
@@ -350,3 +351,28 @@ def test_smollm2_lens_equals_transformer_lens_fit(smollm2):
     )
     for layer in layers:
         assert rel(ours.jacobians[layer], theirs.jacobians[layer]) <= 1e-5, layer
+
+
+def test_a_transport_through_a_map_that_is_not_linear_is_refused():
+    """A user hook that squashes an MLP's output (a nonlinearity no freezing rule knows) makes
+    the frozen map nonlinear: the transport's own check refuses it, naming the map."""
+    model = ll.tiny_model("llama", n_layers=4)
+    squash = ("blocks.1.hook_mlp_out", lambda v, hook: torch.tanh(30 * v) / 30)
+    lc = ll.run_with_linear_cache(
+        model, PROMPTS[0], fwd_hooks=[squash], check=False, progress=False
+    )
+    with pytest.raises(ll.LinearizationError, match="blocks.0.hook_resid_post"):
+        lc.transport(0)
+    assert (
+        rel(
+            lc.transport(2),
+            brute_force(
+                model,
+                [PROMPTS[0]],
+                2,
+                skip=0,
+                hooks=[squash, *[plain_detach_hooks()[k] for k in ("scale", "pattern", "gate")]],
+            ),
+        )
+        <= 1e-5
+    )
