@@ -20,8 +20,9 @@ import plotly.graph_objects as go
 import torch
 
 from lens_linear._validation import normalize_index
+from lens_linear.jacobian_lens import fit_jacobian_lens, lens_table
 from lens_linear.patching import PatchingTable
-from lens_linear.tokens import single_token
+from lens_linear.tokens import single_token, token_strings
 
 LinearCache = Any  # lens_linear.cache.LinearCache, which imports this module lazily
 
@@ -245,6 +246,51 @@ def patching_figure(result: PatchingTable) -> go.Figure:
     return fig
 
 
+def lens_figure(
+    lcache: LinearCache,
+    lenses: dict[str, Any] | None = None,
+    *,
+    token: int | None = None,
+    pos: int | None = None,
+) -> go.Figure:
+    """The probability of ``token`` (default the model's own prediction) read from each
+    layer through the logit lens and each lens, one line per lens (hover: the top token and
+    the token's rank); the model's own probability dashed. ``lenses`` maps names to fitted
+    lenses; ``None`` reads through this input's own transport of every layer
+    (:func:`~lens_linear.jacobian_lens.lens_table`), which computes ``lcache.transport`` for each
+    layer not yet computed: ``d_model`` backward rows per layer (fitted lenses cost nothing)."""
+    rows = lens_table(lcache, lenses, token=token, pos=pos)
+    pos = lcache.pos if pos is None else pos % lcache.n_pos
+    token = lcache.top_predictions(1, pos=pos)[0].token_id if token is None else int(token)
+    name = token_strings(lcache.model, [token])[0]
+    fig = go.Figure()
+    for lens in dict.fromkeys(r["lens"] for r in rows):
+        mine = [r for r in rows if r["lens"] == lens]
+        fig.add_trace(
+            go.Scatter(
+                x=[r["layer"] for r in mine],
+                y=[r["probability"] for r in mine],
+                customdata=[[r["top_token"], r["rank"]] for r in mine],
+                hovertemplate="layer %{x}: p = %{y:.3g}, rank %{customdata[1]}"
+                "<br>top token %{customdata[0]}<extra></extra>",
+                mode="lines+markers",
+                name=lens,
+            )
+        )
+    own = float(lcache.logits[pos].double().softmax(-1)[token])
+    fig.add_hline(
+        y=own, line=dict(dash="dot", color="gray"), annotation_text=f"model output {own:.3g}"
+    )
+    fig.update_layout(
+        title=f"Probability of {name!r} at position {pos}, read from each layer",
+        xaxis_title="layer (block output)",
+        yaxis_title=f"p({name!r})",
+        yaxis_type="log",
+        template="plotly_white",
+    )
+    return fig
+
+
 # ---- notebook summary ----------------------------------------------------------------
 def summary_html(lcache: LinearCache) -> str:
     """Prediction, reconstruction errors and token contributions as a small HTML block."""
@@ -281,6 +327,23 @@ def _circuitsvis_js() -> str:
     return path.read_text(encoding="utf-8").replace("</script>", "")
 
 
+def _own_prompt_lenses(lcache: LinearCache) -> dict[str, Any]:
+    """An ordinary and a detached Jacobian lens fitted on the cache's own prompt (every
+    position a source and a target): what the report's lens figure compares."""
+    fit = dict(
+        skip_first_positions=0,
+        max_seq_len=max(2, lcache.n_pos),
+        max_memory=lcache.max_memory,
+        progress=False,
+    )
+    return {
+        "Jacobian lens (this prompt)": fit_jacobian_lens(lcache.model, [lcache.tokens], **fit),
+        "detached Jacobian lens (this prompt)": fit_jacobian_lens(
+            lcache.model, [lcache.tokens], detached=True, **fit
+        ),
+    }
+
+
 def report(
     lcache: LinearCache,
     path: str | Path,
@@ -289,7 +352,10 @@ def report(
     attention_layers: Sequence[int] | None = None,
 ) -> Path:
     """Write one self-contained HTML file (every script inlined: it opens with no network)
-    with the figures and circuitsvis components above; computes what they need."""
+    with the figures and circuitsvis components above; computes what they need.
+
+    With ``layers``, the layer figures and :func:`lens_figure` of an ordinary and a detached
+    Jacobian lens fitted on this prompt alone (every position a source and a target)."""
     from plotly.offline import get_plotlyjs
 
     lcache.jacobian()
@@ -297,6 +363,8 @@ def report(
     if layers:
         lcache.jacobians(sum(layer_hooks(lcache.model).values(), []))
         figures += [stable_rank_figure(lcache), alignment_figure(lcache)]
+        if lcache.model.cfg.n_layers > 1 and lcache.n_pos > 1:  # a lens needs both
+            figures.append(lens_figure(lcache, _own_prompt_lenses(lcache)))
     figures += [patching_figure(r) for r in patching]
     n_layers = lcache.model.cfg.n_layers
     attention_layers = [0, n_layers - 1] if attention_layers is None else attention_layers

@@ -87,6 +87,106 @@ NOTEBOOKS = {
         "concept_cache = ll.run_with_linear_cache(model, concept)\nprint(concept_cache.top_predictions(3))\n"
         "concept_cache.jacobian()  # the figure draws each token's J_i x_i\nrender.token_contributions(concept_cache)",
     ],
+    "5_jacobian_lens.ipynb": [
+        "# The Jacobian lens, and each prompt's exact linear map\n\nThe logit lens reads the output of "
+        "block `l` as if it were the last block's. The Jacobian lens (TransformerLens' `JacobianLens`) "
+        "first carries it there with one `[d_model, d_model]` matrix per layer: the Jacobian from block "
+        "`l`'s output to the last block's output, summed over positions and averaged over a corpus. "
+        "The *detached* lens averages instead each prompt's frozen map (norm scales, attention patterns "
+        "and gates frozen at the prompt's own values): that map is exactly linear, so each prompt's "
+        "transport is not a local approximation but the prompt's own linear map, verified as it is "
+        "computed, and the detached lens is the average of exact maps.",
+        "import plotly.graph_objects as go\n\nimport lens_linear as ll\nfrom lens_linear import render\n"
+        "from lens_linear.jacobian_lens import read_logits\n\nmodel = ll.load_model()  # SmolLM2-135M, offline",
+        "## Fitting\nThree prompts here, so the lenses are noisy (a real lens takes thousands). Each prompt costs `d_model` "
+        "backward rows, batched; the first `skip_first_positions` positions (attention sinks) and the "
+        "last are left out of sources and targets, as in TransformerLens.",
+        "prompts = [\n"
+        '    "The Golden Gate Bridge is a suspension bridge spanning the Golden Gate, the strait connecting San '
+        'Francisco Bay and the Pacific Ocean. It links the city of San Francisco",\n'
+        '    "Photosynthesis is the process by which green plants, algae and some bacteria use the energy of '
+        'sunlight to turn carbon dioxide and water into sugars and oxygen",\n'
+        '    "In 1969 the Apollo 11 mission landed the first two people on the Moon. Neil Armstrong stepped out '
+        'of the lunar module, followed by Buzz Aldrin",\n'
+        "]\n"
+        'fit = dict(skip_first_positions=16, corpus="notebook", progress=False)\n'
+        "lens = ll.fit_jacobian_lens(model, prompts, **fit)  # = JacobianLens.fit on the same prompts\n"
+        "detached = ll.fit_jacobian_lens(model, prompts, detached=True, **fit)  # each prompt's frozen map\n"
+        'print(lens, lens.metadata["estimator"], detached.metadata["estimator"])',
+        "## TransformerLens' readout\n`lens.readout` is TransformerLens' own: each layer's residual "
+        "transported, then read through the final norm and unembedding; `use_jacobian=False` reads the "
+        "same residuals through the logit lens.",
+        'prompt = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars. It is the most '
+        'famous landmark in the city of"\n'
+        "tops = {\n"
+        "    use: lens.readout(model, prompt, positions=[-1], top_k=3, use_jacobian=use).top_tokens(model.tokenizer, k=3)\n"
+        "    for use in (True, False)\n"
+        "}\n"
+        'print("layer  Jacobian lens                 logit lens")\n'
+        "for layer in [*range(0, model.cfg.n_layers - 1, 4), model.cfg.n_layers - 1]:  # the last: the model's output\n"
+        "    jacobian, logit = (' '.join(map(repr, tops[use][layer][0])) for use in (True, False))\n"
+        '    print(f"{layer:5d}  {jacobian:30s}{logit}")',
+        "## Three lenses side by side\nThe probability of the model's own next token read from every "
+        "layer: through the logit lens, the Jacobian lens and the detached lens (hover for each "
+        "reading's top token and the token's rank).",
+        "lcache = ll.run_with_linear_cache(model, prompt)\nanswer = lcache.top_predictions(1)[0]\nprint(answer)\n"
+        'render.lens_figure(lcache, {"Jacobian lens": lens, "detached Jacobian lens": detached})',
+        "## This input's own transport\n`lcache.transport(layer)` is this prompt's transport through "
+        "its own frozen map: the matrix a detached fit on this prompt alone gives (checked below), "
+        "verified as it is computed. `transport_fraction` says how much of a corpus lens's transport "
+        "of this prompt's residuals that map explains (1: exactly).",
+        "layer = 20\nT = lcache.transport(layer)  # float64 [d_model, d_model]\n"
+        "alone = ll.fit_jacobian_lens(model, [prompt], detached=True, source_layers=[layer], skip_first_positions=0, progress=False)\n"
+        'print(T.shape, T.dtype, f"vs a detached fit on this prompt alone: {(alone.jacobians[layer].double() - T).abs().max():.1e}")\n'
+        'for name, corpus_lens in (("Jacobian lens", lens), ("detached Jacobian lens", detached)):\n'
+        '    print(f"{name}: fraction explained by this prompt\'s own map {lcache.transport_fraction(corpus_lens, [layer])[layer]:.3f}")',
+        "## Who writes the lens's answer\n`lens_contributions` splits the lens's readout of a token at "
+        "one layer (its logit, the final norm frozen at the transported vector) exactly: by the "
+        "component that wrote it into the residual stream (embedding, each attention and MLP, the "
+        "readout's own bias), or by input position (the frozen map's `J⁺_i x_i`, its bias term last).",
+        "parts = lcache.lens_contributions(layer, answer.token_id, lens=lens)\n"
+        'h = lcache.activation(f"blocks.{layer}.hook_resid_post")\n'
+        "readout = float(read_logits(model, lens.transport(h, layer))[answer.token_id].detach())\n"
+        'print(f"sum of parts {sum(parts.values()):.4f}, lens readout {readout:.4f}")\n'
+        "top = sorted(parts.items(), key=lambda kv: -abs(kv[1]))[:10]\n"
+        "go.Figure(go.Bar(x=[k for k, _ in top], y=[v for _, v in top])).update_layout(\n"
+        '    title=f"Jacobian-lens logit of {answer.token!r} from block {layer}: the largest components",\n'
+        '    yaxis_title="logit", template="plotly_white")',
+        'by_pos = lcache.lens_contributions(layer, answer.token_id, lens=lens, by="position")\n'
+        'labels = [f"{i}: {t}" for i, t in enumerate(lcache.str_tokens)] + ["bias"]\n'
+        'print(f"sum over positions {float(by_pos.sum()):.4f}")\n'
+        "go.Figure(go.Bar(x=labels, y=by_pos.tolist())).update_layout(\n"
+        '    title=f"Jacobian-lens logit of {answer.token!r} from block {layer}, by input position",\n'
+        '    yaxis_title="logit", template="plotly_white")',
+        "## Saving, loading, checkpoints, several processes\n`lens.save` writes the reference "
+        "artifact format (float16 by default, provenance under `metadata`), which "
+        "`JacobianLens.load` reads. `checkpoint=` writes the running sums after every prompt "
+        "(atomically, in the reference checkpoint schema, which `JacobianLens.load` also reads); "
+        "a fit given an existing checkpoint of the same model, options and prompts resumes after "
+        "its last prompt.",
+        "import tempfile\nfrom pathlib import Path\n\nfrom transformer_lens.tools.analysis import JacobianLens\n\n"
+        "folder = Path(tempfile.mkdtemp())\n"
+        'detached.save(str(folder / "detached.pt"))\n'
+        'loaded = JacobianLens.load(str(folder / "detached.pt"))\n'
+        'print(loaded, loaded.metadata["estimator"], loaded.metadata["corpus"])\n'
+        "# stopped after two prompts, then resumed: the third prompt alone is fitted the second time\n"
+        "last = model.cfg.n_layers - 2  # one source layer: a short backward\n"
+        'resume = dict(fit, detached=True, source_layers=[last], checkpoint=folder / "fit.pt")\n'
+        "ll.fit_jacobian_lens(model, prompts[:2], **resume)\n"
+        "resumed = ll.fit_jacobian_lens(model, prompts, **resume)\n"
+        'print(resumed.n_prompts, f"{(resumed.jacobians[last] - detached.jacobians[last]).abs().max():.1e}")',
+        "### Several processes\nUnder `torch.distributed` (gloo on CPUs, NCCL on GPUs, initialized by the caller, e.g. "
+        "under `torchrun`), each rank fits every `world_size`-th prompt and the sums are "
+        "all-reduced in float64: every rank returns the lens of all prompts, equal to a "
+        "single-process fit. With `checkpoint=`, each rank writes its own file "
+        "(`fit.rank0-of-4.pt`, ...).\n\n"
+        "```python\n"
+        "# torchrun --nproc-per-node 4 fit.py\n"
+        'torch.distributed.init_process_group("gloo")\n'
+        'lens = ll.fit_jacobian_lens(model, corpus_prompts, detached=True, checkpoint="fit.pt")\n'
+        'if torch.distributed.get_rank() == 0:\n    lens.save("smollm2_detached.pt")\n'
+        "```",
+    ],
 }
 
 

@@ -12,7 +12,7 @@ CELL_TIMEOUT = 1800  # seconds: only to end a hung kernel, never a measurement
 def test_notebooks_are_committed_without_outputs():
     import nbformat
 
-    assert len(NOTEBOOKS) == 4
+    assert len(NOTEBOOKS) == 5
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         stale = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count)]

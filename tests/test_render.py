@@ -11,6 +11,7 @@ from conftest import PROMPT, cached_tiny, newest_tl_only, rel
 
 import lens_linear as ll
 from lens_linear import render
+from lens_linear.jacobian_lens import fit_jacobian_lens, lens_table
 from lens_linear.patching import activation_patching, prompt_pairs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -106,6 +107,47 @@ def test_patching_figure_is_the_table():
             assert list(fig.data[0].x) == [f"{i}: {t}" for i, t in enumerate(pairs.str_tokens)]
 
 
+def test_lens_table_reads_each_layer_as_the_model_reads_its_output():
+    model = ll.tiny_model("gpt2", n_layers=4)
+    lc = ll.run_with_linear_cache(model, PROMPT)
+    fit = dict(skip_first_positions=0, progress=False)
+    lenses = {
+        "ordinary": fit_jacobian_lens(model, [lc.tokens], **fit),
+        "detached": fit_jacobian_lens(model, [lc.tokens], detached=True, **fit),
+    }
+    _, cache = model.run_with_cache(lc.tokens)
+    tables = {}
+    for token, pos in ((None, None), (7, 2)):
+        rows = tables[pos] = lens_table(lc, lenses, token=token, pos=pos)
+        assert [(r["layer"], r["lens"]) for r in rows] == [
+            (layer, name) for layer in range(3) for name in ("logit lens", "ordinary", "detached")
+        ]
+        at = lc.pos if pos is None else pos
+        token = lc.top_predictions(1)[0].token_id if token is None else token
+        for r in rows:
+            if r["lens"] != "logit lens":
+                continue
+            h = cache[f"blocks.{r['layer']}.hook_resid_post"][0, at]
+            with torch.no_grad():  # the logit lens by hand: final norm, unembedding, softmax
+                probs = model.unembed(model.ln_final(h[None, None]))[0, 0].double().softmax(-1)
+            assert r["probability"] == float(probs[token])
+            assert r["rank"] == int((probs > probs[token]).sum())
+            assert r["top_token"] == model.tokenizer.decode([int(probs.argmax())])
+    # this input's own map is the detached lens fitted on this input alone
+    own = lens_table(lc)
+    assert [r["lens"] for r in own[:2]] == ["logit lens", "this input's own map (detached)"]
+    detached = {r["layer"]: r for r in tables[None] if r["lens"] == "detached"}
+    for r in own[1::2]:
+        assert abs(r["probability"] / detached[r["layer"]]["probability"] - 1) <= 1e-5
+    fig = render.lens_figure(lc, lenses, token=7, pos=2)
+    assert [t.name for t in fig.data] == ["logit lens", "ordinary", "detached"]
+    for trace in fig.data:
+        mine = [r for r in rows if r["lens"] == trace.name]
+        assert list(trace.x) == [0, 1, 2] and list(trace.y) == [r["probability"] for r in mine]
+        assert [list(c) for c in trace.customdata] == [[r["top_token"], r["rank"]] for r in mine]
+    assert len(render.lens_figure(lc).data) == 2  # the logit lens and this input's own map
+
+
 def test_figures_say_what_to_compute_first():
     lc = ll.run_with_linear_cache(cached_tiny("bridge", "llama"), PROMPT, check=False)
     with pytest.raises(render.NotComputedError, match=r"run `lcache.jacobian\(\)` first"):
@@ -189,6 +231,12 @@ def check_in_chromium(path: Path, screenshot: Path) -> dict:
                     "els => els.filter(e => e.children.length > 0).length",
                 ),
                 "text": page.inner_text("body"),
+                "titles": page.eval_on_selector_all(
+                    ".plotly-graph-div .gtitle", "els => els.map(e => e.textContent)"
+                ),
+                "legends": page.eval_on_selector_all(
+                    ".plotly-graph-div .legendtext", "els => els.map(e => e.textContent)"
+                ),
             }
             png = page.screenshot(full_page=True)
         finally:
@@ -223,9 +271,13 @@ def test_report_opens_offline_in_headless_chromium(lcache, tmp_path):
     )  # every script inlined; any network request is aborted and fails the test
     seen = check_in_chromium(path, ARTIFACTS / f"report-{lcache.model.cfg.model_name}.png")
     assert seen["errors"] == []
-    assert seen["figures"] == seen["expected"]["figures"] == 5
+    assert seen["figures"] == seen["expected"]["figures"] == 6
     assert seen["components"] == seen["expected"]["components"] == 5
     assert all(t.strip() in seen["text"] for t in lcache.str_tokens if t.strip())
+    # the lens figure drew its three lenses
+    assert any(t.endswith("read from each layer") for t in seen["titles"]), seen["titles"]
+    lenses = ["logit lens", "Jacobian lens (this prompt)", "detached Jacobian lens (this prompt)"]
+    assert all(name in seen["legends"] for name in lenses), seen["legends"]
     assert seen["variance"] > 100, "the screenshot is blank"
 
 
