@@ -41,7 +41,7 @@ PUBLIC = {
         patching.predicted_patching,
         patching.steer,
     ],
-    "lens_linear.jacobian_lens": [jacobian_lens.CompatibleJacobianLens],
+    "lens_linear.jacobian_lens": [jacobian_lens.lens_table, jacobian_lens.CompatibleJacobianLens],
     "lens_linear.stats": [stats.sensitivity, stats.dataset_sensitivity, stats.Welford],
     "lens_linear.matfree": [matfree.matrix_free_svd],
     "lens_linear.render": [
@@ -53,6 +53,7 @@ PUBLIC = {
         render.stable_rank_figure,
         render.alignment_figure,
         render.patching_figure,
+        render.lens_figure,
         render.report,
     ],
     "results": [

@@ -441,25 +441,38 @@ class LinearCache:
         over the valid positions ``V`` (the first ``skip_first_positions`` and the last left
         out), float64, verified. It is the matrix ``fit_jacobian_lens(model, [this input],
         detached=True, source_layers=[layer])`` averages over prompts; memoized."""
-        layer = source_layer(self.model, layer)
-        key = ("transport", layer, skip_first_positions)
-        if key not in self._lens:
+        return self.transports([layer], skip_first_positions=skip_first_positions)[
+            source_layer(self.model, layer)
+        ]
+
+    def transports(
+        self, layers: Sequence[int] | None = None, *, skip_first_positions: int = 0
+    ) -> dict[int, Float[torch.Tensor, "d_model d_model"]]:
+        """:meth:`transport` of several layers (default every layer below the last) from one
+        set of backward passes: every source layer is read off the same rows."""
+        layers = sorted(
+            {source_layer(self.model, k) for k in layers or range(self.model.cfg.n_layers - 1)}
+        )
+        todo = [k for k in layers if ("transport", k, skip_first_positions) not in self._lens]
+        if todo:
             if self.n_pos <= skip_first_positions + 1:
                 raise ValueError(
                     f"this input has {self.n_pos} tokens: none is valid with "
                     f"skip_first_positions={skip_first_positions} (the last is always left out)"
                 )
-            self._lens[key] = prompt_transports(
+            found = prompt_transports(
                 self.model,
                 self.tokens,
-                [layer],
+                todo,
                 detached=True,
                 skip_first_positions=skip_first_positions,
                 max_memory=self.max_memory,
                 progress=self.progress,
                 point=self.point,
-            )[layer]
-        return self._lens[key]
+            )
+            for k, matrix in found.items():
+                self._lens[("transport", k, skip_first_positions)] = matrix
+        return {k: self._lens[("transport", k, skip_first_positions)] for k in layers}
 
     def lens_contributions(
         self,
@@ -471,16 +484,16 @@ class LinearCache:
         by: str = "component",
     ) -> dict[str, float] | Float[torch.Tensor, "pos_in"]:  # noqa: F821
         """This input's Jacobian-lens readout of ``token`` at ``pos`` from block ``layer``,
-        split exactly: the logit (before any soft cap) that ``lens`` (a fitted
+        split exactly: the logit (before any output transform: logit scale, soft cap) that ``lens`` (a fitted
         ``JacobianLens``; default this input's own :meth:`transport`) reads from the residual
         ``h`` there, with the final norm frozen at the transported vector ``T h``.
 
         ``by="component"``: ``{"embed", "blocks.k.attn", "blocks.k.mlp", ..., "readout bias"}``,
         each component's direct write to ``h`` read through the lens (``"readout bias"``: what
         the final norm and unembedding add). ``by="position"``: ``[pos_in]``, the frozen map's
-        per-input-token parts ``J⁺_i x_i`` of ``h`` read through the lens; add
-        ``lens_contributions(..., by="component")["readout bias"]`` and the readout of the
-        frozen map's bias term (the last entry of the returned tensor) to get the logit.
+        per-input-token parts ``J⁺_i x_i`` of ``h`` read through the lens, then one last entry:
+        the frozen map's bias term read through the lens plus the readout's own bias; the
+        entries sum to the logit.
         Either sums to the readout to the dtype's precision, or :class:`LinearizationError`."""
         _, pos = self._resolve(None, pos)
         layer = source_layer(self.model, layer)

@@ -453,7 +453,14 @@ class CompatibleJacobianLens:
 
 def read_logits(model: Any, residual: Float[torch.Tensor, "... d_model"]) -> torch.Tensor:
     """Vectors of the last block's output basis read as the model reads it: its final norm,
-    its unembedding and, where it has one, its logit soft cap."""
+    its unembedding and its output transform (logit scale, soft cap): TransformerLens'
+    ``logit_readout`` for a bridge where TransformerLens has it, else the soft cap by hand."""
+    try:
+        from transformer_lens.tools.analysis.logit_lens import logit_readout
+    except ImportError:
+        logit_readout = None
+    if logit_readout is not None and type(model).__name__ == "TransformerBridge":
+        return logit_readout(model, residual, apply_ln=True).values
     dtype = model_dtype(model) or torch.float32
     logits = model.unembed(model.ln_final(residual.to(dtype)))
     cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
@@ -787,7 +794,8 @@ def lens_table(
     transports: dict[str, Callable] = {"logit lens": lambda h, layer: h}
     layers = set(range(model.cfg.n_layers - 1))
     if lenses is None:
-        transports[OWN_MAP] = lambda h, layer: h.double() @ lcache.transport(layer).to(h.device).T
+        own = lcache.transports(sorted(layers))  # one set of backward passes for every layer
+        transports[OWN_MAP] = lambda h, layer: h.double() @ own[layer].to(h.device).T
     for name, lens in (lenses or {}).items():
         transports[name] = lens.transport
         layers &= set(lens.source_layers)

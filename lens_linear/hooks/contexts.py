@@ -213,7 +213,21 @@ def analysis_mode(model: torch.nn.Module) -> Iterator[None]:
     restored on exit, even on error. Holds the model for this call
     (:func:`~lens_linear.hooks.guard.exclusive`): a call from another thread is refused."""
     with exclusive(model):
-        yield from _analysis_mode(model)
+        if _IN_ANALYSIS.get(model):  # an outer call of this thread set it up: nothing to do
+            _IN_ANALYSIS[model] += 1
+            try:
+                yield
+            finally:
+                _IN_ANALYSIS[model] -= 1
+            return
+        _IN_ANALYSIS[model] = 1
+        try:
+            yield from _analysis_mode(model)
+        finally:
+            del _IN_ANALYSIS[model]
+
+
+_IN_ANALYSIS: WeakKeyDictionary[torch.nn.Module, int] = WeakKeyDictionary()  # nesting depth
 
 
 def _analysis_mode(model: torch.nn.Module) -> Iterator[None]:
