@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/jacobian.py
 	cd benchmarks && ../$(BIN)/python layers.py && ../$(BIN)/python run.py
 	$(BIN)/python benchmarks/patching.py
+	$(BIN)/python benchmarks/jlens.py
 
 # on a CUDA machine: the device tests on the GPU, then the benchmarks' ratios measured there
 gpu-check: install
