@@ -488,9 +488,11 @@ class LinearCache:
         ``JacobianLens``; default this input's own :meth:`transport`) reads from the residual
         ``h`` there, with the final norm frozen at the transported vector ``T h``.
 
-        ``by="component"``: ``{"embed", "blocks.k.attn", "blocks.k.mlp", ..., "readout bias"}``,
-        each component's direct write to ``h`` read through the lens (``"readout bias"``: what
-        the final norm and unembedding add). ``by="position"``: ``[pos_in]``, the frozen map's
+        ``by="component"``: ``{"embed", "L{k}H{h}", "blocks.k.attn.b_O", "blocks.k.mlp", ...,
+        "readout bias"}``, each component's direct write to ``h`` read through the lens: each
+        head ``z_h W_O^h`` where the heads add up to the layer's attention output (else the
+        layer whole, ``"blocks.k.attn"``); ``"readout bias"`` is what the final norm and
+        unembedding add. ``by="position"``: ``[pos_in]``, the frozen map's
         per-input-token parts ``J⁺_i x_i`` of ``h`` read through the lens, then one last entry:
         the frozen map's bias term read through the lens plus the readout's own bias; the
         entries sum to the logit.
@@ -505,7 +507,7 @@ class LinearCache:
         g, constant = readout_functional(self.model, matrix.to(h.device) @ h, token)
         read = g @ matrix.to(h.device)  # the readout as a functional of h
         if by == "component":
-            parts = self.contributions(hook, pos=pos, by="component")
+            parts = self._heads_split(self.contributions(hook, pos=pos, by="component"), pos)
             out = {label: float(read @ v.double()) for label, v in parts.items() if label != "bias"}
             out["readout bias"] = constant
         elif by == "position":
@@ -524,6 +526,33 @@ class LinearCache:
                 layer=layer,
                 error=err,
             )
+        return out
+
+    def _heads_split(self, parts: dict[str, torch.Tensor], pos: int) -> dict[str, torch.Tensor]:
+        """Each attention layer's part split per head (``L{k}H{h}``: ``z_h W_O^h``, plus
+        ``blocks.{k}.attn.b_O``) where those add up to it: not where a norm or scale follows
+        the heads' sum (post-norm blocks), which keep the layer's part whole."""
+        out: dict[str, torch.Tensor] = {}
+        for label, part in parts.items():
+            k = layer_of(label)
+            attn = getattr(self.model.blocks[k], "attn", None) if k is not None else None
+            z_name = f"blocks.{k}.attn.hook_z"
+            if (
+                not label.endswith(".attn")
+                or getattr(attn, "W_O", None) is None
+                or z_name not in self.model.hook_dict
+            ):
+                out[label] = part
+                continue
+            z = self.activations[z_name][0, pos].double()  # [head, d_head]
+            heads = torch.einsum("hd,hdm->hm", z, attn.W_O.double().to(z.device))
+            bias = getattr(attn, "b_O", None)
+            bias = torch.zeros_like(heads[0]) if bias is None else bias.double().to(z.device)
+            if relative_error(heads.sum(0) + bias, part.double()) > 10 * tolerance(self.x.dtype):
+                out[label] = part
+                continue
+            out.update({f"L{k}H{h}": heads[h] for h in range(heads.shape[0])})
+            out[f"blocks.{k}.attn.b_O"] = bias
         return out
 
     def transport_fraction(

@@ -303,14 +303,9 @@ def test_an_inputs_own_transport_and_its_readout_decomposed():
         x = (corpus.jacobians[1].double() @ h).float()
         expected = float(model.unembed(model.ln_final(x[None, None]))[0, 0, token])
     parts = lc.lens_contributions(1, token, lens=corpus)
-    assert set(parts) == {
-        "embed",
-        "blocks.0.attn",
-        "blocks.0.mlp",
-        "blocks.1.attn",
-        "blocks.1.mlp",
-        "readout bias",
-    }
+    heads = {f"L{k}H{h}" for k in (0, 1) for h in range(4)}
+    biases = {"blocks.0.attn.b_O", "blocks.1.attn.b_O"}
+    assert set(parts) == {"embed", "blocks.0.mlp", "blocks.1.mlp", "readout bias"} | heads | biases
     assert abs(sum(parts.values()) - expected) <= 1e-5 * max(1.0, abs(expected))
     by_position = lc.lens_contributions(1, token, lens=corpus, by="position")
     assert by_position.shape == (lc.n_pos + 1,)
