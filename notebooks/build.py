@@ -142,7 +142,7 @@ NOTEBOOKS = {
         '    print(f"{name}: fraction explained by this prompt\'s own map {lcache.transport_fraction(corpus_lens, [layer])[layer]:.3f}")',
         "## Who writes the lens's answer\n`lens_contributions` splits the lens's readout of a token at "
         "one layer (its logit, the final norm frozen at the transported vector) exactly: by the "
-        "component that wrote it into the residual stream (embedding, each attention and MLP, the "
+        "component that wrote it into the residual stream (embedding, each attention head and MLP, the "
         "readout's own bias), or by input position (the frozen map's `J⁺_i x_i`, its bias term last).",
         "parts = lcache.lens_contributions(layer, answer.token_id, lens=lens)\n"
         'h = lcache.activation(f"blocks.{layer}.hook_resid_post")\n'
