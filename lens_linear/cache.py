@@ -1025,7 +1025,7 @@ def run_with_linear_cache(
     carried = check and not checks_whole_prompt(
         tokens.shape[-1], fwd_hooks
     )  # else the site check covers it
-    with analysis_mode(model):
+    with analysis_mode(model):  # one setup for the recording and its check
         point, logits, activations = OperatingPoint.record(
             model,
             tokens,
@@ -1036,22 +1036,22 @@ def run_with_linear_cache(
             store_patterns=store_patterns,
             max_memory=max_memory,
         )
-    if point.frozen_attention:  # a long prompt: its recording's freed memory back to the system
-        release_freed_memory()
-    if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
-        point = point.in_dtype(dtype)
-    lcache = LinearCache(
-        model,
-        point,
-        logits,
-        activations,
-        pos,
-        max_memory,
-        progress,
-        complete=names_filter is not None,
-    )
-    if check:
-        lcache.check()
+        if point.frozen_attention:  # a long prompt: its recording's freed memory back to the system
+            release_freed_memory()
+        if dtype is not None and check_dtype(dtype) != point.x_star.dtype:
+            point = point.in_dtype(dtype)
+        lcache = LinearCache(
+            model,
+            point,
+            logits,
+            activations,
+            pos,
+            max_memory,
+            progress,
+            complete=names_filter is not None,
+        )
+        if check:
+            lcache.check()
     return lcache
 
 
