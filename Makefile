@@ -37,6 +37,7 @@ bench: install
 	cd benchmarks && ../$(BIN)/python layers.py && ../$(BIN)/python run.py
 	$(BIN)/python benchmarks/patching.py
 	$(BIN)/python benchmarks/jlens.py
+	$(BIN)/python benchmarks/overhead.py
 
 # on a CUDA machine: the device tests on the GPU, then the benchmarks' ratios measured there
 gpu-check: install
