@@ -218,6 +218,7 @@ def test_two_processes_fit_the_one_process_lens(tmp_path):
                 "WORLD_SIZE": "2",
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
+                "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),  # loopback
             },
         )
         for r in range(2)
