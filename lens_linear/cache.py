@@ -56,7 +56,7 @@ from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_j
 from lens_linear.jacobian_lens import prompt_transports, readout_functional, source_layer
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
 from lens_linear.memory import budget, chunk_size, release_freed_memory, sequence_bytes
-from lens_linear.tokens import to_tokens, token_strings
+from lens_linear.tokens import single_token, to_tokens, token_strings
 
 
 @dataclass(frozen=True)
@@ -500,7 +500,7 @@ class LinearCache:
         _, pos = self._resolve(None, pos)
         layer = source_layer(self.model, layer)
         if isinstance(token, str):
-            token = int(to_tokens(self.model, token, prepend_bos=False)[0, 0])
+            token = single_token(self.model, token)
         hook = f"blocks.{layer}.hook_resid_post"
         matrix = self.transport(layer) if lens is None else lens.jacobians[layer].double()
         h = self.activation(hook, pos=pos).double()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -61,30 +61,52 @@ def batched_vjp_jacobian(
     if not output.requires_grad:  # a frozen coefficient (or a value the input cannot reach)
         return inputs.new_zeros(inputs.shape[0], d_out, *inputs.shape[1:])
     jac = inputs.new_empty(inputs.shape[0], d_out, *inputs.shape[1:])
-    n_chunks = math.ceil(d_out / chunk_size)
+
+    def take(rows: slice, grads: Sequence[torch.Tensor]) -> None:
+        jac[:, rows] = grads[0].transpose(0, 1)
+
+    pullback_rows(output, [inputs], lambda rows: eye[rows], d_out, chunk_size, take, progress)
+    return jac
+
+
+def pullback_rows(
+    output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    cotangent: Callable[[slice], torch.Tensor],
+    n_rows: int,
+    chunk: int,
+    take: Callable[[slice, Sequence[torch.Tensor]], None],
+    progress: bool = False,
+) -> None:
+    """Pull ``n_rows`` cotangents of ``output`` back to every tensor of ``inputs``, ``chunk``
+    rows per batched backward pass; ``take(rows, grads)`` consumes each chunk's gradients
+    (``[rows, *input.shape]`` each) before the next is made. Falls back to one backward per
+    row, with a warning, where an op in the graph has no batching rule."""
+    n_chunks = math.ceil(n_rows / chunk)
     batched = True
     for k in tqdm(range(n_chunks), desc="Jacobian", disable=not progress, leave=False):
-        rows = slice(k * chunk_size, min((k + 1) * chunk_size, d_out))
+        rows = slice(k * chunk, min((k + 1) * chunk, n_rows))
         last = k == n_chunks - 1
         if batched:
             try:
-                (grad,) = torch.autograd.grad(
+                grads = torch.autograd.grad(
                     output,
-                    inputs,
-                    grad_outputs=eye[rows],
-                    retain_graph=not last or k == 0,
+                    list(inputs),
+                    grad_outputs=cotangent(rows),
+                    retain_graph=not last or k == 0,  # kept after a first try: it may fail
                     is_grads_batched=True,
-                )  # kept after a first try: it may fail
-                jac[:, rows] = grad.transpose(0, 1)
+                )
+                take(rows, grads)
                 continue
-            except RuntimeError as exc:  # an op without a vmap rule
+            except RuntimeError as exc:
                 warnings.warn(f"batched backward unavailable ({exc}); using one backward per row")
                 batched = False
         for row in range(rows.start, rows.stop):
-            jac[:, row] = torch.autograd.grad(
-                output, inputs, grad_outputs=eye[row], retain_graph=True
-            )[0]
-    return jac
+            one = cotangent(slice(row, row + 1))
+            grads = torch.autograd.grad(
+                output, list(inputs), grad_outputs=one[0], retain_graph=True
+            )
+            take(slice(row, row + 1), [g[None] for g in grads])
 
 
 def forward_jacobians(

@@ -24,7 +24,6 @@ linearizes, mixtures of experts and state-space models included.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from lens_linear.hooks.freeze import site_hooks
 from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.run import hooks_on, run_to
 from lens_linear.hooks.sites import find_sites
+from lens_linear.jacobian import pullback_rows
 from lens_linear.memory import chunk_size, sequence_bytes
 from lens_linear.tokens import model_device, model_dtype, to_tokens, token_strings
 
@@ -79,46 +79,6 @@ def valid_positions(n_pos: int, skip_first_positions: int) -> range:
     return range(skip_first_positions, n_pos - 1)
 
 
-def pullback_rows(
-    output: torch.Tensor,
-    inputs: Sequence[torch.Tensor],
-    cotangent: Callable[[slice], torch.Tensor],
-    n_rows: int,
-    chunk: int,
-    take: Callable[[slice, Sequence[torch.Tensor]], None],
-    progress: bool = False,
-) -> None:
-    """Pull ``n_rows`` cotangents of ``output`` back to every tensor of ``inputs``, ``chunk``
-    rows per batched backward pass; ``take(rows, grads)`` consumes each chunk's gradients
-    (``[rows, *input.shape]`` each) before the next is made. Falls back to one backward per
-    row, with a warning, where an op in the graph has no batching rule."""
-    n_chunks = math.ceil(n_rows / chunk)
-    batched = True
-    for k in tqdm(range(n_chunks), desc="rows", disable=not progress, leave=False):
-        rows = slice(k * chunk, min((k + 1) * chunk, n_rows))
-        last = k == n_chunks - 1
-        if batched:
-            try:
-                grads = torch.autograd.grad(
-                    output,
-                    list(inputs),
-                    grad_outputs=cotangent(rows),
-                    retain_graph=not last or k == 0,  # kept after a first try: it may fail
-                    is_grads_batched=True,
-                )
-                take(rows, grads)
-                continue
-            except RuntimeError as exc:
-                warnings.warn(f"batched backward unavailable ({exc}); using one backward per row")
-                batched = False
-        for row in range(rows.start, rows.stop):
-            one = cotangent(slice(row, row + 1))
-            grads = torch.autograd.grad(
-                output, list(inputs), grad_outputs=one[0], retain_graph=True
-            )
-            take(slice(row, row + 1), [g[None] for g in grads])
-
-
 def prompt_transports(
     model: Any,
     tokens: Int[torch.Tensor, "1 pos"],
@@ -145,7 +105,10 @@ def prompt_transports(
     valid = list(valid_positions(n_pos, skip_first_positions))
     names = [resid_post(layer) for layer in source_layers]
     target = resid_post(last)
-    sums = {layer: torch.zeros(d_model, d_model, dtype=torch.float64) for layer in source_layers}
+    sums = {  # accumulated on the CPU in float64, as the lens's matrices are kept
+        layer: torch.zeros(d_model, d_model, dtype=torch.float64, device="cpu")
+        for layer in source_layers
+    }
     with analysis_mode(model), torch.enable_grad():
         if detached:
             if point is None:
@@ -171,7 +134,7 @@ def prompt_transports(
             root, start = None, 0
         y = out[target]  # [1, pos - start, d_model]
         rows_at = torch.tensor([t - start for t in valid], device=y.device)
-        pulled = torch.zeros(d_model, dtype=torch.float64)  # Σ_i (u_iᵀ J) h*: the check
+        pulled = torch.zeros(d_model, dtype=torch.float64, device="cpu")  # u_iᵀ J h*: the check
 
         def cotangent(rows: slice) -> torch.Tensor:
             u = y.new_zeros(rows.stop - rows.start, *y.shape)
@@ -184,7 +147,7 @@ def prompt_transports(
         def take(rows: slice, grads: Sequence[torch.Tensor]) -> None:
             for layer, grad in zip(source_layers, grads):
                 part = grad[:, 0, rows_at.to(grad.device)].double().sum(1) / len(valid)
-                sums[layer][rows] += part.cpu()
+                sums[layer][rows] = part.cpu()  # each row once
             if root is not None:
                 g = grads[0][:, 0]  # the leaf's rows: every position replayed
                 pulled[rows] = (g.double().flatten(1) @ root[start:].double().reshape(-1)).cpu()
@@ -240,7 +203,11 @@ def verify_frozen(
         )
 
     with torch.no_grad(), point.computing():
-        whole = replay(root)[0] if start else replayed
+        if start:  # the whole prompt at h*, at h*'s replayed part alone, and at zero: one pass
+            padded = torch.cat([torch.zeros_like(root[:start]), root[start:]])
+            whole, part, zero_out = replay(torch.stack([root, padded, torch.zeros_like(root)]))
+        else:
+            whole = replayed
         err = relative_error(whole[valid], cache[target][0].to(whole.dtype)[valid])
         if not err <= tol:
             raise refuse("does not reproduce the model", err)
@@ -251,15 +218,7 @@ def verify_frozen(
         if not err <= tol:
             raise refuse("is not linear", err)
         if start:
-            both = replay(
-                torch.stack(
-                    [
-                        torch.cat([torch.zeros_like(root[:start]), root[start:]]),
-                        torch.zeros_like(root),
-                    ]
-                )
-            )
-            err = relative_error(linear, (both[0] - both[1])[valid])
+            err = relative_error(linear, (part - zero_out)[valid])
             if not err <= tol:
                 raise refuse(
                     "replayed from the first valid position differs from the whole prompt's", err
@@ -430,21 +389,21 @@ class CompatibleJacobianLens:
         wanted = {resid_post(layer) for layer in layers if layer != final}
         logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
         model_logits = logits[0, positions].float()
+        model_top = model_logits.topk(top_k, dim=-1)
         values, indices = {}, {}
         for layer in layers:
             if layer == final:
-                top = model_logits.topk(top_k, dim=-1)
+                top = model_top
             else:
                 h = cache[resid_post(layer)][0, positions]
                 h = self.transport(h, layer) if use_jacobian else h.float()
                 top = read_logits(model, h).float().topk(top_k, dim=-1)
             values[layer], indices[layer] = top.values.cpu(), top.indices.cpu()
-        top = model_logits.topk(top_k, dim=-1)
         return JacobianLensReadout(
             values,
             indices,
-            top.values.cpu(),
-            top.indices.cpu(),
+            model_top.values.cpu(),
+            model_top.indices.cpu(),
             tokens[0].cpu(),
             positions,
             use_jacobian,
