@@ -70,18 +70,21 @@ def batched_vjp_jacobian(
 
 
 def pullback_rows(
-    output: torch.Tensor,
+    output: torch.Tensor | Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor],
-    cotangent: Callable[[slice], torch.Tensor],
+    cotangent: Callable[[slice], torch.Tensor | Sequence[torch.Tensor]],
     n_rows: int,
     chunk: int,
     take: Callable[[slice, Sequence[torch.Tensor]], None],
     progress: bool = False,
+    keep_graph: bool = False,
 ) -> None:
     """Pull ``n_rows`` cotangents of ``output`` back to every tensor of ``inputs``, ``chunk``
     rows per batched backward pass; ``take(rows, grads)`` consumes each chunk's gradients
     (``[rows, *input.shape]`` each) before the next is made. Falls back to one backward per
-    row, with a warning, where an op in the graph has no batching rule."""
+    row, with a warning, where an op in the graph has no batching rule. ``output`` may be
+    several tensors, ``cotangent`` then giving one batch of rows for each; ``keep_graph`` keeps
+    the graph for later pullbacks."""
     n_chunks = math.ceil(n_rows / chunk)
     batched = True
     for k in tqdm(range(n_chunks), desc="Jacobian", disable=not progress, leave=False):
@@ -93,7 +96,9 @@ def pullback_rows(
                     output,
                     list(inputs),
                     grad_outputs=cotangent(rows),
-                    retain_graph=not last or k == 0,  # kept after a first try: it may fail
+                    retain_graph=keep_graph
+                    or not last
+                    or k == 0,  # kept after a first try: it may fail
                     is_grads_batched=True,
                 )
                 take(rows, grads)
@@ -103,9 +108,8 @@ def pullback_rows(
                 batched = False
         for row in range(rows.start, rows.stop):
             one = cotangent(slice(row, row + 1))
-            grads = torch.autograd.grad(
-                output, list(inputs), grad_outputs=one[0], retain_graph=True
-            )
+            one = one[0] if isinstance(one, torch.Tensor) else [c[0] for c in one]
+            grads = torch.autograd.grad(output, list(inputs), grad_outputs=one, retain_graph=True)
             take(slice(row, row + 1), [g[None] for g in grads])
 
 

@@ -335,7 +335,7 @@ def _table(
     )
 
 
-def _check_gap(clean: float, corrupted: float) -> None:
+def check_gap(clean: float, corrupted: float) -> None:
     """Normalized patching divides by ``clean − corrupted``: refuse a metric that does not
     separate the runs (before any patched run)."""
     if not abs(clean - corrupted) > 1e-6 * max(1.0, abs(clean), abs(corrupted)):
@@ -395,7 +395,7 @@ def activation_patching(
             point = OperatingPoint.record(model, pairs.corrupted, max_memory=max_memory)[0]
             base = point.hooks("replay")
         corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, metric, base)
-        _check_gap(clean_m, corrupt_m)
+        check_gap(clean_m, corrupt_m)
         per_patch = sequence_bytes(
             model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n
         )
@@ -488,7 +488,7 @@ def predicted_patching(
                 model, pairs, hooks, metric, _freezing(model) if detached else []
             )
     corrupt_m = float(value)
-    _check_gap(clean_m, corrupt_m)
+    check_gap(clean_m, corrupt_m)
     table = []
     for h, g in zip(hooks, grads):
         change = (g * scale * (clean_acts[h] - corrupt_acts[h])).sum(-1)  # [n, pos(, heads)]

@@ -1,0 +1,513 @@
+"""Circuits: edge attribution, exact through the frozen map, and EAP / EAP-IG.
+
+The graph is TransformerLens' (``tools.analysis.attribution_patching``): at each position,
+*writers* (the embedding, each attention head, each MLP) add into the residual stream and
+*readers* (each head's query, key and value input, each MLP's input, the logits) read it; an
+edge joins a writer to every reader after it. An edge's score is
+
+    ``δ_writer · g_reader``
+
+with ``δ_writer`` the writer's clean − corrupted change as written into the residual stream
+and ``g_reader`` the metric's gradient with respect to that reader's own copy of the stream,
+in the corrupted run (the denoising convention of ``attribution_patch``). Three gradients:
+
+* ``detached=True`` (default, ``"frozen-map edges"``): the corrupted run's frozen map. It is
+  affine, so each score is *exactly* the metric change of patching that edge alone through
+  it (path patching: the writer's clean change reaches this reader and no other), and a
+  writer's edges add up to its node score. The frozen map has no query–key path (patterns
+  are constants), so every query and key edge is zero there.
+* ``detached=False, ig_steps=1`` (``"attribution patching"``, EAP): the ordinary gradient,
+  equal to ``attribution_patch(..., EdgeAttributionConfig(granularity="edge"))``.
+* ``detached=False, ig_steps=k`` (``"EAP-IG"``): reader gradients averaged over ``k`` runs
+  with the input embeddings at ``corrupted + (j/k)(clean − corrupted)``, ``j = 0 … k−1``.
+
+Per-head readers come from one batched pullback per layer (each head's share of the
+gradient at ``hook_q``/``hook_k``/``hook_v`` carried back to the block's input), so no
+per-head copy of the residual stream is made, grouped-query attention needs no special case
+(a key or value reader is a key-value head) and neither do norms after the head sum (a
+head's write is its output through the block's own, linearized, output map: exact for the
+frozen map, where that norm's scale is a constant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from lens_linear._validation import require_tl_model
+from lens_linear.hooks.contexts import analysis_mode
+from lens_linear.hooks.freeze import site_hooks
+from lens_linear.hooks.operating_point import OperatingPoint
+from lens_linear.hooks.run import Hook
+from lens_linear.hooks.sites import INPUT_HOOK, find_sites
+from lens_linear.jacobian import pullback_rows
+from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
+from lens_linear.patching import Metric, PromptPairs, check_gap
+
+
+def _transformer_lens_graph_classes() -> tuple[Any, Any] | None:
+    """TransformerLens' ``Node`` and ``AttributionResult`` where its ``Node`` has the reader
+    kinds (TransformerLens ≥ 4.3), else ``None``."""
+    try:
+        from transformer_lens.tools.analysis.attribution_patching import AttributionResult, Node
+
+        Node(kind="logits", position=0, layer=0)
+    except (ImportError, ValueError, TypeError):
+        return None
+    return Node, AttributionResult
+
+
+_TL = _transformer_lens_graph_classes()
+
+if _TL is not None:
+    Node, AttributionResult = _TL
+else:  # pragma: no cover - exercised on the TransformerLens 3.9 leg
+
+    @dataclass(frozen=True)
+    class Node:  # type: ignore[no-redef]
+        """TransformerLens 4.3's graph node (writers ``embed``, ``attn_head_out``, ``mlp_out``;
+        readers ``q_input``, ``k_input``, ``v_input``, ``mlp_in``, ``logits``), for older
+        TransformerLens versions."""
+
+        kind: str
+        position: int
+        layer: int | None = None
+        head: int | None = None
+
+        def __post_init__(self) -> None:
+            heads = ("attn_head_out", "q_input", "k_input", "v_input")
+            if self.kind not in heads + ("embed", "mlp_out", "mlp_in", "logits"):
+                raise ValueError(f"unknown node kind {self.kind!r}")
+            if (self.layer is None) != (self.kind == "embed") or (self.head is None) == (
+                self.kind in heads
+            ):
+                raise ValueError(
+                    f"malformed {self.kind} node: layer={self.layer}, head={self.head}"
+                )
+
+    @dataclass
+    class AttributionResult:  # type: ignore[no-redef]
+        """TransformerLens 4.3's ``AttributionResult``, for older TransformerLens versions."""
+
+        node_scores: dict
+        edge_scores: dict = field(default_factory=dict)
+
+        def top_nodes(self, k: int = 10) -> list:
+            ranked = sorted(self.node_scores.items(), key=lambda kv: abs(kv[1]), reverse=True)
+            return ranked[:k]
+
+        def top_edges(self, k: int = 10) -> list:
+            ranked = sorted(self.edge_scores.items(), key=lambda kv: abs(kv[1]), reverse=True)
+            return [(w, r, s) for (w, r), s in ranked[:k]]
+
+
+# a writer or reader at no particular position: (kind, layer, head)
+Component = tuple[str, int | None, int | None]
+
+
+@dataclass
+class EdgeAttribution(AttributionResult):  # type: ignore[misc, valid-type]
+    """TransformerLens' ``AttributionResult`` (``node_scores``, ``edge_scores``, ``top_nodes``,
+    ``top_edges``), plus what it was computed by and the dense scores.
+
+    ``scores[p, w, r]`` is the edge from ``writers[w]`` to ``readers[r]`` at position ``p``
+    (zero where the writer comes after the reader); ``node_scores`` holds each writer's sum
+    over its edges, as TransformerLens' edge sweep does.
+    """
+
+    method: str = ""
+    clean: float = 0.0
+    corrupted: float = 0.0
+    scores: Float[torch.Tensor, "pos writer reader"] | None = None
+    writers: list[Component] = field(default_factory=list)
+    readers: list[Component] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        top = ", ".join(f"{_short(w)}→{_short(r)} {s:+.3g}" for w, r, s in self.top_edges(3))
+        return (
+            f"EdgeAttribution({self.method}, {len(self.edge_scores)} edges, clean={self.clean:+.3f}, "
+            f"corrupted={self.corrupted:+.3f}; largest {top})"
+        )
+
+
+def _short(node: Any) -> str:
+    name = {"embed": "embed", "attn_head_out": "", "mlp_out": "MLP", "q_input": "q"}.get(
+        node.kind, node.kind.split("_")[0]
+    )
+    head = f"L{node.layer}H{node.head}" if node.head is not None else f"L{node.layer}"
+    where = "" if node.kind in ("embed", "logits") else head
+    return f"{name}{where if name in ('', 'MLP') else '.' + where if where else ''}@{node.position}"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The graph of a model: its writers and readers in TransformerLens' order, and for
+    each reader the number of writers before it (writers come first to last)."""
+
+    writers: list[Component]
+    readers: list[Component]
+    upstream: list[int]  # reader r reads writers[: upstream[r]]
+    parallel: bool
+
+    @classmethod
+    def of(cls, model: Any, q_heads: list[int], kv_heads: list[int], parallel: bool) -> "_Layout":
+        writers: list[Component] = [("embed", None, None)]
+        readers: list[Component] = []
+        upstream: list[int] = []
+        for layer, (nq, nkv) in enumerate(zip(q_heads, kv_heads)):
+            for kind, n in (("q_input", nq), ("k_input", nkv), ("v_input", nkv)):
+                readers += [(kind, layer, h) for h in range(n)]
+                upstream += [len(writers)] * n
+            heads = [("attn_head_out", layer, h) for h in range(nq)]
+            readers.append(("mlp_in", layer, None))
+            upstream.append(len(writers) + (0 if parallel else nq))
+            writers += heads + [("mlp_out", layer, None)]
+        readers.append(("logits", len(q_heads) - 1, None))
+        upstream.append(len(writers))
+        return cls(writers, readers, upstream, parallel)
+
+    def mask(self, device: torch.device) -> torch.Tensor:
+        """``[writer, reader]``: True where the edge exists."""
+        upstream = torch.tensor(self.upstream, device=device)
+        return torch.arange(len(self.writers), device=device)[:, None] < upstream[None]
+
+
+def _names(model: Any) -> tuple[list[dict[str, str]], str, bool]:
+    """The hook names each layer's readers and writers live at, the final residual, and
+    whether the MLP reads the block's input (parallel attention and MLP)."""
+    n = model.cfg.n_layers
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    layers = []
+    for layer in range(n):
+        b = f"blocks.{layer}"
+        names = {
+            "pre": f"{b}.hook_resid_pre",
+            "mid": f"{b}.hook_resid_pre" if parallel else f"{b}.hook_resid_mid",
+            "q": f"{b}.attn.hook_q",
+            "k": f"{b}.attn.hook_k",
+            "v": f"{b}.attn.hook_v",
+            "z": f"{b}.attn.hook_z",
+            "attn_out": f"{b}.hook_attn_out",
+            "mlp_out": f"{b}.hook_mlp_out",
+        }
+        missing = [h for h in names.values() if h not in model.hook_dict]
+        if missing:
+            raise ValueError(
+                f"edge attribution reads each block's attention (queries, keys, values, heads) and "
+                f"MLP at TransformerLens' hook points; this model has no {missing[0]} (a block "
+                f"without attention or MLP, such as a state-space mixer, has no such edges). "
+                f"Use predicted_patching for node-level attribution instead."
+            )
+        layers.append(names)
+    return layers, f"blocks.{n - 1}.hook_resid_post", parallel
+
+
+def edge_attribution(
+    model: Any,
+    pairs: PromptPairs,
+    *,
+    metric: Metric | None = None,
+    detached: bool = True,
+    ig_steps: int = 1,
+    max_memory: int | None = None,
+    progress: bool = True,
+) -> EdgeAttribution:
+    """Score every edge of TransformerLens' residual-stream graph (see the module docstring).
+
+    Returns an :class:`EdgeAttribution`, which is TransformerLens' ``AttributionResult``
+    keyed by its ``Node``: ``detached=False`` gives the scores of ``attribution_patch`` with
+    ``EdgeAttributionConfig(granularity="edge")`` for the same metric (which TransformerLens
+    computes for multi-head, pre-norm models; grouped-query attention and norms after the head
+    sum work here too). ``detached=True`` (default) is exact for the frozen map: each edge equals
+    patching it alone through the corrupted run's frozen coefficients. ``ig_steps > 1`` is
+    EAP-IG (``detached=False`` only: the frozen map is affine, so its gradient is the same at
+    every point of the path).
+
+    Pairs are processed in chunks sized to ``max_memory`` (a progress bar over chunks); past
+    the recording budget a pair's frozen map is replayed from its operating point, with the
+    patterns kept as queries and keys, as in :func:`~lens_linear.patching.predicted_patching`.
+    """
+    require_tl_model(model)
+    if not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}")
+    if detached and ig_steps > 1:
+        raise ValueError(
+            "ig_steps > 1 (EAP-IG) integrates the ordinary gradient: pass detached=False. The "
+            "frozen map is affine, so its gradient is the same along the whole path and "
+            "detached=True is already exact with ig_steps=1."
+        )
+    metric = metric or pairs.mean_logit_diff
+    names, final, parallel = _names(model)
+    n_pairs, n_pos = pairs.corrupted.shape
+    dtype = next(model.parameters()).dtype
+    per_pair = 4 * sequence_bytes(model.cfg, n_pos, dtype, batch=1)  # graph + pullbacks
+    chunk = chunk_size(n_pairs, per_pair, max_memory, device=pairs.clean.device)
+    while detached and chunk > 1 and not patterns_fit(model, n_pos, chunk, max_memory):
+        chunk = max(1, chunk // 2)
+    replay = detached and not patterns_fit(model, n_pos, 1, max_memory)
+    with analysis_mode(model):
+        clean_m, clean_vals = _run_values(model, pairs, pairs.clean, names, metric)
+        others = None
+        if chunk < n_pairs:  # the metric may mix pairs: the others' logits, as constants
+            with torch.no_grad():
+                others = pairs.final_logits(model, pairs.corrupted)
+        total, corrupt_m, layout = None, [], None
+        starts = range(0, n_pairs, chunk)
+        for start in tqdm(starts, desc="edge attribution", disable=not progress or len(starts) < 2):
+            part = _pairs_slice(pairs, start, start + chunk)
+            freeze: list[Hook] = []
+            if replay:  # patterns kept as queries and keys: each pair's own operating point
+                point = OperatingPoint.record(
+                    model, part.corrupted, names_filter=[], max_memory=max_memory
+                )[0]
+                freeze = point.hooks("replay")
+            elif detached:
+                freeze = site_hooks(model, find_sites(model), {}, "record")
+            clean_part = {h: v[start : start + len(part.answers)] for h, v in clean_vals.items()}
+            scores, value, layout = _chunk_scores(
+                model,
+                part,
+                names,
+                final,
+                parallel,
+                metric,
+                freeze,
+                clean_part,
+                ig_steps,
+                others,
+                start,
+            )
+            total = scores if total is None else total + scores
+            corrupt_m.append(value)
+    corrupted = (
+        float(corrupt_m[0]) if len(corrupt_m) == 1 else float(_whole_metric(model, pairs, metric))
+    )
+    check_gap(clean_m, corrupted)
+    method = (
+        "frozen-map edges" if detached else ("EAP-IG" if ig_steps > 1 else "attribution patching")
+    )
+    return _result(total, layout, method, clean_m, corrupted)
+
+
+def _pairs_slice(pairs: PromptPairs, start: int, stop: int) -> PromptPairs:
+    from dataclasses import replace
+
+    part = slice(start, stop)
+    return replace(
+        pairs,
+        clean=pairs.clean[part],
+        corrupted=pairs.corrupted[part],
+        answers=pairs.answers[part],
+        wrong=pairs.wrong[part],
+        last=pairs.last[part],
+        mask=pairs.mask[part],
+    )
+
+
+def _whole_metric(model: Any, pairs: PromptPairs, metric: Metric) -> torch.Tensor:
+    with torch.no_grad():
+        return metric(pairs.final_logits(model, pairs.corrupted))
+
+
+def _run_values(
+    model: Any,
+    pairs: PromptPairs,
+    tokens: torch.Tensor,
+    names: list[dict[str, str]],
+    metric: Metric,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """The metric of a plain run and the writers' values in it (input, heads, MLPs)."""
+    wanted = [INPUT_HOOK] + [n[k] for n in names for k in ("z", "mlp_out")]
+    vals: dict[str, torch.Tensor] = {}
+    hooks = [(h, lambda v, hook, h=h: vals.__setitem__(h, v.detach().clone())) for h in wanted]
+    with torch.no_grad():
+        return float(metric(pairs.final_logits(model, tokens, hooks))), vals
+
+
+def _chunk_scores(
+    model: Any,
+    pairs: PromptPairs,
+    names: list[dict[str, str]],
+    final: str,
+    parallel: bool,
+    metric: Metric,
+    freeze: Sequence[Hook],
+    clean: dict[str, torch.Tensor],
+    ig_steps: int,
+    others: torch.Tensor | None,
+    row: int,
+) -> tuple[torch.Tensor, float, _Layout]:
+    """``[pos, writer, reader]`` scores of these pairs (summed over them), the corrupted metric."""
+    deltas = None
+    grads_sum = None
+    value0 = 0.0
+    for j in range(ig_steps):
+        alpha = j / ig_steps
+        run = _GradientRun(model, pairs, names, final, freeze, clean[INPUT_HOOK], alpha)
+        value = run.backward(metric, others, row)
+        if j == 0:
+            value0 = value
+            deltas, layout = run.writer_deltas(clean, parallel)
+        grads = run.reader_gradients()
+        grads_sum = grads if grads_sum is None else grads_sum + grads
+        del run
+    reader_grads = grads_sum / ig_steps
+    mask = pairs.mask.to(deltas.dtype)[None, :, :, None]  # positions a patch may touch
+    scores = torch.einsum("wbpd,rbpd->pwr", deltas * mask, reader_grads.to(deltas.dtype))
+    return scores * layout.mask(scores.device)[None], value0, layout
+
+
+class _GradientRun:
+    """One corrupted forward (inputs moved ``alpha`` of the way to the clean ones) with a
+    zero leaf added at every hook the graph reads, and the metric's backward."""
+
+    def __init__(
+        self,
+        model: Any,
+        pairs: PromptPairs,
+        names: list[dict[str, str]],
+        final: str,
+        freeze: Sequence[Hook],
+        clean_input: torch.Tensor,
+        alpha: float,
+    ) -> None:
+        self.model, self.pairs, self.names, self.final = model, pairs, names, final
+        self.leaves: dict[str, torch.Tensor] = {}
+        self.outs: dict[str, torch.Tensor] = {}
+        self.vals: dict[str, torch.Tensor] = {}
+
+        def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
+            if name == INPUT_HOOK and alpha:
+                value = value + alpha * (clean_input.to(value) - value.detach())
+            self.vals[name] = value.detach()
+            leaf = torch.zeros_like(value, requires_grad=True)
+            self.leaves[name] = leaf
+            self.outs[name] = value + leaf
+            return self.outs[name]
+
+        hooked = sorted({h for n in names for h in n.values()} | {final, INPUT_HOOK})
+        self.hooks = list(freeze) + [(h, lambda v, hook, h=h: attach(v, hook, h)) for h in hooked]
+
+    def backward(self, metric: Metric, others: torch.Tensor | None, row: int) -> float:
+        with torch.enable_grad():
+            final = self.pairs.final_logits(self.model, self.pairs.corrupted, self.hooks)
+            if others is not None:
+                final = torch.cat([others[:row], final, others[row + len(final) :]])
+            value = metric(final)
+            wanted = [n[k] for n in self.names for k in ("q", "k", "v", "mlp_out")] + [self.final]
+            grads = torch.autograd.grad(
+                value, [self.leaves[h] for h in wanted], retain_graph=True, allow_unused=True
+            )
+        self.grads = {
+            h: torch.zeros_like(self.leaves[h]) if g is None else g for h, g in zip(wanted, grads)
+        }
+        return float(value.detach())
+
+    def reader_gradients(self) -> Float[torch.Tensor, "reader batch pos d_model"]:
+        """Each reader's gradient, in :class:`_Layout` order: a head's query, key or value
+        input is the block input's gradient through that head alone (its share of the
+        gradient at ``hook_q``/``hook_k``/``hook_v``, pulled back in one batched pass)."""
+        rows = []
+        with torch.enable_grad():
+            for n in self.names:
+                outs = [self.outs[n[k]] for k in ("q", "k", "v")]
+                per_head = [self.grads[n[k]] for k in ("q", "k", "v")]
+                counts = [g.shape[2] for g in per_head]
+                total = sum(counts)
+
+                def cotangent(rows_: slice, per_head=per_head, counts=counts) -> list[torch.Tensor]:
+                    out = []
+                    offset = 0
+                    for g, c in zip(per_head, counts):
+                        batch = g.new_zeros(rows_.stop - rows_.start, *g.shape)
+                        for i, r in enumerate(range(rows_.start, rows_.stop)):
+                            if offset <= r < offset + c:
+                                batch[i, :, :, r - offset] = g[:, :, r - offset]
+                        out.append(batch)
+                        offset += c
+                    return out
+
+                pre = self.leaves[n["pre"]]
+                got = pre.new_zeros(total, *pre.shape)
+
+                def take(rows_: slice, grads: Sequence[torch.Tensor], got=got) -> None:
+                    got[rows_] = grads[0]
+
+                if any(g.abs().max() > 0 for g in per_head):
+                    pullback_rows(outs, [pre], cotangent, total, total, take, keep_graph=True)
+                rows.append(got)
+                mlp = torch.autograd.grad(
+                    self.outs[n["mlp_out"]],
+                    self.leaves[n["mid"]],
+                    grad_outputs=self.grads[n["mlp_out"]],
+                    retain_graph=True,
+                    allow_unused=True,
+                )[0]
+                rows.append((torch.zeros_like(pre) if mlp is None else mlp)[None])
+        rows.append(self.grads[self.final][None])
+        return torch.cat([r.double() for r in rows])
+
+    def writer_deltas(
+        self, clean: dict[str, torch.Tensor], parallel: bool
+    ) -> tuple[Float[torch.Tensor, "writer batch pos d_model"], _Layout]:
+        """Each writer's clean − corrupted change as written into the residual stream: the
+        input's, each MLP's output, and each head's ``Δz`` through the block's output map
+        (``hook_z`` → ``hook_attn_out``, linearized here: exact where it is linear, as
+        ``z W_O`` is, and for the frozen map, whose post-attention norm scale is frozen)."""
+        rows = [(clean[INPUT_HOOK] - self.vals[INPUT_HOOK].to(clean[INPUT_HOOK]))[None]]
+        q_heads, kv_heads = [], []
+        with torch.enable_grad():
+            for n in self.names:
+                z = self.leaves[n["z"]]
+                dz = (clean[n["z"]] - self.vals[n["z"]].to(clean[n["z"]])).to(z)
+                heads = dz.shape[2]
+                q_heads.append(heads)
+                kv_heads.append(self.grads[n["k"]].shape[2])
+                out = self.outs[n["attn_out"]]
+                u = torch.zeros_like(out, requires_grad=True)
+                (jt_u,) = torch.autograd.grad(out, z, grad_outputs=u, create_graph=True)
+                per_head = torch.zeros(heads, *dz.shape, dtype=dz.dtype, device=dz.device)
+                for h in range(heads):
+                    per_head[h, :, :, h] = dz[:, :, h]
+                (writes,) = torch.autograd.grad(
+                    jt_u, u, grad_outputs=per_head, is_grads_batched=True
+                )
+                rows.append(writes)
+                mlp = n["mlp_out"]
+                rows.append((clean[mlp] - self.vals[mlp].to(clean[mlp]))[None])
+        layout = _Layout.of(self.model, q_heads, kv_heads, parallel)
+        return torch.cat([r.double() for r in rows]), layout
+
+
+def _result(
+    scores: torch.Tensor, layout: _Layout, method: str, clean: float, corrupted: float
+) -> EdgeAttribution:
+    """Dense scores to TransformerLens' dicts, in its enumeration order (position by
+    position, each reader's writers in order)."""
+    scores = scores.cpu()
+    n_pos = scores.shape[0]
+    edges: dict[tuple[Any, Any], float] = {}
+    nodes: dict[Any, float] = {}
+    values = scores.tolist()
+    for p in range(n_pos):
+        w_nodes = [Node(kind=k, position=p, layer=la, head=h) for k, la, h in layout.writers]
+        for r, (k, la, h) in enumerate(layout.readers):
+            reader = Node(kind=k, position=p, layer=la, head=h)
+            for w in range(layout.upstream[r]):
+                edges[(w_nodes[w], reader)] = values[p][w][r]
+        for w, node in enumerate(w_nodes):
+            nodes[node] = float(scores[p, w].sum())
+    return EdgeAttribution(
+        node_scores=nodes,
+        edge_scores=edges,
+        method=method,
+        clean=clean,
+        corrupted=corrupted,
+        scores=scores,
+        writers=layout.writers,
+        readers=layout.readers,
+    )

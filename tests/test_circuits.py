@@ -1,0 +1,293 @@
+"""Edge attribution against independent computations: path patching written with
+TransformerLens hooks through the corrupted run's recorded coefficients (frozen map),
+autograd through hand-written per-reader hooks (attribution patching, EAP-IG), and
+TransformerLens' own ``attribution_patch``."""
+
+import contextlib
+import random
+
+import pytest
+import torch
+from conftest import HOOKED, cached_tiny, newest_tl_only, rel
+
+from lens_linear.circuits import EdgeAttribution, Node, edge_attribution
+from lens_linear.patching import predicted_patching, prompt_pairs
+from lens_linear.reference import full_precision
+
+
+def one_pair(model):
+    return prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "a", "c")
+
+
+def metric_of(pairs):
+    a, b = int(pairs.answers[0]), int(pairs.wrong[0])
+    return lambda logits: (logits[:, -1, a] - logits[:, -1, b]).mean()
+
+
+def recorded_coefficients(model, tokens):
+    """Hooks that put the run of ``tokens``'s norm scales, patterns and MLP gates back (a
+    gated MLP's pre-activation; a plain one's activation as the ratio ``post / pre``), for any
+    batch of copies: the frozen map, written on TransformerLens' hook points."""
+    names = [
+        n
+        for n in model.hook_dict
+        if n.endswith(("hook_scale", "attn.hook_pattern", "mlp.hook_pre", "mlp.hook_post"))
+    ]
+    with torch.no_grad(), full_precision():
+        _, rec = model.run_with_cache(tokens, names_filter=names)
+    pre = {}
+
+    def put_back(value, hook, name):  # (a bridge's hook.name can be another alias)
+        block = name.rsplit(".", 1)[0]
+        gated = block + ".hook_pre_linear" in model.hook_dict
+        if name.endswith("mlp.hook_pre") and not gated:
+            pre[block] = value
+            return value
+        if name.endswith("mlp.hook_post"):
+            if gated:
+                return value
+            return (pre[block] * (rec[name] / rec[block + ".hook_pre"])).contiguous()
+        return rec[name].expand_as(value).contiguous()
+
+    return [(n, lambda v, hook, n=n: put_back(v, hook, n)) for n in names]
+
+
+def run_metric(model, tokens, hooks, metric, precise=False):
+    """The metric of the first copy (``precise``: no float32 rounding inside the float64
+    model's softmax and norms, as in the frozen map, whose coefficients are float64)."""
+    with full_precision() if precise else contextlib.nullcontext():
+        return metric(model.run_with_hooks(tokens, fwd_hooks=hooks)[:1])
+
+
+def writer_delta(model, pairs, writer, freeze, clean, corrupt):
+    """The writer's clean − corrupted change into the residual stream at its position: the
+    embedding's or an MLP's from the two runs, a head's by running two copies of the corrupted
+    prompt, the second with that head's clean output, and reading the block's attention output."""
+    p = writer.position
+    if writer.kind == "embed":
+        name = "blocks.0.hook_resid_pre"
+        return clean[name][0, p] - corrupt[name][0, p]
+    if writer.kind == "mlp_out":
+        name = f"blocks.{writer.layer}.hook_mlp_out"
+        return clean[name][0, p] - corrupt[name][0, p]
+    z, out = f"blocks.{writer.layer}.attn.hook_z", f"blocks.{writer.layer}.hook_attn_out"
+    seen = {}
+
+    def put(value, hook):
+        value = value.clone()
+        value[1, p, writer.head] = clean[z][0, p, writer.head]
+        return value
+
+    def read(value, hook):
+        seen["out"] = value[1, p] - value[0, p]
+
+    with torch.no_grad():
+        model.run_with_hooks(
+            pairs.corrupted.repeat(2, 1), fwd_hooks=freeze + [(z, put), (out, read)]
+        )
+    return seen["out"]
+
+
+def reader_points(model, reader):
+    """Where a reader's own copy of the stream enters (hook, index) and leaves (hook)."""
+    b = f"blocks.{reader.layer}"
+    if reader.kind in ("q_input", "k_input", "v_input"):
+        return f"{b}.hook_resid_pre", f"{b}.attn.hook_{reader.kind[0]}"
+    if reader.kind == "mlp_in":
+        mid = f"{b}.hook_resid_mid"
+        return (mid if mid in model.hook_dict else f"{b}.hook_resid_pre"), f"{b}.hook_mlp_out"
+    return f"{b}.hook_resid_post", None
+
+
+def reader_hooks(model, reader, shift):
+    """Two copies: the reader's input gets ``shift`` in the second copy only, and the first
+    copy takes the reader's output from the second (so only this reader sees the shift)."""
+    into, out = reader_points(model, reader)
+    p = reader.position
+    if out is None:  # the logits read the final residual: shift it in the first copy
+
+        def final(value, hook):
+            value = value.clone()
+            value[0, p] = value[0, p] + shift
+            return value
+
+        return [(into, final)]
+
+    def add(value, hook):
+        value = value.clone()
+        value[1, p] = value[1, p] + shift
+        return value
+
+    def take(value, hook):
+        value = value.clone()
+        if reader.head is None:
+            value[0, p] = value[1, p]
+        else:
+            value[0, p, reader.head] = value[1, p, reader.head]
+        return value
+
+    return [(into, add), (out, take)]
+
+
+def sample_edges(result, k_top=10, k_random=10, seed=0):
+    edges = [e for e, _ in sorted(result.edge_scores.items(), key=lambda kv: -abs(kv[1]))]
+    rng = random.Random(seed)
+    return edges[:k_top] + rng.sample(edges[k_top:], k_random)
+
+
+@pytest.mark.filterwarnings("ignore:.*hook_scale/hook_normalized")  # the reference edits norms
+@pytest.mark.parametrize(
+    "backend, arch",
+    [("bridge", "gpt2"), ("bridge", "llama"), ("bridge", "gemma3")]
+    + ([("hooked", "gpt2"), ("hooked", "llama")] if HOOKED else []),
+)
+def test_frozen_edges_equal_path_patching_through_the_frozen_map(backend, arch):
+    """Each edge's score is the metric change of patching that edge alone through the
+    corrupted run's frozen map, the writer's clean change reaching this reader and no other.
+    GQA (llama, gemma3) and norms after the head sum (gemma3) included. Float64."""
+    model = cached_tiny(backend, arch, torch.float64)
+    pairs = one_pair(model)
+    metric = metric_of(pairs)
+    ours = edge_attribution(model, pairs, metric=metric, progress=False)
+    assert isinstance(ours, EdgeAttribution) and ours.method == "frozen-map edges"
+    freeze = recorded_coefficients(model, pairs.corrupted)
+    with torch.no_grad():
+        _, clean = model.run_with_cache(pairs.clean)
+        _, corrupt = model.run_with_cache(pairs.corrupted)
+        base = run_metric(model, pairs.corrupted.repeat(2, 1), freeze, metric, precise=True)
+    truth, got = [], []
+    for writer, reader in sample_edges(ours):
+        delta = writer_delta(model, pairs, writer, freeze, clean, corrupt)
+        with torch.no_grad():
+            hooks = freeze + reader_hooks(model, reader, delta)
+            truth.append(
+                float(run_metric(model, pairs.corrupted.repeat(2, 1), hooks, metric, True) - base)
+            )
+        got.append(ours.edge_scores[(writer, reader)])
+    truth, got = torch.tensor(truth, dtype=torch.float64), torch.tensor(got, dtype=torch.float64)
+    # measured 3e-14 (gpt2), 3e-8 (llama), 2.3e-7 (gemma3): the model's own float32 casts (rotary)
+    assert float((got - truth).abs().max()) <= 1e-6 * float(truth.abs().max())
+    assert float(truth.abs().max()) > 1e-4  # the sample holds real effects
+    # query and key edges are zero in the frozen map (the patterns are constants)
+    qk = [s for (w, r), s in ours.edge_scores.items() if r.kind in ("q_input", "k_input")]
+    assert qk and max(abs(s) for s in qk) == 0.0
+
+
+def ordinary_reader_gradient(model, pairs, reader, metric, alpha, clean):
+    """Autograd of the metric with respect to a shift of one reader's own input, the input
+    embeddings moved ``alpha`` of the way from the corrupted to the clean prompt."""
+    shift = torch.zeros(model.cfg.d_model, dtype=torch.float64, requires_grad=True)
+    start = clean["blocks.0.hook_resid_pre"]
+
+    def interpolate(value, hook):
+        return value + alpha * (start - value.detach())
+
+    hooks = [("blocks.0.hook_resid_pre", interpolate)] + reader_hooks(model, reader, shift)
+    value = run_metric(model, pairs.corrupted.repeat(2, 1), hooks, metric)
+    return torch.autograd.grad(value, shift)[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("ig_steps", [1, 3])
+def test_attribution_and_eap_ig_equal_hand_written_gradients(arch, ig_steps):
+    """``detached=False``: edge = writer change · reader gradient, the gradient averaged over
+    ``ig_steps`` interpolated inputs (EAP-IG; one step is attribution patching)."""
+    model = cached_tiny("bridge", arch, torch.float64)
+    pairs = one_pair(model)
+    metric = metric_of(pairs)
+    ours = edge_attribution(
+        model, pairs, metric=metric, detached=False, ig_steps=ig_steps, progress=False
+    )
+    assert ours.method == ("EAP-IG" if ig_steps > 1 else "attribution patching")
+    with torch.no_grad():
+        _, clean = model.run_with_cache(pairs.clean)
+        _, corrupt = model.run_with_cache(pairs.corrupted)
+    truth, got = [], []
+    for writer, reader in sample_edges(ours, 8, 8):
+        delta = writer_delta(model, pairs, writer, [], clean, corrupt)  # pre-norm: z W_O
+        grads = [
+            ordinary_reader_gradient(model, pairs, reader, metric, j / ig_steps, clean)
+            for j in range(ig_steps)
+        ]
+        truth.append(float(delta @ torch.stack(grads).mean(0)))
+        got.append(ours.edge_scores[(writer, reader)])
+    truth, got = torch.tensor(truth, dtype=torch.float64), torch.tensor(got, dtype=torch.float64)
+    assert float((got - truth).abs().max()) <= 1e-9 * float(truth.abs().max())
+    if ig_steps > 1:
+        one = edge_attribution(model, pairs, metric=metric, detached=False, progress=False)
+        assert rel(ours.scores, one.scores) > 1e-3  # the path matters
+
+
+@newest_tl_only
+def test_attribution_edges_equal_transformer_lens():
+    """``detached=False`` reproduces TransformerLens' edge sweep, every edge and node, on the
+    model family it supports (multi-head, pre-norm): same keys, same order."""
+    from transformer_lens.tools.analysis.attribution_patching import (
+        EdgeAttributionConfig,
+        attribution_patch,
+    )
+
+    model = cached_tiny("bridge", "gpt2")
+    pairs = prompt_pairs(
+        model,
+        ["Hello there, friend!", "Howdy where, enemy!!"],  # equal lengths: TL reads position -1
+        ["Hello where, friend!", "Howdy there, enemy!!"],
+        ["a", "a"],
+        ["c", "c"],
+    )
+    metric = metric_of(pairs)
+    ours = edge_attribution(model, pairs, metric=metric, detached=False, progress=False)
+    theirs = attribution_patch(
+        model, pairs.clean, pairs.corrupted, metric, EdgeAttributionConfig(granularity="edge")
+    )
+    assert list(ours.edge_scores) == list(theirs.edge_scores)
+    big = max(abs(v) for v in theirs.edge_scores.values())
+    assert max(abs(ours.edge_scores[e] - v) for e, v in theirs.edge_scores.items()) <= 1e-4 * big
+    assert max(abs(ours.node_scores[n] - v) for n, v in theirs.node_scores.items()) <= 1e-4 * big
+    # where TransformerLens refuses (grouped-query attention), ours answers
+    llama = cached_tiny("bridge", "llama")
+    with pytest.raises(ValueError, match="GQA"):
+        attribution_patch(
+            llama,
+            pairs.clean[:1],
+            pairs.corrupted[:1],
+            metric,
+            EdgeAttributionConfig(granularity="edge"),
+        )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt_neox"])
+def test_a_writers_edges_add_up_to_its_node_score(arch):
+    """Each writer's edges sum to its node score of the frozen-map patching prediction (head
+    by position, MLP output, input embedding): consistency of the two."""
+    model = cached_tiny("bridge", arch, torch.float64)
+    pairs = prompt_pairs(
+        model,
+        ["Hello there, friend!", "abcdefgh"],
+        ["Hello where, friend!", "abcxefgh"],
+        ["a", "b"],
+        ["c", "d"],
+    )
+    edges = edge_attribution(model, pairs, progress=False)
+    heads = predicted_patching(model, pairs, "head_by_pos", progress=False)
+    mlps = predicted_patching(model, pairs, "mlp_out", progress=False)
+    inputs = predicted_patching(model, pairs, "resid_pre", layers=[0], progress=False)
+    for node, score in edges.node_scores.items():
+        if node.kind == "attn_head_out":
+            want = heads.raw[node.layer, node.position, node.head] - heads.corrupted
+        elif node.kind == "mlp_out":
+            want = mlps.raw[node.layer, node.position] - mlps.corrupted
+        else:
+            want = inputs.raw[0, node.position] - inputs.corrupted
+        assert abs(score - float(want)) <= 1e-9 * max(1.0, abs(float(want)))
+    assert sum(edges.node_scores.values()) != 0.0
+
+
+def test_bad_input_is_refused():
+    model = cached_tiny("bridge", "gpt2")
+    pairs = one_pair(model)
+    with pytest.raises(ValueError, match="ig_steps"):
+        edge_attribution(model, pairs, ig_steps=0, progress=False)
+    with pytest.raises(ValueError, match="detached=False"):
+        edge_attribution(model, pairs, ig_steps=4, progress=False)
+    assert Node(kind="logits", position=0, layer=1).kind == "logits"
