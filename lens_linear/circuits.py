@@ -32,6 +32,7 @@ frozen map, where that norm's scale is a constant).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -321,7 +322,7 @@ def _run_values(
     metric: Metric,
 ) -> tuple[float, dict[str, torch.Tensor]]:
     """The metric of a plain run and the writers' values in it (input, heads, MLPs)."""
-    wanted = [INPUT_HOOK] + [n[k] for n in names for k in ("z", "mlp_out")]
+    wanted = [INPUT_HOOK] + [n[k] for n in names for k in ("z", "k", "mlp_out")]
     vals: dict[str, torch.Tensor] = {}
     hooks = [(h, lambda v, hook, h=h: vals.__setitem__(h, v.detach().clone())) for h in wanted]
     with torch.no_grad():
@@ -510,4 +511,367 @@ def _result(
         scores=scores,
         writers=layout.writers,
         readers=layout.readers,
+    )
+
+
+# ---- circuit faithfulness ------------------------------------------------------------------
+
+
+def _transformer_lens_faithfulness_class() -> Any:
+    try:
+        from transformer_lens.tools.analysis.attribution_patching import FaithfulnessResult
+    except ImportError:
+        return None
+    return FaithfulnessResult
+
+
+_TLFaithfulness = _transformer_lens_faithfulness_class()
+
+if _TLFaithfulness is not None:
+    FaithfulnessResult = _TLFaithfulness
+else:  # pragma: no cover - exercised on the TransformerLens 3.9 leg
+
+    @dataclass
+    class FaithfulnessResult:  # type: ignore[no-redef]
+        """TransformerLens 4.3's ``FaithfulnessResult``, for older TransformerLens versions."""
+
+        recovered: float
+        full_metric: float
+        corrupt_metric: float
+        circuit_size: int
+        total_edges: int
+        edge_class_recovered: dict = field(default_factory=dict)
+        edge_class_counts: dict = field(default_factory=dict)
+
+
+EDGE_CLASSES = {
+    "q_input": "into_qk",
+    "k_input": "into_qk",
+    "v_input": "into_v",
+    "mlp_in": "into_mlp",
+    "logits": "into_logits",
+}
+
+
+def circuit_faithfulness(
+    model: Any,
+    pairs: PromptPairs,
+    circuit: Sequence[tuple[Any, Any]] | Sequence[tuple[Any, Any, float]],
+    *,
+    ablation: str = "corrupt",
+    mean_tokens: torch.Tensor | None = None,
+    metric: Metric | None = None,
+    detached: bool = False,
+    by_class: bool = True,
+) -> Any:
+    """The fraction of the clean − corrupted gap a circuit recovers when every edge outside it
+    is ablated: TransformerLens' ``faithfulness`` (its ``FaithfulnessResult``), for edges as
+    ``(writer, reader)`` pairs or the ``(writer, reader, score)`` triples ``top_edges`` gives.
+
+    The clean prompt runs with each reader's input rebuilt from its circuit writers' live
+    outputs and every other writer's replacement: the corrupted run's (``ablation="corrupt"``)
+    or its mean over ``mean_tokens`` (``"mean"``). Each head's query, key and value input is
+    rebuilt on its own copy of the stream (one batch: the pairs, repeated once per reader of a
+    layer), so grouped-query attention works. ``detached=True`` runs the same ablation through
+    the corrupted run's frozen map (its coefficients replayed): the prediction of the frozen
+    map, normalized by the real gap. Refused (``ValueError``) where a layer's heads do not add
+    up to its attention output (a norm after the head sum), as TransformerLens refuses.
+    ``by_class`` adds TransformerLens' per-class breakdown (one more run per class kept).
+    """
+    require_tl_model(model)
+    if ablation not in ("corrupt", "mean"):
+        raise ValueError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
+    if (ablation == "mean") != (mean_tokens is not None):
+        raise ValueError("mean ablation needs mean_tokens (and only mean ablation takes them)")
+    metric = metric or pairs.mean_logit_diff
+    names, final, parallel = _names(model)
+    with analysis_mode(model):
+        clean_m, _ = _run_values(model, pairs, pairs.clean, names, metric)
+        corrupt_m, corrupt_vals = _run_values(model, pairs, pairs.corrupted, names, metric)
+        check_gap(clean_m, corrupt_m)
+        layout = _layout_of(model, names, corrupt_vals, parallel)
+        _check_heads_add_up(model, names, pairs)
+        if ablation == "mean":
+            if mean_tokens.ndim != 2 or mean_tokens.shape[1] != pairs.clean.shape[1]:
+                raise ValueError(
+                    f"mean_tokens must be [n, {pairs.clean.shape[1]}] token ids (the pairs' length), "
+                    f"got {tuple(mean_tokens.shape)}"
+                )
+            runs = [
+                _run_values(model, pairs, mean_tokens[i : i + 1], names, metric)[1]
+                for i in range(len(mean_tokens))
+            ]
+            replacement = _writes(
+                model, names, {h: torch.stack([r[h] for r in runs]).mean(0) for h in runs[0]}
+            )
+        else:
+            replacement = _writes(model, names, corrupt_vals)
+        kept = _circuit_mask(circuit, layout, pairs.clean.shape[1])
+        base: list[Hook] = []
+        if detached:
+            base = OperatingPoint.record(model, pairs.corrupted, names_filter=[])[0].hooks("replay")
+        run = lambda keep: _ablated_metric(
+            model, pairs, names, final, layout, keep, replacement, metric, base
+        )  # noqa: E731
+        recovered = (run(kept) - corrupt_m) / (clean_m - corrupt_m)
+        exists = layout.mask(kept.device)[None].expand_as(kept)
+        class_names = list(dict.fromkeys(EDGE_CLASSES.values()))
+        by_reader_class = [
+            torch.tensor([EDGE_CLASSES[k] == c for k, _, _ in layout.readers]) for c in class_names
+        ]
+        counts = {
+            c: int((exists & m[None, None]).sum()) for c, m in zip(class_names, by_reader_class)
+        }
+        per_class = {}
+        for c, m in zip(class_names, by_reader_class):
+            if not by_class or not (kept & m[None, None]).any():
+                per_class[c] = recovered
+            else:
+                per_class[c] = (run(kept & ~m[None, None]) - corrupt_m) / (clean_m - corrupt_m)
+    return FaithfulnessResult(
+        recovered=float(recovered),
+        full_metric=clean_m,
+        corrupt_metric=corrupt_m,
+        circuit_size=int(kept.sum()),
+        total_edges=int(exists.sum()),
+        edge_class_recovered={c: float(v) for c, v in per_class.items()},
+        edge_class_counts=counts,
+    )
+
+
+def _layout_of(
+    model: Any, names: list[dict[str, str]], vals: dict[str, torch.Tensor], parallel: bool
+) -> _Layout:
+    q = [vals[n["z"]].shape[2] for n in names]
+    kv = [vals[n["k"]].shape[2] for n in names]
+    return _Layout.of(model, q, kv, parallel)
+
+
+def _head_writes(
+    model: Any, layer: int, z: torch.Tensor
+) -> Float[torch.Tensor, "batch pos head d_model"]:
+    """Each head's write into the residual stream, ``z_h W_O^h`` (the output bias is no head's)."""
+    w_o = model.blocks[layer].attn.W_O
+    return torch.einsum("bphd,hdm->bphm", z.to(w_o.dtype), w_o)
+
+
+def _check_heads_add_up(model: Any, names: list[dict[str, str]], pairs: PromptPairs) -> None:
+    """Refuse a layer whose attention output is not its heads' ``z W_O`` plus a constant."""
+    got: dict[str, torch.Tensor] = {}
+    wanted = [n[k] for n in names for k in ("z", "attn_out")]
+    hooks = [(h, lambda v, hook, h=h: got.__setitem__(h, v.detach())) for h in wanted]
+    with torch.no_grad():
+        pairs.final_logits(model, pairs.clean, hooks)
+    for layer, n in enumerate(names):
+        rest = got[n["attn_out"]] - _head_writes(model, layer, got[n["z"]]).sum(2).to(
+            got[n["attn_out"]]
+        )
+        rest = rest - rest.mean(dim=(0, 1), keepdim=True)
+        err = float(rest.norm() / got[n["attn_out"]].norm().clamp_min(1e-30))
+        if err > 1e-3:
+            raise ValueError(
+                f"blocks.{layer}'s attention output is not the sum of its heads' z W_O (a norm or "
+                f"scale after the head sum; relative difference {err:.2g}), so a head's edge cannot "
+                f"be ablated on its own. Edge scores (edge_attribution) still work here."
+            )
+
+
+def _writes(
+    model: Any, names: list[dict[str, str]], vals: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
+    """Every writer's write ``[batch, pos, d_model]``, in :class:`_Layout` order."""
+    out = [vals[INPUT_HOOK]]
+    for layer, n in enumerate(names):
+        heads = _head_writes(model, layer, vals[n["z"]])
+        out += [heads[:, :, h] for h in range(heads.shape[2])] + [vals[n["mlp_out"]]]
+    return out
+
+
+def _circuit_mask(circuit: Sequence[Any], layout: _Layout, n_pos: int) -> torch.Tensor:
+    """``[pos, writer, reader]``: True for the circuit's edges; refuses an edge not in the graph."""
+    w_index = {c: i for i, c in enumerate(layout.writers)}
+    r_index = {c: i for i, c in enumerate(layout.readers)}
+    kept = torch.zeros(n_pos, len(layout.writers), len(layout.readers), dtype=torch.bool)
+    for entry in circuit:
+        if len(entry) not in (2, 3):
+            raise ValueError(
+                f"a circuit holds (writer, reader) or (writer, reader, score), got {entry!r}"
+            )
+        w, r = entry[0], entry[1]
+        wi, ri = w_index.get((w.kind, w.layer, w.head)), r_index.get((r.kind, r.layer, r.head))
+        if (
+            wi is None
+            or ri is None
+            or w.position != r.position
+            or not 0 <= w.position < n_pos
+            or wi >= layout.upstream[ri]
+        ):
+            raise ValueError(
+                f"the edge {w} → {r} is not in this model's graph (a stale or mistyped circuit)"
+            )
+        kept[w.position, wi, ri] = True
+    return kept
+
+
+def _ablated_metric(
+    model: Any,
+    pairs: PromptPairs,
+    names: list[dict[str, str]],
+    final: str,
+    layout: _Layout,
+    kept: torch.Tensor,
+    replacement: list[torch.Tensor],
+    metric: Metric,
+    base: Sequence[Hook],
+) -> float:
+    """One run of the clean prompts, every reader's input rebuilt: circuit writers live, the
+    rest replaced. Copy 0 is the run; copies ``1 …`` carry one attention reader of the current
+    layer each, the last copy the MLP reader, and copy 0 takes each reader's output from its
+    copy."""
+    n = len(pairs.answers)
+    readers_at = [
+        [i for i, (k, la, _) in enumerate(layout.readers) if la == layer and k != "logits"]
+        for layer in range(len(names))
+    ]
+    n_copies = 1 + max(len(r) for r in readers_at)  # attention readers + the MLP reader
+    excluded = (layout.mask(kept.device)[None] & ~kept).to(replacement[0].dtype)  # [pos, w, r]
+    live: list[torch.Tensor] = []
+
+    def correction(readers: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """``Σ_excluded (replacement − live)`` for each reader: ``[reader, n, pos, d]``."""
+        k = len(live)
+        diff = torch.stack(
+            [replacement[w].to(dtype) - live[w].to(dtype) for w in range(k)]
+        )  # [w, n, p, d]
+        return torch.einsum("pwr,wnpd->rnpd", excluded[:, :k, readers].to(dtype), diff)
+
+    def copy(value: torch.Tensor, c: int) -> torch.Tensor:
+        return value[c * n : (c + 1) * n]
+
+    def block_input(value: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
+        value = value.clone()
+        if layer == 0:
+            live.append(copy(value, 0).clone())
+        attn = [r for r in readers_at[layer] if layout.readers[r][0] != "mlp_in"]
+        fix = correction(attn, value.dtype)
+        for i in range(len(attn)):
+            value[(1 + i) * n : (2 + i) * n] = copy(value, 0) + fix[i]
+        if layout.parallel:
+            mlp_input(value, None, layer, inplace=True)
+        return value
+
+    def mlp_input(
+        value: torch.Tensor, hook: Any, layer: int, inplace: bool = False
+    ) -> torch.Tensor:
+        value = value if inplace else value.clone()
+        mlp = [r for r in readers_at[layer] if layout.readers[r][0] == "mlp_in"]
+        fix = correction(mlp, value.dtype)
+        value[(n_copies - 1) * n :] = copy(value, 0) + fix[0]
+        return value
+
+    def take(value: torch.Tensor, hook: Any, layer: int, kind: str) -> torch.Tensor:
+        value = value.clone()
+        for i, r in enumerate(r for r in readers_at[layer] if layout.readers[r][0] == kind):
+            head = layout.readers[r][2]
+            value[:n, :, head] = copy(value, 1 + readers_at[layer].index(r))[:, :, head]
+        return value
+
+    def heads_out(value: torch.Tensor, hook: Any, layer: int) -> None:
+        writes = _head_writes(model, layer, copy(value, 0))
+        live.extend(writes[:, :, h] for h in range(writes.shape[2]))
+
+    def mlp_out(value: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
+        value = value.clone()
+        value[:n] = copy(value, n_copies - 1)
+        live.append(copy(value, 0).clone())
+        return value
+
+    def logits_input(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        value = value.clone()
+        value[:n] = copy(value, 0) + correction([len(layout.readers) - 1], value.dtype)[0]
+        return value
+
+    hooks: list[Hook] = list(base)
+    for layer, nm in enumerate(names):
+        hooks.append((nm["pre"], partial(block_input, layer=layer)))
+        if not layout.parallel:
+            hooks.append((nm["mid"], partial(mlp_input, layer=layer)))
+        hooks += [(nm[k], partial(take, layer=layer, kind=f"{k}_input")) for k in ("q", "k", "v")]
+        hooks.append((nm["z"], partial(heads_out, layer=layer)))
+        hooks.append((nm["mlp_out"], partial(mlp_out, layer=layer)))
+    hooks.append((final, logits_input))
+    with torch.no_grad():
+        logits = pairs.final_logits(model, pairs.clean.repeat(n_copies, 1), hooks)
+    return float(metric(logits[:n]))
+
+
+@dataclass
+class CircuitCurve:
+    """Faithfulness of the top-``k`` edges for growing ``k``: ``recovered[i]`` for ``sizes[i]``,
+    and the smallest circuit found that reaches ``target`` (``None`` if none does)."""
+
+    sizes: list[int]
+    recovered: list[float]
+    target: float
+    circuit: list[tuple[Any, Any, float]] | None
+
+    def __repr__(self) -> str:
+        points = ", ".join(f"{k}: {r:.3f}" for k, r in zip(self.sizes, self.recovered))
+        found = f"{len(self.circuit)} edges" if self.circuit is not None else "not reached"
+        return f"CircuitCurve(target {self.target}: {found}; {points})"
+
+
+def grow_circuit(
+    model: Any,
+    pairs: PromptPairs,
+    scores: EdgeAttribution,
+    *,
+    target: float = 0.9,
+    sizes: Sequence[int] | None = None,
+    ablation: str = "corrupt",
+    mean_tokens: torch.Tensor | None = None,
+    metric: Metric | None = None,
+    progress: bool = True,
+) -> CircuitCurve:
+    """Grow a circuit from the highest-scoring edges (by magnitude) until it recovers
+    ``target`` of the gap under :func:`circuit_faithfulness`: the recovered fraction at each of
+    ``sizes`` (default 1, 2, 5, 10, 20, 50, … up to every edge, stopping at the first size that
+    reaches the target), then a bisection between the last size below it and that one."""
+    ranked = scores.top_edges(len(scores.edge_scores))
+    total = len(ranked)
+    if sizes is None:
+        sizes, k = [], 1
+        while k < total:
+            sizes += [s for s in (k, 2 * k, 5 * k) if s < total]
+            k *= 10
+        sizes.append(total)
+    measure = (
+        lambda k: (
+            circuit_faithfulness(  # noqa: E731
+                model,
+                pairs,
+                ranked[:k],
+                ablation=ablation,
+                mean_tokens=mean_tokens,
+                metric=metric,
+                by_class=False,
+            ).recovered
+        )
+    )
+    done: dict[int, float] = {}
+    reached = None
+    for k in tqdm(sizes, desc="growing a circuit", disable=not progress, leave=False):
+        done[k] = measure(k)
+        if done[k] >= target:
+            reached = k
+            break
+    if reached is not None:
+        below = max([k for k in done if k < reached], default=0)
+        while reached - below > 1:  # the smallest size that reaches it, between the two
+            mid = (below + reached) // 2
+            done[mid] = measure(mid)
+            below, reached = (below, mid) if done[mid] >= target else (mid, reached)
+    order = sorted(done)
+    return CircuitCurve(
+        order, [done[k] for k in order], target, None if reached is None else ranked[:reached]
     )

@@ -40,7 +40,7 @@ from lens_linear.hooks.contexts import analysis_mode, biases_zeroed
 from lens_linear.hooks.freeze import site_hooks
 from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.run import Hook, forward, input_embeddings, run_to
-from lens_linear.hooks.sites import find_sites, layer_of, output_hook
+from lens_linear.hooks.sites import INPUT_HOOK, find_sites, layer_of, output_hook
 from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
 from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
 
@@ -226,6 +226,7 @@ class PatchingTable:
     axes: tuple[str, ...]
     str_tokens: list[str]
     layers: list[int] = field(default_factory=list)  # the block of each row
+    certified: Bool[torch.Tensor, "layer ..."] | None = None  # entries replaced by real patching
 
     def __repr__(self) -> str:
         best = torch.topk(self.values.flatten().abs(), min(3, self.values.numel())).indices
@@ -387,7 +388,6 @@ def activation_patching(
     require_tl_model(model)
     metric = metric or pairs.mean_logit_diff
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
-    n = len(pairs.answers)
     with analysis_mode(model):
         clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
         base = []
@@ -396,54 +396,84 @@ def activation_patching(
             base = point.hooks("replay")
         corrupt_m, corrupt_acts = _capture(model, pairs, pairs.corrupted, hooks, metric, base)
         check_gap(clean_m, corrupt_m)
-        per_patch = sequence_bytes(
-            model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n
+        raw = _patched_metrics(
+            model,
+            pairs,
+            hooks,
+            patches,
+            clean_acts,
+            corrupt_acts,
+            metric,
+            scale,
+            base,
+            max_memory,
+            progress,
+            f"patching {sweep}",
         )
-        chunk = chunk_size(len(patches), per_patch, max_memory, device=pairs.clean.device)
-        raw = []
-        grow = True
-        for start in tqdm(
-            range(0, len(patches), chunk),
-            desc=f"patching {sweep}",
-            disable=not progress,
-            leave=False,
-        ):
-            todo = patches[start : start + chunk]
-            first = hooks[min(p[0] for p in todo)]
-
-            def patch(value: torch.Tensor, hook: Any, name: str, grow: bool) -> torch.Tensor:
-                if grow and name == first:  # the layers before ran once, on the unpatched prompts
-                    value = value.repeat(len(todo), *([1] * (value.ndim - 1)))
-                else:
-                    value = value.clone()
-                target = corrupt_acts[name] + scale * (clean_acts[name] - corrupt_acts[name])
-                for e, p in enumerate(todo):
-                    if hooks[p[0]] == name:
-                        region = _region(pairs, p, target)
-                        value[e * n : (e + 1) * n][region] = target[region]
-                return value
-
-            names = sorted({hooks[p[0]] for p in todo}, key=hooks.index)
-            with torch.no_grad():
-                try:
-                    final = pairs.final_logits(
-                        model,
-                        pairs.corrupted if grow else pairs.corrupted.repeat(len(todo), 1),
-                        base + [(h, partial(patch, name=h, grow=grow)) for h in names],
-                    )
-                except RuntimeError:
-                    if not grow:
-                        raise
-                    grow = False  # a model whose masks keep the first batch size: full batches from here
-                    final = pairs.final_logits(
-                        model,
-                        pairs.corrupted.repeat(len(todo), 1),
-                        base + [(h, partial(patch, name=h, grow=False)) for h in names],
-                    )
-            raw.append(_metric_per_copy(pairs, metric, final))
-    raw_t = torch.cat(raw).reshape(shape).double().cpu()
+    raw_t = raw.reshape(shape).double().cpu()
     method = "frozen-map patching" if detached else "activation patching"
     return _table(sweep, method, raw_t, clean_m, corrupt_m, axes, pairs, hooks)
+
+
+def _patched_metrics(
+    model: Any,
+    pairs: PromptPairs,
+    hooks: Sequence[str],
+    patches: Sequence[tuple[int, int | None, int | None]],
+    clean_acts: dict[str, torch.Tensor],
+    corrupt_acts: dict[str, torch.Tensor],
+    metric: Metric,
+    scale: float,
+    base: Sequence[Hook],
+    max_memory: int | None,
+    progress: bool,
+    desc: str,
+) -> Float[torch.Tensor, "patch"]:  # noqa: F821
+    """The metric of each patched corrupted run, chunks of patches sharing one batch."""
+    n = len(pairs.answers)
+    per_patch = sequence_bytes(
+        model.cfg, pairs.clean.shape[1], next(model.parameters()).dtype, batch=n
+    )
+    chunk = chunk_size(len(patches), per_patch, max_memory, device=pairs.clean.device)
+    raw = []
+    grow = True
+    for start in tqdm(range(0, len(patches), chunk), desc=desc, disable=not progress, leave=False):
+        todo = patches[start : start + chunk]
+        first = hooks[min(p[0] for p in todo)]
+
+        def patch(value: torch.Tensor, hook: Any, name: str, grow: bool) -> torch.Tensor:
+            if grow and name == first:  # the layers before ran once, on the unpatched prompts
+                value = value.repeat(len(todo), *([1] * (value.ndim - 1)))
+            else:
+                value = value.clone()
+            target = corrupt_acts[name] + scale * (clean_acts[name] - corrupt_acts[name])
+            for e, p in enumerate(todo):
+                if hooks[p[0]] == name:
+                    region = _region(pairs, p, target)
+                    value[e * n : (e + 1) * n][region] = target[region]
+            return value
+
+        names = sorted({hooks[p[0]] for p in todo}, key=hooks.index)
+        with torch.no_grad():
+            try:
+                final = pairs.final_logits(
+                    model,
+                    pairs.corrupted if grow else pairs.corrupted.repeat(len(todo), 1),
+                    list(base) + [(h, partial(patch, name=h, grow=grow)) for h in names],
+                )
+            except RuntimeError:
+                if not grow:
+                    raise
+                grow = (
+                    False  # a model whose masks keep the first batch size: full batches from here
+                )
+                final = pairs.final_logits(
+                    model,
+                    pairs.corrupted.repeat(len(todo), 1),
+                    list(base) + [(h, partial(patch, name=h, grow=False)) for h in names],
+                )
+        raw.append(_metric_per_copy(pairs, metric, final))
+    return torch.cat(raw)
 
 
 def predicted_patching(
@@ -454,6 +484,8 @@ def predicted_patching(
     metric: Metric | None = None,
     scale: float = 1.0,
     detached: bool = True,
+    ig_steps: int = 1,
+    certify: int | float = 0,
     layers: Sequence[int] | None = None,
     max_memory: int | None = None,
     progress: bool = True,
@@ -467,6 +499,13 @@ def predicted_patching(
     ``detached=False`` (``"attribution patching"``) is the ordinary gradient, a first-order
     estimate of real patching, equal to TransformerLens' ``attribution_patch``.
 
+    ``ig_steps = k > 1`` averages the gradient over ``k`` runs whose input embeddings are moved
+    ``j/k`` of the way from the corrupted to the clean prompt (``j = 0 … k−1``: integrated
+    gradients, as EAP-IG does for edges), each through its own frozen map where ``detached``.
+    ``certify`` (a count, or a fraction of the entries) reruns the largest predicted entries as
+    real patched runs and puts their exact values in (``table.certified`` marks them): ``certify``
+    extra forwards, batched.
+
     Long prompts (``detached=True``, every pair's patterns together past the recording budget,
     :func:`~lens_linear.memory.patterns_fit` of ``max_memory``): a backward through detached
     patterns would keep ``layers · heads · n²`` values. Instead each pair's corrupted run is
@@ -474,30 +513,80 @@ def predicted_patching(
     at a time (a progress bar over pairs): memory ``O(layers · n · d)``, the same table.
     """
     require_tl_model(model)
+    if not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}")
     metric = metric or pairs.mean_logit_diff
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     with analysis_mode(model):
-        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks, metric)
+        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks + [INPUT_HOOK], metric)
         n_pos, n_pairs = pairs.corrupted.shape[1], len(pairs.answers)
         if detached and not patterns_fit(model, n_pos, n_pairs, max_memory):
+            if ig_steps > 1:
+                raise ValueError(
+                    "ig_steps > 1 is not available where the patterns do not fit the memory "
+                    "budget (each pair replayed from its operating point): raise max_memory or "
+                    "use ig_steps=1."
+                )
             value, corrupt_acts, grads = _frozen_gradients_by_pair(
                 model, pairs, hooks, metric, progress, max_memory
             )
         else:
-            value, corrupt_acts, grads = _gradients(
-                model, pairs, hooks, metric, _freezing(model) if detached else []
+            grads = None
+            for j in range(ig_steps):
+                moved = [] if j == 0 else [_interpolated(clean_acts[INPUT_HOOK], j / ig_steps)]
+                freeze = _freezing(model) if detached else []
+                v, acts, g = _gradients(model, pairs, hooks, metric, moved + freeze)
+                if j == 0:
+                    value, corrupt_acts = v, acts
+                grads = g if grads is None else [a + b for a, b in zip(grads, g)]
+            grads = [g / ig_steps for g in grads]
+        corrupt_m = float(value)
+        check_gap(clean_m, corrupt_m)
+        table = []
+        for h, g in zip(hooks, grads):
+            change = (g * scale * (clean_acts[h] - corrupt_acts[h])).sum(-1)  # [n, pos(, heads)]
+            change = change * (pairs.mask if change.ndim == 2 else pairs.mask[:, :, None])
+            keep = {"pos": (0,), "head": (0, 1), "pos_head": (0,)}[SWEEPS[sweep][1]]
+            table.append(change.sum(keep))
+        raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
+        certified = torch.zeros(shape, dtype=torch.bool)
+        n_cert = certify if isinstance(certify, int) else round(certify * raw.numel())
+        if n_cert > 0:
+            top = torch.topk((raw - corrupt_m).abs().flatten(), min(n_cert, raw.numel())).indices
+            top = top.sort().values  # in sweep order: a chunk's patches share their first layers
+            exact = _patched_metrics(
+                model,
+                pairs,
+                hooks,
+                [patches[i] for i in top.tolist()],
+                clean_acts,
+                _capture(model, pairs, pairs.corrupted, hooks, metric)[1],
+                metric,
+                scale,
+                [],
+                max_memory,
+                progress,
+                f"certifying {sweep}",
             )
-    corrupt_m = float(value)
-    check_gap(clean_m, corrupt_m)
-    table = []
-    for h, g in zip(hooks, grads):
-        change = (g * scale * (clean_acts[h] - corrupt_acts[h])).sum(-1)  # [n, pos(, heads)]
-        change = change * (pairs.mask if change.ndim == 2 else pairs.mask[:, :, None])
-        keep = {"pos": (0,), "head": (0, 1), "pos_head": (0,)}[SWEEPS[sweep][1]]
-        table.append(change.sum(keep))
-    raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
+            raw.view(-1)[top] = exact.double().cpu()
+            certified.view(-1)[top] = True
     method = "frozen-map prediction" if detached else "attribution patching"
-    return _table(sweep, method, raw, clean_m, corrupt_m, axes, pairs, hooks)
+    if ig_steps > 1:
+        method += f", integrated over {ig_steps} points"
+    if certified.any():
+        method += f", top {int(certified.sum())} certified"
+    out = _table(sweep, method, raw, clean_m, corrupt_m, axes, pairs, hooks)
+    out.certified = certified
+    return out
+
+
+def _interpolated(clean_input: torch.Tensor, alpha: float) -> Hook:
+    """A hook moving the input embeddings ``alpha`` of the way to ``clean_input``."""
+
+    def move(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        return value + alpha * (clean_input.to(value) - value.detach())
+
+    return (INPUT_HOOK, move)
 
 
 def _gradients(

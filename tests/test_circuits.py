@@ -10,8 +10,14 @@ import pytest
 import torch
 from conftest import HOOKED, cached_tiny, newest_tl_only, rel
 
-from lens_linear.circuits import EdgeAttribution, Node, edge_attribution
-from lens_linear.patching import predicted_patching, prompt_pairs
+from lens_linear.circuits import (
+    EdgeAttribution,
+    Node,
+    circuit_faithfulness,
+    edge_attribution,
+    grow_circuit,
+)
+from lens_linear.patching import activation_patching, predicted_patching, prompt_pairs
 from lens_linear.reference import full_precision
 
 
@@ -291,3 +297,165 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="detached=False"):
         edge_attribution(model, pairs, ig_steps=4, progress=False)
     assert Node(kind="logits", position=0, layer=1).kind == "logits"
+
+
+def gapped_pairs(model):
+    """Pairs (of equal lengths) whose logit-difference gap is large enough for ratios."""
+    return prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "f", "x")
+
+
+@newest_tl_only
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_faithfulness_equals_transformer_lens(arch):
+    """The recovered fraction, its per-class breakdown and the counts equal TransformerLens'
+    ``faithfulness`` (corrupted and mean ablation), for circuits of the top 0 … all edges."""
+    from transformer_lens.tools.analysis.attribution_patching import (
+        FaithfulnessConfig,
+        faithfulness,
+    )
+
+    model = cached_tiny("bridge", arch, torch.float64)
+    pairs = gapped_pairs(model)
+    metric = metric_of(pairs)
+    scores = edge_attribution(model, pairs, metric=metric, detached=False, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    mean_tokens = torch.randint(4, 100, (3, pairs.clean.shape[1]), generator=gen)
+    for k in [0, 10, 100, len(scores.edge_scores)]:
+        circuit = scores.top_edges(k)
+        for ablation, extra in [("corrupt", {}), ("mean", {"mean_tokens": mean_tokens})]:
+            ours = circuit_faithfulness(
+                model, pairs, circuit, metric=metric, ablation=ablation, **extra
+            )
+            theirs = faithfulness(
+                model,
+                pairs.clean,
+                pairs.corrupted,
+                metric,
+                circuit,
+                FaithfulnessConfig(ablation),
+                **extra,
+            )
+            assert abs(ours.recovered - theirs.recovered) <= 1e-5
+            assert (
+                ours.circuit_size == theirs.circuit_size and ours.total_edges == theirs.total_edges
+            )
+            assert ours.edge_class_counts == theirs.edge_class_counts
+            for c, v in theirs.edge_class_recovered.items():
+                assert abs(ours.edge_class_recovered[c] - v) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_the_whole_circuit_recovers_the_clean_run_and_none_the_corrupted(arch):
+    """Every edge kept: each reader sees the clean run (1); none: the corrupted run (0).
+    Grouped-query attention (llama) and a parallel block (gpt_neox) included; through the
+    frozen map an empty circuit is the corrupted run too."""
+    model = cached_tiny("bridge", arch, torch.float64)
+    pairs = gapped_pairs(model)
+    scores = edge_attribution(model, pairs, progress=False)
+    every = scores.top_edges(len(scores.edge_scores))
+    assert abs(circuit_faithfulness(model, pairs, every, by_class=False).recovered - 1) <= 1e-9
+    assert abs(circuit_faithfulness(model, pairs, [], by_class=False).recovered) <= 1e-9
+    frozen = circuit_faithfulness(model, pairs, [], detached=True, by_class=False)
+    assert abs(frozen.recovered) <= 1e-5  # the real run's float32 casts: 1.4e-6 (llama)
+    curve = grow_circuit(model, pairs, scores, target=0.8, progress=False)
+    assert curve.circuit is not None and len(curve.circuit) in curve.sizes
+    assert curve.recovered[curve.sizes.index(len(curve.circuit))] >= 0.8
+
+
+def test_faithfulness_refuses_heads_that_do_not_add_up_and_stale_edges():
+    model = cached_tiny("bridge", "gemma3")  # a norm after the head sum
+    pairs = gapped_pairs(model)
+    with pytest.raises(ValueError, match="not the sum of its heads"):
+        circuit_faithfulness(model, pairs, [])
+    gpt2 = cached_tiny("bridge", "gpt2")
+    pairs = gapped_pairs(gpt2)
+    bad = (
+        Node(kind="mlp_out", position=1, layer=1),
+        Node(kind="q_input", position=1, layer=0, head=0),
+    )
+    with pytest.raises(ValueError, match="not in this model's graph"):
+        circuit_faithfulness(gpt2, pairs, [bad])
+
+
+def plain_detach(model):
+    """Detach hooks written on TransformerLens' hook points: norm scales, patterns and a
+    plain MLP's activation (as the ratio ``post / pre``) frozen at the run's own values."""
+    pre = {}
+
+    def keep(value, hook, name):
+        pre[name] = value
+
+    def ratio(value, hook, name):
+        p = pre[name]
+        return value.detach() + (p - p.detach()) * (value / p).detach()
+
+    hooks = [
+        (n, lambda v, hook: v.detach())
+        for n in model.hook_dict
+        if n.endswith(("hook_scale", "attn.hook_pattern"))
+    ]
+    for n in model.hook_dict:
+        if n.endswith("mlp.hook_pre"):
+            hooks.append((n, lambda v, hook, n=n: keep(v, hook, n)))
+            hooks.append(
+                (n.replace("hook_pre", "hook_post"), lambda v, hook, n=n: ratio(v, hook, n))
+            )
+    return hooks
+
+
+@pytest.mark.filterwarnings("ignore:.*hook_scale/hook_normalized")
+@pytest.mark.parametrize("detached", [True, False])
+def test_integrated_gradient_predictions_equal_a_hand_written_integral(detached):
+    """``predicted_patching(ig_steps=3)``: the gradient at ``mlp_out`` averaged over inputs
+    moved 0, 1/3, 2/3 of the way to the clean prompt (through each point's own frozen map where
+    ``detached``), times the clean − corrupted change."""
+    model = cached_tiny("bridge", "gpt2", torch.float64)
+    pairs = gapped_pairs(model)
+    metric = metric_of(pairs)
+    ours = predicted_patching(
+        model, pairs, "mlp_out", metric=metric, detached=detached, ig_steps=3, progress=False
+    )
+    with torch.no_grad():
+        _, clean = model.run_with_cache(pairs.clean)
+        _, corrupt = model.run_with_cache(pairs.corrupted)
+    names = [f"blocks.{l}.hook_mlp_out" for l in range(model.cfg.n_layers)]
+    grads = []
+    for j in range(3):
+        leaves = {}
+
+        def attach(value, hook, name):
+            leaves[name] = torch.zeros_like(value, requires_grad=True)
+            return value + leaves[name]
+
+        def move(value, hook, alpha=j / 3):
+            return value + alpha * (clean["blocks.0.hook_resid_pre"] - value.detach())
+
+        hooks = [("blocks.0.hook_resid_pre", move)] + (plain_detach(model) if detached else [])
+        hooks += [(n, lambda v, hook, n=n: attach(v, hook, n)) for n in names]
+        value = metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=hooks))
+        grads.append(torch.autograd.grad(value, [leaves[n] for n in names]))
+    mask = pairs.mask[0]
+    want = torch.stack(
+        [
+            (sum(g[i] for g in grads)[0] / 3 * (clean[n] - corrupt[n])[0]).sum(-1) * mask
+            for i, n in enumerate(names)
+        ]
+    )
+    assert rel(ours.raw - ours.corrupted, want) <= 1e-9
+    assert "integrated over 3 points" in ours.method
+
+
+def test_certified_entries_are_real_patching():
+    """``certify=k``: the k largest predicted entries are replaced by real patched runs and
+    marked; the rest are the prediction's."""
+    model = cached_tiny("bridge", "llama", torch.float64)
+    pairs = gapped_pairs(model)
+    plain = predicted_patching(model, pairs, "resid_pre", progress=False)
+    certified = predicted_patching(model, pairs, "resid_pre", certify=5, progress=False)
+    real = activation_patching(model, pairs, "resid_pre", progress=False)
+    mask = certified.certified
+    assert int(mask.sum()) == 5 and "top 5 certified" in certified.method
+    assert float((certified.raw[mask] - real.raw[mask]).abs().max()) <= 1e-9
+    assert torch.equal(certified.raw[~mask], plain.raw[~mask])
+    largest = torch.topk((plain.raw - plain.corrupted).abs().flatten(), 5).indices
+    assert set(largest.tolist()) == set(mask.flatten().nonzero().flatten().tolist())

@@ -1,0 +1,137 @@
+"""How faithful is each patching prediction to real activation patching? SmolLM2, three tasks.
+
+For each task and node family, every method's table is compared with real activation
+patching of the same sweep (the ground truth every method approximates): Pearson r over the
+entries, the overlap of the ten largest entries (by magnitude of the change), and the time.
+
+Methods (all ``lens_linear.patching.predicted_patching``):
+* frozen map — the exact gradient of the corrupted run's frozen map (``detached=True``);
+* attribution — the ordinary gradient (``detached=False``; TransformerLens' attribution patching);
+* ``+IG4`` — the gradient averaged over 4 points from the corrupted to the clean input;
+* ``+cert`` — the largest 5% of predicted entries rerun as real patches (exact, marked).
+
+Families: ``resid_pre``, ``attn_out``, ``mlp_out`` (every layer × position), ``head`` (every
+layer × head) and ``head_by_pos`` (every third layer × position × head, to bound the real
+sweep's time on a CPU).
+
+Usage: python benchmarks/faithfulness.py [--tasks ioi,capital,pronoun] [--families ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import lens_linear as ll
+from lens_linear.patching import activation_patching, predicted_patching, prompt_pairs
+
+TASKS = {
+    "ioi": (  # names outside the library's IOI list
+        [
+            "After Alice and Bob went to the park, Bob gave a ball to",
+            "After Kate and Mark went to the shop, Mark handed a book to",
+        ],
+        [
+            "After Alice and Bob went to the park, Alice gave a ball to",
+            "After Kate and Mark went to the shop, Kate handed a book to",
+        ],
+        [" Alice", " Kate"],
+        [" Bob", " Mark"],
+    ),
+    "capital": (
+        ["The capital of France is the city of", "The capital of Japan is the city of"],
+        ["The capital of Italy is the city of", "The capital of Germany is the city of"],
+        [" Paris", " Tokyo"],
+        [" Rome", " Berlin"],
+    ),
+    "pronoun": (
+        ["John went to the store because"],
+        ["Mary went to the store because"],
+        [" he"],
+        [" she"],
+    ),
+}
+METHODS = {
+    "frozen map": dict(detached=True),
+    "attribution": dict(detached=False),
+    "frozen map +IG4": dict(detached=True, ig_steps=4),
+    "frozen map +IG8": dict(detached=True, ig_steps=8),
+    "attribution +IG4": dict(detached=False, ig_steps=4),
+    "frozen map +cert": dict(detached=True, certify=0.05),
+    "frozen map +IG4 +cert": dict(detached=True, ig_steps=4, certify=0.05),
+}
+FAMILIES = ["resid_pre", "attn_out", "mlp_out", "head", "head_by_pos"]
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
+    ta = set(torch.topk(a.flatten().abs(), k).indices.tolist())
+    tb = set(torch.topk(b.flatten().abs(), k).indices.tolist())
+    return len(ta & tb) / k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--json", default=None, help="write every row to this file")
+    args = parser.parse_args()
+    model = ll.load_model()
+    rows = []
+    print(
+        f"{'task':<8} {'family':<12} {'method':<24} {'r':>7} {'top-10':>7} {'s':>7} {'× real':>7}"
+    )
+    for task in args.tasks.split(","):
+        pairs = prompt_pairs(model, *TASKS[task])
+        for family in args.families.split(","):
+            layers = list(range(0, model.cfg.n_layers, 3)) if family == "head_by_pos" else None
+            start = time.perf_counter()
+            real = activation_patching(model, pairs, family, layers=layers, progress=False)
+            t_real = time.perf_counter() - start
+            truth = real.values
+            print(
+                f"{task:<8} {family:<12} {'activation patching':<24} {1:7.3f} {1:7.2f} {t_real:7.1f} {1:7.3f}"
+            )
+            for name, options in METHODS.items():
+                start = time.perf_counter()
+                table = predicted_patching(
+                    model, pairs, family, layers=layers, progress=False, **options
+                )
+                took = time.perf_counter() - start
+                r, top = pearson(table.values, truth), top_overlap(table.values, truth)
+                rows.append(
+                    dict(
+                        task=task,
+                        family=family,
+                        method=name,
+                        r=r,
+                        top10=top,
+                        seconds=took,
+                        real_seconds=t_real,
+                    )
+                )
+                print(
+                    f"{task:<8} {family:<12} {name:<24} {r:7.3f} {top:7.2f} {took:7.1f} {took / t_real:7.3f}"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("\nworst r per method over every task and family:")
+    for name in METHODS:
+        mine = [row for row in rows if row["method"] == name]
+        worst = min(mine, key=lambda row: row["r"])
+        print(
+            f"  {name:<24} {worst['r']:.3f} ({worst['task']}, {worst['family']}); mean {sum(r['r'] for r in mine) / len(mine):.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
