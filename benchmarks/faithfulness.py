@@ -58,10 +58,10 @@ METHODS = {
     "frozen map": dict(detached=True),
     "attribution": dict(detached=False),
     "frozen map +IG4": dict(detached=True, ig_steps=4),
-    "frozen map +IG8": dict(detached=True, ig_steps=8),
     "attribution +IG4": dict(detached=False, ig_steps=4),
+    "attribution +IG8": dict(detached=False, ig_steps=8),
     "frozen map +cert": dict(detached=True, certify=0.05),
-    "frozen map +IG4 +cert": dict(detached=True, ig_steps=4, certify=0.05),
+    "attribution +IG4 +cert": dict(detached=False, ig_steps=4, certify=0.05),
 }
 FAMILIES = ["resid_pre", "attn_out", "mlp_out", "head", "head_by_pos"]
 

@@ -157,7 +157,7 @@ def main() -> None:
         "one forward per patch" + (" (1/3)" if QUICK else ""),
     )
     frozen = activation_patching(model, pairs, "resid_pre", detached=True, progress=False)
-    pred = predicted_patching(model, pairs, "resid_pre")
+    pred = predicted_patching(model, pairs, "resid_pre", detached=True)
     print(
         f"    predicted vs frozen patching: max |Δ| {float((pred.raw - frozen.raw).abs().max()):.1e}"
     )

@@ -88,7 +88,12 @@ def patching_path(n: int, anchor: bool) -> tuple[int, float, int, float]:
     )
     t0 = time.perf_counter()
     result = predicted_patching(
-        model, pairs, "resid_pre", max_memory=1 << 62 if anchor else None, progress=False
+        model,
+        pairs,
+        "resid_pre",
+        detached=True,
+        max_memory=1 << 62 if anchor else None,
+        progress=False,
     )
     t = time.perf_counter() - t0
     return (

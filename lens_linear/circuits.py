@@ -18,8 +18,9 @@ in the corrupted run (the denoising convention of ``attribution_patch``). Three 
   are constants), so every query and key edge is zero there.
 * ``detached=False, ig_steps=1`` (``"attribution patching"``, EAP): the ordinary gradient,
   equal to ``attribution_patch(..., EdgeAttributionConfig(granularity="edge"))``.
-* ``detached=False, ig_steps=k`` (``"EAP-IG"``): reader gradients averaged over ``k`` runs
-  with the input embeddings at ``corrupted + (j/k)(clean − corrupted)``, ``j = 0 … k−1``.
+* ``detached=False, ig_steps=k`` (``"EAP-IG"``): reader gradients integrated along the
+  straight path of input embeddings from the corrupted to the clean prompt, by the
+  trapezoidal rule on ``k`` runs (:func:`~lens_linear.patching.integration_points`).
 
 Per-head readers come from one batched pullback per layer (each head's share of the
 gradient at ``hook_q``/``hook_k``/``hook_v`` carried back to the block's input), so no
@@ -47,7 +48,7 @@ from lens_linear.hooks.run import Hook
 from lens_linear.hooks.sites import INPUT_HOOK, find_sites
 from lens_linear.jacobian import pullback_rows
 from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
-from lens_linear.patching import Metric, PromptPairs, check_gap
+from lens_linear.patching import Metric, PromptPairs, check_gap, integration_points
 
 
 def _transformer_lens_graph_classes() -> tuple[Any, Any] | None:
@@ -344,19 +345,17 @@ def _chunk_scores(
 ) -> tuple[torch.Tensor, float, _Layout]:
     """``[pos, writer, reader]`` scores of these pairs (summed over them), the corrupted metric."""
     deltas = None
-    grads_sum = None
+    reader_grads = None
     value0 = 0.0
-    for j in range(ig_steps):
-        alpha = j / ig_steps
+    for j, (alpha, weight) in enumerate(integration_points(ig_steps)):
         run = _GradientRun(model, pairs, names, final, freeze, clean[INPUT_HOOK], alpha)
         value = run.backward(metric, others, row)
         if j == 0:
             value0 = value
             deltas, layout = run.writer_deltas(clean, parallel)
-        grads = run.reader_gradients()
-        grads_sum = grads if grads_sum is None else grads_sum + grads
+        grads = weight * run.reader_gradients()
+        reader_grads = grads if reader_grads is None else reader_grads + grads
         del run
-    reader_grads = grads_sum / ig_steps
     mask = pairs.mask.to(deltas.dtype)[None, :, :, None]  # positions a patch may touch
     scores = torch.einsum("wbpd,rbpd->pwr", deltas * mask, reader_grads.to(deltas.dtype))
     return scores * layout.mask(scores.device)[None], value0, layout

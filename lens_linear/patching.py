@@ -476,6 +476,9 @@ def _patched_metrics(
     return torch.cat(raw)
 
 
+DEFAULT_PREDICTION = (False, 4, 0.05)  # detached, ig_steps, certify: the best measured route
+
+
 def predicted_patching(
     model: Any,
     pairs: PromptPairs,
@@ -483,15 +486,22 @@ def predicted_patching(
     *,
     metric: Metric | None = None,
     scale: float = 1.0,
-    detached: bool = True,
-    ig_steps: int = 1,
-    certify: int | float = 0,
+    detached: bool | None = None,
+    ig_steps: int | None = None,
+    certify: int | float | None = None,
     layers: Sequence[int] | None = None,
     max_memory: int | None = None,
     progress: bool = True,
 ) -> PatchingTable:
-    """The patching table of :func:`activation_patching` from one forward and one backward
-    pass of the corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
+    """The patching table of :func:`activation_patching` predicted from gradients of the
+    corrupted run: entry = ``Σ grad · Δ`` over what the patch replaces.
+
+    The default (all three of ``detached``, ``ig_steps``, ``certify`` left out) is the route
+    that agreed best with real activation patching in ``benchmarks/faithfulness.py`` (SmolLM2,
+    three tasks, five node families): the ordinary gradient integrated over 4 points
+    (``detached=False, ig_steps=4``) with the largest 5% of entries certified by real patched
+    runs (``certify=0.05``). Naming any of the three gives that route with the others at their
+    plain values (``detached=False``, ``ig_steps=1``, ``certify=0``).
 
     ``detached=True`` (``method="frozen-map prediction"``) takes the gradient with the detach
     hooks on: the corrupted run's frozen map is affine, so for a metric linear in the logits
@@ -499,9 +509,10 @@ def predicted_patching(
     ``detached=False`` (``"attribution patching"``) is the ordinary gradient, a first-order
     estimate of real patching, equal to TransformerLens' ``attribution_patch``.
 
-    ``ig_steps = k > 1`` averages the gradient over ``k`` runs whose input embeddings are moved
-    ``j/k`` of the way from the corrupted to the clean prompt (``j = 0 … k−1``: integrated
-    gradients, as EAP-IG does for edges), each through its own frozen map where ``detached``.
+    ``ig_steps = k > 1`` integrates the gradient along the straight path of input embeddings
+    from the corrupted to the clean prompt (:func:`integration_points`: the trapezoidal rule
+    on ``k`` runs, both ends included), each through its own frozen map where ``detached``:
+    integrated gradients, as EAP-IG does for edges.
     ``certify`` (a count, or a fraction of the entries) reruns the largest predicted entries as
     real patched runs and puts their exact values in (``table.certified`` marks them): ``certify``
     extra forwards, batched.
@@ -513,6 +524,9 @@ def predicted_patching(
     at a time (a progress bar over pairs): memory ``O(layers · n · d)``, the same table.
     """
     require_tl_model(model)
+    if detached is None and ig_steps is None and certify is None:
+        detached, ig_steps, certify = DEFAULT_PREDICTION
+    detached, ig_steps, certify = bool(detached), ig_steps or 1, certify or 0
     if not isinstance(ig_steps, int) or ig_steps < 1:
         raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}")
     metric = metric or pairs.mean_logit_diff
@@ -532,14 +546,14 @@ def predicted_patching(
             )
         else:
             grads = None
-            for j in range(ig_steps):
-                moved = [] if j == 0 else [_interpolated(clean_acts[INPUT_HOOK], j / ig_steps)]
+            for j, (alpha, weight) in enumerate(integration_points(ig_steps)):
+                moved = [_interpolated(clean_acts[INPUT_HOOK], alpha)] if alpha else []
                 freeze = _freezing(model) if detached else []
                 v, acts, g = _gradients(model, pairs, hooks, metric, moved + freeze)
                 if j == 0:
                     value, corrupt_acts = v, acts
+                g = [weight * x for x in g]
                 grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-            grads = [g / ig_steps for g in grads]
         corrupt_m = float(value)
         check_gap(clean_m, corrupt_m)
         table = []
@@ -578,6 +592,16 @@ def predicted_patching(
     out = _table(sweep, method, raw, clean_m, corrupt_m, axes, pairs, hooks)
     out.certified = certified
     return out
+
+
+def integration_points(steps: int) -> list[tuple[float, float]]:
+    """``(alpha, weight)`` of the trapezoidal rule on ``[0, 1]`` with ``steps`` points: the
+    corrupted end (``alpha = 0``), the clean end, and evenly between; one point is the
+    corrupted end alone (the plain gradient)."""
+    if steps == 1:
+        return [(0.0, 1.0)]
+    h = 1.0 / (steps - 1)
+    return [(j * h, h / 2 if j in (0, steps - 1) else h) for j in range(steps)]
 
 
 def _interpolated(clean_input: torch.Tensor, alpha: float) -> Hook:

@@ -189,5 +189,5 @@ def test_predicted_patching_freezes_sites_inside_the_wrapped_module(arch):
     model = bridge(arch, torch.float64)
     pairs = prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "a", "c")
     frozen = activation_patching(model, pairs, detached=True, progress=False)
-    predicted = predicted_patching(model, pairs, progress=False)
+    predicted = predicted_patching(model, pairs, detached=True, progress=False)
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10

@@ -211,11 +211,14 @@ def test_attribution_and_eap_ig_equal_hand_written_gradients(arch, ig_steps):
     truth, got = [], []
     for writer, reader in sample_edges(ours, 8, 8):
         delta = writer_delta(model, pairs, writer, [], clean, corrupt)  # pre-norm: z W_O
+        alphas = [j / max(1, ig_steps - 1) for j in range(ig_steps)]  # the trapezoidal rule
+        weights = [0.5 if j in (0, ig_steps - 1) else 1.0 for j in range(ig_steps)]
+        weights = [1.0] if ig_steps == 1 else [w / (ig_steps - 1) for w in weights]
         grads = [
-            ordinary_reader_gradient(model, pairs, reader, metric, j / ig_steps, clean)
-            for j in range(ig_steps)
+            w * ordinary_reader_gradient(model, pairs, reader, metric, a, clean)
+            for a, w in zip(alphas, weights)
         ]
-        truth.append(float(delta @ torch.stack(grads).mean(0)))
+        truth.append(float(delta @ torch.stack(grads).sum(0)))
         got.append(ours.edge_scores[(writer, reader)])
     truth, got = torch.tensor(truth, dtype=torch.float64), torch.tensor(got, dtype=torch.float64)
     assert float((got - truth).abs().max()) <= 1e-9 * float(truth.abs().max())
@@ -275,9 +278,11 @@ def test_a_writers_edges_add_up_to_its_node_score(arch):
         ["c", "d"],
     )
     edges = edge_attribution(model, pairs, progress=False)
-    heads = predicted_patching(model, pairs, "head_by_pos", progress=False)
-    mlps = predicted_patching(model, pairs, "mlp_out", progress=False)
-    inputs = predicted_patching(model, pairs, "resid_pre", layers=[0], progress=False)
+    heads = predicted_patching(model, pairs, "head_by_pos", detached=True, progress=False)
+    mlps = predicted_patching(model, pairs, "mlp_out", detached=True, progress=False)
+    inputs = predicted_patching(
+        model, pairs, "resid_pre", detached=True, layers=[0], progress=False
+    )
     for node, score in edges.node_scores.items():
         if node.kind == "attn_head_out":
             want = heads.raw[node.layer, node.position, node.head] - heads.corrupted
@@ -406,8 +411,8 @@ def plain_detach(model):
 @pytest.mark.filterwarnings("ignore:.*hook_scale/hook_normalized")
 @pytest.mark.parametrize("detached", [True, False])
 def test_integrated_gradient_predictions_equal_a_hand_written_integral(detached):
-    """``predicted_patching(ig_steps=3)``: the gradient at ``mlp_out`` averaged over inputs
-    moved 0, 1/3, 2/3 of the way to the clean prompt (through each point's own frozen map where
+    """``predicted_patching(ig_steps=3)``: the gradient at ``mlp_out`` integrated (trapezoidal
+    rule) over inputs moved 0, 1/2 and all of the way to the clean prompt (through each point's own frozen map where
     ``detached``), times the clean − corrupted change."""
     model = cached_tiny("bridge", "gpt2", torch.float64)
     pairs = gapped_pairs(model)
@@ -420,24 +425,24 @@ def test_integrated_gradient_predictions_equal_a_hand_written_integral(detached)
         _, corrupt = model.run_with_cache(pairs.corrupted)
     names = [f"blocks.{l}.hook_mlp_out" for l in range(model.cfg.n_layers)]
     grads = []
-    for j in range(3):
+    for j, weight in zip(range(3), [0.25, 0.5, 0.25]):  # the trapezoidal rule at 0, 1/2, 1
         leaves = {}
 
         def attach(value, hook, name):
             leaves[name] = torch.zeros_like(value, requires_grad=True)
             return value + leaves[name]
 
-        def move(value, hook, alpha=j / 3):
+        def move(value, hook, alpha=j / 2):
             return value + alpha * (clean["blocks.0.hook_resid_pre"] - value.detach())
 
         hooks = [("blocks.0.hook_resid_pre", move)] + (plain_detach(model) if detached else [])
         hooks += [(n, lambda v, hook, n=n: attach(v, hook, n)) for n in names]
         value = metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=hooks))
-        grads.append(torch.autograd.grad(value, [leaves[n] for n in names]))
+        grads.append([weight * g for g in torch.autograd.grad(value, [leaves[n] for n in names])])
     mask = pairs.mask[0]
     want = torch.stack(
         [
-            (sum(g[i] for g in grads)[0] / 3 * (clean[n] - corrupt[n])[0]).sum(-1) * mask
+            (sum(g[i] for g in grads)[0] * (clean[n] - corrupt[n])[0]).sum(-1) * mask
             for i, n in enumerate(names)
         ]
     )
@@ -450,8 +455,10 @@ def test_certified_entries_are_real_patching():
     marked; the rest are the prediction's."""
     model = cached_tiny("bridge", "llama", torch.float64)
     pairs = gapped_pairs(model)
-    plain = predicted_patching(model, pairs, "resid_pre", progress=False)
-    certified = predicted_patching(model, pairs, "resid_pre", certify=5, progress=False)
+    plain = predicted_patching(model, pairs, "resid_pre", detached=True, progress=False)
+    certified = predicted_patching(
+        model, pairs, "resid_pre", detached=True, certify=5, progress=False
+    )
     real = activation_patching(model, pairs, "resid_pre", progress=False)
     mask = certified.certified
     assert int(mask.sum()) == 5 and "top 5 certified" in certified.method

@@ -127,7 +127,7 @@ def test_predicted_patching_is_exact_for_the_frozen_map():
     pairs = tiny_pairs(model)
     for sweep in ["resid_pre", "attn_out", "head", "head_by_pos"]:
         frozen = activation_patching(model, pairs, sweep, detached=True, progress=False)
-        predicted = predicted_patching(model, pairs, sweep)
+        predicted = predicted_patching(model, pairs, sweep, detached=True)
         assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, (
             sweep
         )
@@ -182,7 +182,7 @@ def test_smollm2_ioi_patching(smollm2):
     frozen = activation_patching(
         smollm2, pairs, "resid_pre", detached=True, layers=[0, 12, 24], progress=False
     )
-    predicted = predicted_patching(smollm2, pairs, "resid_pre", layers=[0, 12, 24])
+    predicted = predicted_patching(smollm2, pairs, "resid_pre", detached=True, layers=[0, 12, 24])
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-5
 
     ioi = ioi_pairs(smollm2, n_pairs=4)  # names that are one token with a leading space
@@ -254,13 +254,17 @@ def test_predicted_patching_of_long_prompts_keeps_no_pattern(family, backend, mo
     )
     tiny = 1024  # bytes: every prompt is "long"
     for sweep, frozen in truth.items():
-        predicted = predicted_patching(model, pairs, sweep, max_memory=tiny, progress=False)
+        predicted = predicted_patching(
+            model, pairs, sweep, detached=True, max_memory=tiny, progress=False
+        )
         assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10, (
             sweep
         )
         assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
     one = pairs.pair(1)  # a single pair: no other pairs' logits to hold constant
-    predicted = predicted_patching(model, one, "resid_pre", max_memory=tiny, progress=False)
+    predicted = predicted_patching(
+        model, one, "resid_pre", detached=True, max_memory=tiny, progress=False
+    )
     frozen = activation_patching(model, one, "resid_pre", detached=True, progress=False)
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10
     assert abs(predicted.corrupted - frozen.corrupted) <= 1e-10
@@ -372,7 +376,9 @@ def test_predicted_patching_equals_hand_written_frozen_patching(sweep, layers):
     model = cached_tiny("bridge", "llama", torch.float64)
     pairs = tiny_pairs(model)
     truth, corrupted = frozen_patching_by_hand(model, pairs, sweep, layers)
-    predicted = predicted_patching(model, pairs, sweep, layers=layers, progress=False)
+    predicted = predicted_patching(
+        model, pairs, sweep, detached=True, layers=layers, progress=False
+    )
     assert abs(predicted.corrupted - corrupted) <= 1e-12
     assert float((predicted.raw - truth).abs().max()) <= 1e-12
     assert rel(predicted.raw - predicted.corrupted, truth - corrupted) <= 1e-10
