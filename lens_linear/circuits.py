@@ -11,14 +11,15 @@ with ``δ_writer`` the writer's clean − corrupted change as written into the r
 and ``g_reader`` the metric's gradient with respect to that reader's own copy of the stream,
 in the corrupted run (the denoising convention of ``attribution_patch``). Three gradients:
 
-* ``detached=True`` (default, ``"frozen-map edges"``): the corrupted run's frozen map. It is
+* ``detached=True`` (``"frozen-map edges"``): the corrupted run's frozen map. It is
   affine, so each score is *exactly* the metric change of patching that edge alone through
   it (path patching: the writer's clean change reaches this reader and no other), and a
   writer's edges add up to its node score. The frozen map has no query–key path (patterns
   are constants), so every query and key edge is zero there.
 * ``detached=False, ig_steps=1`` (``"attribution patching"``, EAP): the ordinary gradient,
   equal to ``attribution_patch(..., EdgeAttributionConfig(granularity="edge"))``.
-* ``detached=False, ig_steps=k`` (``"EAP-IG"``): reader gradients integrated along the
+* ``detached=False, ig_steps=k`` (``"EAP-IG"``, the default with ``k = 4``): reader
+  gradients integrated along the
   straight path of input embeddings from the corrupted to the clean prompt, by the
   trapezoidal rule on ``k`` runs (:func:`~lens_linear.patching.integration_points`).
 
@@ -208,32 +209,45 @@ def _names(model: Any) -> tuple[list[dict[str, str]], str, bool]:
     return layers, f"blocks.{n - 1}.hook_resid_post", parallel
 
 
+DEFAULT_EDGES = (False, 4)  # detached, ig_steps: EAP-IG, the best measured for finding circuits
+
+
 def edge_attribution(
     model: Any,
     pairs: PromptPairs,
     *,
     metric: Metric | None = None,
-    detached: bool = True,
-    ig_steps: int = 1,
+    detached: bool | None = None,
+    ig_steps: int | None = None,
     max_memory: int | None = None,
     progress: bool = True,
 ) -> EdgeAttribution:
     """Score every edge of TransformerLens' residual-stream graph (see the module docstring).
 
     Returns an :class:`EdgeAttribution`, which is TransformerLens' ``AttributionResult``
-    keyed by its ``Node``: ``detached=False`` gives the scores of ``attribution_patch`` with
-    ``EdgeAttributionConfig(granularity="edge")`` for the same metric (which TransformerLens
-    computes for multi-head, pre-norm models; grouped-query attention and norms after the head
-    sum work here too). ``detached=True`` (default) is exact for the frozen map: each edge equals
-    patching it alone through the corrupted run's frozen coefficients. ``ig_steps > 1`` is
-    EAP-IG (``detached=False`` only: the frozen map is affine, so its gradient is the same at
-    every point of the path).
+    keyed by its ``Node``, its ``method`` naming the route:
+
+    * default (``detached`` and ``ig_steps`` left out): EAP-IG over 4 points
+      (``detached=False, ig_steps=4``). Measured on SmolLM2 IOI, circuits grown from its top
+      edges recover 80% of the gap with 972 edges, against 5,678 for attribution patching and
+      none short of every edge for the frozen map (whose query and key edges are all zero);
+    * ``detached=False`` (``ig_steps=1``): attribution patching, the scores of
+      ``attribution_patch`` with ``EdgeAttributionConfig(granularity="edge")`` for the same
+      metric (which TransformerLens computes for multi-head, pre-norm models; grouped-query
+      attention and norms after the head sum work here too);
+    * ``detached=True``: exact for the frozen map, each edge the effect of patching it alone
+      through the corrupted run's frozen coefficients;
+    * ``ig_steps = k > 1`` (``detached=False`` only: the frozen map is affine, so its gradient
+      is the same at every point of the path): EAP-IG over ``k`` points.
 
     Pairs are processed in chunks sized to ``max_memory`` (a progress bar over chunks); past
     the recording budget a pair's frozen map is replayed from its operating point, with the
     patterns kept as queries and keys, as in :func:`~lens_linear.patching.predicted_patching`.
     """
     require_tl_model(model)
+    if detached is None and ig_steps is None:
+        detached, ig_steps = DEFAULT_EDGES
+    detached, ig_steps = bool(detached), 1 if ig_steps is None else ig_steps
     if not isinstance(ig_steps, int) or ig_steps < 1:
         raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}")
     if detached and ig_steps > 1:
@@ -577,65 +591,94 @@ def circuit_faithfulness(
     up to its attention output (a norm after the head sum), as TransformerLens refuses.
     ``by_class`` adds TransformerLens' per-class breakdown (one more run per class kept).
     """
-    require_tl_model(model)
-    if ablation not in ("corrupt", "mean"):
-        raise ValueError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
-    if (ablation == "mean") != (mean_tokens is not None):
-        raise ValueError("mean ablation needs mean_tokens (and only mean ablation takes them)")
-    metric = metric or pairs.mean_logit_diff
-    names, final, parallel = _names(model)
-    with analysis_mode(model):
-        clean_m, _ = _run_values(model, pairs, pairs.clean, names, metric)
-        corrupt_m, corrupt_vals = _run_values(model, pairs, pairs.corrupted, names, metric)
-        check_gap(clean_m, corrupt_m)
-        layout = _layout_of(model, names, corrupt_vals, parallel)
-        _check_heads_add_up(model, names, pairs)
-        if ablation == "mean":
-            if mean_tokens.ndim != 2 or mean_tokens.shape[1] != pairs.clean.shape[1]:
-                raise ValueError(
-                    f"mean_tokens must be [n, {pairs.clean.shape[1]}] token ids (the pairs' length), "
-                    f"got {tuple(mean_tokens.shape)}"
-                )
-            runs = [
-                _run_values(model, pairs, mean_tokens[i : i + 1], names, metric)[1]
-                for i in range(len(mean_tokens))
-            ]
-            replacement = _writes(
-                model, names, {h: torch.stack([r[h] for r in runs]).mean(0) for h in runs[0]}
-            )
+    ablate = _Ablation(model, pairs, ablation, mean_tokens, metric, detached)
+    kept = _circuit_mask(circuit, ablate.layout, pairs.clean.shape[1])
+    recovered = ablate.recovered(kept)
+    exists = ablate.layout.mask(kept.device)[None].expand_as(kept)
+    class_names = list(dict.fromkeys(EDGE_CLASSES.values()))
+    by_reader_class = [
+        torch.tensor([EDGE_CLASSES[k] == c for k, _, _ in ablate.layout.readers])
+        for c in class_names
+    ]
+    counts = {c: int((exists & m[None, None]).sum()) for c, m in zip(class_names, by_reader_class)}
+    per_class = {}
+    for c, m in zip(class_names, by_reader_class):
+        if not by_class or not (kept & m[None, None]).any():
+            per_class[c] = recovered
         else:
-            replacement = _writes(model, names, corrupt_vals)
-        kept = _circuit_mask(circuit, layout, pairs.clean.shape[1])
-        base: list[Hook] = []
-        if detached:
-            base = OperatingPoint.record(model, pairs.corrupted, names_filter=[])[0].hooks("replay")
-        run = lambda keep: _ablated_metric(
-            model, pairs, names, final, layout, keep, replacement, metric, base
-        )  # noqa: E731
-        recovered = (run(kept) - corrupt_m) / (clean_m - corrupt_m)
-        exists = layout.mask(kept.device)[None].expand_as(kept)
-        class_names = list(dict.fromkeys(EDGE_CLASSES.values()))
-        by_reader_class = [
-            torch.tensor([EDGE_CLASSES[k] == c for k, _, _ in layout.readers]) for c in class_names
-        ]
-        counts = {
-            c: int((exists & m[None, None]).sum()) for c, m in zip(class_names, by_reader_class)
-        }
-        per_class = {}
-        for c, m in zip(class_names, by_reader_class):
-            if not by_class or not (kept & m[None, None]).any():
-                per_class[c] = recovered
-            else:
-                per_class[c] = (run(kept & ~m[None, None]) - corrupt_m) / (clean_m - corrupt_m)
+            per_class[c] = ablate.recovered(kept & ~m[None, None])
     return FaithfulnessResult(
-        recovered=float(recovered),
-        full_metric=clean_m,
-        corrupt_metric=corrupt_m,
+        recovered=recovered,
+        full_metric=ablate.clean,
+        corrupt_metric=ablate.corrupted,
         circuit_size=int(kept.sum()),
         total_edges=int(exists.sum()),
-        edge_class_recovered={c: float(v) for c, v in per_class.items()},
+        edge_class_recovered=per_class,
         edge_class_counts=counts,
     )
+
+
+class _Ablation:
+    """What every ablate-outside run of one set of pairs shares: the clean and corrupted
+    metrics, the graph, the replacement writes, the frozen coefficients where ``detached``."""
+
+    def __init__(
+        self,
+        model: Any,
+        pairs: PromptPairs,
+        ablation: str,
+        mean_tokens: torch.Tensor | None,
+        metric: Metric | None,
+        detached: bool,
+    ) -> None:
+        require_tl_model(model)
+        if ablation not in ("corrupt", "mean"):
+            raise ValueError(f"ablation must be 'corrupt' or 'mean', got {ablation!r}")
+        if (ablation == "mean") != (mean_tokens is not None):
+            raise ValueError("mean ablation needs mean_tokens (and only mean ablation takes them)")
+        self.model, self.pairs = model, pairs
+        self.metric = metric or pairs.mean_logit_diff
+        self.names, self.final, parallel = _names(model)
+        with analysis_mode(model):
+            self.clean, _ = _run_values(model, pairs, pairs.clean, self.names, self.metric)
+            self.corrupted, corrupt_vals = _run_values(
+                model, pairs, pairs.corrupted, self.names, self.metric
+            )
+            check_gap(self.clean, self.corrupted)
+            self.layout = _layout_of(model, self.names, corrupt_vals, parallel)
+            _check_heads_add_up(model, self.names, pairs)
+            if mean_tokens is not None:
+                if mean_tokens.ndim != 2 or mean_tokens.shape[1] != pairs.clean.shape[1]:
+                    raise ValueError(
+                        f"mean_tokens must be [n, {pairs.clean.shape[1]}] token ids (the pairs' "
+                        f"length), got {tuple(mean_tokens.shape)}"
+                    )
+                runs = [
+                    _run_values(model, pairs, mean_tokens[i : i + 1], self.names, self.metric)[1]
+                    for i in range(len(mean_tokens))
+                ]
+                corrupt_vals = {h: torch.stack([r[h] for r in runs]).mean(0) for h in runs[0]}
+            self.replacement = _writes(model, self.names, corrupt_vals)
+            self.base: list[Hook] = []
+            if detached:
+                point = OperatingPoint.record(model, pairs.corrupted, names_filter=[])[0]
+                self.base = point.hooks("replay")
+
+    def recovered(self, kept: torch.Tensor) -> float:
+        """The recovered fraction with the edges of ``kept`` ``[pos, writer, reader]`` kept."""
+        with analysis_mode(self.model):
+            value = _ablated_metric(
+                self.model,
+                self.pairs,
+                self.names,
+                self.final,
+                self.layout,
+                kept,
+                self.replacement,
+                self.metric,
+                self.base,
+            )
+        return (value - self.corrupted) / (self.clean - self.corrupted)
 
 
 def _layout_of(
@@ -835,28 +878,31 @@ def grow_circuit(
     """Grow a circuit from the highest-scoring edges (by magnitude) until it recovers
     ``target`` of the gap under :func:`circuit_faithfulness`: the recovered fraction at each of
     ``sizes`` (default 1, 2, 5, 10, 20, 50, … up to every edge, stopping at the first size that
-    reaches the target), then a bisection between the last size below it and that one."""
-    ranked = scores.top_edges(len(scores.edge_scores))
-    total = len(ranked)
+    reaches the target), then a bisection between the last size below it and that one (the
+    curve need not be monotone: the size found reaches the target, a smaller one may too).
+    One clean and one corrupted run, then one batched run per size."""
+    ablate = _Ablation(model, pairs, ablation, mean_tokens, metric, detached=False)
+    dense = scores.scores.to(torch.float64)
+    exists = ablate.layout.mask(dense.device)[None].expand_as(dense)
+    if dense.shape[1:] != exists.shape[1:]:
+        raise ValueError("these scores were computed on another model's graph")
+    order = torch.argsort(
+        torch.where(exists, dense.abs(), -1.0).flatten(), descending=True, stable=True
+    )
+    total = int(exists.sum())
+    order = order[:total]
     if sizes is None:
         sizes, k = [], 1
         while k < total:
             sizes += [s for s in (k, 2 * k, 5 * k) if s < total]
             k *= 10
         sizes.append(total)
-    measure = (
-        lambda k: (
-            circuit_faithfulness(  # noqa: E731
-                model,
-                pairs,
-                ranked[:k],
-                ablation=ablation,
-                mean_tokens=mean_tokens,
-                metric=metric,
-                by_class=False,
-            ).recovered
-        )
-    )
+
+    def measure(k: int) -> float:
+        kept = torch.zeros(dense.numel(), dtype=torch.bool)
+        kept[order[:k]] = True
+        return ablate.recovered(kept.view_as(dense))
+
     done: dict[int, float] = {}
     reached = None
     for k in tqdm(sizes, desc="growing a circuit", disable=not progress, leave=False):
@@ -866,11 +912,29 @@ def grow_circuit(
             break
     if reached is not None:
         below = max([k for k in done if k < reached], default=0)
-        while reached - below > 1:  # the smallest size that reaches it, between the two
+        while reached - below > 1:  # a size that reaches it, between the two (bisection)
             mid = (below + reached) // 2
             done[mid] = measure(mid)
             below, reached = (below, mid) if done[mid] >= target else (mid, reached)
-    order = sorted(done)
-    return CircuitCurve(
-        order, [done[k] for k in order], target, None if reached is None else ranked[:reached]
-    )
+    circuit = None
+    if reached is not None:
+        n_w, n_r = dense.shape[1], dense.shape[2]
+        circuit = []
+        for i in order[:reached].tolist():
+            p, rest = divmod(i, n_w * n_r)
+            w, r = divmod(rest, n_r)
+            writer = Node(
+                kind=scores.writers[w][0],
+                position=p,
+                layer=scores.writers[w][1],
+                head=scores.writers[w][2],
+            )
+            reader = Node(
+                kind=scores.readers[r][0],
+                position=p,
+                layer=scores.readers[r][1],
+                head=scores.readers[r][2],
+            )
+            circuit.append((writer, reader, float(dense.view(-1)[i])))
+    sizes_done = sorted(done)
+    return CircuitCurve(sizes_done, [done[k] for k in sizes_done], target, circuit)

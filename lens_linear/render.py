@@ -246,6 +246,87 @@ def patching_figure(result: PatchingTable) -> go.Figure:
     return fig
 
 
+def circuit_figure(scores: Any, k: int = 40) -> go.Figure:
+    """The ``k`` strongest edges of an :func:`~lens_linear.circuits.edge_attribution` result,
+    summed over positions, as a graph: layers bottom to top (the embedding below, the logits
+    above), heads across, each layer's MLP above its heads; line width ∝ |score|, blue
+    positive and red negative; hover shows the numbers. A key or value reader of a
+    grouped-query layer is drawn at its key-value head, just below the query heads."""
+    total = scores.scores.sum(0)  # [writer, reader]
+    flat = total.flatten()
+    top = torch.topk(flat.abs(), min(k, int((flat != 0).sum()) or 1)).indices
+    n_layers = max(la for _, la, _ in scores.readers if la is not None) + 1
+    heads = {
+        la: 1 + max(h for kind, l2, h in scores.writers if kind == "attn_head_out" and l2 == la)
+        for la in range(n_layers)
+    }
+
+    def place(kind: str, layer: int | None, head: int | None) -> tuple[float, float, str]:
+        if kind == "embed":
+            return 0.5, 0.0, "embed"
+        if kind == "logits":
+            return 0.5, 2 * n_layers + 1.0, "logits"
+        if kind in ("mlp_out", "mlp_in"):
+            return 0.5, 2 * layer + 2.0, f"MLP{layer}"
+        n = heads[layer]
+        if kind in ("k_input", "v_input"):
+            n_kv = 1 + max(h for kd, la, h in scores.readers if kd == kind and la == layer)
+            if n_kv != n:
+                return (head + 0.5) / n_kv, 2 * layer + 0.7, f"L{layer}KV{head}"
+        return (head + 0.5) / n, 2 * layer + 1.0, f"L{layer}H{head}"
+
+    bound = float(flat.abs()[top].max()) or 1.0
+    fig = go.Figure()
+    used: dict[str, tuple[float, float]] = {}
+    for i in top.tolist():
+        w, r = divmod(i, total.shape[1])
+        x0, y0, a = place(*scores.writers[w])
+        x1, y1, b = place(*scores.readers[r])
+        used[a], used[b] = (x0, y0), (x1, y1)
+        value = float(flat[i])
+        reads = scores.readers[r][0].split("_")[0]
+        fig.add_trace(
+            go.Scatter(
+                x=[x0, x1],
+                y=[y0, y1],
+                mode="lines",
+                line=dict(
+                    width=1 + 9 * abs(value) / bound, color="#2166ac" if value > 0 else "#b2182b"
+                ),
+                opacity=0.75,
+                hoverinfo="text",
+                text=f"{a} → {b} ({reads}): {value:+.4g}",
+                showlegend=False,
+            )
+        )
+    names = sorted(used, key=lambda n: (used[n][1], used[n][0]))
+    fig.add_trace(
+        go.Scatter(
+            x=[used[n][0] for n in names],
+            y=[used[n][1] for n in names],
+            mode="markers+text",
+            text=names,
+            textposition="middle right",
+            marker=dict(size=9, color="#444"),
+            hoverinfo="text",
+            showlegend=False,
+        )
+    )
+    fig.update_layout(
+        title=f"Circuit: the {len(top)} strongest edges ({scores.method}; clean {scores.clean:+.2f}, "
+        f"corrupted {scores.corrupted:+.2f})",
+        xaxis=dict(visible=False, range=[-0.05, 1.15]),
+        yaxis=dict(
+            title="layer",
+            tickvals=[2 * la + 1 for la in range(n_layers)],
+            ticktext=[f"L{la}" for la in range(n_layers)],
+        ),
+        template="plotly_white",
+        height=max(400, 40 * n_layers),
+    )
+    return fig
+
+
 def lens_figure(
     lcache: LinearCache,
     lenses: dict[str, Any] | None = None,
@@ -350,12 +431,15 @@ def report(
     layers: bool = True,
     patching: Sequence[PatchingTable] = (),
     attention_layers: Sequence[int] | None = None,
+    circuit: Any = None,
 ) -> Path:
     """Write one self-contained HTML file (every script inlined: it opens with no network)
     with the figures and circuitsvis components above; computes what they need.
 
     With ``layers``, the layer figures and :func:`lens_figure` of an ordinary and a detached
-    Jacobian lens fitted on this prompt alone (every position a source and a target)."""
+    Jacobian lens fitted on this prompt alone (every position a source and a target). With
+    ``circuit`` (an :func:`~lens_linear.circuits.edge_attribution` result), its
+    :func:`circuit_figure`."""
     from plotly.offline import get_plotlyjs
 
     lcache.jacobian()
@@ -366,6 +450,8 @@ def report(
         if lcache.model.cfg.n_layers > 1 and lcache.n_pos > 1:  # a lens needs both
             figures.append(lens_figure(lcache, _own_prompt_lenses(lcache)))
     figures += [patching_figure(r) for r in patching]
+    if circuit is not None:
+        figures.append(circuit_figure(circuit))
     n_layers = lcache.model.cfg.n_layers
     attention_layers = [0, n_layers - 1] if attention_layers is None else attention_layers
     top = lcache.top_predictions(1)[0]

@@ -67,11 +67,24 @@ NOTEBOOKS = {
         "render.patching_figure(real)",
         "## Per head",
         'heads = activation_patching(model, pairs, "head")\nrender.patching_figure(heads)',
-        "## Predicted by the frozen map (one backward)\nExact for patching through the corrupted run's "
-        "frozen map; compared here with real patching.",
-        'pred = predicted_patching(model, pairs, "resid_pre")\n'
-        "corr = torch.corrcoef(torch.stack([pred.values.flatten(), real.values.flatten()]))[0, 1]\n"
-        'print(f"correlation with real patching: {corr:.3f}")\nrender.patching_figure(pred)',
+        "## Predicted from gradients\nThe default prediction integrates the ordinary gradient over 4 "
+        "points from the corrupted to the clean input and reruns its largest 5% of entries as real "
+        "patches (marked in `pred.certified`); `detached=True` is the frozen map's prediction, exact for "
+        "patching through the corrupted run's frozen map. Both compared here with real patching.",
+        'for options in [{}, {"detached": True}]:\n'
+        '    pred = predicted_patching(model, pairs, "resid_pre", **options)\n'
+        "    corr = torch.corrcoef(torch.stack([pred.values.flatten(), real.values.flatten()]))[0, 1]\n"
+        '    print(f"{pred.method}: correlation with real patching {corr:.3f}")\nrender.patching_figure(pred)',
+        "## Edges: which component feeds which\nEvery edge of TransformerLens' residual-stream graph "
+        "(writers: embedding, heads, MLPs; readers: each head's query, key and value input, each MLP, the "
+        "logits), scored by EAP-IG (the default; `detached=True` scores each edge exactly through the "
+        "frozen map). SmolLM2 uses grouped-query attention, which TransformerLens' own edge sweep refuses.",
+        "from lens_linear.circuits import edge_attribution, grow_circuit\n"
+        "edges = edge_attribution(model, pairs)\nprint(edges)\nrender.circuit_figure(edges, k=30)",
+        "## How much of the behaviour does a circuit carry?\nKeep the strongest edges, give every other "
+        "reader the corrupted run's writes (TransformerLens' `faithfulness`), and grow the circuit until "
+        "it recovers 80% of the clean − corrupted gap.",
+        "curve = grow_circuit(model, pairs, edges, target=0.8)\ncurve",
     ],
     "4_steering.ipynb": [
         "# Steering with a concept's frozen map\n\nThe concept prompt's detached Jacobian, applied to a new "

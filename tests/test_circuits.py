@@ -154,7 +154,7 @@ def test_frozen_edges_equal_path_patching_through_the_frozen_map(backend, arch):
     model = cached_tiny(backend, arch, torch.float64)
     pairs = one_pair(model)
     metric = metric_of(pairs)
-    ours = edge_attribution(model, pairs, metric=metric, progress=False)
+    ours = edge_attribution(model, pairs, metric=metric, detached=True, progress=False)
     assert isinstance(ours, EdgeAttribution) and ours.method == "frozen-map edges"
     freeze = recorded_coefficients(model, pairs.corrupted)
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_a_writers_edges_add_up_to_its_node_score(arch):
         ["a", "b"],
         ["c", "d"],
     )
-    edges = edge_attribution(model, pairs, progress=False)
+    edges = edge_attribution(model, pairs, detached=True, progress=False)
     heads = predicted_patching(model, pairs, "head_by_pos", detached=True, progress=False)
     mlps = predicted_patching(model, pairs, "mlp_out", detached=True, progress=False)
     inputs = predicted_patching(
@@ -300,8 +300,9 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="ig_steps"):
         edge_attribution(model, pairs, ig_steps=0, progress=False)
     with pytest.raises(ValueError, match="detached=False"):
-        edge_attribution(model, pairs, ig_steps=4, progress=False)
+        edge_attribution(model, pairs, detached=True, ig_steps=4, progress=False)
     assert Node(kind="logits", position=0, layer=1).kind == "logits"
+    assert edge_attribution(model, pairs, progress=False).method == "EAP-IG"  # the default
 
 
 def gapped_pairs(model):

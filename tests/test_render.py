@@ -11,6 +11,7 @@ from conftest import PROMPT, cached_tiny, newest_tl_only, rel
 
 import lens_linear as ll
 from lens_linear import render
+from lens_linear.circuits import edge_attribution
 from lens_linear.jacobian_lens import fit_jacobian_lens, lens_table
 from lens_linear.patching import activation_patching, prompt_pairs
 
@@ -92,6 +93,25 @@ def test_figures_plot_the_cache_data(lcache):
     expected = lcache.alignment(render.layer_hooks(lcache.model)["block"], n_triplets=2)
     assert (
         rel(arr(align.data[1].y), expected[:, 1]) <= 1e-6 and abs(align.data[0].y[-1] - 1) <= 1e-5
+    )
+
+
+def test_circuit_figure_draws_the_strongest_edges():
+    """One line per edge, the k largest by magnitude of the scores summed over positions,
+    each hover naming its writer, reader and score; the nodes at their layers."""
+    model = ll.tiny_model("llama", n_layers=2)  # grouped-query: key/value readers are KV heads
+    pairs = prompt_pairs(model, "Hello there, friend!", "Hello where, friend!", "f", "x")
+    scores = edge_attribution(model, pairs, detached=False, progress=False)
+    fig = render.circuit_figure(scores, k=12)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    total = scores.scores.sum(0).flatten()
+    want = sorted(total.abs().tolist(), reverse=True)[:12]
+    got = sorted((abs(float(t.text.rsplit(": ", 1)[1])) for t in lines), reverse=True)
+    assert len(lines) == 12 and got == pytest.approx(want, rel=1e-3)
+    widths = [t.line.width for t in lines]
+    assert max(widths) == pytest.approx(10.0) and min(widths) >= 1.0
+    assert any("KV" in t.text for t in lines) or all(
+        "(k)" not in t.text and "(v)" not in t.text for t in lines
     )
 
 
@@ -264,15 +284,17 @@ needs_chromium = pytest.mark.skipif(
 def test_report_opens_offline_in_headless_chromium(lcache, tmp_path):
     pairs = prompt_pairs(lcache.model, "Hello there, friend!", "Hello where, friend!", "a", "c")
     result = activation_patching(lcache.model, pairs, "resid_pre", progress=False)
-    path = render.report(lcache, tmp_path / "report.html", patching=[result])
+    circuit = edge_attribution(lcache.model, pairs, progress=False)
+    path = render.report(lcache, tmp_path / "report.html", patching=[result], circuit=circuit)
     text = path.read_text()
     assert (
         "<script src" not in text
     )  # every script inlined; any network request is aborted and fails the test
     seen = check_in_chromium(path, ARTIFACTS / f"report-{lcache.model.cfg.model_name}.png")
     assert seen["errors"] == []
-    assert seen["figures"] == seen["expected"]["figures"] == 6
+    assert seen["figures"] == seen["expected"]["figures"] == 7
     assert seen["components"] == seen["expected"]["components"] == 5
+    assert any(t.startswith("Circuit: the") for t in seen["titles"]), seen["titles"]
     assert all(t.strip() in seen["text"] for t in lcache.str_tokens if t.strip())
     # the lens figure drew its three lenses
     assert any(t.endswith("read from each layer") for t in seen["titles"]), seen["titles"]
