@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/patching.py
 	$(BIN)/python benchmarks/jlens.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/faithfulness.py
 
 # on a CUDA machine: the device tests on the GPU, then the benchmarks' ratios measured there
 gpu-check: install
