@@ -10,7 +10,17 @@ import re
 from pathlib import Path
 
 import lens_linear as ll
-from lens_linear import attention, decode, hooks, jacobian_lens, matfree, patching, render, stats
+from lens_linear import (
+    attention,
+    circuits,
+    decode,
+    hooks,
+    jacobian_lens,
+    matfree,
+    patching,
+    render,
+    stats,
+)
 
 ERRORS = [
     getattr(ll, name)
@@ -40,6 +50,12 @@ PUBLIC = {
         patching.activation_patching,
         patching.predicted_patching,
         patching.steer,
+        patching.integration_points,
+    ],
+    "lens_linear.circuits": [
+        circuits.edge_attribution,
+        circuits.circuit_faithfulness,
+        circuits.grow_circuit,
     ],
     "lens_linear.jacobian_lens": [jacobian_lens.lens_table, jacobian_lens.CompatibleJacobianLens],
     "lens_linear.stats": [stats.sensitivity, stats.dataset_sensitivity, stats.Welford],
@@ -54,12 +70,15 @@ PUBLIC = {
         render.alignment_figure,
         render.patching_figure,
         render.lens_figure,
+        render.circuit_figure,
         render.report,
     ],
     "results": [
         decode.SVDResult,
         matfree.MatrixFreeSVD,
         patching.PatchingTable,
+        circuits.EdgeAttribution,
+        circuits.CircuitCurve,
         stats.Sensitivity,
     ],
 }
