@@ -138,12 +138,15 @@ class EdgeAttribution(AttributionResult):  # type: ignore[misc, valid-type]
 
 
 def _short(node: Any) -> str:
-    name = {"embed": "embed", "attn_head_out": "", "mlp_out": "MLP", "q_input": "q"}.get(
-        node.kind, node.kind.split("_")[0]
-    )
-    head = f"L{node.layer}H{node.head}" if node.head is not None else f"L{node.layer}"
-    where = "" if node.kind in ("embed", "logits") else head
-    return f"{name}{where if name in ('', 'MLP') else '.' + where if where else ''}@{node.position}"
+    """``L3H1@7``, ``MLP2@7``, ``embed@7``, ``logits@7``; a reader adds what it reads:
+    ``L3H1.v@7``, ``MLP2.in@7``."""
+    where = {"embed": "embed", "logits": "logits"}.get(node.kind)
+    if where is None:
+        mlp = node.kind.startswith("mlp")
+        where = f"MLP{node.layer}" if mlp else f"L{node.layer}H{node.head}"
+        suffix = {"q_input": ".q", "k_input": ".k", "v_input": ".v", "mlp_in": ".in"}
+        where += suffix.get(node.kind, "")
+    return f"{where}@{node.position}"
 
 
 @dataclass(frozen=True)
@@ -267,14 +270,16 @@ def edge_attribution(
     replay = detached and not patterns_fit(model, n_pos, 1, max_memory)
     with analysis_mode(model):
         clean_m, clean_vals = _run_values(model, pairs, pairs.clean, names, metric)
+        corrupt_m, _ = _run_values(model, pairs, pairs.corrupted, names, metric)
+        check_gap(clean_m, corrupt_m)
         others = None
         if chunk < n_pairs:  # the metric may mix pairs: the others' logits, as constants
             with torch.no_grad():
                 others = pairs.final_logits(model, pairs.corrupted)
-        total, corrupt_m, layout = None, [], None
+        total, layout = None, None
         starts = range(0, n_pairs, chunk)
         for start in tqdm(starts, desc="edge attribution", disable=not progress or len(starts) < 2):
-            part = _pairs_slice(pairs, start, start + chunk)
+            part = pairs.rows(start, start + chunk)
             freeze: list[Hook] = []
             if replay:  # patterns kept as queries and keys: each pair's own operating point
                 point = OperatingPoint.record(
@@ -284,7 +289,7 @@ def edge_attribution(
             elif detached:
                 freeze = site_hooks(model, find_sites(model), {}, "record")
             clean_part = {h: v[start : start + len(part.answers)] for h, v in clean_vals.items()}
-            scores, value, layout = _chunk_scores(
+            scores, layout = _chunk_scores(
                 model,
                 part,
                 names,
@@ -298,35 +303,10 @@ def edge_attribution(
                 start,
             )
             total = scores if total is None else total + scores
-            corrupt_m.append(value)
-    corrupted = (
-        float(corrupt_m[0]) if len(corrupt_m) == 1 else float(_whole_metric(model, pairs, metric))
-    )
-    check_gap(clean_m, corrupted)
     method = (
         "frozen-map edges" if detached else ("EAP-IG" if ig_steps > 1 else "attribution patching")
     )
-    return _result(total, layout, method, clean_m, corrupted)
-
-
-def _pairs_slice(pairs: PromptPairs, start: int, stop: int) -> PromptPairs:
-    from dataclasses import replace
-
-    part = slice(start, stop)
-    return replace(
-        pairs,
-        clean=pairs.clean[part],
-        corrupted=pairs.corrupted[part],
-        answers=pairs.answers[part],
-        wrong=pairs.wrong[part],
-        last=pairs.last[part],
-        mask=pairs.mask[part],
-    )
-
-
-def _whole_metric(model: Any, pairs: PromptPairs, metric: Metric) -> torch.Tensor:
-    with torch.no_grad():
-        return metric(pairs.final_logits(model, pairs.corrupted))
+    return _result(total, layout, method, clean_m, corrupt_m)
 
 
 def _run_values(
@@ -356,23 +336,21 @@ def _chunk_scores(
     ig_steps: int,
     others: torch.Tensor | None,
     row: int,
-) -> tuple[torch.Tensor, float, _Layout]:
-    """``[pos, writer, reader]`` scores of these pairs (summed over them), the corrupted metric."""
+) -> tuple[torch.Tensor, _Layout]:
+    """``[pos, writer, reader]`` scores of these pairs (summed over them) and the graph."""
     deltas = None
     reader_grads = None
-    value0 = 0.0
     for j, (alpha, weight) in enumerate(integration_points(ig_steps)):
         run = _GradientRun(model, pairs, names, final, freeze, clean[INPUT_HOOK], alpha)
-        value = run.backward(metric, others, row)
+        run.backward(metric, others, row)
         if j == 0:
-            value0 = value
             deltas, layout = run.writer_deltas(clean, parallel)
         grads = weight * run.reader_gradients()
         reader_grads = grads if reader_grads is None else reader_grads + grads
         del run
     mask = pairs.mask.to(deltas.dtype)[None, :, :, None]  # positions a patch may touch
     scores = torch.einsum("wbpd,rbpd->pwr", deltas * mask, reader_grads.to(deltas.dtype))
-    return scores * layout.mask(scores.device)[None], value0, layout
+    return scores * layout.mask(scores.device)[None], layout
 
 
 class _GradientRun:

@@ -93,15 +93,19 @@ class PromptPairs:
 
     def pair(self, i: int) -> "PromptPairs":
         """Pair ``i`` alone (same padded length)."""
-        one = slice(i, i + 1)
+        return self.rows(i, i + 1)
+
+    def rows(self, start: int, stop: int) -> "PromptPairs":
+        """Pairs ``start`` to ``stop − 1`` (same padded length)."""
+        part = slice(start, stop)
         return replace(
             self,
-            clean=self.clean[one],
-            corrupted=self.corrupted[one],
-            answers=self.answers[one],
-            wrong=self.wrong[one],
-            last=self.last[one],
-            mask=self.mask[one],
+            clean=self.clean[part],
+            corrupted=self.corrupted[part],
+            answers=self.answers[part],
+            wrong=self.wrong[part],
+            last=self.last[part],
+            mask=self.mask[part],
         )
 
     def final_logits(
@@ -476,7 +480,14 @@ def _patched_metrics(
     return torch.cat(raw)
 
 
-DEFAULT_PREDICTION = (False, 4, 0.05)  # detached, ig_steps, certify: the best measured route
+# (detached, ig_steps, certify) of the default prediction per sweep: the best route measured
+# against real patching (benchmarks/faithfulness.py). Integrating along the input path helps
+# where a patch swaps a whole residual or MLP output (a large move) and hurts for one head or
+# one attention output, where the gradient at the corrupted run is already close.
+DEFAULT_PREDICTION = {
+    sweep: (False, 1 if sweep in ("attn_out", "head", "head_by_pos") else 4, 0.05)
+    for sweep in SWEEPS
+}
 
 
 def predicted_patching(
@@ -498,10 +509,11 @@ def predicted_patching(
 
     The default (all three of ``detached``, ``ig_steps``, ``certify`` left out) is the route
     that agreed best with real activation patching in ``benchmarks/faithfulness.py`` (SmolLM2,
-    three tasks, five node families): the ordinary gradient integrated over 4 points
-    (``detached=False, ig_steps=4``) with the largest 5% of entries certified by real patched
-    runs (``certify=0.05``). Naming any of the three gives that route with the others at their
-    plain values (``detached=False``, ``ig_steps=1``, ``certify=0``).
+    three tasks, five node families; :data:`DEFAULT_PREDICTION`): the ordinary gradient, its
+    largest 5% of entries certified by real patched runs (``certify=0.05``), integrated over 4
+    points (``ig_steps=4``) for the residual and MLP sweeps. Naming any of the three gives
+    that route with the others at their plain values (``detached=False``, ``ig_steps=1``,
+    ``certify=0``).
 
     ``detached=True`` (``method="frozen-map prediction"``) takes the gradient with the detach
     hooks on: the corrupted run's frozen map is affine, so for a metric linear in the logits
@@ -525,7 +537,7 @@ def predicted_patching(
     """
     require_tl_model(model)
     if detached is None and ig_steps is None and certify is None:
-        detached, ig_steps, certify = DEFAULT_PREDICTION
+        detached, ig_steps, certify = DEFAULT_PREDICTION.get(sweep, (False, 1, 0.05))
     detached, ig_steps, certify = bool(detached), ig_steps or 1, certify or 0
     if not isinstance(ig_steps, int) or ig_steps < 1:
         raise ValueError(f"ig_steps must be a positive integer, got {ig_steps!r}")

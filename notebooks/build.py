@@ -67,9 +67,9 @@ NOTEBOOKS = {
         "render.patching_figure(real)",
         "## Per head",
         'heads = activation_patching(model, pairs, "head")\nrender.patching_figure(heads)',
-        "## Predicted from gradients\nThe default prediction integrates the ordinary gradient over 4 "
-        "points from the corrupted to the clean input and reruns its largest 5% of entries as real "
-        "patches (marked in `pred.certified`); `detached=True` is the frozen map's prediction, exact for "
+        "## Predicted from gradients\nThe default prediction (for a residual sweep) integrates the "
+        "ordinary gradient over 4 points from the corrupted to the clean input and reruns its largest "
+        "5% of entries as real patches (marked in `pred.certified`); `detached=True` is the frozen map's prediction, exact for "
         "patching through the corrupted run's frozen map. Both compared here with real patching.",
         'for options in [{}, {"detached": True}]:\n'
         '    pred = predicted_patching(model, pairs, "resid_pre", **options)\n'
