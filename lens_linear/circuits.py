@@ -575,7 +575,7 @@ def circuit_faithfulness(
     exists = ablate.layout.mask(kept.device)[None].expand_as(kept)
     class_names = list(dict.fromkeys(EDGE_CLASSES.values()))
     by_reader_class = [
-        torch.tensor([EDGE_CLASSES[k] == c for k, _, _ in ablate.layout.readers])
+        torch.tensor([EDGE_CLASSES[k] == c for k, _, _ in ablate.layout.readers], device="cpu")
         for c in class_names
     ]
     counts = {c: int((exists & m[None, None]).sum()) for c, m in zip(class_names, by_reader_class)}
@@ -711,7 +711,9 @@ def _circuit_mask(circuit: Sequence[Any], layout: _Layout, n_pos: int) -> torch.
     """``[pos, writer, reader]``: True for the circuit's edges; refuses an edge not in the graph."""
     w_index = {c: i for i, c in enumerate(layout.writers)}
     r_index = {c: i for i, c in enumerate(layout.readers)}
-    kept = torch.zeros(n_pos, len(layout.writers), len(layout.readers), dtype=torch.bool)
+    kept = torch.zeros(
+        n_pos, len(layout.writers), len(layout.readers), dtype=torch.bool, device="cpu"
+    )
     for entry in circuit:
         if len(entry) not in (2, 3):
             raise ValueError(
@@ -754,7 +756,8 @@ def _ablated_metric(
         for layer in range(len(names))
     ]
     n_copies = 1 + max(len(r) for r in readers_at)  # attention readers + the MLP reader
-    excluded = (layout.mask(kept.device)[None] & ~kept).to(replacement[0].dtype)  # [pos, w, r]
+    excluded = layout.mask(kept.device)[None] & ~kept  # [pos, w, r]
+    excluded = excluded.to(replacement[0].device, replacement[0].dtype)
     live: list[torch.Tensor] = []
 
     def correction(readers: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -877,7 +880,7 @@ def grow_circuit(
         sizes.append(total)
 
     def measure(k: int) -> float:
-        kept = torch.zeros(dense.numel(), dtype=torch.bool)
+        kept = torch.zeros(dense.numel(), dtype=torch.bool, device="cpu")
         kept[order[:k]] = True
         return ablate.recovered(kept.view_as(dense))
 

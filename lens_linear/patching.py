@@ -575,7 +575,7 @@ def predicted_patching(
             keep = {"pos": (0,), "head": (0, 1), "pos_head": (0,)}[SWEEPS[sweep][1]]
             table.append(change.sum(keep))
         raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
-        certified = torch.zeros(shape, dtype=torch.bool)
+        certified = torch.zeros(shape, dtype=torch.bool, device="cpu")  # as the table
         n_cert = certify if isinstance(certify, int) else round(certify * raw.numel())
         if n_cert > 0:
             top = torch.topk((raw - corrupt_m).abs().flatten(), min(n_cert, raw.numel())).indices

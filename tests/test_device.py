@@ -15,6 +15,7 @@ import torch
 from conftest import HOOKED, PROMPT, cached_tiny, rel
 
 import lens_linear as ll
+from lens_linear.circuits import circuit_faithfulness, edge_attribution
 from lens_linear.hooks.contexts import computing_in
 from lens_linear.patching import activation_patching, predicted_patching, prompt_pairs, steer
 from lens_linear.stats import dataset_sensitivity, sensitivity
@@ -82,6 +83,13 @@ def public_calls(model, tmp_path):
             model, pairs, sweep, detached=True, progress=False
         ).raw
         out[f"predicted {sweep}"] = predicted_patching(model, pairs, sweep).raw
+    edges = edge_attribution(model, pairs, progress=False)
+    out["edges"] = edges.scores
+    out["frozen edges"] = edge_attribution(model, pairs, detached=True, progress=False).scores
+    if model.cfg.model_name != "tiny-gemma3":  # a norm after the head sum: refused
+        kept = edges.top_edges(20)
+        recovered = circuit_faithfulness(model, pairs, kept).recovered
+        out["faithfulness"] = torch.tensor(recovered, device="cpu")
     out["steer"] = steer(
         model, "Hello", "Hi there", layer=1, lam=0.5, max_new_tokens=2
     ).first_logits
