@@ -99,11 +99,13 @@ else:  # pragma: no cover - exercised on the TransformerLens 3.9 leg
         node_scores: dict
         edge_scores: dict = field(default_factory=dict)
 
-        def top_nodes(self, k: int = 10) -> list:
+        def top_nodes(self, k: int = 10) -> list[tuple[Node, float]]:
+            """The ``k`` nodes with the largest effect magnitude, strongest first."""
             ranked = sorted(self.node_scores.items(), key=lambda kv: abs(kv[1]), reverse=True)
             return ranked[:k]
 
-        def top_edges(self, k: int = 10) -> list:
+        def top_edges(self, k: int = 10) -> list[tuple[Node, Node, float]]:
+            """The ``k`` edges with the largest effect magnitude, strongest first."""
             ranked = sorted(self.edge_scores.items(), key=lambda kv: abs(kv[1]), reverse=True)
             return [(w, r, s) for (w, r), s in ranked[:k]]
 
