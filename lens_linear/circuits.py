@@ -33,6 +33,7 @@ frozen map, where that norm's scale is a constant).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Sequence
@@ -131,11 +132,101 @@ class EdgeAttribution(AttributionResult):  # type: ignore[misc, valid-type]
     writers: list[Component] = field(default_factory=list)
     readers: list[Component] = field(default_factory=list)
 
+    def top_edges(self, k: int = 10) -> list[tuple[Any, Any, float]]:
+        """The ``k`` edges with the largest effect magnitude, strongest first (from the dense
+        scores: no sort of every edge)."""
+        exists = _existing(self.scores, self.edge_scores.upstream)
+        flat = torch.where(exists, self.scores.abs(), -1.0).flatten()
+        k = min(k, int(exists.sum()))
+        top = torch.topk(flat, k).indices.tolist() if k else []
+        return [(*self.edge_scores.nodes(i), float(self.scores.view(-1)[i])) for i in top]
+
     def __repr__(self) -> str:
         top = ", ".join(f"{_short(w)}→{_short(r)} {s:+.3g}" for w, r, s in self.top_edges(3))
         return (
             f"EdgeAttribution({self.method}, {len(self.edge_scores)} edges, clean={self.clean:+.3f}, "
             f"corrupted={self.corrupted:+.3f}; largest {top})"
+        )
+
+
+def _upstream_mask(n_writers: int, upstream: Sequence[int], device: Any) -> torch.Tensor:
+    """``[writer, reader]``: True where the edge exists (the writer is before the reader)."""
+    ups = torch.tensor(list(upstream), device=device)
+    return torch.arange(n_writers, device=device)[:, None] < ups[None]
+
+
+def _existing(scores: torch.Tensor, upstream: Sequence[int]) -> torch.Tensor:
+    """``[pos, writer, reader]``: True where the edge exists."""
+    return _upstream_mask(scores.shape[1], upstream, scores.device)[None].expand_as(scores)
+
+
+class EdgeScores(Mapping):
+    """Dense edge scores as TransformerLens' ``{(writer, reader): score}``, in its order
+    (position by position, each reader's writers in order), read on access: a long prompt's
+    graph has tens of millions of edges, too many for a dict."""
+
+    def __init__(
+        self,
+        scores: torch.Tensor,
+        writers: list[Component],
+        readers: list[Component],
+        upstream: list[int],
+    ) -> None:
+        self.scores, self.writers, self.readers, self.upstream = scores, writers, readers, upstream
+        self._w = {c: i for i, c in enumerate(writers)}
+        self._r = {c: i for i, c in enumerate(readers)}
+
+    def __len__(self) -> int:
+        return self.scores.shape[0] * sum(self.upstream)
+
+    def _index(self, key: Any) -> tuple[int, int, int]:
+        try:
+            w, r = key
+            wi, ri = self._w[(w.kind, w.layer, w.head)], self._r[(r.kind, r.layer, r.head)]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise KeyError(key) from None
+        if (
+            w.position != r.position
+            or not 0 <= w.position < len(self.scores)
+            or wi >= self.upstream[ri]
+        ):
+            raise KeyError(key)
+        return w.position, wi, ri
+
+    def __getitem__(self, key: Any) -> float:
+        return float(self.scores[self._index(key)])
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self._index(key)
+        except KeyError:
+            return False
+        return True
+
+    def _position(self, p: int) -> Iterator[tuple[tuple[Any, Any], float]]:
+        values = self.scores[p].tolist()
+        w_nodes = [Node(kind=k, position=p, layer=la, head=h) for k, la, h in self.writers]
+        for r, (k, la, h) in enumerate(self.readers):
+            reader = Node(kind=k, position=p, layer=la, head=h)
+            for w in range(self.upstream[r]):
+                yield (w_nodes[w], reader), values[w][r]
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for p in range(len(self.scores)):
+            yield from (key for key, _ in self._position(p))
+
+    def items(self) -> Iterator[tuple[tuple[Any, Any], float]]:  # type: ignore[override]
+        """``((writer, reader), score)`` in order, a position's scores read at once."""
+        for p in range(len(self.scores)):
+            yield from self._position(p)
+
+    def nodes(self, flat_index: int) -> tuple[Any, Any]:
+        """The ``(writer, reader)`` of an index into the flattened ``scores``."""
+        p, rest = divmod(flat_index, len(self.writers) * len(self.readers))
+        w, r = divmod(rest, len(self.readers))
+        (wk, wl, wh), (rk, rl, rh) = self.writers[w], self.readers[r]
+        return Node(kind=wk, position=p, layer=wl, head=wh), Node(
+            kind=rk, position=p, layer=rl, head=rh
         )
 
 
@@ -180,8 +271,7 @@ class _Layout:
 
     def mask(self, device: torch.device) -> torch.Tensor:
         """``[writer, reader]``: True where the edge exists."""
-        upstream = torch.tensor(self.upstream, device=device)
-        return torch.arange(len(self.writers), device=device)[:, None] < upstream[None]
+        return _upstream_mask(len(self.writers), self.upstream, device)
 
 
 def _names(model: Any) -> tuple[list[dict[str, str]], str, bool]:
@@ -245,7 +335,9 @@ def edge_attribution(
     * ``ig_steps = k > 1`` (``detached=False`` only: the frozen map is affine, so its gradient
       is the same at every point of the path): EAP-IG over ``k`` points.
 
-    Pairs are processed in chunks sized to ``max_memory`` (a progress bar over chunks); past
+    Pairs are processed in chunks sized to ``max_memory`` (a progress bar over chunks and
+    integration points); edges are read from the dense ``scores`` on access, so a long
+    prompt's tens of millions of edges are never a dict; past
     the recording budget a pair's frozen map is replayed from its operating point, with the
     patterns kept as queries and keys, as in :func:`~lens_linear.patching.predicted_patching`.
     """
@@ -280,7 +372,10 @@ def edge_attribution(
                 others = pairs.final_logits(model, pairs.corrupted)
         total, layout = None, None
         starts = range(0, n_pairs, chunk)
-        for start in tqdm(starts, desc="edge attribution", disable=not progress or len(starts) < 2):
+        bar = tqdm(
+            total=len(starts) * ig_steps, desc="edge attribution", disable=not progress, leave=False
+        )
+        for start in starts:
             part = pairs.rows(start, start + chunk)
             freeze: list[Hook] = []
             if replay:  # patterns kept as queries and keys: each pair's own operating point
@@ -303,6 +398,7 @@ def edge_attribution(
                 ig_steps,
                 others,
                 start,
+                bar,
             )
             total = scores if total is None else total + scores
     method = (
@@ -338,6 +434,7 @@ def _chunk_scores(
     ig_steps: int,
     others: torch.Tensor | None,
     row: int,
+    bar: Any,
 ) -> tuple[torch.Tensor, _Layout]:
     """``[pos, writer, reader]`` scores of these pairs (summed over them) and the graph."""
     deltas = None
@@ -350,6 +447,7 @@ def _chunk_scores(
         grads = weight * run.reader_gradients()
         reader_grads = grads if reader_grads is None else reader_grads + grads
         del run
+        bar.update()
     mask = pairs.mask.to(deltas.dtype)[None, :, :, None]  # positions a patch may touch
     scores = torch.einsum("wbpd,rbpd->pwr", deltas * mask, reader_grads.to(deltas.dtype))
     return scores * layout.mask(scores.device)[None], layout
@@ -370,6 +468,9 @@ class _GradientRun:
         alpha: float,
     ) -> None:
         self.model, self.pairs, self.names, self.final = model, pairs, names, final
+        # scores in the model's precision, at least float32 (a long prompt's writers and
+        # readers take writers · pos · d_model each)
+        self.work = torch.promote_types(next(model.parameters()).dtype, torch.float32)
         self.leaves: dict[str, torch.Tensor] = {}
         self.outs: dict[str, torch.Tensor] = {}
         self.vals: dict[str, torch.Tensor] = {}
@@ -443,7 +544,7 @@ class _GradientRun:
                 )[0]
                 rows.append((torch.zeros_like(pre) if mlp is None else mlp)[None])
         rows.append(self.grads[self.final][None])
-        return torch.cat([r.double() for r in rows])
+        return torch.cat([r.to(self.work) for r in rows])
 
     def writer_deltas(
         self, clean: dict[str, torch.Tensor], parallel: bool
@@ -474,30 +575,24 @@ class _GradientRun:
                 mlp = n["mlp_out"]
                 rows.append((clean[mlp] - self.vals[mlp].to(clean[mlp]))[None])
         layout = _Layout.of(self.model, q_heads, kv_heads, parallel)
-        return torch.cat([r.double() for r in rows]), layout
+        return torch.cat([r.to(self.work) for r in rows]), layout
 
 
 def _result(
     scores: torch.Tensor, layout: _Layout, method: str, clean: float, corrupted: float
 ) -> EdgeAttribution:
-    """Dense scores to TransformerLens' dicts, in its enumeration order (position by
-    position, each reader's writers in order)."""
+    """Dense scores as TransformerLens' result: edges read on access (:class:`EdgeScores`),
+    each writer's node score its edges' sum."""
     scores = scores.cpu()
-    n_pos = scores.shape[0]
-    edges: dict[tuple[Any, Any], float] = {}
-    nodes: dict[Any, float] = {}
-    values = scores.tolist()
-    for p in range(n_pos):
-        w_nodes = [Node(kind=k, position=p, layer=la, head=h) for k, la, h in layout.writers]
-        for r, (k, la, h) in enumerate(layout.readers):
-            reader = Node(kind=k, position=p, layer=la, head=h)
-            for w in range(layout.upstream[r]):
-                edges[(w_nodes[w], reader)] = values[p][w][r]
-        for w, node in enumerate(w_nodes):
-            nodes[node] = float(scores[p, w].sum())
+    sums = scores.sum(-1).tolist()  # [pos][writer]
+    nodes = {
+        Node(kind=k, position=p, layer=la, head=h): sums[p][w]
+        for p in range(scores.shape[0])
+        for w, (k, la, h) in enumerate(layout.writers)
+    }
     return EdgeAttribution(
         node_scores=nodes,
-        edge_scores=edges,
+        edge_scores=EdgeScores(scores, layout.writers, layout.readers, layout.upstream),
         method=method,
         clean=clean,
         corrupted=corrupted,
