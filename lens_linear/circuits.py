@@ -446,7 +446,7 @@ def _chunk_scores(
             deltas, layout = run.writer_deltas(clean, parallel)
         grads = weight * run.reader_gradients()
         reader_grads = grads if reader_grads is None else reader_grads + grads
-        del run
+        run.release()
         bar.update()
     mask = pairs.mask.to(deltas.dtype)[None, :, :, None]  # positions a patch may touch
     scores = torch.einsum("wbpd,rbpd->pwr", deltas * mask, reader_grads.to(deltas.dtype))
@@ -486,6 +486,15 @@ class _GradientRun:
 
         hooked = sorted({h for n in names for h in n.values()} | {final, INPUT_HOOK})
         self.hooks = list(freeze) + [(h, lambda v, hook, h=h: attach(v, hook, h)) for h in hooked]
+
+    def release(self) -> None:
+        """Drop the run's graph now (its hooks refer back to it: a cycle the collector would
+        free only later, one graph per integration point)."""
+        self.leaves.clear()
+        self.outs.clear()
+        self.vals.clear()
+        self.grads = {}
+        self.hooks = []
 
     def backward(self, metric: Metric, others: torch.Tensor | None, row: int) -> float:
         with torch.enable_grad():
