@@ -323,9 +323,10 @@ def edge_attribution(
     keyed by its ``Node``, its ``method`` naming the route:
 
     * default (``detached`` and ``ig_steps`` left out): EAP-IG over 4 points
-      (``detached=False, ig_steps=4``). Measured on SmolLM2 IOI, circuits grown from its top
-      edges recover 80% of the gap with 972 edges, against 5,678 for attribution patching and
-      none short of every edge for the frozen map (whose query and key edges are all zero);
+      (``detached=False, ig_steps=4``). Measured on SmolLM2 (``benchmarks/faithfulness.py``),
+      circuits grown from its top edges recover 80% of the IOI gap with 398 edges, against
+      11,984 for attribution patching and 982,793 (of 989,114) for the frozen map, whose query
+      and key edges are all zero;
     * ``detached=False`` (``ig_steps=1``): attribution patching, the scores of
       ``attribution_patch`` with ``EdgeAttributionConfig(granularity="edge")`` for the same
       metric (which TransformerLens computes for multi-head, pre-norm models; grouped-query
