@@ -55,6 +55,20 @@ TASKS = {
         [" Paris", " Tokyo"],
         [" Rome", " Berlin"],
     ),
+    "ioi_long": (  # 38 tokens: how the time ratio falls as real patching grows with positions
+        [
+            "After the long meeting at the office ended late on a rainy Friday evening, Alice and "
+            "Bob walked together to the quiet park near the old river, and there Bob gave a small "
+            "red ball to"
+        ],
+        [
+            "After the long meeting at the office ended late on a rainy Friday evening, Alice and "
+            "Bob walked together to the quiet park near the old river, and there Alice gave a "
+            "small red ball to"
+        ],
+        [" Alice"],
+        [" Bob"],
+    ),
     "pronoun": (
         ["John went to the store because"],
         ["Mary went to the store because"],

@@ -402,6 +402,7 @@ def edge_attribution(
                 bar,
             )
             total = scores if total is None else total + scores
+        bar.close()
     method = (
         "frozen-map edges" if detached else ("EAP-IG" if ig_steps > 1 else "attribution patching")
     )
