@@ -443,40 +443,51 @@ def _patched_metrics(
     grow = True
     for start in tqdm(range(0, len(patches), chunk), desc=desc, disable=not progress, leave=False):
         todo = patches[start : start + chunk]
-        first = hooks[min(p[0] for p in todo)]
+        # copies in hook order; growing, the batch holds the unpatched prompts first and each
+        # patch's copy joins at its block's input (blocks.L.hook_resid_pre), so the layers
+        # before a patch run once for all patches there, not once per patch
+        order = sorted(range(len(todo)), key=lambda e: hooks.index(hooks[todo[e][0]]))
+        slot = {e: i for i, e in enumerate(order)}
+        names = sorted({hooks[p[0]] for p in todo}, key=hooks.index)
+        joins: dict[str, list[int]] = {}
+        for e in order:
+            joins.setdefault(f"blocks.{layer_of(hooks[todo[e][0]])}.hook_resid_pre", []).append(e)
 
-        def patch(value: torch.Tensor, hook: Any, name: str, grow: bool) -> torch.Tensor:
-            if grow and name == first:  # the layers before ran once, on the unpatched prompts
-                value = value.repeat(len(todo), *([1] * (value.ndim - 1)))
-            else:
-                value = value.clone()
+        def join(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
+            copies = value[:n].repeat(len(joins[name]), *([1] * (value.ndim - 1)))
+            return torch.cat([value, copies])
+
+        def patch(value: torch.Tensor, hook: Any, name: str, offset: int) -> torch.Tensor:
+            value = value.clone()
             target = corrupt_acts[name] + scale * (clean_acts[name] - corrupt_acts[name])
             for e, p in enumerate(todo):
                 if hooks[p[0]] == name:
+                    i = offset + slot[e]
                     region = _region(pairs, p, target)
-                    value[e * n : (e + 1) * n][region] = target[region]
+                    value[i * n : (i + 1) * n][region] = target[region]
             return value
 
-        names = sorted({hooks[p[0]] for p in todo}, key=hooks.index)
+        def run(growing: bool) -> torch.Tensor:
+            offset = 1 if growing else 0
+            tokens = pairs.corrupted if growing else pairs.corrupted.repeat(len(todo), 1)
+            grown = [(h, partial(join, name=h)) for h in joins] if growing else []
+            patched = [(h, partial(patch, name=h, offset=offset)) for h in names]
+            final = pairs.final_logits(model, tokens, list(base) + grown + patched)
+            per_copy = _metric_per_copy(pairs, metric, final)[offset:]
+            return per_copy[
+                torch.tensor([slot[e] for e in range(len(todo))], device=per_copy.device)
+            ]
+
         with torch.no_grad():
             try:
-                final = pairs.final_logits(
-                    model,
-                    pairs.corrupted if grow else pairs.corrupted.repeat(len(todo), 1),
-                    list(base) + [(h, partial(patch, name=h, grow=grow)) for h in names],
-                )
+                raw.append(run(grow))
             except RuntimeError:
                 if not grow:
                     raise
                 grow = (
                     False  # a model whose masks keep the first batch size: full batches from here
                 )
-                final = pairs.final_logits(
-                    model,
-                    pairs.corrupted.repeat(len(todo), 1),
-                    list(base) + [(h, partial(patch, name=h, grow=False)) for h in names],
-                )
-        raw.append(_metric_per_copy(pairs, metric, final))
+                raw.append(run(False))
     return torch.cat(raw)
 
 
