@@ -2,13 +2,16 @@
 
 * :func:`activation_patching` — patch clean activations into the corrupted run, one sweep
   (residual stream, attention/MLP outputs, heads) as a few batched forwards: the patched runs
-  of a chunk share one batch, and the layers before a chunk's first patch run once, on the
-  unpatched prompts, before the batch is expanded. ``detached=True`` runs every patch through
-  the corrupted run's operating point instead (the frozen map: exactly affine).
-* :func:`predicted_patching` — the same table from one backward pass of the corrupted run:
-  ``detached=True`` (default) takes the gradient of the frozen map, exact for it (for a
-  metric linear in the logits); ``detached=False`` is the ordinary gradient (attribution
-  patching, as ``transformer_lens.tools.analysis.attribution_patch``).
+  of a chunk share one batch, each patch's copy joining it at its own block's input, so the
+  layers before a patch run once, on the unpatched prompts. ``detached=True`` runs every
+  patch through the corrupted run's operating point instead (the frozen map: exactly affine).
+* :func:`predicted_patching` — the same table from gradients of the corrupted run: by
+  default the route measured closest to real patching (:data:`DEFAULT_PREDICTION`: the
+  ordinary gradient, its largest entries certified by real patched runs, integrated along
+  the input path for residual and MLP sweeps); ``detached=True`` takes the gradient of the
+  frozen map, exact for it (for a metric linear in the logits); ``detached=False`` is the
+  ordinary gradient (attribution patching, as
+  ``transformer_lens.tools.analysis.attribution_patch``).
 
 Metrics are written as for ``transformer_lens.patching`` (its ``patching_metric``): a
 function of logits ``[batch, pos, d_vocab]`` returning a scalar, so
@@ -17,9 +20,8 @@ function of logits ``[batch, pos, d_vocab]`` returning a scalar, so
 read where its prompt ends, not at its padding, and only those rows are unembedded. The
 default is the mean logit difference between each pair's answer and wrong answer.
 
-Both patching functions take the same arguments with the same defaults but ``detached``
-(real patching by default; the exact frozen-map prediction by default) and return a
-:class:`PatchingTable` naming its ``method``.
+Both patching functions take the same arguments and return a :class:`PatchingTable` naming
+its ``method``.
 
 * :func:`steer` — the paper's equation 16: a layer's activation mixed with the concept
   prompt's frozen map applied to the new prompt's embeddings, token by token.
