@@ -19,9 +19,9 @@ in the corrupted run (the denoising convention of ``attribution_patch``). Three 
 * ``detached=False, ig_steps=1`` (``"attribution patching"``, EAP): the ordinary gradient,
   equal to ``attribution_patch(..., EdgeAttributionConfig(granularity="edge"))``.
 * ``detached=False, ig_steps=k`` (``"EAP-IG"``, the default with ``k = 4``): reader
-  gradients integrated along the
-  straight path of input embeddings from the corrupted to the clean prompt, by the
-  trapezoidal rule on ``k`` runs (:func:`~lens_linear.patching.integration_points`).
+  gradients integrated along the straight path of input embeddings from the corrupted to the
+  clean prompt, by the trapezoidal rule on ``k`` runs
+  (:func:`~lens_linear.patching.integration_points`).
 
 Per-head readers come from one batched pullback per layer (each head's share of the
 gradient at ``hook_q``/``hook_k``/``hook_v`` carried back to the block's input), so no
@@ -29,6 +29,10 @@ per-head copy of the residual stream is made, grouped-query attention needs no s
 (a key or value reader is a key-value head) and neither do norms after the head sum (a
 head's write is its output through the block's own, linearized, output map: exact for the
 frozen map, where that norm's scale is a constant).
+
+:func:`circuit_faithfulness` measures a circuit by ablating every edge outside it
+(TransformerLens' ``faithfulness``), :func:`grow_circuit` grows one from the top edges until
+it recovers a target share of the gap, and ``render.circuit_figure`` draws the strongest edges.
 """
 
 from __future__ import annotations
