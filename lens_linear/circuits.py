@@ -50,29 +50,34 @@ from lens_linear._validation import require_tl_model
 from lens_linear.hooks.contexts import analysis_mode
 from lens_linear.hooks.freeze import site_hooks
 from lens_linear.hooks.operating_point import OperatingPoint
-from lens_linear.hooks.run import Hook
+from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import INPUT_HOOK, find_sites
 from lens_linear.jacobian import pullback_rows
 from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
 from lens_linear.patching import Metric, PromptPairs, check_gap, integration_points
 
 
-def _transformer_lens_graph_classes() -> tuple[Any, Any] | None:
-    """TransformerLens' ``Node`` and ``AttributionResult`` where its ``Node`` has the reader
-    kinds (TransformerLens ≥ 4.3), else ``None``."""
+def _transformer_lens_classes() -> tuple[Any, Any, Any] | None:
+    """TransformerLens' ``Node``, ``AttributionResult`` and ``FaithfulnessResult`` where its
+    ``Node`` has the reader kinds and ``faithfulness`` exists (TransformerLens ≥ 4.3), else
+    ``None``."""
     try:
-        from transformer_lens.tools.analysis.attribution_patching import AttributionResult, Node
+        from transformer_lens.tools.analysis.attribution_patching import (
+            AttributionResult,
+            FaithfulnessResult,
+            Node,
+        )
 
         Node(kind="logits", position=0, layer=0)
     except (ImportError, ValueError, TypeError):
         return None
-    return Node, AttributionResult
+    return Node, AttributionResult, FaithfulnessResult
 
 
-_TL = _transformer_lens_graph_classes()
+_TL = _transformer_lens_classes()
 
 if _TL is not None:
-    Node, AttributionResult = _TL
+    Node, AttributionResult, FaithfulnessResult = _TL
 else:  # pragma: no cover - exercised on the TransformerLens 3.9 leg
 
     @dataclass(frozen=True)
@@ -113,6 +118,18 @@ else:  # pragma: no cover - exercised on the TransformerLens 3.9 leg
             """The ``k`` edges with the largest effect magnitude, strongest first."""
             ranked = sorted(self.edge_scores.items(), key=lambda kv: abs(kv[1]), reverse=True)
             return [(w, r, s) for (w, r), s in ranked[:k]]
+
+    @dataclass
+    class FaithfulnessResult:  # type: ignore[no-redef]
+        """TransformerLens 4.3's ``FaithfulnessResult``, for older TransformerLens versions."""
+
+        recovered: float
+        full_metric: float
+        corrupt_metric: float
+        circuit_size: int
+        total_edges: int
+        edge_class_recovered: dict = field(default_factory=dict)
+        edge_class_counts: dict = field(default_factory=dict)
 
 
 # a writer or reader at no particular position: (kind, layer, head)
@@ -257,7 +274,7 @@ class _Layout:
     parallel: bool
 
     @classmethod
-    def of(cls, model: Any, q_heads: list[int], kv_heads: list[int], parallel: bool) -> "_Layout":
+    def of(cls, q_heads: list[int], kv_heads: list[int], parallel: bool) -> "_Layout":
         writers: list[Component] = [("embed", None, None)]
         readers: list[Component] = []
         upstream: list[int] = []
@@ -368,14 +385,12 @@ def edge_attribution(
         chunk = max(1, chunk // 2)
     replay = detached and not patterns_fit(model, n_pos, 1, max_memory)
     with analysis_mode(model):
-        clean_m, clean_vals = _run_values(model, pairs, pairs.clean, names, metric)
-        corrupt_m, _ = _run_values(model, pairs, pairs.corrupted, names, metric)
+        clean_m, corrupt_m, clean_vals, _, corrupt_final = _end_runs(model, pairs, names, metric)
         check_gap(clean_m, corrupt_m)
-        others = None
-        if chunk < n_pairs:  # the metric may mix pairs: the others' logits, as constants
-            with torch.no_grad():
-                others = pairs.final_logits(model, pairs.corrupted)
-        total, layout = None, None
+        layout = _layout_of(names, clean_vals, parallel)
+        # the metric may mix pairs: a chunk sees the others' logits, as constants
+        others = corrupt_final if chunk < n_pairs else None
+        total = None
         starts = range(0, n_pairs, chunk)
         bar = tqdm(
             total=len(starts) * ig_steps, desc="edge attribution", disable=not progress, leave=False
@@ -391,12 +406,12 @@ def edge_attribution(
             elif detached:
                 freeze = site_hooks(model, find_sites(model), {}, "record")
             clean_part = {h: v[start : start + len(part.answers)] for h, v in clean_vals.items()}
-            scores, layout = _chunk_scores(
+            scores = _chunk_scores(
                 model,
                 part,
                 names,
                 final,
-                parallel,
+                layout,
                 metric,
                 freeze,
                 clean_part,
@@ -413,19 +428,19 @@ def edge_attribution(
     return _result(total, layout, method, clean_m, corrupt_m)
 
 
-def _run_values(
-    model: Any,
-    pairs: PromptPairs,
-    tokens: torch.Tensor,
-    names: list[dict[str, str]],
-    metric: Metric,
-) -> tuple[float, dict[str, torch.Tensor]]:
-    """The metric of a plain run and the writers' values in it (input, heads, MLPs)."""
-    wanted = [INPUT_HOOK] + [n[k] for n in names for k in ("z", "k", "mlp_out")]
+def _end_runs(
+    model: Any, pairs: PromptPairs, names: list[dict[str, str]], metric: Metric
+) -> tuple[float, float, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """One plain run of the clean and corrupted prompts together: their metrics, the values
+    of each (input, heads, keys, attention and MLP outputs) and the corrupted final logits."""
+    wanted = [INPUT_HOOK] + [n[k] for n in names for k in ("z", "k", "attn_out", "mlp_out")]
     vals: dict[str, torch.Tensor] = {}
     hooks = [(h, lambda v, hook, h=h: vals.__setitem__(h, v.detach().clone())) for h in wanted]
     with torch.no_grad():
-        return float(metric(pairs.final_logits(model, tokens, hooks))), vals
+        final = pairs.final_logits(model, torch.cat([pairs.clean, pairs.corrupted]), hooks)
+    n = len(pairs.answers)
+    clean, corrupt = {h: v[:n] for h, v in vals.items()}, {h: v[n:] for h, v in vals.items()}
+    return float(metric(final[:n])), float(metric(final[n:])), clean, corrupt, final[n:]
 
 
 def _chunk_scores(
@@ -433,7 +448,7 @@ def _chunk_scores(
     pairs: PromptPairs,
     names: list[dict[str, str]],
     final: str,
-    parallel: bool,
+    layout: _Layout,
     metric: Metric,
     freeze: Sequence[Hook],
     clean: dict[str, torch.Tensor],
@@ -441,22 +456,22 @@ def _chunk_scores(
     others: torch.Tensor | None,
     row: int,
     bar: Any,
-) -> tuple[torch.Tensor, _Layout]:
-    """``[pos, writer, reader]`` scores of these pairs (summed over them) and the graph."""
+) -> torch.Tensor:
+    """``[pos, writer, reader]`` scores of these pairs (summed over them)."""
     deltas = None
     reader_grads = None
     for j, (alpha, weight) in enumerate(integration_points(ig_steps)):
         run = _GradientRun(model, pairs, names, final, freeze, clean[INPUT_HOOK], alpha)
         run.backward(metric, others, row)
         if j == 0:
-            deltas, layout = run.writer_deltas(clean, parallel)
+            deltas = run.writer_deltas(clean)
         grads = weight * run.reader_gradients()
         reader_grads = grads if reader_grads is None else reader_grads + grads
         run.release()
         bar.update()
     mask = pairs.mask.to(deltas.dtype)[None, :, :, None]  # positions a patch may touch
     scores = torch.einsum("wbpd,rbpd->pwr", deltas * mask, reader_grads.to(deltas.dtype))
-    return scores * layout.mask(scores.device)[None], layout
+    return scores * layout.mask(scores.device)[None]
 
 
 class _GradientRun:
@@ -530,14 +545,12 @@ class _GradientRun:
                 total = sum(counts)
 
                 def cotangent(rows_: slice, per_head=per_head, counts=counts) -> list[torch.Tensor]:
-                    out = []
-                    offset = 0
+                    """Row ``r`` keeps reader ``r``'s head of its gradient, zero elsewhere."""
+                    out, offset = [], 0
                     for g, c in zip(per_head, counts):
-                        batch = g.new_zeros(rows_.stop - rows_.start, *g.shape)
-                        for i, r in enumerate(range(rows_.start, rows_.stop)):
-                            if offset <= r < offset + c:
-                                batch[i, :, :, r - offset] = g[:, :, r - offset]
-                        out.append(batch)
+                        rows = torch.arange(rows_.start, rows_.stop, device=g.device) - offset
+                        onehot = rows[:, None] == torch.arange(c, device=g.device)  # [row, head]
+                        out.append(g[None] * onehot[:, None, None, :, None].to(g.dtype))
                         offset += c
                     return out
 
@@ -562,21 +575,18 @@ class _GradientRun:
         return torch.cat([r.to(self.work) for r in rows])
 
     def writer_deltas(
-        self, clean: dict[str, torch.Tensor], parallel: bool
-    ) -> tuple[Float[torch.Tensor, "writer batch pos d_model"], _Layout]:
+        self, clean: dict[str, torch.Tensor]
+    ) -> Float[torch.Tensor, "writer batch pos d_model"]:
         """Each writer's clean − corrupted change as written into the residual stream: the
         input's, each MLP's output, and each head's ``Δz`` through the block's output map
         (``hook_z`` → ``hook_attn_out``, linearized here: exact where it is linear, as
         ``z W_O`` is, and for the frozen map, whose post-attention norm scale is frozen)."""
         rows = [(clean[INPUT_HOOK] - self.vals[INPUT_HOOK].to(clean[INPUT_HOOK]))[None]]
-        q_heads, kv_heads = [], []
         with torch.enable_grad():
             for n in self.names:
                 z = self.leaves[n["z"]]
                 dz = (clean[n["z"]] - self.vals[n["z"]].to(clean[n["z"]])).to(z)
                 heads = dz.shape[2]
-                q_heads.append(heads)
-                kv_heads.append(self.grads[n["k"]].shape[2])
                 out = self.outs[n["attn_out"]]
                 u = torch.zeros_like(out, requires_grad=True)
                 (jt_u,) = torch.autograd.grad(out, z, grad_outputs=u, create_graph=True)
@@ -589,8 +599,7 @@ class _GradientRun:
                 rows.append(writes)
                 mlp = n["mlp_out"]
                 rows.append((clean[mlp] - self.vals[mlp].to(clean[mlp]))[None])
-        layout = _Layout.of(self.model, q_heads, kv_heads, parallel)
-        return torch.cat([r.to(self.work) for r in rows]), layout
+        return torch.cat([r.to(self.work) for r in rows])
 
 
 def _result(
@@ -618,33 +627,6 @@ def _result(
 
 
 # ---- circuit faithfulness ------------------------------------------------------------------
-
-
-def _transformer_lens_faithfulness_class() -> Any:
-    try:
-        from transformer_lens.tools.analysis.attribution_patching import FaithfulnessResult
-    except ImportError:
-        return None
-    return FaithfulnessResult
-
-
-_TLFaithfulness = _transformer_lens_faithfulness_class()
-
-if _TLFaithfulness is not None:
-    FaithfulnessResult = _TLFaithfulness
-else:  # pragma: no cover - exercised on the TransformerLens 3.9 leg
-
-    @dataclass
-    class FaithfulnessResult:  # type: ignore[no-redef]
-        """TransformerLens 4.3's ``FaithfulnessResult``, for older TransformerLens versions."""
-
-        recovered: float
-        full_metric: float
-        corrupt_metric: float
-        circuit_size: int
-        total_edges: int
-        edge_class_recovered: dict = field(default_factory=dict)
-        edge_class_counts: dict = field(default_factory=dict)
 
 
 EDGE_CLASSES = {
@@ -730,24 +712,22 @@ class _Ablation:
         self.metric = metric or pairs.mean_logit_diff
         self.names, self.final, parallel = _names(model)
         with analysis_mode(model):
-            self.clean, _ = _run_values(model, pairs, pairs.clean, self.names, self.metric)
-            self.corrupted, corrupt_vals = _run_values(
-                model, pairs, pairs.corrupted, self.names, self.metric
+            self.clean, self.corrupted, clean_vals, corrupt_vals, _ = _end_runs(
+                model, pairs, self.names, self.metric
             )
             check_gap(self.clean, self.corrupted)
-            self.layout = _layout_of(model, self.names, corrupt_vals, parallel)
-            _check_heads_add_up(model, self.names, pairs)
+            self.layout = _layout_of(self.names, corrupt_vals, parallel)
+            _check_heads_add_up(model, self.names, clean_vals)
             if mean_tokens is not None:
                 if mean_tokens.ndim != 2 or mean_tokens.shape[1] != pairs.clean.shape[1]:
                     raise ValueError(
                         f"mean_tokens must be [n, {pairs.clean.shape[1]}] token ids (the pairs' "
                         f"length), got {tuple(mean_tokens.shape)}"
                     )
-                runs = [
-                    _run_values(model, pairs, mean_tokens[i : i + 1], self.names, self.metric)[1]
-                    for i in range(len(mean_tokens))
-                ]
-                corrupt_vals = {h: torch.stack([r[h] for r in runs]).mean(0) for h in runs[0]}
+                writers = [INPUT_HOOK] + [n[k] for n in self.names for k in ("z", "mlp_out")]
+                with torch.no_grad():
+                    seen = run_to(model, mean_tokens, capture=writers, detach=True)
+                corrupt_vals = {h: v.mean(0, keepdim=True) for h, v in seen.items()}
             self.replacement = _writes(model, self.names, corrupt_vals)
             self.base: list[Hook] = []
             if detached:
@@ -772,11 +752,11 @@ class _Ablation:
 
 
 def _layout_of(
-    model: Any, names: list[dict[str, str]], vals: dict[str, torch.Tensor], parallel: bool
+    names: list[dict[str, str]], vals: dict[str, torch.Tensor], parallel: bool
 ) -> _Layout:
     q = [vals[n["z"]].shape[2] for n in names]
     kv = [vals[n["k"]].shape[2] for n in names]
-    return _Layout.of(model, q, kv, parallel)
+    return _Layout.of(q, kv, parallel)
 
 
 def _head_writes(
@@ -787,13 +767,11 @@ def _head_writes(
     return torch.einsum("bphd,hdm->bphm", z.to(w_o.dtype), w_o)
 
 
-def _check_heads_add_up(model: Any, names: list[dict[str, str]], pairs: PromptPairs) -> None:
-    """Refuse a layer whose attention output is not its heads' ``z W_O`` plus a constant."""
-    got: dict[str, torch.Tensor] = {}
-    wanted = [n[k] for n in names for k in ("z", "attn_out")]
-    hooks = [(h, lambda v, hook, h=h: got.__setitem__(h, v.detach())) for h in wanted]
-    with torch.no_grad():
-        pairs.final_logits(model, pairs.clean, hooks)
+def _check_heads_add_up(
+    model: Any, names: list[dict[str, str]], got: dict[str, torch.Tensor]
+) -> None:
+    """Refuse a layer whose attention output (in the run of ``got``) is not its heads'
+    ``z W_O`` plus a constant."""
     for layer, n in enumerate(names):
         rest = got[n["attn_out"]] - _head_writes(model, layer, got[n["z"]]).sum(2).to(
             got[n["attn_out"]]

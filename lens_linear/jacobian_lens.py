@@ -632,7 +632,10 @@ class FitState:
     ) -> "FitState":
         fresh = cls(
             path,
-            {layer: torch.zeros(d_model, d_model, dtype=torch.float64) for layer in layers},
+            {  # the running sums live on the CPU, whatever the model's device
+                layer: torch.zeros(d_model, d_model, dtype=torch.float64, device="cpu")
+                for layer in layers
+            },
             0,
             0,
             hashlib.sha256().hexdigest(),

@@ -599,7 +599,10 @@ def predicted_patching(
                 hooks,
                 [patches[i] for i in top.tolist()],
                 clean_acts,
-                _capture(model, pairs, pairs.corrupted, hooks, metric)[1],
+                # the real corrupted run's values (the ordinary gradient's run is that run)
+                corrupt_acts
+                if not detached
+                else _capture(model, pairs, pairs.corrupted, hooks, metric)[1],
                 metric,
                 scale,
                 [],

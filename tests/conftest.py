@@ -132,3 +132,17 @@ def hooks_left(model):
         for n, hp in model.hook_dict.items()
         if any(not getattr(h, "is_permanent", False) for h in [*hp.fwd_hooks, *hp.bwd_hooks])
     ]
+
+
+def tiny_pairs(model):
+    """Two pairs of different lengths (right-padded), one with a BOS: padding and special
+    tokens must stay out of every patch."""
+    from lens_linear.patching import prompt_pairs
+
+    return prompt_pairs(
+        model,
+        ["Hello there, friend!", "abcdefgh"],
+        ["Hello where, friend!", "abcxefgh"],
+        ["a", "b"],
+        ["c", "d"],
+    )

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import HOOKED, PROMPT, cached_tiny, hooks_left, leg_specific, rel
+from conftest import HOOKED, PROMPT, cached_tiny, hooks_left, leg_specific, rel, tiny_pairs
 from test_patching import naive
 from test_stats import hook_point_sensitivity
 
@@ -135,13 +135,7 @@ def test_hutchinson_dataset_statistics_of_the_ordinary_jacobian():
 
 def test_metric_is_a_function_of_the_final_logits_and_a_zero_gap_is_refused():
     model = cached_tiny("bridge", "llama")
-    pairs = prompt_pairs(
-        model,
-        ["Hello there, friend!", "abcdefgh"],
-        ["Hello where, friend!", "abcxefgh"],
-        ["a", "b"],
-        ["c", "d"],
-    )
+    pairs = tiny_pairs(model)
     logprob = lambda logits: logits[:, -1].log_softmax(-1)[torch.arange(2), pairs.answers].mean()
 
     def loop_metric(logits):  # the same metric on full logits, as TransformerLens passes them

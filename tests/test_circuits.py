@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import HOOKED, cached_tiny, leg_specific, rel
+from conftest import HOOKED, cached_tiny, leg_specific, rel, tiny_pairs
 
 from lens_linear.circuits import (
     EdgeAttribution,
@@ -282,13 +282,7 @@ def test_a_writers_edges_add_up_to_its_node_score(arch):
     """Each writer's edges sum to its node score of the frozen-map patching prediction (head
     by position, MLP output, input embedding): consistency of the two."""
     model = cached_tiny("bridge", arch, torch.float64)
-    pairs = prompt_pairs(
-        model,
-        ["Hello there, friend!", "abcdefgh"],
-        ["Hello where, friend!", "abcxefgh"],
-        ["a", "b"],
-        ["c", "d"],
-    )
+    pairs = tiny_pairs(model)
     edges = edge_attribution(model, pairs, detached=True, progress=False)
     heads = predicted_patching(model, pairs, "head_by_pos", detached=True, progress=False)
     mlps = predicted_patching(model, pairs, "mlp_out", detached=True, progress=False)

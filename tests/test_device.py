@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import HOOKED, PROMPT, cached_tiny, rel
+from conftest import HOOKED, PROMPT, cached_tiny, rel, tiny_pairs
 
 import lens_linear as ll
 from lens_linear.circuits import circuit_faithfulness, edge_attribution
@@ -70,13 +70,7 @@ def public_calls(model, tmp_path):
     out["qk"] = lc.attention.qk_term(1, 5, 2)
     out["copying"] = lc.attention.copying_score(lc.attention_jacobian(1, 5, 2))
     out["induction"] = ll.induction_heads(model, seq_len=8, n_top_heads=1).scores
-    pairs = prompt_pairs(
-        model,
-        ["Hello there, friend!", "abcdefgh"],
-        ["Hello where, friend!", "abcxefgh"],
-        ["a", "b"],
-        ["c", "d"],
-    )
+    pairs = tiny_pairs(model)
     for sweep in ("resid_pre", "head"):
         out[f"patch {sweep}"] = activation_patching(model, pairs, sweep, progress=False).raw
         out[f"frozen {sweep}"] = activation_patching(

@@ -3,7 +3,7 @@ Jacobian-predicted patching vs the frozen map; steering."""
 
 import pytest
 import torch
-from conftest import HOOKED, cached_tiny, newest_tl_only, rel
+from conftest import HOOKED, cached_tiny, newest_tl_only, rel, tiny_pairs
 
 import lens_linear as ll
 from lens_linear.patching import (
@@ -60,18 +60,6 @@ def naive(model, pairs, sweep, scale=1.0, metric=None):
         ],
     }[kind]
     return torch.tensor(grid)
-
-
-def tiny_pairs(model):
-    """Two pairs of different lengths (right-padded), one with a BOS: padding and special
-    tokens must stay out of every patch."""
-    return prompt_pairs(
-        model,
-        ["Hello there, friend!", "abcdefgh"],
-        ["Hello where, friend!", "abcxefgh"],
-        ["a", "b"],
-        ["c", "d"],
-    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
