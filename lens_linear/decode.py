@@ -126,11 +126,32 @@ def svd(
             f"({mat.shape[0]} x {mat.shape[1]})"
         )
     U, S, V = _thin_svd(mat.double(), k)
-    sign = torch.sign(explains.double() @ U[:, :k])
+    return from_factors(hook, input_pos, U[:, :k], S, V.reshape(n_in, -1, k), explains, jac.dtype)
+
+
+def from_factors(
+    hook: str,
+    input_pos: int | str,
+    U: Float[torch.Tensor, "d_out k"],
+    S: Float[torch.Tensor, "rank"],  # noqa: F821
+    V: Float[torch.Tensor, "pos_in d_in k"],
+    explains: Float[torch.Tensor, "d_out"],  # noqa: F821
+    dtype: torch.dtype,
+) -> SVDResult:
+    """The top ``k`` triplets in ``dtype``, each signed so that its left vector points along ``explains``
+    (the output itself): a sign every SVD routine may flip, fixed once for all of them.
+    ``S`` may hold more values than ``k`` (the spectrum)."""
+    k = U.shape[1]
+    sign = torch.sign(explains.double() @ U.double())
     sign[sign == 0] = 1
-    U_k = (U[:, :k] * sign).to(jac.dtype)
-    V_k = (V * sign).to(jac.dtype).reshape(n_in, -1, k)
-    return SVDResult(hook, input_pos, U_k, S[:k].to(jac.dtype), V_k, S.to(jac.dtype))
+    return SVDResult(
+        hook,
+        input_pos,
+        (U * sign.to(U)).to(dtype),
+        S[:k].to(dtype),
+        (V * sign.to(V)).to(dtype),
+        S.to(dtype),
+    )
 
 
 def _thin_svd(

@@ -151,6 +151,30 @@ def test_svd_matches_dense_and_sign_convention(tiny):
     assert "stable_rank" in repr(res) and res.to_dict()["S"] == res.S.tolist()
 
 
+def test_decode_of_a_jacobian_larger_than_the_budget_is_matrix_free():
+    """Where the dense Jacobian would not fit ``max_memory``, decode's triplets come from the
+    matrix-free SVD (no Jacobian formed), read as tokens exactly as the dense SVD's are: the
+    same values, vectors, signs and tokens, against ``torch.linalg.svd`` of autograd's
+    Jacobian of the frozen map."""
+    model = cached_tiny("bridge", "gpt2")
+    small = ll.run_with_linear_cache(model, PROMPT, max_memory=1 << 12, progress=False)
+    dirs = small.decode(n_triplets=2, n_tokens=3)
+    assert not small.is_computed()  # no Jacobian was formed
+    dense = ll.run_with_linear_cache(model, PROMPT, progress=False)
+    assert [d.output.tokens for d in dirs] == [
+        d.output.tokens for d in dense.decode(n_triplets=2, n_tokens=3)
+    ]
+    jac = torch.autograd.functional.jacobian(
+        lambda x: dense.point.replay(x, [dense.output])[dense.output][0, -1], dense.x
+    )  # [d_out, pos, d_in]
+    U, S, Vh = torch.linalg.svd(jac.reshape(jac.shape[0], -1).double())
+    assert [d.value for d in dirs] == pytest.approx(S[:2].tolist(), rel=1e-5)
+    explains = dense.activation().double()
+    for j, d in enumerate(dirs):
+        u = U[:, j] * torch.sign(explains @ U[:, j])
+        assert d.output.tokens[0] == model.tokenizer.decode([int((u.float() @ model.W_U).argmax())])
+
+
 def test_decode_reads_tokens():
     model = cached_tiny("bridge", "gpt2")
     lc = ll.run_with_linear_cache(model, PROMPT)
