@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--model",
         default="smollm2",
-        help="'smollm2' (offline default) or a TransformerLens model name",
+        help="'smollm2' (the offline default), 'gemma3-270m' (also offline), a local .gguf "
+        "file or save_pretrained folder, or a TransformerLens model name",
     )
     a.add_argument("--backend", default="auto", choices=["auto", "bridge", "hooked"])
     a.add_argument("--pos", type=int, default=-1, help="output position (default: last)")

