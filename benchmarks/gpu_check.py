@@ -18,6 +18,7 @@ import torch
 import transformers as tf
 
 import lens_linear as ll
+from lens_linear import _compat
 from lens_linear.hooks import detached_function
 from lens_linear.hooks.contexts import computing_in
 from lens_linear.models import wrap_bridge
@@ -189,6 +190,8 @@ def main() -> None:
     row(f"sensitivity stats, {len(prompts)}x16", ours, anchor, "one prompt at a time")
 
     jacobian_lens_rows(model)
+    long_prompt_rows(model)
+    overhead_rows()
 
     print("\nhalf precision (the same model in bfloat16 and float16)")
     for dtype in (torch.bfloat16, torch.float16):
@@ -215,6 +218,60 @@ def main() -> None:
             f"residual {mf.residuals.max():.1e}, converged {mf.converged}",
             flush=True,
         )
+
+
+def long_prompt_rows(model: torch.nn.Module) -> None:
+    """Patterns kept as queries and keys: which kernel computes ``P v`` and ``Pᵀ g`` here (the
+    fused one is used only where its self-check against the explicit softmax passed), their
+    time against blocks of rows on a 2,048-token layer with their difference, then a verified
+    recording and a top-3 matrix-free SVD at 2,048 and 8,192 tokens."""
+    from lens_linear.hooks import patterns
+
+    kernel = _compat.fused_attention(torch.device(DEVICE).type, torch.float32)
+    print(
+        f"\nlong prompts: fused attention kernel {'in use' if kernel else 'NOT in use (blocks of rows)'}"
+    )
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n = 2048
+    attention = patterns.FrozenAttention(
+        torch.randn(n, 9, 64, generator=gen).to(DEVICE),
+        torch.randn(n, 3, 64, generator=gen).to(DEVICE),
+        0.125,
+    )
+    v = torch.randn(4, n, 3, 64, generator=gen).to(DEVICE)
+    g = torch.randn(4, n, 9, 64, generator=gen).to(DEVICE)
+    both = lambda: (attention.apply(v), attention.apply_t(g))  # noqa: E731
+    both()
+    fused = timed(both)
+    patterns.FUSED = False
+    try:
+        blocks = timed(both)
+    finally:
+        patterns.FUSED = True
+    row(f"P v and Pᵀ g, {n} tokens, batch 4", fused, blocks, "blocks of rows")
+    diff = max(float((a - b).norm() / b.norm()) for a, b in zip(fused[2], blocks[2]))
+    print(f"    max rel difference {diff:.1e}")
+    for length in [2048] if QUICK else [2048, 8192]:
+        t = tokens(length, 2)
+        rec = timed(
+            lambda: ll.run_with_linear_cache(model, t, store_patterns=False, progress=False)
+        )
+        svd = timed(lambda: rec[2].svd_matrix_free(n_triplets=3))
+        mf = svd[2]
+        print(
+            f"{length} tokens: verified recording {rec[0]:.1f} s {rec[1]:.0f} MB; top-3 matrix-free "
+            f"SVD {svd[0]:.1f} s {svd[1]:.0f} MB ({mf.products} products, converged {mf.converged}, "
+            f"residual {float(mf.residuals.max()):.1e})",
+            flush=True,
+        )
+
+
+def overhead_rows() -> None:
+    """The tiny models' per-call overhead (``benchmarks/overhead.py``) on this device."""
+    import overhead
+
+    print()
+    overhead.table(["llama", "gpt2"], repeats=7, device=DEVICE)
 
 
 def jacobian_lens_rows(model: torch.nn.Module) -> None:

@@ -19,6 +19,7 @@ from importlib import metadata
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def _version(package: str) -> str:
@@ -71,6 +72,79 @@ def flash_attention_cpu() -> Callable[..., Any] | None:
     if version < (2, 3):
         return None
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+Kernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def cpu_kernel(op: Callable[..., Any]) -> Kernel:
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+        out, lse = op(q, k, v, 0.0, True, scale=scale)[:2]
+        return out, lse
+
+    return attend
+
+
+def cuda_kernel(op: Callable[..., Any]) -> Kernel:
+    """``aten._scaled_dot_product_efficient_attention`` (CUDA; returns ``(out, logsumexp,
+    seed, offset)`` with ``compute_log_sumexp=True``, the rows' log-normalizers padded to a
+    multiple of 32): head dimensions zero-padded to a multiple of 8 (zeros change no dot
+    product), the padding cut off the output and the log-normalizers."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+        width, d_v = -q.shape[-1] % 8, v.shape[-1]
+        q, k = F.pad(q, (0, width)), F.pad(k, (0, width))
+        v = F.pad(v, (0, -d_v % 8))
+        out, lse = op(q, k, v, None, True, 0.0, True, scale=scale)[:2]
+        return out[..., :d_v], lse[..., : q.shape[-2]]
+
+    return attend
+
+
+@functools.cache
+def fused_attention(device_type: str, dtype: torch.dtype) -> Kernel | None:
+    """torch's fused causal attention that also returns each row's log-normalizer, for
+    tensors ``[batch, head, pos, d]`` of ``dtype`` on ``device_type``: the CPU flash kernel
+    (:func:`flash_attention_cpu`) or, on CUDA, the memory-efficient kernel. Each is checked
+    once per process on small inputs (odd head sizes, a bias dimension as the transpose uses)
+    against the softmax computed explicitly, and used only where it agrees: a kernel that is
+    missing, refuses the inputs or disagrees gives ``None`` (blocks of pattern rows instead),
+    never a wrong product."""
+    if device_type == "cpu":
+        op = flash_attention_cpu()
+        kernel = None if op is None else cpu_kernel(op)
+    elif device_type == "cuda":
+        op = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+        kernel = None if op is None else cuda_kernel(op)
+    else:
+        kernel = None
+    if kernel is None:
+        return None
+    try:
+        agrees = kernel_agrees(kernel, device_type, dtype)
+    except Exception:  # noqa: BLE001 - a kernel that refuses these inputs is not used
+        agrees = False
+    return kernel if agrees else None
+
+
+def kernel_agrees(kernel: Kernel, device_type: str, dtype: torch.dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for n, d in ((5, 3), (37, 7), (70, 65)):
+        q, k, v = (torch.randn(2, 3, n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+        scores = (q @ k.transpose(-1, -2) * 0.6).masked_fill(
+            torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")
+        )
+        out, lse = kernel(*(t.to(device_type, dtype) for t in (q, k, v)), 0.6)
+        expected = (scores.softmax(-1) @ v, scores.logsumexp(-1))
+        for got, want in zip((out, lse), expected):
+            if got.shape != want.shape or float((got.double().cpu() - want).abs().max()) > tol * (
+                1 + float(want.abs().max())
+            ):
+                return False
+    return True
 
 
 # ---- TransformerLens ---------------------------------------------------------------------------

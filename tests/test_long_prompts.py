@@ -141,3 +141,30 @@ def test_contribution_norms_estimate_is_unbiased():
     z = (estimate.values - exact) / estimate.stderr
     assert float(z.abs().max()) < 5, z
     assert float((estimate.stderr / exact).median()) < 0.2  # informative, not just wide error bars
+
+
+def test_fused_kernels_are_checked_before_use():
+    """The CUDA kernel's wrapper (head sizes padded to a multiple of 8, the log-normalizers'
+    padding to 32 cut) run over an efficient-attention stand-in built from the CPU kernel that
+    refuses unaligned head sizes as the CUDA one may: it agrees with the explicit softmax on
+    the self-check's inputs (odd head sizes, the transpose's bias dimension). A kernel that
+    disagrees is never used."""
+    from lens_linear import _compat
+
+    cpu = _compat.flash_attention_cpu()
+
+    def efficient(q, k, v, bias, compute_lse, dropout, causal, *, scale):
+        assert bias is None and compute_lse and dropout == 0.0 and causal
+        assert q.shape[-1] % 8 == 0 and v.shape[-1] % 8 == 0, "unaligned head size"
+        out, lse = cpu(q, k, v, 0.0, True, scale=scale)[:2]
+        return out, torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32)), None, None
+
+    assert _compat.kernel_agrees(_compat.cuda_kernel(efficient), "cpu", torch.float32)
+    assert _compat.kernel_agrees(_compat.cpu_kernel(cpu), "cpu", torch.float64)
+
+    def off_by_a_bit(q, k, v, scale):
+        out, lse = _compat.cpu_kernel(cpu)(q, k, v, scale)
+        return out, lse + 1e-3
+
+    assert not _compat.kernel_agrees(off_by_a_bit, "cpu", torch.float32)
+    assert _compat.fused_attention("meta", torch.float32) is None

@@ -4,8 +4,8 @@ A softmax attention's pattern is a function of its (rotated) queries and keys al
 ``P = softmax(scale · q kᵀ + causal mask)``. Recording ``q``, ``k`` and ``scale`` freezes
 ``P`` as surely as recording ``P``, for ``heads · n · d`` values per layer instead of
 ``heads · n²`` (4.5 GB at 2,048 tokens on SmolLM2, 72 GB at 8,192). The replay then computes
-``z = P v`` itself (on a CPU as torch's fused attention kernel, elsewhere a block of query
-rows at a time) and recomputes ``P`` in the backward pass instead of keeping it: no replay,
+``z = P v`` itself (as torch's fused attention kernel on a CPU or a CUDA GPU, elsewhere a
+block of query rows at a time) and recomputes ``P`` in the backward pass instead of keeping it: no replay,
 forward or backward, ever holds more than one block of one layer's pattern.
 
 The recipe is verified at recording, per layer, against the model's own ``hook_pattern``
@@ -25,15 +25,14 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
-from lens_linear._compat import flash_attention_cpu
+from lens_linear._compat import Kernel, fused_attention
 from lens_linear._validation import tolerance
 from lens_linear.memory import row_block
 
-FUSED = (
-    True  # on a CPU, P v and Pᵀ g run as torch's fused attention kernel (2.6x and 4.8x faster than
-)
-# blocks of rows at 2,048 tokens, SmolLM2's shapes); False: blocks of rows everywhere
-_FLASH_CPU = flash_attention_cpu()  # None: blocks of pattern rows on a CPU too
+# P v and Pᵀ g run as torch's fused attention kernel where one verifies for the device and
+# dtype (on a CPU 2.6x and 4.8x faster than blocks of rows at 2,048 tokens, SmolLM2's shapes);
+# False: blocks of rows everywhere
+FUSED = True
 
 
 @dataclass
@@ -86,17 +85,23 @@ class FrozenAttention:
         return cut
 
     @property
+    def _kernel(self) -> Kernel | None:
+        wide = torch.promote_types(self.q.dtype, torch.float32)
+        return fused_attention(self.q.device.type, wide) if FUSED else None
+
+    @property
     def fused(self) -> bool:
-        """Whether :meth:`apply` and :meth:`apply_t` run as torch's fused CPU attention kernel
-        (``FUSED``, on a CPU); elsewhere they run a block of pattern rows at a time."""
-        return FUSED and self.q.device.type == "cpu" and _FLASH_CPU is not None
+        """Whether :meth:`apply` and :meth:`apply_t` run as torch's fused attention kernel
+        (``FUSED``, where one verifies for this device and dtype:
+        :func:`lens_linear._compat.fused_attention`); elsewhere a block of pattern rows at a time."""
+        return self._kernel is not None
 
     @functools.cached_property
     def _lse(self) -> Float[torch.Tensor, "head pos"]:
         """Each row's log-normalizer ``L_i = log Σ_j exp(scores_ij)``, so that
         ``P_ij = exp(scores_ij − L_i)``: what a suffix or the transpose needs of the full rows."""
         q, k = self._heads_first()
-        return _FLASH_CPU(q[None], k[None], q[None], 0.0, True, scale=self.scale)[1][0]
+        return self._kernel(q[None], k[None], q[None], self.scale)[1][0]
 
     def _heads_first(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``q`` and ``k`` (every query head) from ``start``, ``[head, pos, d]``, float32 or wider."""
@@ -109,13 +114,8 @@ class FrozenAttention:
         by ``exp(L'_i − L_i)`` to the full rows' normalizer."""
         q, k = self._heads_first(start)
         batch = v.shape[0]
-        out, lse = _FLASH_CPU(
-            q.expand(batch, -1, -1, -1),
-            k.expand(batch, -1, -1, -1),
-            v.to(q),
-            0.0,
-            True,
-            scale=self.scale,
+        out, lse = self._kernel(
+            q.expand(batch, -1, -1, -1), k.expand(batch, -1, -1, -1), v.to(q), self.scale
         )
         if start:
             out = out * (lse - self._lse[:, start:]).exp()[..., None]
@@ -134,13 +134,8 @@ class FrozenAttention:
         keys = torch.cat([q, bias], -1).flip(1)
         batch = g.shape[0]
         values = F.pad(g.to(q), (0, 1)).flip(2)
-        out, lse = _FLASH_CPU(
-            queries.expand(batch, -1, -1, -1),
-            keys.expand(batch, -1, -1, -1),
-            values,
-            0.0,
-            True,
-            scale=self.scale,
+        out, lse = self._kernel(
+            queries.expand(batch, -1, -1, -1), keys.expand(batch, -1, -1, -1), values, self.scale
         )
         return (out[..., :-1] * lse.exp()[..., None]).flip(2).to(g.dtype)
 
