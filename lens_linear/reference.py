@@ -402,6 +402,8 @@ def _frozen_hooks(base):
             continue
         if name.endswith("Attention"):
             handles += _mode_inside(m, _DetachedSigmoids)
+        if callable(getattr(m, "_apply_gate", None)) and hasattr(m, "limit"):
+            handles.append(_InstancePatch(m, "_apply_gate", _clamped_glu_frozen(m)))
         if "RMS" in name and "Norm" in name:
             handles.append(m.register_forward_hook(_rms_frozen_hook))
         elif "LayerNorm" in name:
@@ -437,6 +439,42 @@ def _frozen_hooks(base):
                 m.in_proj.register_forward_hook(_gates_detached)
             )  # C·conv(B·x): B, C constant
     return handles
+
+
+class _InstancePatch:
+    """``module.<name>`` replaced on the instance until :meth:`remove` (a hook handle's API)."""
+
+    def __init__(self, module, name, fn):
+        self.module, self.name = module, name
+        vars(module)[name] = fn
+
+    def remove(self):
+        vars(self.module).pop(self.name, None)
+
+
+def _clamped_glu_frozen(m):
+    """gpt-oss's expert unit ``g σ(α g) · (clip(u) + 1)`` (``g = min(gate, limit)``, gate and up
+    interleaved) with ``g σ(α g)`` detached and the clip replaced by its detached slope
+    ``clip(u) / u``; checked against the module's own method at every call."""
+    own = type(m)._apply_gate
+
+    def frozen(gate_up):
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+        g = torch.minimum(gate, torch.full_like(gate, m.limit))
+        glu = g * torch.sigmoid(m.alpha * g)
+        clipped = torch.maximum(
+            torch.minimum(up, torch.full_like(up, m.limit)), torch.full_like(up, -m.limit)
+        )
+        slope = torch.where(
+            up == 0, torch.ones_like(up), clipped / torch.where(up == 0, torch.ones_like(up), up)
+        )
+        y = glu.detach() * (slope.detach() * up + 1)
+        with torch.no_grad():
+            want = own(m, gate_up)
+            assert torch.allclose(y, want, rtol=1e-4, atol=1e-6), "unknown clamped-GLU form"
+        return y
+
+    return frozen
 
 
 class _NoDowncast(TorchFunctionMode):

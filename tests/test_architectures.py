@@ -44,6 +44,7 @@ MOE = [
     "GraniteMoeForCausalLM",
     "DeepseekV3ForCausalLM",
     "Glm4MoeForCausalLM",
+    "GptOssForCausalLM",  # a clamped SwiGLU computed inline, a router with bias, attention sinks
 ]
 STATE_SPACE = [
     "MambaForCausalLM",
@@ -93,6 +94,42 @@ def test_jacobian_matches_reference(arch, dtype):
     assert rel(plain, torch.einsum("o,pod->pd", u, jac)) > 1e-3  # the reference's detaches did act
     assert not hooks_left(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gpt_oss_experts_with_both_clamps_biting(dtype):
+    """gpt-oss's experts compute ``glu(min(gate, limit)) · (clamp(up, ±limit) + 1)`` inline.
+    With a limit small enough that both clamps bite, the detached Jacobian equals the
+    reference's (its own rule: ``glu`` and the clamp's slope ``clip(u) / u`` detached); the
+    ``+ 1`` is a constant of the experts' projection bias, so the bias terms, split per bias,
+    add up to the frozen map's constant and the map reconstructs the output."""
+    model, hf = bridge("GptOssForCausalLM", dtype), tiny_hf("GptOssForCausalLM", dtype=dtype)
+    inputs = []
+    for m in [*model.original_model.modules(), *hf.modules()]:
+        if hasattr(m, "_apply_gate"):
+            m.limit = 0.05
+    experts = next(m for m in hf.modules() if hasattr(m, "_apply_gate"))
+    own = type(experts)._apply_gate
+    vars(experts)["_apply_gate"] = lambda gate_up: inputs.append(gate_up) or own(experts, gate_up)
+    with torch.no_grad():
+        hf(model.to_tokens(PROMPT))
+    del vars(experts)["_apply_gate"]
+    gate_up = torch.cat(inputs)
+    assert (gate_up[..., ::2] > 0.05).any() and (gate_up[..., 1::2].abs() > 0.05).any()
+    assert (gate_up[..., 1::2].abs() < 0.05).any()
+    with full_precision():
+        lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
+        jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], lc.x).transpose(
+            0, 1
+        )
+        parts = lc.bias_contributions()
+        errors = rel(jac, lc.jacobian()), lc.reconstruction_error()
+        constant = rel(sum(parts.values()), lc.bias_term())
+        unexplained = float(parts["(other)"].norm() / lc.bias_term().norm())
+    print(f"\ngpt-oss clamps {dtype}: jacobian {errors[0]:.1e}, reconstruction {errors[1]:.1e}")
+    assert max(errors) <= TOL[dtype] and constant <= TOL[dtype] and unexplained <= TOL[dtype]
+    experts_bias = [k for k in parts if k.endswith("gate_up_proj_bias")]
+    assert experts_bias and all(float(parts[k].norm()) > 0 for k in experts_bias)
 
 
 def _expert_choices(model, layer):

@@ -1,9 +1,9 @@
 """What has no freezing rule ends in a clear LinearizationError naming where, never in a wrong result.
 
 Found by probing TransformerLens' bridge with tiny random models (``lens_linear.coverage``):
-a mixture of experts whose experts compute their gate without an activation module (gpt-oss's
-clamped GLU), recurrent mixers without a rule (RWKV), and a user's own nonlinearity inside an
-MoE block or a state-space mixer.
+a mixture of experts whose experts compute their gate inline in a form the rule does not
+know, recurrent mixers without a rule (RWKV), and a user's own nonlinearity inside an MoE
+block or a state-space mixer.
 """
 
 import pytest
@@ -19,7 +19,6 @@ if LEG != "newest":
 from lens_linear.coverage import tiny_hf  # noqa: E402
 
 TRAPS = {
-    "GptOssForCausalLM": (r"experts\.act_fn", 0),
     "RwkvForCausalLM": (r"blocks\.0's channel_mix, time_mix", 0),
 }
 
@@ -36,6 +35,38 @@ def test_trap_ends_in_linearization_error(arch):
         ll.run_with_linear_cache(model, "Hello world", progress=False)
     assert info.value.layer == layer
     assert not hooks_left(model)
+
+
+def test_gpt_oss_without_its_rule_or_with_another_gate_is_refused(monkeypatch):
+    """gpt-oss's inline clamped SwiGLU: its rule removed, the experts are refused (no activation
+    module); an ``_apply_gate`` of another form (tanh in place of the sigmoid) is refused by the
+    recording's check of the rule's output against the module's own, naming the layer."""
+    from lens_linear.hooks.rules import moe
+
+    model = bridge("GptOssForCausalLM")
+    with monkeypatch.context() as patch:
+        patch.setattr(moe, "clamped_swiglu", lambda experts: None)
+        with pytest.raises(ll.LinearizationError, match=r"experts\.act_fn") as info:
+            ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert info.value.layer == 0
+    experts = [m for m in model.original_model.modules() if hasattr(m, "_apply_gate")]
+    for m in experts:
+        gate_up = type(m)._apply_gate
+        vars(m)["_apply_gate"] = lambda x, m=m, f=gate_up: (
+            f(m, x) * (1 + 0.1 * torch.tanh(x[..., ::2]))
+        )
+    try:
+        with pytest.raises(ll.LinearizationError, match=r"not the clamped SwiGLU") as info:
+            ll.run_with_linear_cache(model, "Hello world", progress=False)
+    finally:
+        for m in experts:
+            del vars(m)["_apply_gate"]
+    assert info.value.layer == 0
+    assert not hooks_left(model)
+    assert (
+        ll.run_with_linear_cache(model, "Hello world", progress=False).reconstruction_error()
+        <= 1e-5
+    )
 
 
 @pytest.mark.parametrize(

@@ -248,8 +248,11 @@ def _analysis_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _is_bias(name: str) -> bool:
+    """A bias by its name: ``bias``, TransformerLens' ``b``/``b_*``, and the stacked experts'
+    projection biases (``gate_up_proj_bias``, ``down_proj_bias``); not a router's or a step
+    size's (``e_score_correction_bias``, ``dt_bias``), which feed frozen coefficients only."""
     leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("bias", "b") or leaf.startswith("b_")
+    return leaf in ("bias", "b") or leaf.startswith("b_") or leaf.endswith("proj_bias")
 
 
 def _memory_key(t: torch.Tensor) -> int:
@@ -273,6 +276,14 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 _ZEROED: WeakKeyDictionary[torch.nn.Module, list[str]] = WeakKeyDictionary()
+_ZEROED_BLOCKS: WeakKeyDictionary[torch.nn.Module, set[int]] = WeakKeyDictionary()
+
+
+def bias_zeroed(model: torch.nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether :func:`biases_zeroed` now substitutes zeros for ``tensor`` (one of ``model``'s own,
+    as held outside the forward): a freezing rule whose frozen form adds a constant of its own
+    ties it to a bias this way, so that a bias-free replay is linear."""
+    return _memory_key(tensor) in _ZEROED_BLOCKS.get(model, ())
 
 
 def substitutes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -347,15 +358,18 @@ def biases_zeroed(
         for attribute in groups[_memory_key(t)]
     ]
     with exclusive(model):  # the setting is the model's: no other thread's forward may see it
-        previous = _ZEROED.get(model)
+        previous = _ZEROED.get(model), _ZEROED_BLOCKS.get(model)
         _ZEROED[model] = zeroed
+        _ZEROED_BLOCKS[model] = {
+            _memory_key(t) for name, t in biases.items() if name != keep and t.device.type != "meta"
+        }
         try:
             yield biases
         finally:
-            if previous is None:
-                del _ZEROED[model]
+            if previous[0] is None:
+                del _ZEROED[model], _ZEROED_BLOCKS[model]
             else:
-                _ZEROED[model] = previous
+                _ZEROED[model], _ZEROED_BLOCKS[model] = previous
 
 
 def _offloaded_nonzero(model: torch.nn.Module, name: str) -> bool:

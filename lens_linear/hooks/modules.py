@@ -32,6 +32,7 @@ class ModuleHook:
     always: bool = (
         False  # a forward hook that runs also when the forward raises (to leave a mode it entered)
     )
+    around: bool = False  # with ``attribute``: ``fn(module, args, original)`` computes the result
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
@@ -48,7 +49,10 @@ class ModuleHook:
             return
         own = vars(self.module).get(self.attribute)
         original = getattr(self.module, self.attribute)
-        vars(self.module)[self.attribute] = lambda *args: original(*self.fn(self.module, args))
+        if self.around:
+            vars(self.module)[self.attribute] = lambda *args: self.fn(self.module, args, original)
+        else:
+            vars(self.module)[self.attribute] = lambda *args: original(*self.fn(self.module, args))
         try:
             yield
         finally:

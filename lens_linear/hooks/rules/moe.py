@@ -4,7 +4,9 @@ the wrapped Hugging Face block, where TransformerLens has no hook point.
 The router's outputs (weights and choices) are recorded whole, so a replay routes every token
 as recorded; each selected expert's gate pre-activation is recorded as the per-expert loop
 visits it (:func:`lens_linear.hooks.contexts.experts_eager` makes Hugging Face run that loop),
-so ``act(gate)`` is a constant and ``act(gate) · up`` linear; a shared expert's scalar gate and
+so ``act(gate)`` is a constant and ``act(gate) · up`` linear; a clamped SwiGLU computed inline
+(gpt-oss: ``glu(gate) · (clamp(up) + 1)``) has its ``glu`` and its clamp's ratio frozen, the
+``+ 1`` a constant of the projection's bias; a shared expert's scalar gate and
 the activation of a shared expert TransformerLens does not bridge are constants too.
 """
 
@@ -15,7 +17,8 @@ from typing import Any
 import torch
 
 from lens_linear._compat import original_component
-from lens_linear._validation import LinearizationError
+from lens_linear._validation import LinearizationError, tolerance
+from lens_linear.hooks.contexts import bias_zeroed
 from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.sites import wrapped
 from lens_linear.hooks.values import fit_positions, scaled
@@ -50,13 +53,18 @@ def moe_hooks(
     )
     experts = wrapped(getattr(block, "experts", None))
     act = getattr(experts, "act_fn", None)
-    if router is None or not callable(act):
+    inline = clamped_swiglu(experts) if not callable(act) else None
+    if router is None or not (callable(act) or inline):
         raise LinearizationError(
             f"blocks.{layer}.mlp is a mixture of experts without a router module ({', '.join(ROUTERS)}) or "
-            f"an expert activation module (experts.act_fn): no freezing rule for its gates.",
+            f"an expert activation (an experts.act_fn module, or a clamped SwiGLU computed inline "
+            f"by experts._apply_gate): no freezing rule for its gates.",
             layer=layer,
         )
     live: dict[str, Any] = {}
+    # the projection bias the inline unit's ``+ 1`` belongs to, as held outside the forward
+    # (inside a bias-free one the module's attribute is the substituted zero)
+    own_bias = getattr(experts, "gate_up_proj_bias", None)
 
     def block_pre(module: Any, args: tuple) -> None:
         live["n_pos"] = args[0].shape[-2] if args else None
@@ -104,13 +112,48 @@ def moe_hooks(
         n_pos = live["n_pos"]
         return (scaled(recorded[recorded.shape[0] - n_pos + token % n_pos, slot], factor),)
 
+    def gated_unit(module: Any, args: tuple, original: Any) -> torch.Tensor:
+        """``glu(gate) · (clamp(up) + 1)`` frozen: ``glu`` a constant, the clamp as its ratio
+        ``clamp(up) / up`` (1 inside the limit), the ``+ 1`` a constant of the projection's bias
+        (gone where that bias is zeroed): linear in ``up``, and the model's value at ``x*``."""
+        slot, token = live["rows"][live["call"]]
+        live["call"] += 1
+        (gate_up,) = args
+        up = gate_up[..., 1::2]
+        if mode == "record":
+            out = original(gate_up)
+            glu, ratio, expected = inline(gate_up)
+            err = float((expected - out).abs().max() / out.abs().max().clamp_min(1e-30))
+            if err > tolerance(out.dtype):
+                raise LinearizationError(
+                    f"blocks.{layer}.mlp.experts._apply_gate is not the clamped SwiGLU "
+                    f"glu(gate) · (clamp(up) + 1) (max relative difference {err:.2e}): its "
+                    f"freezing rule would hide a nonlinearity, so it is refused.",
+                    layer=layer,
+                    error=err,
+                )
+            if live["call"] == 1:
+                store[key] = gate_up.new_zeros(live["n_pos"], live["top_k"], gate_up.shape[-1])
+            store[key][token, slot] = torch.cat([glu, ratio], -1).detach()
+            linear = glu.detach() * ratio.detach() * up
+            return out.detach() + (linear - linear.detach())  # value: out; gradient: frozen
+        recorded = store[key]
+        frozen = recorded[recorded.shape[0] - live["n_pos"] + token % live["n_pos"], slot]
+        glu, ratio = scaled(frozen, factor).chunk(2, -1)
+        shift = 0.0 if bias_zeroed(model, own_bias) else 1.0
+        return glu * (ratio * up + shift)
+
+    if inline:
+        gates = ModuleHook(experts, gated_unit, attribute="_apply_gate", around=True)
+    elif isinstance(act, torch.nn.Module):
+        gates = ModuleHook(act, gate_pre, pre=True)
+    else:
+        gates = ModuleHook(experts, gate_pre, attribute="act_fn")
     hooks = [
         ModuleHook(block, block_pre, pre=True),
         ModuleHook(router, constant("router")),
         ModuleHook(experts, experts_pre, pre=True),
-        ModuleHook(act, gate_pre, pre=True)
-        if isinstance(act, torch.nn.Module)
-        else ModuleHook(experts, gate_pre, attribute="act_fn"),
+        gates,
     ]
     for name in SHARED_GATES:
         if isinstance(getattr(block, name, None), torch.nn.Module):
@@ -127,6 +170,29 @@ def moe_hooks(
                 )
             )
     return hooks
+
+
+def clamped_swiglu(experts: Any) -> Any:
+    """The parts of a clamped, scaled SwiGLU that ``experts._apply_gate`` computes inline (as
+    gpt-oss does), found by inspection: ``gate, up`` interleaved in ``gate_up``,
+    ``glu = g · σ(α g)`` with ``g = min(gate, limit)``, output ``glu · (clamp(up, ±limit) + 1)``.
+    Returns ``gate_up ↦ (glu, clamp(up) / up, output)`` or ``None`` for any other experts
+    module; the recording checks the output against the module's own."""
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if not (callable(getattr(experts, "_apply_gate", None)) and alpha is not None and limit):
+        return None
+    if not hasattr(experts, "gate_up_proj_bias"):
+        return None
+
+    def parts(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        g = gate.clamp(max=limit)
+        glu = g * torch.sigmoid(g * alpha)
+        clamped = up.clamp(-limit, limit)
+        ratio = torch.where(up != 0, clamped / torch.where(up != 0, up, 1), 1.0)
+        return glu, ratio, glu * (clamped + 1)
+
+    return parts
 
 
 def _constant_input(
