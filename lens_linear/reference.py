@@ -554,6 +554,8 @@ def hf_frozen(hf, x, frozen=True):
     decoder layer receives ``x`` [pos, d_model] (TL's ``blocks.0.hook_resid_pre``), with norm
     scales, attention patterns and MLP gates detached (``frozen=False``: the plain model)."""
     base = hf.base_model
+    if base is hf:  # a prefix the class does not hold (Llama 4's "language_model"): its decoder
+        base = hf.model
     n = hf.config.num_hidden_layers
     layers = next(m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
 

@@ -45,6 +45,7 @@ MOE = [
     "DeepseekV3ForCausalLM",
     "Glm4MoeForCausalLM",
     "GptOssForCausalLM",  # a clamped SwiGLU computed inline, a router with bias, attention sinks
+    "Llama4ForCausalLM",  # every expert on every router-scaled token in one batched product
 ]
 STATE_SPACE = [
     "MambaForCausalLM",

@@ -91,6 +91,9 @@ def moe_hooks(
     def experts_pre(
         module: Any, args: tuple
     ) -> None:  # the rows of each expert call, as the loop visits them
+        if len(args) < 2:  # every expert on every (router-scaled) token at once: no loop
+            live["rows"] = None
+            return
         index = args[1]
         mask = torch.nn.functional.one_hot(index, num_classes=module.num_experts + 1).permute(
             2, 1, 0
@@ -100,6 +103,8 @@ def moe_hooks(
         live["call"], live["top_k"] = 0, index.shape[-1]
 
     def gate_pre(module: Any, args: tuple) -> tuple:
+        if live.get("rows") is None:
+            return dense_gate(args[0])
         slot, token = live["rows"][live["call"]]
         live["call"] += 1
         gate = args[0]
@@ -111,6 +116,17 @@ def moe_hooks(
         recorded = store[key]
         n_pos = live["n_pos"]
         return (scaled(recorded[recorded.shape[0] - n_pos + token % n_pos, slot], factor),)
+
+    def dense_gate(gate: torch.Tensor) -> tuple:
+        """Experts run as one batched product over ``[expert, token, ·]`` (Llama 4: each token
+        scaled by its router score, zero for experts not chosen): the whole gate frozen, tokens
+        batch-major, so a replay takes the last positions' rows for each prompt."""
+        if mode == "record":
+            store[key] = gate.detach()
+            return (store[key],)
+        recorded, n_pos = store[key], live["n_pos"]
+        rows = recorded[:, recorded.shape[1] - n_pos :]
+        return (scaled(rows.repeat(1, gate.shape[1] // n_pos, 1), factor),)
 
     def gated_unit(module: Any, args: tuple, original: Any) -> torch.Tensor:
         """``glu(gate) · (clamp(up) + 1)`` frozen: ``glu`` a constant, the clamp as its ratio
