@@ -417,7 +417,7 @@ def _frozen_hooks(base):
                 gated = any(
                     "gate" in n
                     for n, _ in [*m.named_children(), *m.named_parameters(recurse=False)]
-                )
+                ) and not hasattr(m, "per_layer_input_gate")  # Gemma 4: act(W h) times a constant
                 handles.append(child.register_forward_hook(_gate_hook if gated else _slope_hook))
             elif child_name in ("gate", "router", "shared_expert_gate") and hasattr(m, "experts"):
                 handles.append(child.register_forward_hook(_detach_outputs))
@@ -569,7 +569,10 @@ def hf_frozen(hf, x, frozen=True):
         if frozen:
             handles += _frozen_hooks(base)
         with _eager_attention(hf), full_precision(detach_softmax=frozen):
-            out = base(inputs_embeds=torch.zeros_like(x)[None], use_cache=False)
+            # the layer-0 input is replaced by ``x``; the embeddings passed are ``x``'s value, for
+            # a model that also reads them elsewhere (Gemma 4's per-layer inputs, constants of
+            # the map from ``x``)
+            out = base(inputs_embeds=x.detach()[None], use_cache=False)
         return out.last_hidden_state[0]  # after the final norm in every family
     finally:
         for h in handles:

@@ -34,6 +34,7 @@ DENSE = [
     "BloomForCausalLM",
     "NanoChatForCausalLM",
     "FalconForCausalLM",
+    "Gemma4ForCausalLM",  # norms bridged without hook_scale, a per-layer input gate
 ]
 MOE = [
     "MixtralForCausalLM",

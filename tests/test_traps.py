@@ -69,6 +69,40 @@ def test_gpt_oss_without_its_rule_or_with_another_gate_is_refused(monkeypatch):
     )
 
 
+@pytest.mark.parametrize("rule", ["norms", "per-layer gate", "another norm"])
+def test_gemma4_without_its_rules_is_refused(rule, monkeypatch):
+    """Gemma 4's norms, bridged without ``hook_scale``, and its per-layer input gate each need
+    their rule: either removed, linearity breaks and the model is refused; a norm module of
+    another form than ``x · (mean(x²) + ε)^-½ · g`` is refused by the recording's check."""
+    from lens_linear.hooks import sites
+
+    model = bridge("Gemma4ForCausalLM")
+    if rule == "norms":
+        monkeypatch.setattr(sites, "unscaled_rms_norm", lambda model, name: False)
+    elif rule == "per-layer gate":
+        from lens_linear.hooks import operating_point
+
+        original = sites.find_sites
+        monkeypatch.setattr(
+            operating_point,
+            "find_sites",
+            lambda *a, **k: [s for s in original(*a, **k) if s.kind != "act"],
+        )
+    else:
+        norm = model.blocks[1].original_component.pre_feedforward_layernorm.original_component
+        own = type(norm).forward
+        vars(norm)["forward"] = lambda x: own(norm, x) + 0.1 * x.mean(-1, keepdim=True)
+    try:
+        with pytest.raises(ll.LinearizationError, match=r"blocks\.[01]\b|blocks\.1\.ln2") as info:
+            ll.run_with_linear_cache(model, "Hello world", progress=False)
+    finally:
+        if rule == "another norm":
+            del vars(norm)["forward"]
+    if rule == "another norm":
+        assert "not an RMS norm" in str(info.value) and info.value.layer == 1
+    assert not hooks_left(model)
+
+
 @pytest.mark.parametrize(
     "arch, hook",
     [

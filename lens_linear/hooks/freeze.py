@@ -23,7 +23,7 @@ from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_
 from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
-from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero
+from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero, wrapped
 from lens_linear.hooks.values import broadcast, spread
 from lens_linear.tokens import model_dtype
 
@@ -66,6 +66,18 @@ def site_hooks(
             hooks += special
         elif site.kind == "ratio":
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
+        elif site.kind == "norm" and site.source is not None:
+            hooks += _rms_hooks(model, site, store, mode, factors.get(site.name))
+        elif site.kind == "act":
+            act = wrapped(model.blocks[site.layer]).act_fn
+            hooks.append(
+                ModuleHook(
+                    act,
+                    partial(
+                        _act_ratio, site=site, store=store, mode=mode, factor=factors.get(site.name)
+                    ),
+                )
+            )
         elif site.kind == "moe":
             hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
         elif site.kind == "scan":
@@ -126,6 +138,80 @@ def _slice_hook(
         frozen = broadcast(store[site.name], value[..., part])
         frozen = frozen if factor is None else frozen * spread(factor, frozen)
     return torch.cat([value[..., : part.start], frozen, value[..., part.stop :]], dim=-1)
+
+
+def _act_ratio(
+    module: Any,
+    args: tuple,
+    out: torch.Tensor,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
+    """An activation module's output ``act(z)`` as ``z · gate`` with ``gate = act(z) / z`` frozen
+    (``act'(0)`` where ``z`` is zero)."""
+    z = args[0]
+    if mode == "replay":
+        gate = broadcast(store[site.name], z)
+        return z * (gate if factor is None else gate * spread(factor, z))
+    with torch.no_grad():
+        gate = torch.where(z != 0, out / torch.where(z != 0, z, 1), slope_at_zero(module, z))
+    store[site.name] = gate
+    return out.detach() + (z - z.detach()) * gate  # value: out; gradient: gate
+
+
+def _rms_hooks(
+    model: Any,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None = None,
+) -> list[Hook]:
+    """An RMS norm bridged without ``hook_scale``: ``x · s · g`` with the row scale
+    ``s = (mean(x²) + ε)^-½`` frozen, the gain ``g`` read off the module (its weight, Gemma's
+    ``1 + weight``, or none) as the one that reproduces its output: else refused."""
+    module = wrapped(model.get_submodule(site.name[: -len(".hook_out")]))
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    live: dict[str, torch.Tensor] = {}
+
+    def keep_in(value: torch.Tensor, hook: Any) -> None:
+        live["x"] = value
+
+    def freeze(out: torch.Tensor, hook: Any) -> torch.Tensor:
+        x = live.pop("x")
+        if mode == "replay":
+            coef = broadcast(store[site.name], x)
+            return x * (coef if factor is None else coef * spread(factor, x))
+        with torch.no_grad():
+            if eps is None:
+                raise LinearizationError(
+                    f"{site.name}: an RMS norm without an epsilon attribute (variance_epsilon, "
+                    f"eps): its scale cannot be recomputed to be frozen.",
+                    layer=site.layer,
+                )
+            wide = x.to(torch.promote_types(x.dtype, torch.float32))  # never a downcast
+            scale = (wide.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+            gains = [torch.ones((), dtype=wide.dtype, device=x.device)]
+            if weight is not None:
+                gains = [weight.to(wide), 1 + weight.to(wide)]
+            errors = [float((wide * scale * g - out.to(wide)).abs().max()) for g in gains]
+            best = min(range(len(gains)), key=errors.__getitem__)
+            err = errors[best] / max(float(out.abs().max()), 1e-30)
+            if err > tolerance(out.dtype):
+                raise LinearizationError(
+                    f"{site.name} is not an RMS norm x · (mean(x²) + ε)^-½ · g of its input "
+                    f"(max relative difference {err:.2e}): freezing its scale would hide a "
+                    f"nonlinearity, so it is refused.",
+                    layer=site.layer,
+                    error=err,
+                )
+            coef = (scale * gains[best]).to(out.dtype)
+        store[site.name] = coef
+        return out.detach() + (x - x.detach()) * coef  # value: out; gradient: the frozen scale
+
+    return [(site.source, keep_in), (site.name, freeze)]
 
 
 def _ratio_hooks(

@@ -3,7 +3,9 @@
 Every nonlinearity is written ``A(x) · x``; a *site* is the hook point that carries a
 coefficient ``A``. One rule per kind serves every architecture:
 
-* ``norm``  — every ``*.hook_scale`` (LayerNorm/RMSNorm scale, incl. q/k norms, ``ln_final``).
+* ``norm``  — every ``*.hook_scale`` (LayerNorm/RMSNorm scale, incl. q/k norms, ``ln_final``);
+  an RMS norm bridged without one (Gemma 4) has its scale frozen between its component's
+  ``hook_in`` and ``hook_out``.
 * ``attn``  — every ``*.hook_pattern`` (the softmax output).
 * ``gate``  — a gated MLP (it has ``mlp.hook_pre_linear``; a mixture's shared experts
   too): ``mlp.hook_pre``, the gate's pre-activation, so ``act(hook_pre)`` becomes a constant;
@@ -20,6 +22,9 @@ coefficient ``A``. One rule per kind serves every architecture:
 * ``moe``   — a mixture of experts (it has ``mlp.hook_router_scores``): the router's outputs
   (weights and choices) and each selected expert's gate, frozen inside the wrapped module
   (:mod:`lens_linear.hooks.rules.moe`), where TransformerLens has no hook point.
+* ``act``   — an activation module the block calls itself, outside its MLP (Gemma 4's per-layer
+  input gate ``act(W x) · p``, ``p`` the layer's per-layer input): frozen as its ratio
+  ``act(z) / z`` inside the wrapped block, so the branch is linear in ``x``.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
   its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
   ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
@@ -31,6 +36,7 @@ every position) and :func:`output_hook` (the final-normed residual).
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -49,9 +55,9 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # "norm" | "attn" | "gate" | "ratio" | "moe" | "slice" | "scan"
+    kind: str  # "norm" | "attn" | "gate" | "ratio" | "act" | "moe" | "slice" | "scan"
     layer: int | None
-    source: str | None = None  # ratio sites: the hook holding the activation's input
+    source: str | None = None  # ratio sites, unscaled norms: the hook holding the input
     frozen: tuple[int, int] | None = None  # slice sites: the frozen part of the last dim, in thirds
 
 
@@ -108,6 +114,8 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             add(prefix + ".hook_ssm_state" if prefix + ".hook_ssm_state" in names else name, "scan")
         elif "norm" in parts and name.endswith("hook_scale"):
             add(name, "norm")
+        elif "norm" in parts and name.endswith(".hook_out") and unscaled_rms_norm(model, name):
+            add(name, "norm", source=name[: -len("hook_out")] + "hook_in")
         elif "attn" in parts and name.endswith("hook_pattern"):
             add(name, "attn")
         elif "attn" in parts and name.endswith(
@@ -128,8 +136,34 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                 out = prefix + "hook_mid" if prefix + "hook_mid" in names else prefix + "hook_post"
                 if out in names:
                     add(out, "ratio", source=name)
+    if "mlp" in parts:  # an activation the block itself calls, outside its MLP (Gemma 4)
+        for layer, block in enumerate(model.blocks):
+            name = f"blocks.{layer}.per_layer_input_gate.hook_out"
+            if name in names and isinstance(
+                getattr(wrapped(block), "act_fn", None), torch.nn.Module
+            ):
+                add(name, "act")
     order = {name: i for i, name in enumerate(names)}
     return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, order[s.name]))
+
+
+def unscaled_rms_norm(model: Any, name: str) -> bool:
+    """Whether ``name`` (a component's ``hook_out``) is an RMS norm that TransformerLens bridges
+    without a ``hook_scale`` (Gemma 4's every norm): its scale is frozen between the
+    component's ``hook_in`` and ``hook_out`` instead."""
+    prefix = name[: -len("hook_out")]
+    if prefix + "hook_scale" in model.hook_dict or prefix + "hook_in" not in model.hook_dict:
+        return False
+    try:
+        module = wrapped(model.get_submodule(prefix[:-1]))
+    except AttributeError:  # a hook alias whose prefix names no module
+        return False
+    if "RMSNorm" not in type(module).__name__:
+        return False
+    try:  # a plain norm of one input; a gated one (x, gate) sits inside a mixer with its own rule
+        return len(inspect.signature(module.forward).parameters) == 1
+    except (TypeError, ValueError):
+        return False
 
 
 def wrapped(module: Any) -> Any:
