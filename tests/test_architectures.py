@@ -134,6 +134,25 @@ def test_gpt_oss_experts_with_both_clamps_biting(dtype):
     assert experts_bias and all(float(parts[k].norm()) > 0 for k in experts_bias)
 
 
+def test_gpt_oss_attention_sinks_on_the_long_prompt_path():
+    """gpt-oss's attention sinks (one more logit per head in every row's softmax): its
+    patterns are kept as queries and keys with the sink read off the first row, and that map
+    equals the reference's."""
+    model, hf = (
+        bridge("GptOssForCausalLM", torch.float64),
+        tiny_hf("GptOssForCausalLM", dtype=torch.float64),
+    )
+    with full_precision():
+        kept = ll.run_with_linear_cache(model, PROMPT, progress=False, store_patterns=False)
+        jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], kept.x).transpose(
+            0, 1
+        )
+        err = rel(kept.jacobian(), jac)
+    assert len(kept.point.frozen_attention) == model.cfg.n_layers
+    assert all(a.sink is not None for a in kept.point.frozen_attention.values())
+    assert err <= 1e-10, err
+
+
 def _expert_choices(model, layer):
     """A list the top-k expert choices the experts of block ``layer`` receive get appended to."""
     block = model.blocks[layer].mlp.original_component

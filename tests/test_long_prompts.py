@@ -56,23 +56,32 @@ def test_queries_and_keys_give_the_stored_map(arch):
     assert kept.point.ignored_sites() == []
 
 
+@pytest.mark.parametrize("sink", [False, True], ids=["", "sink"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_attend_against_a_dense_pattern(fused, monkeypatch):
+def test_attend_against_a_dense_pattern(fused, sink, monkeypatch):
     """``P v``, its backward (also batched, as the Jacobian engine runs it), its forward-mode
     derivative and a suffix with its backward, against the dense pattern with grouped
-    key/value heads: fused (torch's CPU attention kernel) and by blocks of rows."""
+    key/value heads: fused (torch's CPU attention kernel) and by blocks of rows; with an
+    attention sink per head (gpt-oss: one more logit in each row's softmax, then dropped)."""
     monkeypatch.setattr(patterns, "FUSED", fused)
     gen = torch.Generator().manual_seed(0)
     n, heads, kv, d = 11, 4, 2, 3
+    sinks = torch.randn(heads, generator=gen) if sink else None
     attention = FrozenAttention(
-        torch.randn(n, heads, d, generator=gen), torch.randn(n, kv, d, generator=gen), 0.7
+        torch.randn(n, heads, d, generator=gen),
+        torch.randn(n, kv, d, generator=gen),
+        0.7,
+        sink=sinks,
     )
     scores = (
         torch.einsum("qhd,khd->hqk", attention.q, attention.k.repeat_interleave(2, dim=1)) * 0.7
-    )
-    dense = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(
-        -1
-    )
+    ).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    if sink:  # written out: the sink's column in the softmax, then dropped
+        column = sinks[:, None, None].expand(heads, n, 1)
+        dense = torch.cat([scores, column], -1).softmax(-1)[..., :n]
+        assert float(dense.sum(-1).max()) < 1
+    else:
+        dense = scores.softmax(-1)
     assert rel(attention.pattern(), dense) <= 1e-6
     v = torch.randn(1, n, kv, d, generator=gen, requires_grad=True)
     reference = lambda v: torch.einsum("hqk,bkhd->bqhd", dense, v.repeat_interleave(2, dim=2))  # noqa: E731

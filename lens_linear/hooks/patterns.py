@@ -9,8 +9,9 @@ block of query rows at a time) and recomputes ``P`` in the backward pass instead
 forward or backward, ever holds more than one block of one layer's pattern.
 
 The recipe is verified at recording, per layer, against the model's own ``hook_pattern``
-and ``hook_z``; a layer where it does not hold (softcapping, a sliding window shorter than
-the prompt, attention sinks, an output gate before ``hook_z``, a user hook on the pattern)
+and ``hook_z`` (a head's attention-sink logit, as gpt-oss has, is read off the first row and
+joins every row's normalizer); a layer where it does not hold (softcapping, a sliding window
+shorter than the prompt, an output gate before ``hook_z``, a user hook on the pattern)
 keeps its stored pattern. A suffix replay (positions ``start..``) reads rows ``start..`` of
 the *full* pattern, normalised over every key, so it is exact as stored patterns are.
 """
@@ -43,9 +44,15 @@ class FrozenAttention:
     k: Float[torch.Tensor, "pos kv_head d_head"]
     scale: float
     max_memory: int | None = None  # the call's budget: sizes the blocks of pattern rows
+    # each head's attention-sink logit (gpt-oss): one more term in every row's normalizer,
+    # whose probability is dropped, so the rows sum to less than one
+    sink: Float[torch.Tensor, "head"] | None = None  # noqa: F821
 
     def to(self, dtype: torch.dtype) -> "FrozenAttention":
-        return FrozenAttention(self.q.to(dtype), self.k.to(dtype), self.scale, self.max_memory)
+        sink = None if self.sink is None else self.sink.to(dtype)
+        return FrozenAttention(
+            self.q.to(dtype), self.k.to(dtype), self.scale, self.max_memory, sink
+        )
 
     def _blocks(self, start: int) -> list[slice]:
         """Query rows ``start..n`` in blocks of at most a quarter of the budget
@@ -68,6 +75,9 @@ class FrozenAttention:
         size = rows.stop - rows.start
         diagonal = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
         scores[..., rows.start :].masked_fill_(diagonal, float("-inf"))
+        if self.sink is not None:  # the sink's column joins the softmax, then is dropped
+            sink = self.sink.to(scores)[:, None, None].expand(-1, size, 1)
+            return torch.cat([scores, sink], -1).softmax(-1)[..., :-1].to(self.q.dtype)[..., start:]
         return scores.softmax(-1).to(self.q.dtype)[..., start:]
 
     def pattern(self) -> Float[torch.Tensor, "head query key"]:
@@ -79,7 +89,7 @@ class FrozenAttention:
     def prefix(self, end: int) -> "FrozenAttention":
         """The first ``end`` positions' pattern (causal: the same rows, cut). The fused path's
         rows' log-normalizers are computed once here and shared by every prefix."""
-        cut = FrozenAttention(self.q[:end], self.k[:end], self.scale, self.max_memory)
+        cut = FrozenAttention(self.q[:end], self.k[:end], self.scale, self.max_memory, self.sink)
         if self.fused:
             cut._lse = self._lse[:, :end]
         return cut
@@ -101,7 +111,8 @@ class FrozenAttention:
         """Each row's log-normalizer ``L_i = log Σ_j exp(scores_ij)``, so that
         ``P_ij = exp(scores_ij − L_i)``: what a suffix or the transpose needs of the full rows."""
         q, k = self._heads_first()
-        return self._kernel(q[None], k[None], q[None], self.scale)[1][0]
+        lse = self._kernel(q[None], k[None], q[None], self.scale)[1][0]
+        return lse if self.sink is None else torch.logaddexp(lse, self.sink.to(lse)[:, None])
 
     def _heads_first(self, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``q`` and ``k`` (every query head) from ``start``, ``[head, pos, d]``, float32 or wider."""
@@ -117,7 +128,7 @@ class FrozenAttention:
         out, lse = self._kernel(
             q.expand(batch, -1, -1, -1), k.expand(batch, -1, -1, -1), v.to(q), self.scale
         )
-        if start:
+        if start or self.sink is not None:
             out = out * (lse - self._lse[:, start:]).exp()[..., None]
         else:  # the full rows' log-normalizers come with the output: keep them (same q, k in every batch entry)
             self.__dict__.setdefault("_lse", lse[0])
@@ -249,17 +260,27 @@ def fit_recipe(
     if not bool((row.abs() < 1e30).all()) or not float(last.norm()):  # a key masked in the last row
         return None  # (a sliding window shorter than the prompt): not a causal softmax of q kᵀ
     scale = float((row * last).sum() / (last * last).sum())
-    attention = FrozenAttention(q, k, scale, max_memory)
     first_last = (
         slice(0, 1),
         slice(n - 1, n),
     )  # the others are checked through z = P v (see attention_hooks)
-    if any(
-        float((attention.rows(rows) - pattern[:, rows, : rows.stop]).abs().max()) > tol
-        for rows in first_last
-    ):
+    for sink in (None, _sinks(scores, pattern)):
+        attention = FrozenAttention(q, k, scale, max_memory, sink)
+        if all(
+            float((attention.rows(rows) - pattern[:, rows, : rows.stop]).abs().max()) <= tol
+            for rows in first_last
+        ):
+            return attention
+    return None
+
+
+def _sinks(scores: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor | None:
+    """Each head's sink logit, read off the first row (one key): ``P₀₀ = 1 / (1 + e^(sink − s₀₀))``;
+    ``None`` where the first row sums to one (no sink)."""
+    p = pattern[:, 0, 0].double()
+    if not bool(((p > 0) & (p < 1 - 1e-6)).all()):
         return None
-    return attention
+    return (scores[:, 0, 0].double() + torch.log1p(-p) - torch.log(p)).to(scores.dtype)
 
 
 def attention_hooks(
