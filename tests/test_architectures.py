@@ -153,6 +153,29 @@ def test_gpt_oss_attention_sinks_on_the_long_prompt_path():
     assert err <= 1e-10, err
 
 
+@pytest.mark.parametrize("arch", ["Gemma3ForCausalLM", "GptOssForCausalLM"])
+def test_sliding_windows_shorter_than_the_prompt_on_the_long_prompt_path(arch):
+    """A 4-token sliding window on an 11-token prompt: its layers' patterns are kept as queries
+    and keys (the window read off the mask) and the map equals the reference's in float64."""
+    hfs = [tiny_hf(arch, dtype=torch.float64) for _ in range(2)]
+    for hf in hfs:
+        hf.config.sliding_window = 4
+        for m in hf.modules():
+            if getattr(m, "sliding_window", None):
+                m.sliding_window = 4
+    model = wrap_bridge(hfs[0], char_tokenizer(), f"tiny-{arch}", torch.float64)
+    with full_precision():
+        kept = ll.run_with_linear_cache(model, PROMPT, progress=False, store_patterns=False)
+        jac = torch.autograd.functional.jacobian(
+            lambda x: hf_frozen(hfs[1], x)[-1], kept.x
+        ).transpose(0, 1)
+        err = rel(kept.jacobian(), jac)
+    windows = [a.window for a in kept.point.frozen_attention.values()]
+    print(f"\n{arch}: windows {windows}, Jacobian vs reference {err:.1e}")
+    assert 4 in windows and len(windows) == model.cfg.n_layers
+    assert err <= 1e-10, err
+
+
 def _expert_choices(model, layer):
     """A list the top-k expert choices the experts of block ``layer`` receive get appended to."""
     block = model.blocks[layer].mlp.original_component

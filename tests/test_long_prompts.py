@@ -56,13 +56,15 @@ def test_queries_and_keys_give_the_stored_map(arch):
     assert kept.point.ignored_sites() == []
 
 
+@pytest.mark.parametrize("window", [None, 4], ids=["", "window"])
 @pytest.mark.parametrize("sink", [False, True], ids=["", "sink"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_attend_against_a_dense_pattern(fused, sink, monkeypatch):
+def test_attend_against_a_dense_pattern(fused, sink, window, monkeypatch):
     """``P v``, its backward (also batched, as the Jacobian engine runs it), its forward-mode
     derivative and a suffix with its backward, against the dense pattern with grouped
     key/value heads: fused (torch's CPU attention kernel) and by blocks of rows; with an
-    attention sink per head (gpt-oss: one more logit in each row's softmax, then dropped)."""
+    attention sink per head (gpt-oss: one more logit in each row's softmax, then dropped);
+    with a sliding window (query i sees keys i - 4 < j <= i; by blocks of rows, small ones)."""
     monkeypatch.setattr(patterns, "FUSED", fused)
     gen = torch.Generator().manual_seed(0)
     n, heads, kv, d = 11, 4, 2, 3
@@ -71,11 +73,15 @@ def test_attend_against_a_dense_pattern(fused, sink, monkeypatch):
         torch.randn(n, heads, d, generator=gen),
         torch.randn(n, kv, d, generator=gen),
         0.7,
+        max_memory=4 * heads * n * 4 * 3 if window else None,  # blocks of 3 rows
         sink=sinks,
+        window=window,
     )
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    masked = (j > i) | ((j <= i - window) if window else torch.zeros(n, n, dtype=torch.bool))
     scores = (
         torch.einsum("qhd,khd->hqk", attention.q, attention.k.repeat_interleave(2, dim=1)) * 0.7
-    ).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ).masked_fill(masked, float("-inf"))
     if sink:  # written out: the sink's column in the softmax, then dropped
         column = sinks[:, None, None].expand(heads, n, 1)
         dense = torch.cat([scores, column], -1).softmax(-1)[..., :n]
@@ -92,7 +98,7 @@ def test_attend_against_a_dense_pattern(fused, sink, monkeypatch):
     assert rel(batched, dense_grad) <= 1e-6
     jvp = torch.func.jvp(lambda v: attend(v, attention), (v.detach(),), (v.detach(),))[1]
     assert rel(jvp, reference(v.detach())) <= 1e-6
-    assert attention.fused == fused
+    assert attention.fused == (fused and not window)
     suffix = v.detach()[:, 4:].requires_grad_(True)
     suffix_reference = torch.einsum(
         "hqk,bkhd->bqhd", dense[:, 4:, 4:], suffix.repeat_interleave(2, dim=2)

@@ -10,14 +10,16 @@ forward or backward, ever holds more than one block of one layer's pattern.
 
 The recipe is verified at recording, per layer, against the model's own ``hook_pattern``
 and ``hook_z`` (a head's attention-sink logit, as gpt-oss has, is read off the first row and
-joins every row's normalizer); a layer where it does not hold (softcapping, a sliding window
-shorter than the prompt, an output gate before ``hook_z``, a user hook on the pattern)
+joins every row's normalizer; a sliding window shorter than the prompt is read off the last
+row's mask, and such a layer is computed a block of rows at a time); a layer where it does not
+hold (softcapping, an output gate before ``hook_z``, a user hook on the pattern)
 keeps its stored pattern. A suffix replay (positions ``start..``) reads rows ``start..`` of
 the *full* pattern, normalised over every key, so it is exact as stored patterns are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +49,12 @@ class FrozenAttention:
     # each head's attention-sink logit (gpt-oss): one more term in every row's normalizer,
     # whose probability is dropped, so the rows sum to less than one
     sink: Float[torch.Tensor, "head"] | None = None  # noqa: F821
+    # a sliding window (Gemma 2/3, gpt-oss, Mistral): query i sees keys i - window < j <= i
+    window: int | None = None
 
     def to(self, dtype: torch.dtype) -> "FrozenAttention":
         sink = None if self.sink is None else self.sink.to(dtype)
-        return FrozenAttention(
-            self.q.to(dtype), self.k.to(dtype), self.scale, self.max_memory, sink
-        )
+        return dataclasses.replace(self, q=self.q.to(dtype), k=self.k.to(dtype), sink=sink)
 
     def _blocks(self, start: int) -> list[slice]:
         """Query rows ``start..n`` in blocks of at most a quarter of the budget
@@ -75,6 +77,10 @@ class FrozenAttention:
         size = rows.stop - rows.start
         diagonal = torch.ones(size, size, dtype=torch.bool, device=keys.device).triu(1)
         scores[..., rows.start :].masked_fill_(diagonal, float("-inf"))
+        if self.window is not None:  # keys at or before i - window
+            i = torch.arange(rows.start, rows.stop, device=keys.device)[:, None]
+            j = torch.arange(rows.stop, device=keys.device)[None]
+            scores.masked_fill_(j <= i - self.window, float("-inf"))
         if self.sink is not None:  # the sink's column joins the softmax, then is dropped
             sink = self.sink.to(scores)[:, None, None].expand(-1, size, 1)
             return torch.cat([scores, sink], -1).softmax(-1)[..., :-1].to(self.q.dtype)[..., start:]
@@ -89,15 +95,17 @@ class FrozenAttention:
     def prefix(self, end: int) -> "FrozenAttention":
         """The first ``end`` positions' pattern (causal: the same rows, cut). The fused path's
         rows' log-normalizers are computed once here and shared by every prefix."""
-        cut = FrozenAttention(self.q[:end], self.k[:end], self.scale, self.max_memory, self.sink)
+        cut = dataclasses.replace(self, q=self.q[:end], k=self.k[:end])
         if self.fused:
             cut._lse = self._lse[:, :end]
         return cut
 
     @property
     def _kernel(self) -> Kernel | None:
+        if not FUSED or self.window is not None:  # the kernels' mask is causal only
+            return None
         wide = torch.promote_types(self.q.dtype, torch.float32)
-        return fused_attention(self.q.device.type, wide) if FUSED else None
+        return fused_attention(self.q.device.type, wide)
 
     @property
     def fused(self) -> bool:
@@ -257,15 +265,23 @@ def fit_recipe(
         "hd,khd->hk", q[-1].double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     )
     row = scores[:, -1].double()
-    if not bool((row.abs() < 1e30).all()) or not float(last.norm()):  # a key masked in the last row
-        return None  # (a sliding window shorter than the prompt): not a causal softmax of q kᵀ
+    seen = row.abs() < 1e30  # the last row's visible keys: all, or the last ``window`` of them
+    window = None
+    if not bool(seen.all()):
+        first = int(seen[0].float().argmax())
+        window = n - first
+        if not (bool(seen[:, first:].all()) and not bool(seen[:, :first].any())):
+            return None  # masked keys that are not a sliding window
+    if not float(last[:, seen[0]].norm()):
+        return None
+    row, last = row[:, seen[0]], last[:, seen[0]]
     scale = float((row * last).sum() / (last * last).sum())
     first_last = (
         slice(0, 1),
         slice(n - 1, n),
     )  # the others are checked through z = P v (see attention_hooks)
     for sink in (None, _sinks(scores, pattern)):
-        attention = FrozenAttention(q, k, scale, max_memory, sink)
+        attention = FrozenAttention(q, k, scale, max_memory, sink, window)
         if all(
             float((attention.rows(rows) - pattern[:, rows, : rows.stop]).abs().max()) <= tol
             for rows in first_last
