@@ -1031,8 +1031,9 @@ def run_with_linear_cache(
             replay recomputes the pattern a block of rows at a time, in the backward pass too, so
             no product holds a whole pattern). Default: whole while they fit in ``max_memory`` (256 MB: up to
             about 500 tokens on SmolLM2), then queries and keys. Where a layer's pattern is not
-            ``softmax(scale · q kᵀ + causal mask)`` (softcapping, sliding windows shorter than
-            the prompt, attention sinks), that layer's pattern is stored whole regardless.
+            ``softmax(scale · q kᵀ + causal mask)`` (with a sliding window and attention sinks
+            where the model has them; softcapping is not), that layer's pattern is stored whole
+            regardless.
 
     Example:
         >>> lcache = run_with_linear_cache(model, "The bridge out of Marin is the")
