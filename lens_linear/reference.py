@@ -418,6 +418,12 @@ def _frozen_hooks(base):
                     "gate" in n
                     for n, _ in [*m.named_children(), *m.named_parameters(recurse=False)]
                 ) and not hasattr(m, "per_layer_input_gate")  # Gemma 4: act(W h) times a constant
+                linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
+                gated = gated or any(
+                    a is not b and a.out_features == 2 * b.in_features
+                    for a in linears
+                    for b in linears
+                )  # a GLU inside one projection: act(a) · b from [a, b] (ModernBERT-decoder)
                 handles.append(child.register_forward_hook(_gate_hook if gated else _slope_hook))
             elif child_name in ("gate", "router", "shared_expert_gate") and hasattr(m, "experts"):
                 handles.append(child.register_forward_hook(_detach_outputs))
@@ -550,7 +556,8 @@ def _eager_attention(hf):
 
 
 def hf_frozen(hf, x, frozen=True):
-    """The final-normed hidden state [pos, d_model] of a Hugging Face causal LM whose first
+    """The final-normed hidden state [pos, d_model] (through a prediction head where the model
+    has one before its unembedding) of a Hugging Face causal LM whose first
     decoder layer receives ``x`` [pos, d_model] (TL's ``blocks.0.hook_resid_pre``), with norm
     scales, attention patterns and MLP gates detached (``frozen=False``: the plain model)."""
     base = hf.base_model
@@ -565,15 +572,21 @@ def hf_frozen(hf, x, frozen=True):
         return args, {**kwargs, "hidden_states": x[None]}
 
     handles = [layers[0].register_forward_pre_hook(inject, with_kwargs=True)]
+    # a head between the final norm and the unembedding (ModernBERT-decoder: dense, activation,
+    # LayerNorm) is part of the map to the unembedding's input
+    head = getattr(hf, "lm_head", None)
+    head = None if isinstance(head, torch.nn.Linear) or head is None else head
     try:
         if frozen:
-            handles += _frozen_hooks(base)
+            handles += _frozen_hooks(base) + ([] if head is None else _frozen_hooks(head))
         with _eager_attention(hf), full_precision(detach_softmax=frozen):
             # the layer-0 input is replaced by ``x``; the embeddings passed are ``x``'s value, for
             # a model that also reads them elsewhere (Gemma 4's per-layer inputs, constants of
             # the map from ``x``)
-            out = base(inputs_embeds=x.detach()[None], use_cache=False)
-        return out.last_hidden_state[0]  # after the final norm in every family
+            out = base(inputs_embeds=x.detach()[None], use_cache=False).last_hidden_state
+            if head is not None:
+                out = head(out)
+        return out[0]  # after the final norm in every family (and a head after it)
     finally:
         for h in handles:
             h.remove()

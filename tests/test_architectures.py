@@ -35,6 +35,7 @@ DENSE = [
     "NanoChatForCausalLM",
     "FalconForCausalLM",
     "Gemma4ForCausalLM",  # norms bridged without hook_scale, a per-layer input gate
+    "ModernBertDecoderForCausalLM",  # a GLU inside one projection, a prediction head
 ]
 MOE = [
     "MixtralForCausalLM",

@@ -103,6 +103,35 @@ def test_gemma4_without_its_rules_is_refused(rule, monkeypatch):
     assert not hooks_left(model)
 
 
+def test_modernbert_decoder_rules_check_their_forms():
+    """ModernBERT-decoder's GLU inside one projection (``act(a) · b`` from ``[a, b]``) and its
+    prediction head's LayerNorm are frozen only where their form is what the rule assumes: an
+    MLP computing ``act(b) · a`` instead, or a head norm of another form, is refused by name."""
+    model = bridge("ModernBertDecoderForCausalLM")
+    mlp = model.blocks[1].mlp.original_component
+    vars(mlp)["forward"] = lambda h: mlp.Wo(
+        mlp.act(mlp.Wi(h).chunk(2, -1)[1]) * mlp.Wi(h).chunk(2, -1)[0]
+    )
+    try:
+        with pytest.raises(ll.LinearizationError, match=r"is not act\(") as info:
+            ll.run_with_linear_cache(model, "Hello world", progress=False)
+        assert info.value.layer == 1
+    finally:
+        del vars(mlp)["forward"]
+    norm = model.prediction_head.original_component.norm
+    vars(norm)["forward"] = lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:]) * 1.5
+    try:
+        with pytest.raises(ll.LinearizationError, match=r"not a LayerNorm"):
+            ll.run_with_linear_cache(model, "Hello world", progress=False)
+    finally:
+        del vars(norm)["forward"]
+    assert not hooks_left(model)
+    assert (
+        ll.run_with_linear_cache(model, "Hello world", progress=False).reconstruction_error()
+        <= 1e-5
+    )
+
+
 @pytest.mark.parametrize(
     "arch, hook",
     [

@@ -68,16 +68,12 @@ def site_hooks(
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "norm" and site.source is not None:
             hooks += _rms_hooks(model, site, store, mode, factors.get(site.name))
-        elif site.kind == "act":
-            act = wrapped(model.blocks[site.layer]).act_fn
-            hooks.append(
-                ModuleHook(
-                    act,
-                    partial(
-                        _act_ratio, site=site, store=store, mode=mode, factor=factors.get(site.name)
-                    ),
-                )
-            )
+        elif site.kind in ("act", "layernorm"):
+            component, attribute = site.source.split(":")
+            module = getattr(wrapped(model.get_submodule(component)), attribute)
+            rule = _act_ratio if site.kind == "act" else _layernorm_scale
+            fn = partial(rule, site=site, store=store, mode=mode, factor=factors.get(site.name))
+            hooks.append(ModuleHook(module, fn))
         elif site.kind == "moe":
             hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
         elif site.kind == "scan":
@@ -156,9 +152,49 @@ def _act_ratio(
         gate = broadcast(store[site.name], z)
         return z * (gate if factor is None else gate * spread(factor, z))
     with torch.no_grad():
-        gate = torch.where(z != 0, out / torch.where(z != 0, z, 1), slope_at_zero(module, z))
+        # the module's own forward, not the module: calling it would run this hook again
+        slope = (
+            slope_at_zero(lambda t: type(module).forward(module, t), z)
+            if bool((z == 0).any())
+            else 0.0
+        )
+        gate = torch.where(z != 0, out / torch.where(z != 0, z, 1), slope)
     store[site.name] = gate
     return out.detach() + (z - z.detach()) * gate  # value: out; gradient: gate
+
+
+def _layernorm_scale(
+    module: torch.nn.LayerNorm,
+    args: tuple,
+    out: torch.Tensor,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
+    """A LayerNorm module's ``(x − mean) · s · w + b`` with the row scale ``s`` frozen (the
+    weight and bias read at each call: a bias-free replay sees its zeroed bias); the form is
+    checked against the module's output."""
+    x = args[0]
+    centred = x - x.mean(-1, keepdim=True)
+    w = 1 if module.weight is None else module.weight
+    b = 0 if module.bias is None else module.bias
+    if mode == "replay":
+        scale = broadcast(store[site.name], x)
+        return centred * (scale if factor is None else scale * spread(factor, x)) * w + b
+    with torch.no_grad():
+        scale = (centred.pow(2).mean(-1, keepdim=True) + module.eps).rsqrt()
+        err = float((centred * scale * w + b - out).abs().max() / out.abs().max().clamp_min(1e-30))
+    if err > tolerance(out.dtype):
+        raise LinearizationError(
+            f"{site.source} is not a LayerNorm (x − mean) · (var + ε)^-½ · w + b of its input (max "
+            f"relative difference {err:.2e}): freezing its scale would hide a nonlinearity.",
+            layer=site.layer,
+            error=err,
+        )
+    store[site.name] = scale
+    linear = centred * scale * w
+    return out.detach() + (linear - linear.detach())  # value: out; gradient: the frozen scale
 
 
 def _rms_hooks(
@@ -229,6 +265,12 @@ def _ratio_hooks(
 
     def gate_post(post: torch.Tensor, hook: Any) -> torch.Tensor:
         pre = live.pop("pre", None)
+        if (
+            pre is not None
+            and pre.shape[:-1] == post.shape[:-1]
+            and pre.shape[-1] == 2 * post.shape[-1]
+        ):
+            return glu_split(pre, post)
         if mode == "replay":
             gate = broadcast(store[site.name], pre)
             return pre * (gate if factor is None else gate * spread(factor, pre))
@@ -261,5 +303,32 @@ def _ratio_hooks(
             )
         store[site.name] = gate
         return post.detach() + (pre - pre.detach()) * gate  # value: post; gradient: gate
+
+    def glu_split(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        """A GLU inside one projection (ModernBERT-decoder): ``pre = [a, b]``,
+        ``post = act(a) · b``: ``act(a)`` frozen (as a gated MLP's gate is), linear in ``b``."""
+        a, b = pre.chunk(2, dim=-1)
+        if mode == "replay":
+            gate = broadcast(store[site.name], b)
+            return b * (gate if factor is None else gate * spread(factor, b))
+        if act is None:
+            raise LinearizationError(
+                f"cannot verify the activation of blocks.{site.layer}.mlp: no act_fn found on the "
+                f"module, so freezing {site.name} as a GLU could hide a nonlinearity.",
+                layer=site.layer,
+            )
+        with torch.no_grad():
+            gate = act(a)
+            err = float((gate * b - post).abs().max() / post.abs().max().clamp_min(1e-30))
+        if err > tolerance(post.dtype):
+            raise LinearizationError(
+                f"{site.name} is not act({site.source}[:half]) · {site.source}[half:] (max "
+                f"relative difference {err:.2e}); the GLU rule would hide a nonlinearity, so it "
+                f"is refused.",
+                layer=site.layer,
+                error=err,
+            )
+        store[site.name] = gate
+        return post.detach() + (b - b.detach()) * gate  # value: post; gradient: the frozen gate
 
     return [(site.source, keep_pre), (site.name, gate_post)]

@@ -25,6 +25,8 @@ coefficient ``A``. One rule per kind serves every architecture:
 * ``act``   — an activation module the block calls itself, outside its MLP (Gemma 4's per-layer
   input gate ``act(W x) · p``, ``p`` the layer's per-layer input): frozen as its ratio
   ``act(z) / z`` inside the wrapped block, so the branch is linear in ``x``.
+  A prediction head between the final norm and the unembedding (ModernBERT-decoder's dense,
+  activation, LayerNorm) has its activation frozen so, and its ``layernorm`` the scale.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
   its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
   ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
@@ -55,9 +57,11 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # "norm" | "attn" | "gate" | "ratio" | "act" | "moe" | "slice" | "scan"
+    kind: str  # "norm" | "layernorm" | "attn" | "gate" | "ratio" | "act" | "moe" | "slice" | "scan"
     layer: int | None
-    source: str | None = None  # ratio sites, unscaled norms: the hook holding the input
+    # ratio sites, unscaled norms: the hook holding the input; act and layernorm sites: the
+    # module, as "component:attribute" of the wrapped module
+    source: str | None = None
     frozen: tuple[int, int] | None = None  # slice sites: the frozen part of the last dim, in thirds
 
 
@@ -113,7 +117,10 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             ]  # one site per mixer, on hook_ssm_state where the bridge has it
             add(prefix + ".hook_ssm_state" if prefix + ".hook_ssm_state" in names else name, "scan")
         elif "norm" in parts and name.endswith("hook_scale"):
-            add(name, "norm")
+            if not wraps_identity(
+                model, name
+            ):  # a norm slot the layer leaves empty (ModernBERT's first)
+                add(name, "norm")
         elif "norm" in parts and name.endswith(".hook_out") and unscaled_rms_norm(model, name):
             add(name, "norm", source=name[: -len("hook_out")] + "hook_in")
         elif "attn" in parts and name.endswith("hook_pattern"):
@@ -142,9 +149,27 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             if name in names and isinstance(
                 getattr(wrapped(block), "act_fn", None), torch.nn.Module
             ):
-                add(name, "act")
+                add(name, "act", source=f"blocks.{layer}:act_fn")
+    head = wrapped(getattr(model, "prediction_head", None))  # after the final norm (ModernBERT)
+    if "prediction_head.hook_in" in names and isinstance(
+        getattr(head, "norm", None), torch.nn.LayerNorm
+    ):
+        if "mlp" in parts and isinstance(getattr(head, "act", None), torch.nn.Module):
+            add("prediction_head.hook_in", "act", source="prediction_head:act")
+        if "norm" in parts:
+            add("prediction_head.hook_out", "layernorm", source="prediction_head:norm")
     order = {name: i for i, name in enumerate(names)}
     return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, order[s.name]))
+
+
+def wraps_identity(model: Any, name: str) -> bool:
+    """Whether hook ``name``'s component wraps ``nn.Identity``: a bridge's norm where the layer
+    has none, whose scale hook fires but never reaches the output."""
+    try:
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+    except AttributeError:
+        return False
+    return isinstance(wrapped(module), torch.nn.Identity)
 
 
 def unscaled_rms_norm(model: Any, name: str) -> bool:
