@@ -355,11 +355,12 @@ def _delta(m, h):
 
 
 class _DetachedSigmoids(TorchFunctionMode):
-    """Inside an attention module: a sigmoid output gate (Qwen3-Next) detached."""
+    """Inside an attention module: a sigmoid or softplus output gate (Qwen3-Next, AFMoE,
+    Laguna) detached."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        return out.detach() if getattr(func, "__name__", "") == "sigmoid" else out
+        return out.detach() if getattr(func, "__name__", "") in ("sigmoid", "softplus") else out
 
 
 def _is_ssm(m):

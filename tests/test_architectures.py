@@ -36,6 +36,7 @@ DENSE = [
     "FalconForCausalLM",
     "Gemma4ForCausalLM",  # norms bridged without hook_scale, a per-layer input gate
     "ModernBertDecoderForCausalLM",  # a GLU inside one projection, a prediction head
+    "BitNetForCausalLM",  # RMS norms inside attention and MLP that the bridge does not wrap
 ]
 MOE = [
     "MixtralForCausalLM",
@@ -48,6 +49,8 @@ MOE = [
     "Glm4MoeForCausalLM",
     "GptOssForCausalLM",  # a clamped SwiGLU computed inline, a router with bias, attention sinks
     "Llama4ForCausalLM",  # every expert on every router-scaled token in one batched product
+    "AfmoeForCausalLM",  # attention output gate sigmoid(W x), computed inline
+    "LagunaForCausalLM",  # attention output gate softplus(W x), computed inline
 ]
 STATE_SPACE = [
     "MambaForCausalLM",

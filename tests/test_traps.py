@@ -103,6 +103,32 @@ def test_gemma4_without_its_rules_is_refused(rule, monkeypatch):
     assert not hooks_left(model)
 
 
+@pytest.mark.parametrize(
+    "arch, rule",
+    [
+        ("BitNetForCausalLM", "rmsmodule"),
+        ("AfmoeForCausalLM", "gate"),
+        ("LagunaForCausalLM", "gate"),
+    ],
+)
+def test_module_norms_and_attention_output_gates_are_needed(arch, rule, monkeypatch):
+    """BitNet's sub-norms (RMS norms the bridge does not wrap) and AFMoE's and Laguna's inline
+    attention output gates: without their sites, linearity breaks and the model is refused."""
+    from lens_linear.hooks import operating_point, sites
+
+    original = sites.find_sites
+    dropped = lambda *a, **k: [  # noqa: E731
+        s
+        for s in original(*a, **k)
+        if s.kind != rule or (rule == "gate" and ".attn." not in s.name)
+    ]
+    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    model = bridge(arch)
+    with pytest.raises(ll.LinearizationError, match=r"blocks\.[01]"):
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert not hooks_left(model)
+
+
 def test_modernbert_decoder_rules_check_their_forms():
     """ModernBERT-decoder's GLU inside one projection (``act(a) · b`` from ``[a, b]``) and its
     prediction head's LayerNorm are frozen only where their form is what the rule assumes: an

@@ -68,10 +68,12 @@ def site_hooks(
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "norm" and site.source is not None:
             hooks += _rms_hooks(model, site, store, mode, factors.get(site.name))
-        elif site.kind in ("act", "layernorm"):
+        elif site.kind in ("act", "layernorm", "rmsmodule"):
             component, attribute = site.source.split(":")
             module = getattr(wrapped(model.get_submodule(component)), attribute)
-            rule = _act_ratio if site.kind == "act" else _layernorm_scale
+            rule = {"act": _act_ratio, "layernorm": _layernorm_scale, "rmsmodule": _rms_scale}[
+                site.kind
+            ]
             fn = partial(rule, site=site, store=store, mode=mode, factor=factors.get(site.name))
             hooks.append(ModuleHook(module, fn))
         elif site.kind == "moe":
@@ -197,6 +199,65 @@ def _layernorm_scale(
     return out.detach() + (linear - linear.detach())  # value: out; gradient: the frozen scale
 
 
+def _rms_scale(
+    module: Any,
+    args: tuple,
+    out: torch.Tensor,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
+    """An RMS norm module the bridge does not wrap, frozen on the module itself (see
+    :func:`_rms_frozen`)."""
+    return _rms_frozen(module, args[0], out, site, store, mode, factor)
+
+
+def _rms_frozen(
+    module: Any,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x · s · g`` with the row scale ``s = (mean(x²) + ε)^-½`` frozen, the gain ``g`` read off
+    the module (its weight, Gemma's ``1 + weight``, or none) as the one that reproduces its
+    output: else refused."""
+    if mode == "replay":
+        coef = broadcast(store[site.name], x)
+        return x * (coef if factor is None else coef * spread(factor, x))
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    with torch.no_grad():
+        if eps is None:
+            raise LinearizationError(
+                f"{site.name}: an RMS norm without an epsilon attribute (variance_epsilon, "
+                f"eps): its scale cannot be recomputed to be frozen.",
+                layer=site.layer,
+            )
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))  # never a downcast
+        scale = (wide.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+        gains = [torch.ones((), dtype=wide.dtype, device=x.device)]
+        if weight is not None:
+            gains = [weight.to(wide), 1 + weight.to(wide)]
+        errors = [float((wide * scale * g - out.to(wide)).abs().max()) for g in gains]
+        best = min(range(len(gains)), key=errors.__getitem__)
+        err = errors[best] / max(float(out.abs().max()), 1e-30)
+        if err > tolerance(out.dtype):
+            raise LinearizationError(
+                f"{site.name} is not an RMS norm x · (mean(x²) + ε)^-½ · g of its input "
+                f"(max relative difference {err:.2e}): freezing its scale would hide a "
+                f"nonlinearity, so it is refused.",
+                layer=site.layer,
+                error=err,
+            )
+        coef = (scale * gains[best]).to(out.dtype)
+    store[site.name] = coef
+    return out.detach() + (x - x.detach()) * coef  # value: out; gradient: the frozen scale
+
+
 def _rms_hooks(
     model: Any,
     site: Site,
@@ -204,48 +265,16 @@ def _rms_hooks(
     mode: str,
     factor: torch.Tensor | None = None,
 ) -> list[Hook]:
-    """An RMS norm bridged without ``hook_scale``: ``x · s · g`` with the row scale
-    ``s = (mean(x²) + ε)^-½`` frozen, the gain ``g`` read off the module (its weight, Gemma's
-    ``1 + weight``, or none) as the one that reproduces its output: else refused."""
+    """An RMS norm bridged without ``hook_scale``: its scale frozen between the component's
+    ``hook_in`` and ``hook_out`` (:func:`_rms_frozen`)."""
     module = wrapped(model.get_submodule(site.name[: -len(".hook_out")]))
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    weight = getattr(module, "weight", None)
     live: dict[str, torch.Tensor] = {}
 
     def keep_in(value: torch.Tensor, hook: Any) -> None:
         live["x"] = value
 
     def freeze(out: torch.Tensor, hook: Any) -> torch.Tensor:
-        x = live.pop("x")
-        if mode == "replay":
-            coef = broadcast(store[site.name], x)
-            return x * (coef if factor is None else coef * spread(factor, x))
-        with torch.no_grad():
-            if eps is None:
-                raise LinearizationError(
-                    f"{site.name}: an RMS norm without an epsilon attribute (variance_epsilon, "
-                    f"eps): its scale cannot be recomputed to be frozen.",
-                    layer=site.layer,
-                )
-            wide = x.to(torch.promote_types(x.dtype, torch.float32))  # never a downcast
-            scale = (wide.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
-            gains = [torch.ones((), dtype=wide.dtype, device=x.device)]
-            if weight is not None:
-                gains = [weight.to(wide), 1 + weight.to(wide)]
-            errors = [float((wide * scale * g - out.to(wide)).abs().max()) for g in gains]
-            best = min(range(len(gains)), key=errors.__getitem__)
-            err = errors[best] / max(float(out.abs().max()), 1e-30)
-            if err > tolerance(out.dtype):
-                raise LinearizationError(
-                    f"{site.name} is not an RMS norm x · (mean(x²) + ε)^-½ · g of its input "
-                    f"(max relative difference {err:.2e}): freezing its scale would hide a "
-                    f"nonlinearity, so it is refused.",
-                    layer=site.layer,
-                    error=err,
-                )
-            coef = (scale * gains[best]).to(out.dtype)
-        store[site.name] = coef
-        return out.detach() + (x - x.detach()) * coef  # value: out; gradient: the frozen scale
+        return _rms_frozen(module, live.pop("x"), out, site, store, mode, factor)
 
     return [(site.source, keep_in), (site.name, freeze)]
 

@@ -57,7 +57,7 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # "norm" | "layernorm" | "attn" | "gate" | "ratio" | "act" | "moe" | "slice" | "scan"
+    kind: str  # norm layernorm rmsmodule attn gate ratio act moe slice scan
     layer: int | None
     # ratio sites, unscaled norms: the hook holding the input; act and layernorm sites: the
     # module, as "component:attribute" of the wrapped module
@@ -150,6 +150,36 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                 getattr(wrapped(block), "act_fn", None), torch.nn.Module
             ):
                 add(name, "act", source=f"blocks.{layer}:act_fn")
+    for layer, block in enumerate(model.blocks):
+        for part, component in (("norm", "attn"), ("norm", "mlp"), ("attn", "attn")):
+            inner = wrapped(getattr(block, component, None))
+            if part not in parts or not isinstance(inner, torch.nn.Module):
+                continue
+            for child_name, child in inner.named_children():
+                if (
+                    part == "norm"
+                    and is_plain_rms_norm(child)
+                    and original_component(child) is None
+                    and not child_name.startswith(QK_NORMS)
+                ):
+                    # an RMS norm the bridge does not wrap (BitNet's sub-norms): frozen on the module
+                    sites.append(
+                        Site(
+                            f"blocks.{layer}.{component}.{child_name}",
+                            "rmsmodule",
+                            layer,
+                            f"blocks.{layer}.{component}:{child_name}",
+                        )
+                    )
+                elif (
+                    part == "attn"
+                    and child_name in OUTPUT_GATES
+                    and original_component(child) is not None
+                ):
+                    # an attention output gate act(W x) · z computed inline: W x frozen
+                    hook = getattr(child, "hook_out", None)
+                    if hook is not None and getattr(hook, "name", None) in names:
+                        add(hook.name, "gate")
     head = wrapped(getattr(model, "prediction_head", None))  # after the final norm (ModernBERT)
     if "prediction_head.hook_in" in names and isinstance(
         getattr(head, "norm", None), torch.nn.LayerNorm
@@ -159,7 +189,13 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
         if "norm" in parts:
             add("prediction_head.hook_out", "layernorm", source="prediction_head:norm")
     order = {name: i for i, name in enumerate(names)}
-    return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, order[s.name]))
+
+    def position(site: Site) -> int:  # a module site sits where its component's output does
+        if site.name in order:
+            return order[site.name]
+        return order.get(site.source.split(":")[0] + ".hook_out", len(order))
+
+    return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, position(s)))
 
 
 def wraps_identity(model: Any, name: str) -> bool:
@@ -170,6 +206,23 @@ def wraps_identity(model: Any, name: str) -> bool:
     except AttributeError:
         return False
     return isinstance(wrapped(module), torch.nn.Identity)
+
+
+OUTPUT_GATES = ("gate_proj", "g_proj")  # an attention's output-gate projection (AFMoE, Laguna)
+# norms on queries and keys: they reach the output only through the frozen pattern (and one
+# module may serve both, called twice a forward, as Llama 4's does)
+QK_NORMS = ("q_", "k_", "qk_")
+
+
+def is_plain_rms_norm(module: Any) -> bool:
+    """An RMS norm module of one input (a gated one, ``(x, gate)``, sits inside a mixer with its
+    own rule)."""
+    if not isinstance(module, torch.nn.Module) or "RMSNorm" not in type(module).__name__:
+        return False
+    try:
+        return len(inspect.signature(module.forward).parameters) == 1
+    except (TypeError, ValueError):
+        return False
 
 
 def unscaled_rms_norm(model: Any, name: str) -> bool:
@@ -183,12 +236,7 @@ def unscaled_rms_norm(model: Any, name: str) -> bool:
         module = wrapped(model.get_submodule(prefix[:-1]))
     except AttributeError:  # a hook alias whose prefix names no module
         return False
-    if "RMSNorm" not in type(module).__name__:
-        return False
-    try:  # a plain norm of one input; a gated one (x, gate) sits inside a mixer with its own rule
-        return len(inspect.signature(module.forward).parameters) == 1
-    except (TypeError, ValueError):
-        return False
+    return is_plain_rms_norm(module)
 
 
 def wrapped(module: Any) -> Any:
