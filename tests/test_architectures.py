@@ -51,6 +51,7 @@ MOE = [
     "Llama4ForCausalLM",  # every expert on every router-scaled token in one batched product
     "AfmoeForCausalLM",  # attention output gate sigmoid(W x), computed inline
     "LagunaForCausalLM",  # attention output gate softplus(W x), computed inline
+    "GraniteMoeHybridForCausalLM",  # a hybrid layer's moe and shared_mlp beside a scan
 ]
 STATE_SPACE = [
     "MambaForCausalLM",

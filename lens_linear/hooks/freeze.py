@@ -77,7 +77,9 @@ def site_hooks(
             fn = partial(rule, site=site, store=store, mode=mode, factor=factors.get(site.name))
             hooks.append(ModuleHook(module, fn))
         elif site.kind == "moe":
-            hooks += moe_hooks(model, site.layer, site.name, store, mode, factors.get(site.name))
+            hooks += moe_hooks(
+                model, site.layer, site.name, store, mode, factors.get(site.name), site.source
+            )
         elif site.kind == "scan":
             hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))
         elif site.kind == "slice":

@@ -50,6 +50,9 @@ from lens_linear._compat import original_component
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 PARTS = ("norm", "attn", "mlp", "mixer")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+# an MLP's pre-activation: ``mlp``, a shared expert inside it, a hybrid layer's ``moe`` and
+# ``shared_mlp`` (GraniteMoE-hybrid)
+MLP_HOOK = re.compile(r"(\.mlp\..*|\.moe\.|\.shared_mlp\.)hook_pre$")
 
 
 @dataclass(frozen=True)
@@ -129,16 +132,16 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             "attn.hook_q_gate"
         ):  # a gated attention's output gate
             add(name, "gate")
-        elif "mlp" in parts and ".mlp." in name and name.endswith("hook_pre"):
+        elif "mlp" in parts and MLP_HOOK.search(name):
             prefix = name[: -len("hook_pre")]
             if prefix + "hook_pre_linear" in names:  # a gated MLP, shared experts' included
                 add(name, "gate")
-            elif not name.endswith("mlp.hook_pre"):
-                continue
+            elif not name.endswith(("mlp.hook_pre", ".moe.hook_pre")):
+                continue  # inside an MLP: only a gated shared expert is a site of its own
             elif (
                 prefix + "hook_router_scores" in names
-            ):  # a mixture of experts: router and expert gates
-                add(prefix + "hook_router_scores", "moe")
+            ):  # a mixture of experts: router and expert gates (a hybrid layer's ``moe`` too)
+                add(prefix + "hook_router_scores", "moe", source=prefix[:-1])
             else:
                 out = prefix + "hook_mid" if prefix + "hook_mid" in names else prefix + "hook_post"
                 if out in names:

@@ -35,14 +35,17 @@ def moe_hooks(
     store: dict[str, torch.Tensor],
     mode: str,
     factor: torch.Tensor | None = None,
+    component: str | None = None,
 ) -> list[ModuleHook]:
     """Freeze one mixture-of-experts block: the router's outputs (weights and choices, so the
     replay routes every token as recorded), each selected expert's gate pre-activation (so
     ``act(gate)`` is a constant and ``act(gate) · up`` linear), and a shared expert's scalar
     gate. ``mode="record"`` stores them under ``key`` (detached); ``"replay"`` substitutes
     them for any batch, or for the last positions alone. Shared experts that TransformerLens
-    bridges as gated MLPs are ``gate`` sites of their own; the load-balancing path is untouched."""
-    block = wrapped(model.blocks[layer].mlp)
+    bridges as gated MLPs are ``gate`` sites of their own; the load-balancing path is untouched.
+    ``component``: the block's path where it is not ``blocks.{layer}.mlp`` (a hybrid layer's
+    ``moe``)."""
+    block = wrapped(model.get_submodule(component) if component else model.blocks[layer].mlp)
     router = next(
         (
             wrapped(getattr(block, n))
