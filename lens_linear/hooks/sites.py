@@ -27,6 +27,10 @@ coefficient ``A``. One rule per kind serves every architecture:
   ``act(z) / z`` inside the wrapped block, so the branch is linear in ``x``.
   A prediction head between the final norm and the unembedding (ModernBERT-decoder's dense,
   activation, LayerNorm) has its activation frozen so, and its ``layernorm`` the scale.
+* ``rmsmodule`` — an RMS norm inside attention or an MLP that the bridge does not wrap
+  (BitNet's sub-norms): its scale frozen on the module (norms on queries and keys are left to
+  the frozen pattern). An attention output gate computed inline from a bridged projection
+  (``gate_proj``/``g_proj``: AFMoE, Laguna) is a ``gate`` site on that projection's output.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
   its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
   ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
