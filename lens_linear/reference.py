@@ -576,7 +576,8 @@ def hf_frozen(hf, x, frozen=True):
     # a head between the final norm and the unembedding (ModernBERT-decoder: dense, activation,
     # LayerNorm) is part of the map to the unembedding's input
     head = getattr(hf, "lm_head", None)
-    head = None if isinstance(head, torch.nn.Linear) or head is None else head
+    if not (isinstance(head, torch.nn.Module) and hasattr(head, "dense") and hasattr(head, "norm")):
+        head = None  # a plain unembedding (a wrapped one included)
     try:
         if frozen:
             handles += _frozen_hooks(base) + ([] if head is None else _frozen_hooks(head))
