@@ -78,7 +78,7 @@ def test_gemma4_without_its_rules_is_refused(rule, monkeypatch):
 
     model = bridge("Gemma4ForCausalLM")
     if rule == "norms":
-        monkeypatch.setattr(sites, "unscaled_rms_norm", lambda model, name: False)
+        monkeypatch.setattr(sites, "unscaled_rms_norm", lambda model, name, names: False)
     elif rule == "per-layer gate":
         from lens_linear.hooks import operating_point
 

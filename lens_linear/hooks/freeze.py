@@ -24,7 +24,7 @@ from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
 from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero, wrapped
-from lens_linear.hooks.values import broadcast, spread
+from lens_linear.hooks.values import replayed
 from lens_linear.tokens import model_dtype
 
 
@@ -110,8 +110,7 @@ def site_hooks(
                 key: str = site.name,
                 factor: torch.Tensor | None = factors.get(site.name),
             ) -> torch.Tensor:
-                frozen = broadcast(store[key], value)
-                return frozen if factor is None else frozen * spread(factor, value)
+                return replayed(store[key], value, factor)
 
             hooks.append((site.name, replay))
     for hook in hooks:
@@ -135,8 +134,7 @@ def _slice_hook(
         store[site.name] = value.detach()[..., part]
         frozen = store[site.name]
     else:
-        frozen = broadcast(store[site.name], value[..., part])
-        frozen = frozen if factor is None else frozen * spread(factor, frozen)
+        frozen = replayed(store[site.name], value[..., part], factor)
     return torch.cat([value[..., : part.start], frozen, value[..., part.stop :]], dim=-1)
 
 
@@ -153,8 +151,7 @@ def _act_ratio(
     (``act'(0)`` where ``z`` is zero)."""
     z = args[0]
     if mode == "replay":
-        gate = broadcast(store[site.name], z)
-        return z * (gate if factor is None else gate * spread(factor, z))
+        return z * replayed(store[site.name], z, factor)
     with torch.no_grad():
         # the module's own forward, not the module: calling it would run this hook again
         slope = (
@@ -184,8 +181,7 @@ def _layernorm_scale(
     w = 1 if module.weight is None else module.weight
     b = 0 if module.bias is None else module.bias
     if mode == "replay":
-        scale = broadcast(store[site.name], x)
-        return centred * (scale if factor is None else scale * spread(factor, x)) * w + b
+        return centred * replayed(store[site.name], x, factor) * w + b
     with torch.no_grad():
         scale = (centred.pow(2).mean(-1, keepdim=True) + module.eps).rsqrt()
         err = float((centred * scale * w + b - out).abs().max() / out.abs().max().clamp_min(1e-30))
@@ -228,8 +224,7 @@ def _rms_frozen(
     the module (its weight, Gemma's ``1 + weight``, or none) as the one that reproduces its
     output: else refused."""
     if mode == "replay":
-        coef = broadcast(store[site.name], x)
-        return x * (coef if factor is None else coef * spread(factor, x))
+        return x * replayed(store[site.name], x, factor)
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     weight = getattr(module, "weight", None)
     with torch.no_grad():
@@ -303,8 +298,7 @@ def _ratio_hooks(
         ):
             return glu_split(pre, post)
         if mode == "replay":
-            gate = broadcast(store[site.name], pre)
-            return pre * (gate if factor is None else gate * spread(factor, pre))
+            return pre * replayed(store[site.name], pre, factor)
         if pre is None or pre.shape != post.shape:
             raise LinearizationError(
                 f"{site.name} is not an elementwise activation of {site.source} "
@@ -340,8 +334,7 @@ def _ratio_hooks(
         ``post = act(a) · b``: ``act(a)`` frozen (as a gated MLP's gate is), linear in ``b``."""
         a, b = pre.chunk(2, dim=-1)
         if mode == "replay":
-            gate = broadcast(store[site.name], b)
-            return b * (gate if factor is None else gate * spread(factor, b))
+            return b * replayed(store[site.name], b, factor)
         if act is None:
             raise LinearizationError(
                 f"cannot verify the activation of blocks.{site.layer}.mlp: no act_fn found on the "

@@ -128,7 +128,9 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                 model, name
             ):  # a norm slot the layer leaves empty (ModernBERT's first)
                 add(name, "norm")
-        elif "norm" in parts and name.endswith(".hook_out") and unscaled_rms_norm(model, name):
+        elif (
+            "norm" in parts and name.endswith(".hook_out") and unscaled_rms_norm(model, name, names)
+        ):
             add(name, "norm", source=name[: -len("hook_out")] + "hook_in")
         elif "attn" in parts and name.endswith("hook_pattern"):
             add(name, "attn")
@@ -232,12 +234,14 @@ def is_plain_rms_norm(module: Any) -> bool:
         return False
 
 
-def unscaled_rms_norm(model: Any, name: str) -> bool:
+def unscaled_rms_norm(model: Any, name: str, names: Any) -> bool:
     """Whether ``name`` (a component's ``hook_out``) is an RMS norm that TransformerLens bridges
     without a ``hook_scale`` (Gemma 4's every norm): its scale is frozen between the
     component's ``hook_in`` and ``hook_out`` instead."""
     prefix = name[: -len("hook_out")]
-    if prefix + "hook_scale" in model.hook_dict or prefix + "hook_in" not in model.hook_dict:
+    if (
+        prefix + "hook_scale" in names or prefix + "hook_in" not in names
+    ):  # names: hook_dict, read once
         return False
     try:
         module = wrapped(model.get_submodule(prefix[:-1]))

@@ -50,6 +50,13 @@ def spread(factor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return factor.expand_as(like)
 
 
+def replayed(stored: torch.Tensor, like: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """A recorded coefficient for a replay of ``like``'s shape (:func:`broadcast`), times the
+    per-batch-element ``factor`` where one is given (:func:`spread`)."""
+    value = broadcast(stored, like)
+    return value if factor is None else value * spread(factor, like)
+
+
 def scaled(value: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
     """``value · factor`` for a floating-point value (``factor`` broadcast over it); ``value``
     itself without a factor or for an integer value (an expert's index)."""
