@@ -725,6 +725,20 @@ class LinearCache:
                 layer=layer,
                 error=err,
             )
+        if self.point.may_add_constant():  # a constant no bias explains: a rule froze too much
+            stray = self.point.unexplained_constant(hook)
+            if stray is not None:
+                y = self.activation(hook, pos=pos).double()
+                size = float(stray[pos].double().norm() / y.norm().clamp_min(1e-300))
+                if not size <= tol:
+                    raise LinearizationError(
+                        f"the frozen map adds a constant to {hook} that no bias explains (relative "
+                        f"size {size:.2e} > {tol:.0e}): a nonlinearity is frozen whole rather than "
+                        f"as a factor of a linear term (a freezing rule holding an activation's "
+                        f"input constant where its ratio should be), so the Jacobian would miss "
+                        f"its dependence on the input.",
+                        error=size,
+                    )
         self._check_graph = sites.graph  # kept only once the map it holds is verified
         return err
 

@@ -52,6 +52,7 @@ MOE = [
     "AfmoeForCausalLM",  # attention output gate sigmoid(W x), computed inline
     "LagunaForCausalLM",  # attention output gate softplus(W x), computed inline
     "GraniteMoeHybridForCausalLM",  # a hybrid layer's moe and shared_mlp beside a scan
+    "NemotronHForCausalLM",  # every layer a mixer: scan, non-gated experts, attention, MLP
 ]
 STATE_SPACE = [
     "MambaForCausalLM",

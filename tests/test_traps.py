@@ -129,6 +129,47 @@ def test_module_norms_and_attention_output_gates_are_needed(arch, rule, monkeypa
     assert not hooks_left(model)
 
 
+@pytest.mark.parametrize("kind, layer", [("moe", 1), ("softmax", 2), ("act", 3)])
+def test_nemotron_h_mixers_need_their_rules(kind, layer, monkeypatch):
+    """NemotronH's bridge wraps every layer as a mixer: without the rule for what a mixer
+    computes (non-gated experts, an attention's softmax, a plain MLP) linearity breaks at that
+    layer and the model is refused."""
+    from lens_linear.hooks import sites
+
+    original = sites.mixer_kind
+    monkeypatch.setattr(sites, "mixer_kind", lambda m: None if original(m) == kind else original(m))
+    model = bridge("NemotronHForCausalLM")
+    with pytest.raises(ll.LinearizationError, match=rf"breaks at blocks\.{layer}") as info:
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert info.value.layer == layer
+    assert not hooks_left(model)
+
+
+def test_nemotron_h_experts_rule_checks_for_a_gate(monkeypatch):
+    """Non-gated experts ``act(up x)`` have their activation's ratio frozen; taken for gated
+    ones (``act`` a constant), the experts' output would be a constant: the map stays affine
+    and reconstructs the output, but adds a constant no bias explains, and is refused."""
+    from lens_linear.hooks.rules import moe
+
+    monkeypatch.setattr(moe, "gated_experts", lambda experts: True)
+    model = bridge("NemotronHForCausalLM")
+    with pytest.raises(ll.LinearizationError, match="a constant to unembed.hook_in that no bias"):
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert not hooks_left(model)
+
+
+def test_nemotron_h_attention_without_a_softmax_is_refused():
+    """An attention bridged as a mixer run by a fused kernel (SDPA, switched on after the
+    bridge booted it eager) computes no softmax to freeze: refused, naming the layer and the
+    fix."""
+    model = bridge("NemotronHForCausalLM")
+    model.original_model.set_attn_implementation("sdpa")  # the bridge boots it eager
+    with pytest.raises(ll.LinearizationError, match="attn_implementation='eager'") as info:
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert info.value.layer == 2
+    assert not hooks_left(model)
+
+
 def test_modernbert_decoder_rules_check_their_forms():
     """ModernBERT-decoder's GLU inside one projection (``act(a) · b`` from ``[a, b]``) and its
     prediction head's LayerNorm are frozen only where their form is what the rule assumes: an

@@ -421,6 +421,19 @@ class OperatingPoint:
             for t in bias_tensors(self.model).values()
         )
 
+    def unexplained_constant(self, hook: str) -> torch.Tensor | None:
+        """``F(0)`` at ``hook`` (every position) with every bias zeroed: the constant no bias
+        explains, zero where every coefficient is frozen as a factor of a linear term. A rule
+        that freezes a nonlinearity whole (an activation's input instead of its ratio) leaves
+        the map affine, and the reconstruction exact, yet adds such a constant: this finds it.
+        ``None`` where it cannot be computed or is not defined: user hooks (their constants
+        are theirs) or biases offloaded by accelerate (they cannot be zeroed)."""
+        biases = bias_tensors(self.model).values()
+        if self.fwd_hooks or any(t.device.type == "meta" for t in biases):
+            return None
+        with biases_zeroed(self.model):
+            return self.bias_term(hook)
+
     def directional(self, hook: str, *, pos: int | None = None) -> torch.Tensor:
         """``J⁺ x*`` at ``hook`` (every position, or ``pos``): free where the recording carried
         it (``record(tangent_at=hook)``), else from one replay in forward mode: the input

@@ -31,6 +31,10 @@ coefficient ``A``. One rule per kind serves every architecture:
   (BitNet's sub-norms): its scale frozen on the module (norms on queries and keys are left to
   the frozen pattern). An attention output gate computed inline from a bridged projection
   (``gate_proj``/``g_proj``: AFMoE, Laguna) is a ``gate`` site on that projection's output.
+* ``softmax`` — an attention that a hybrid bridges as a mixer, without ``hook_pattern``
+  (NemotronH; also its mixture-of-experts and MLP layers are ``moe`` and ``act`` sites on the
+  mixer): the softmax computed inside the wrapped module frozen there
+  (:mod:`lens_linear.hooks.rules.softmax`).
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
   its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
   ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
@@ -64,7 +68,7 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # norm layernorm rmsmodule attn gate ratio act moe slice scan
+    kind: str  # norm layernorm rmsmodule attn softmax gate ratio act moe slice scan
     layer: int | None
     # ratio sites, unscaled norms: the hook holding the input; act and layernorm sites: the
     # module, as "component:attribute" of the wrapped module
@@ -160,6 +164,17 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             ):
                 add(name, "act", source=f"blocks.{layer}:act_fn")
     for layer, block in enumerate(model.blocks):
+        # a hybrid that bridges every layer as a mixer (NemotronH): a layer that is not a scan
+        # is a mixture of experts, a plain MLP or an attention, by what its module holds
+        name = f"blocks.{layer}.mixer.hook_out"
+        kind = mixer_kind(getattr(block, "mixer", None)) if name in names else None
+        if kind == "moe" and "mlp" in parts:
+            add(name, "moe", source=f"blocks.{layer}.mixer")
+        elif kind == "act" and "mlp" in parts:
+            add(name, "act", source=f"blocks.{layer}.mixer:act_fn")
+        elif kind == "softmax" and "attn" in parts:
+            add(name, "softmax", source=f"blocks.{layer}.mixer")
+    for layer, block in enumerate(model.blocks):
         for part, component in (("norm", "attn"), ("norm", "mlp"), ("attn", "attn")):
             inner = wrapped(getattr(block, component, None))
             if part not in parts or not isinstance(inner, torch.nn.Module):
@@ -205,6 +220,25 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
         return order.get(site.source.split(":")[0] + ".hook_out", len(order))
 
     return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, position(s)))
+
+
+def mixer_kind(mixer: Any) -> str | None:
+    """What a layer bridged as a mixer computes, where it is not a state-space scan: ``"moe"``
+    (it holds ``experts``), ``"act"`` (a plain MLP: an activation module and no gate
+    projection), ``"softmax"`` (an attention: query and key projections), else ``None``."""
+    inner = wrapped(mixer)
+    if not isinstance(inner, torch.nn.Module):
+        return None
+    children = dict(inner.named_children())
+    if "A_log" in own_parameters(inner):
+        return None  # a scan: found by its hook names
+    if "experts" in children:
+        return "moe"
+    if isinstance(children.get("act_fn"), torch.nn.Module) and "gate_proj" not in children:
+        return "act"
+    if {"q_proj", "k_proj"} <= set(children):
+        return "softmax"
+    return None
 
 
 def wraps_identity(model: Any, name: str) -> bool:

@@ -67,7 +67,7 @@ def cut_positions(site: Site, value: torch.Tensor, keep: slice, batch: int, n: i
     """A frozen value of ``batch`` prompts of ``n`` positions cut to positions ``keep``:
     patterns on both query and key axes; values whose leading dimension flattens batch and
     positions (as some MLPs have) are cut per prompt."""
-    if site.kind == "attn":
+    if site.kind in ("attn", "softmax"):
         return value[:, :, keep, keep]
     if value.shape[0] == batch * n != batch:
         return value.reshape(batch, n, *value.shape[1:])[:, keep].flatten(0, 1)

@@ -6,8 +6,10 @@ as recorded; each selected expert's gate pre-activation is recorded as the per-e
 visits it (:func:`lens_linear.hooks.contexts.experts_eager` makes Hugging Face run that loop),
 so ``act(gate)`` is a constant and ``act(gate) · up`` linear; a clamped SwiGLU computed inline
 (gpt-oss: ``glu(gate) · (clamp(up) + 1)``) has its ``glu`` and its clamp's ratio frozen, the
-``+ 1`` a constant of the projection's bias; a shared expert's scalar gate and
-the activation of a shared expert TransformerLens does not bridge are constants too.
+``+ 1`` a constant of the projection's bias; non-gated experts ``act(up x)`` (NemotronH) have
+the activation's ratio ``act(z)/z`` frozen instead. A shared expert's scalar gate and the
+activation of a gated shared expert TransformerLens does not bridge are constants too (a
+non-gated one's ratio is frozen).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lens_linear._compat import original_component
 from lens_linear._validation import LinearizationError, tolerance
 from lens_linear.hooks.contexts import bias_zeroed
 from lens_linear.hooks.modules import ModuleHook
-from lens_linear.hooks.sites import wrapped
+from lens_linear.hooks.sites import slope_at_zero, wrapped
 from lens_linear.hooks.values import fit_positions, scaled
 
 ROUTERS = ("gate", "router")  # the HF child that computes routing weights and choices
@@ -162,8 +164,33 @@ def moe_hooks(
         shift = 0.0 if bias_zeroed(model, own_bias) else 1.0
         return glu * (ratio * up + shift)
 
+    def plain_unit(module: Any, args: tuple, original: Any) -> torch.Tensor:
+        """A non-gated expert ``down(act(up x))`` (NemotronH): ``act(z) = z · act(z)/z`` with
+        the ratio frozen (``act'(0)`` where ``z`` is zero), as a plain MLP's is."""
+        if live.get("rows") is None:
+            raise LinearizationError(
+                f"blocks.{layer}: non-gated experts run as one batched product: no freezing "
+                f"rule for their activation.",
+                layer=layer,
+            )
+        slot, token = live["rows"][live["call"]]
+        live["call"] += 1
+        (z,) = args
+        if mode == "replay":
+            recorded = store[key]
+            ratio = recorded[recorded.shape[0] - live["n_pos"] + token % live["n_pos"], slot]
+            return z * scaled(ratio, factor)
+        out = original(z)
+        ratio = _ratio(out, z, original)
+        if live["call"] == 1:
+            store[key] = z.new_zeros(live["n_pos"], live["top_k"], z.shape[-1])
+        store[key][token, slot] = ratio
+        return out.detach() + (z - z.detach()) * ratio  # value: out; gradient: the ratio
+
     if inline:
         gates = ModuleHook(experts, gated_unit, attribute="_apply_gate", around=True)
+    elif not gated_experts(experts):
+        gates = ModuleHook(experts, plain_unit, attribute="act_fn", around=True)
     elif isinstance(act, torch.nn.Module):
         gates = ModuleHook(act, gate_pre, pre=True)
     else:
@@ -181,14 +208,54 @@ def moe_hooks(
         shared = getattr(block, name, None)
         shared_act = getattr(shared, "act_fn", None)
         if original_component(shared) is None and isinstance(shared_act, torch.nn.Module):
-            hooks.append(
-                ModuleHook(
-                    shared_act,
-                    _constant_input(f"{key}#{name}", store, mode, factor, live),
-                    pre=True,
+            if "gate_proj" in dict(shared.named_children()):  # act(gate x) · up x: act constant
+                hooks.append(
+                    ModuleHook(
+                        shared_act,
+                        _constant_input(f"{key}#{name}", store, mode, factor, live),
+                        pre=True,
+                    )
                 )
-            )
+            else:  # down(act(up x)): the activation's ratio frozen
+                hooks.append(
+                    ModuleHook(shared_act, _ratio_output(f"{key}#{name}", store, mode, factor, live))
+                )
     return hooks
+
+
+def gated_experts(experts: Any) -> bool:
+    """Whether the experts are gated units ``act(gate x) · up x`` (a parameter named for the
+    gate, ``gate_up_proj`` or ``gate_proj``) rather than ``act(up x)`` (NemotronH's); experts
+    held as modules of their own count as gated, as before."""
+    names = [n for n, _ in experts.named_parameters(recurse=False)]
+    return not names or any("gate" in n for n in names)
+
+
+def _ratio(out: torch.Tensor, z: torch.Tensor, act: Any) -> torch.Tensor:
+    """``act(z) / z``, with ``act'(0)`` where ``z`` is zero (detached)."""
+    with torch.no_grad():
+        slope = slope_at_zero(act, z) if bool((z == 0).any()) else 0.0
+        return torch.where(z != 0, out / torch.where(z != 0, z, 1), slope)
+
+
+def _ratio_output(
+    key: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+    live: dict[str, Any],
+) -> Any:
+    """A non-gated shared expert's activation as ``z · act(z)/z``, the ratio frozen."""
+
+    def hook(module: Any, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        z = args[0]
+        if mode == "replay":
+            return z * scaled(fit_positions(store[key], z, live["n_pos"]), factor)
+        # the module's own forward, not the module: calling it would run this hook again
+        store[key] = _ratio(out, z, lambda t: type(module).forward(module, t))
+        return out.detach() + (z - z.detach()) * store[key]
+
+    return hook
 
 
 def clamped_swiglu(experts: Any) -> Any:
