@@ -72,12 +72,25 @@ def hook_name(model: Any, key: str | tuple) -> str:
     return name
 
 
+# the map's input where a model has no residual stream before its first block: DeepSeek-V4's
+# first block reads ``hc_mult`` copies of the embeddings (hyper-connection streams), so the
+# input variable is the embeddings themselves
+INPUT_FALLBACK = {"blocks.0.hook_resid_pre": "hook_embed"}
+
+
+def hook_key(hook_dict: Any, name: str) -> str:
+    """``name``, or the hook standing for it where the model lacks it (:data:`INPUT_FALLBACK`)."""
+    if name in hook_dict:
+        return name
+    return INPUT_FALLBACK.get(name, name)
+
+
 def require_hook(model: Any, *names: str) -> None:
     """Every name must be a hook point (``hook_dict`` is read once: a TL 3.9 bridge rebuilds
     its aliases on every access)."""
     hook_dict = model.hook_dict
     for name in names:
-        if name not in hook_dict:
+        if hook_key(hook_dict, name) not in hook_dict:
             close = difflib.get_close_matches(name, list(hook_dict), n=5, cutoff=0.6)
             hint = f" Close matches: {', '.join(close)}." if close else ""
             raise KeyError(f"unknown hook name {name!r} for this model.{hint}")

@@ -483,7 +483,7 @@ def _one_dtype(arch: str, dtype: torch.dtype) -> dict[str, Any]:
             ours = lcache.jacobian()
             try:
                 jac = torch.autograd.functional.jacobian(
-                    lambda x: hf_frozen(reference_model, x)[-1], lcache.x
+                    lambda x: hf_frozen(reference_model, x, tokens=tokens[0])[-1], lcache.x
                 )
             except Exception as exc:  # noqa: BLE001 - the reference, not the library, failed
                 out.update(

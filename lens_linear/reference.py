@@ -356,11 +356,27 @@ def _delta(m, h):
 
 class _DetachedSigmoids(TorchFunctionMode):
     """Inside an attention module: a sigmoid or softplus output gate (Qwen3-Next, AFMoE,
-    Laguna) detached."""
+    Laguna) detached, and every softmax however it is called (``Tensor.softmax``: a
+    compressor's pooling weights, DeepSeek-V4); inside a hyper-connection (``hc_mult``
+    streams), its sigmoid and softmax weights (the Sinkhorn steps then act on constants)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        return out.detach() if getattr(func, "__name__", "") in ("sigmoid", "softplus") else out
+        name = getattr(func, "__name__", "")
+        return out.detach() if name in ("sigmoid", "softplus", "softmax") else out
+
+
+class _ClampSlopes(TorchFunctionMode):
+    """Inside an MLP or experts module with a ``limit`` (DeepSeek-V4's clamped SwiGLU):
+    ``clamp(t) = t · (clamp(t)/t)`` with the slope detached (1 where ``t`` is zero)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") not in ("clamp", "clamp_"):
+            return out
+        t = args[0]
+        one = torch.ones_like(t)
+        return t * torch.where(t == 0, one, out / torch.where(t == 0, one, t)).detach()
 
 
 def _is_ssm(m):
@@ -401,10 +417,12 @@ def _frozen_hooks(base):
         if _is_ssm(m):
             handles.append(m.register_forward_hook(_ssm_frozen_hook, with_kwargs=True))
             continue
-        if name.endswith("Attention"):
+        if name.endswith("Attention") or hasattr(m, "hc_mult"):
             handles += _mode_inside(m, _DetachedSigmoids)
-        if callable(getattr(m, "_apply_gate", None)) and hasattr(m, "limit"):
+        if callable(getattr(m, "_apply_gate", None)) and hasattr(m, "alpha"):
             handles.append(_InstancePatch(m, "_apply_gate", _clamped_glu_frozen(m)))
+        elif hasattr(m, "limit") and any(k in name for k in ("MLP", "Experts")):
+            handles += _mode_inside(m, _ClampSlopes)
         if "RMS" in name and "Norm" in name:
             handles.append(m.register_forward_hook(_rms_frozen_hook))
         elif "LayerNorm" in name:
@@ -556,23 +574,34 @@ def _eager_attention(hf):
             hf.set_experts_implementation(experts)
 
 
-def hf_frozen(hf, x, frozen=True):
+def hf_frozen(hf, x, frozen=True, tokens=None):
     """The final-normed hidden state [pos, d_model] (through a prediction head where the model
     has one before its unembedding) of a Hugging Face causal LM whose first
     decoder layer receives ``x`` [pos, d_model] (TL's ``blocks.0.hook_resid_pre``), with norm
-    scales, attention patterns and MLP gates detached (``frozen=False``: the plain model)."""
+    scales, attention patterns and MLP gates detached (``frozen=False``: the plain model).
+    ``tokens`` [pos]: the prompt's token ids, for a model whose layers read them (hash routing)."""
     base = hf.base_model
     if base is hf:  # a prefix the class does not hold (Llama 4's "language_model"): its decoder
         base = hf.model
     n = hf.config.num_hidden_layers
     layers = next(m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n)
 
+    streams = getattr(hf.config, "hc_mult", None)  # DeepSeek-V4: the layers read copies of x
+    h = x[None] if streams is None else x[None, :, None].expand(-1, -1, streams, -1).contiguous()
+
     def inject(module, args, kwargs):
         if args:
-            return (x[None], *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": x[None]}
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    def token_ids(module, args, kwargs):  # hash routing reads the token ids (DeepSeek-V4)
+        if kwargs.get("input_ids", 0) is None:
+            return args, {**kwargs, "input_ids": tokens[None]}
+        return args, kwargs
 
     handles = [layers[0].register_forward_pre_hook(inject, with_kwargs=True)]
+    if tokens is not None:
+        handles += [layer.register_forward_pre_hook(token_ids, with_kwargs=True) for layer in layers]
     # a head between the final norm and the unembedding (ModernBERT-decoder: dense, activation,
     # LayerNorm) is part of the map to the unembedding's input
     head = getattr(hf, "lm_head", None)

@@ -53,6 +53,7 @@ MOE = [
     "LagunaForCausalLM",  # attention output gate softplus(W x), computed inline
     "GraniteMoeHybridForCausalLM",  # a hybrid layer's moe and shared_mlp beside a scan
     "NemotronHForCausalLM",  # every layer a mixer: scan, non-gated experts, attention, MLP
+    "DeepseekV4ForCausalLM",  # hyper-connections, compressed sparse attention, hash routing
 ]
 STATE_SPACE = [
     "MambaForCausalLM",
@@ -85,20 +86,27 @@ def test_jacobian_matches_reference(arch, dtype):
         not_applicable("the Hugging Face model does not run in float64")
     model, hf = bridge(arch, dtype), tiny_hf(arch, dtype=dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = model.to_tokens(PROMPT)[0]  # for hash routing (DeepSeek-V4)
     with full_precision():
         lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
         ours, value = lc.jacobian(), lc.activation()
-        jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], lc.x).transpose(
-            0, 1
-        )
+        jac = torch.autograd.functional.jacobian(
+            lambda x: hf_frozen(hf, x, tokens=tokens)[-1], lc.x
+        ).transpose(0, 1)
     with torch.no_grad():
-        errors = rel(hf_frozen(hf, lc.x)[-1], value), rel(jac, ours), lc.reconstruction_error()
+        errors = (
+            rel(hf_frozen(hf, lc.x, tokens=tokens)[-1], value),
+            rel(jac, ours),
+            lc.reconstruction_error(),
+        )
     print(
         f"\n{arch} {dtype}: value {errors[0]:.1e}, jacobian {errors[1]:.1e}, reconstruction {errors[2]:.1e}"
     )
     assert max(errors) <= TOL[dtype], errors
     u = torch.randn(value.shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
-    _, plain = torch.autograd.functional.vjp(lambda x: hf_frozen(hf, x, frozen=False)[-1], lc.x, u)
+    _, plain = torch.autograd.functional.vjp(
+        lambda x: hf_frozen(hf, x, frozen=False, tokens=tokens)[-1], lc.x, u
+    )
     assert rel(plain, torch.einsum("o,pod->pd", u, jac)) > 1e-3  # the reference's detaches did act
     assert not hooks_left(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -278,3 +286,43 @@ def test_predicted_patching_freezes_sites_inside_the_wrapped_module(arch):
     frozen = activation_patching(model, pairs, detached=True, progress=False)
     predicted = predicted_patching(model, pairs, detached=True, progress=False)
     assert rel(predicted.raw - predicted.corrupted, frozen.raw - frozen.corrupted) <= 1e-10
+
+
+LONG_PROMPT = "Hello world, hello there friend"  # 32 tokens: compressor windows, indexer choices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_deepseek_v4_with_clamps_biting_and_compressed_windows(dtype):
+    """DeepSeek-V4 on a prompt long enough for compressed key windows (rate 4) and the
+    indexer's top-k choices, with a limit small enough that every clamp of the experts' and
+    the shared experts' SwiGLU bites: the detached Jacobian equals the reference's (its own
+    rules: the clamps' slopes, every softmax and the hyper-connections' weights detached). The
+    forward engine's replays of the last positions (the input zero before them: compressor
+    windows cannot be cut) agree with the reverse engine's Jacobians of every block output."""
+    arch = "DeepseekV4ForCausalLM"
+    model, hf = bridge(arch, dtype), tiny_hf(arch, dtype=dtype)
+    limits = [m for m in [*model.original_model.modules(), *hf.modules()] if hasattr(m, "limit")]
+    assert len(limits) >= 8  # experts and shared experts of two layers, in both models
+    for m in limits:
+        m.limit = 0.05
+    tokens = model.to_tokens(LONG_PROMPT)[0]
+    with full_precision():
+        lc = ll.run_with_linear_cache(model, LONG_PROMPT, progress=False)
+        jac = torch.autograd.functional.jacobian(
+            lambda x: hf_frozen(hf, x, tokens=tokens)[-1], lc.x
+        ).transpose(0, 1)
+        errors = rel(jac, lc.jacobian()), lc.reconstruction_error()
+        forward = lc.jacobians(method="forward")
+        fresh = ll.run_with_linear_cache(model, LONG_PROMPT, progress=False)  # nothing cached
+        reverse = fresh.jacobians(method="reverse")
+    engines = max(rel(forward[h], reverse[h]) for h in reverse)
+    print(f"\nDeepSeek-V4 clamps {dtype}: jacobian {errors[0]:.1e}, reconstruction {errors[1]:.1e}, engines {engines:.1e}")
+    assert max(errors) <= TOL[dtype] and engines <= TOL[dtype]
+    assert sorted(reverse) == ["blocks.0.hook_out", "blocks.1.hook_out"]
+    # the clamps bit: the reference's own slopes are not all 1
+    u = torch.randn(lc.activation().shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for m in limits:
+        m.limit = 10.0
+    _, wide = torch.autograd.functional.vjp(lambda x: hf_frozen(hf, x, tokens=tokens)[-1], lc.x, u)
+    assert rel(wide, torch.einsum("o,pod->pd", u, jac)) > 1e-3
+

@@ -170,6 +170,34 @@ def test_nemotron_h_attention_without_a_softmax_is_refused():
     assert not hooks_left(model)
 
 
+@pytest.mark.parametrize("rule", ["softmax", "hyper", "clamp", "experts' clamped SwiGLU"])
+def test_deepseek_v4_without_each_rule_is_refused(rule, monkeypatch):
+    """DeepSeek-V4 (32 tokens: compressor windows and indexer choices; a limit at which every
+    clamp bites): without the freezing rule for its attention's softmaxes and choices, its
+    hyper-connections' weights, its shared experts' clamps or its experts' clamped SwiGLU,
+    the model is refused, never linearized wrongly."""
+    from lens_linear.hooks import operating_point, sites
+    from lens_linear.hooks.rules import moe
+
+    if rule == "experts' clamped SwiGLU":
+        monkeypatch.setattr(moe, "clamped_swiglu", lambda experts: None)
+    else:
+        original = sites.find_sites
+        dropped = lambda *a, **k: [  # noqa: E731
+            s
+            for s in original(*a, **k)
+            if s.kind != rule and (rule != "softmax" or ".indexer." not in s.name)
+        ]  # (the indexer's norms matter only through the choices the softmax rule freezes)
+        monkeypatch.setattr(operating_point, "find_sites", dropped)
+    model = bridge("DeepseekV4ForCausalLM")
+    for m in model.original_model.modules():
+        if hasattr(m, "limit"):
+            m.limit = 0.05
+    with pytest.raises(ll.LinearizationError, match=r"does not reconstruct.*breaks at blocks\.[01]"):
+        ll.run_with_linear_cache(model, "Hello world, hello there friend", progress=False)
+    assert not hooks_left(model)
+
+
 def test_modernbert_decoder_rules_check_their_forms():
     """ModernBERT-decoder's GLU inside one projection (``act(a) · b`` from ``[a, b]``) and its
     prediction head's LayerNorm are frozen only where their form is what the rule assumes: an

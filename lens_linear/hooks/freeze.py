@@ -7,8 +7,8 @@ kind of site (:mod:`lens_linear.hooks.sites`): a norm's scale and a gated MLP's 
 replaced whole, a doubly gated convolution's gates are a slice of one projection, a plain
 MLP's activation is ``pre · gate`` with the ratio ``gate = act(pre) / pre`` frozen. Attention
 kept as queries and keys (:mod:`lens_linear.hooks.patterns`), mixtures of experts,
-state-space mixers and attention without a pattern hook (:mod:`lens_linear.hooks.rules`) have
-rules of their own.
+state-space mixers, attention without a pattern hook and hyper-connections
+(:mod:`lens_linear.hooks.rules`) have rules of their own.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lens_linear._validation import LinearizationError, tolerance
 from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
 from lens_linear.hooks.rules.moe import moe_hooks
-from lens_linear.hooks.rules.softmax import softmax_hooks
+from lens_linear.hooks.rules.inside import inside_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
 from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero, wrapped
@@ -82,8 +82,8 @@ def site_hooks(
             hooks += moe_hooks(
                 model, site.layer, site.name, store, mode, factors.get(site.name), site.source
             )
-        elif site.kind == "softmax":
-            hooks += softmax_hooks(model, site, store, mode, factors.get(site.name))
+        elif site.kind in ("softmax", "hyper", "clamp"):
+            hooks += inside_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "scan":
             hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))
         elif site.kind == "slice":

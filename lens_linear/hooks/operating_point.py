@@ -49,6 +49,7 @@ from lens_linear.hooks.sites import (
     output_hook,
 )
 from lens_linear.hooks.tangents import forward_mode
+from lens_linear.hooks.rules.inside import cuttable
 from lens_linear.hooks.values import cut_positions
 from lens_linear.hooks.verify import (
     SiteCheck,
@@ -272,7 +273,9 @@ class OperatingPoint:
         out_name = output_hook(self.model)
         checked = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]
         fired = {**self.values, **self.frozen_attention}
-        ignored = [s.name for s in checked if s.name not in fired]  # never fired at all
+        # a site that never fired (a compressor with no complete window on this prompt) holds
+        # nothing: it cannot fire in a replay of this prompt either
+        ignored: list[str] = []
         whole = target is not None and checks_whole_prompt(len(self.x_star), self.fwd_hooks)
         start = 0 if whole or self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
         factors = {
@@ -339,6 +342,18 @@ class OperatingPoint:
                 f"replay input must have shape [batch, {self.x_star.shape[0] - start_pos}, "
                 f"{self.x_star.shape[1]}], got {tuple(x.shape)}"
             )
+        if start_pos and not all(cuttable(s, self.values) for s in self.sites):
+            # values that cannot be cut to the last positions (a compressor's windows): the
+            # whole prompt replayed, the input zero before ``start_pos``
+            pad = x.new_zeros(x.shape[0], start_pos, *x.shape[2:])
+            out = self.replay(
+                torch.cat([pad, x], 1),
+                hooks,
+                input_hook=input_hook,
+                pos=None if pos is None else pos + start_pos,
+                factors=factors,
+            )
+            return out if pos is not None else {h: v[:, start_pos:] for h, v in out.items()}
         sites, store = self.sites, self.values
         if start_pos:  # norms that feed only frozen values may run live on the suffix
             sites = [s for s in self.sites if not feeds_frozen_only(s, self.sites)]

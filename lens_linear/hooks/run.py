@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch.func import functional_call
 
-from lens_linear._validation import require_hook
+from lens_linear._validation import hook_key, require_hook
 from lens_linear.hooks.contexts import (
     experts_eager,
     float64_throughout,
@@ -63,8 +63,8 @@ def resolve_hooks(
                 if id(point) not in seen and name(key):
                     seen.add(id(point))
                     points.append((point, fn))
-        elif name in hook_dict:
-            points.append((hook_dict[name], fn))
+        elif hook_key(hook_dict, name) in hook_dict:
+            points.append((hook_dict[hook_key(hook_dict, name)], fn))
         else:
             raise KeyError(name)
     return points
@@ -110,7 +110,9 @@ def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     hook_dict = model.hook_dict
     on_modules = [h for h in hooks if isinstance(h, ModuleHook)]
     hooks = [h for h in hooks if not isinstance(h, ModuleHook)]
-    missing = [name for name, _ in hooks if not callable(name) and name not in hook_dict]
+    missing = [
+        name for name, _ in hooks if not callable(name) and hook_key(hook_dict, name) not in hook_dict
+    ]
     if missing:
         require_hook(model, *missing)  # raises, naming close matches
     points = []

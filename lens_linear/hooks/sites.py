@@ -31,10 +31,14 @@ coefficient ``A``. One rule per kind serves every architecture:
   (BitNet's sub-norms): its scale frozen on the module (norms on queries and keys are left to
   the frozen pattern). An attention output gate computed inline from a bridged projection
   (``gate_proj``/``g_proj``: AFMoE, Laguna) is a ``gate`` site on that projection's output.
-* ``softmax`` — an attention that a hybrid bridges as a mixer, without ``hook_pattern``
-  (NemotronH; also its mixture-of-experts and MLP layers are ``moe`` and ``act`` sites on the
-  mixer): the softmax computed inside the wrapped module frozen there
-  (:mod:`lens_linear.hooks.rules.softmax`).
+* ``softmax`` — an attention bridged without ``hook_pattern``: as a hybrid's mixer (NemotronH;
+  its mixture-of-experts and MLP layers are ``moe`` and ``act`` sites on the mixer too) or with
+  compressed keys chosen by an indexer (DeepSeek-V4): every softmax and top-k choice computed
+  inside the wrapped module frozen there (:mod:`lens_linear.hooks.rules.inside`).
+* ``clamp`` — a gated MLP with a ``limit`` (DeepSeek-V4's shared experts clamp gate and up):
+  each clamp's ratio frozen inside the module (:mod:`lens_linear.hooks.rules.inside`).
+* ``hyper`` — a hyper-connection (a module with ``hc_mult`` residual streams, DeepSeek-V4): its
+  stream weights (sigmoids, a softmax and Sinkhorn steps) frozen inside the module.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
   its own norm after the activation, as SoLU does, else ``mlp.hook_post``) is replaced by
   ``pre · gate`` with ``gate = act(pre) / pre`` frozen. Only valid where the output really
@@ -68,7 +72,7 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # norm layernorm rmsmodule attn softmax gate ratio act moe slice scan
+    kind: str  # norm layernorm rmsmodule attn softmax hyper clamp gate ratio act moe slice scan
     layer: int | None
     # ratio sites, unscaled norms: the hook holding the input; act and layernorm sites: the
     # module, as "component:attribute" of the wrapped module
@@ -85,7 +89,15 @@ def output_hook(model: Any) -> str:
 
 
 def block_outputs(model: Any) -> list[str]:
-    return [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+    """Each block's output: its ``hook_resid_post``, or its ``hook_out`` where it has no
+    residual stream of its own (DeepSeek-V4's blocks output ``hc_mult`` streams)."""
+    names = model.hook_dict
+    return [
+        f"blocks.{layer}.hook_resid_post"
+        if f"blocks.{layer}.hook_resid_post" in names
+        else f"blocks.{layer}.hook_out"
+        for layer in range(model.cfg.n_layers)
+    ]
 
 
 def layer_of(name: str) -> int | None:
@@ -146,6 +158,10 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             prefix = name[: -len("hook_pre")]
             if prefix + "hook_pre_linear" in names:  # a gated MLP, shared experts' included
                 add(name, "gate")
+                component = prefix[:-1]
+                inner = wrapped(model.get_submodule(component))
+                if getattr(inner, "limit", None) and not hasattr(inner, "alpha"):
+                    add(prefix + "hook_out", "clamp", source=component)  # its clamps' ratios
             elif not name.endswith(("mlp.hook_pre", ".moe.hook_pre")):
                 continue  # inside an MLP: only a gated shared expert is a site of its own
             elif (
@@ -174,6 +190,20 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             add(name, "act", source=f"blocks.{layer}.mixer:act_fn")
         elif kind == "softmax" and "attn" in parts:
             add(name, "softmax", source=f"blocks.{layer}.mixer")
+        # an attention bridged without hook_pattern (DeepSeek-V4's): its softmax frozen inside
+        name = f"blocks.{layer}.attn.hook_out"
+        if (
+            "attn" in parts
+            and name in names
+            and f"blocks.{layer}.attn.hook_pattern" not in names
+            and is_attention(getattr(block, "attn", None))
+        ):
+            add(name, "softmax", source=f"blocks.{layer}.attn")
+        if "mlp" in parts:  # hyper-connections: their stream weights, frozen inside
+            for child_name, child in block.named_children():
+                name = f"blocks.{layer}.{child_name}.hook_out"
+                if name in names and hasattr(wrapped(child), "hc_mult"):
+                    add(name, "hyper", source=f"blocks.{layer}.{child_name}")
     for layer, block in enumerate(model.blocks):
         for part, component in (("norm", "attn"), ("norm", "mlp"), ("attn", "attn")):
             inner = wrapped(getattr(block, component, None))
@@ -204,6 +234,8 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                     hook = getattr(child, "hook_out", None)
                     if hook is not None and getattr(hook, "name", None) in names:
                         add(hook.name, "gate")
+    if "mlp" in parts and "hc_head.hook_out" in names:  # the final collapse of hyper-connections
+        add("hc_head.hook_out", "hyper", source="hc_head")
     head = wrapped(getattr(model, "prediction_head", None))  # after the final norm (ModernBERT)
     if "prediction_head.hook_in" in names and isinstance(
         getattr(head, "norm", None), torch.nn.LayerNorm
@@ -236,9 +268,17 @@ def mixer_kind(mixer: Any) -> str | None:
         return "moe"
     if isinstance(children.get("act_fn"), torch.nn.Module) and "gate_proj" not in children:
         return "act"
-    if {"q_proj", "k_proj"} <= set(children):
-        return "softmax"
-    return None
+    return "softmax" if is_attention(inner) else None
+
+
+def is_attention(component: Any) -> bool:
+    """Whether a component wraps an attention module (by its class name, or query and key
+    projections)."""
+    inner = wrapped(component)
+    if not isinstance(inner, torch.nn.Module):
+        return False
+    children = set(dict(inner.named_children()))
+    return "Attention" in type(inner).__name__ or {"q_proj", "k_proj"} <= children
 
 
 def wraps_identity(model: Any, name: str) -> bool:
@@ -345,12 +385,20 @@ def components_without_sites(model: Any, layer: int, sites: Sequence[Site]) -> l
 
 def feeds_frozen_only(site: Site, sites: Sequence[Site]) -> bool:
     """A norm that matters only through other frozen values: inside attention (q/k norms, once
-    the pattern is frozen) or inside a state-space mixer (on the step sizes' input, once the
-    step sizes are frozen). It cannot reach the output, and may run live on a suffix replay."""
+    the pattern is frozen; a sparse indexer's, once its choices are), inside a state-space
+    mixer (on the step sizes' input, once the step sizes are frozen) or inside a
+    hyper-connection (on its weights' input). It cannot reach the output, and may run live on
+    a suffix replay."""
     if site.kind != "norm":
         return False
     if ".attn." in site.name and any(s.kind == "attn" for s in sites):
         return True
-    return any(
-        s.kind == "scan" and site.name.startswith(s.name.rsplit(".", 1)[0] + ".") for s in sites
-    )
+    for owner in sites:
+        prefix = owner.name.rsplit(".", 1)[0] if owner.kind == "scan" else owner.source
+        if owner.kind not in ("scan", "hyper", "softmax") or not site.name.startswith(
+            f"{prefix}."
+        ):
+            continue
+        inner = site.name[len(prefix) + 1 :]
+        return owner.kind != "softmax" or ".indexer." in f".{inner}" or inner.startswith(QK_NORMS)
+    return False

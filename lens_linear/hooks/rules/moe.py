@@ -58,7 +58,7 @@ def moe_hooks(
     )
     experts = wrapped(getattr(block, "experts", None))
     act = getattr(experts, "act_fn", None)
-    inline = clamped_swiglu(experts) if not callable(act) else None
+    inline = clamped_swiglu(experts)
     if router is None or not (callable(act) or inline):
         raise LinearizationError(
             f"blocks.{layer}.mlp is a mixture of experts without a router module ({', '.join(ROUTERS)}) or "
@@ -134,21 +134,21 @@ def moe_hooks(
         return (scaled(rows.repeat(1, gate.shape[1] // n_pos, 1), factor),)
 
     def gated_unit(module: Any, args: tuple, original: Any) -> torch.Tensor:
-        """``glu(gate) · (clamp(up) + 1)`` frozen: ``glu`` a constant, the clamp as its ratio
-        ``clamp(up) / up`` (1 inside the limit), the ``+ 1`` a constant of the projection's bias
-        (gone where that bias is zeroed): linear in ``up``, and the model's value at ``x*``."""
+        """``glu(gate) · (clamp(up) + shift)`` frozen: ``glu`` a constant, the clamp as its
+        ratio ``clamp(up) / up`` (1 inside the limit), gpt-oss's ``+ 1`` a constant of the
+        projection's bias (gone where that bias is zeroed): linear in ``up``, and the model's
+        value at ``x*``."""
         slot, token = live["rows"][live["call"]]
         live["call"] += 1
         (gate_up,) = args
-        up = gate_up[..., 1::2]
         if mode == "record":
             out = original(gate_up)
-            glu, ratio, expected = inline(gate_up)
+            glu, up, ratio, expected = inline(gate_up)
             err = float((expected - out).abs().max() / out.abs().max().clamp_min(1e-30))
             if err > tolerance(out.dtype):
                 raise LinearizationError(
                     f"blocks.{layer}.mlp.experts._apply_gate is not the clamped SwiGLU "
-                    f"glu(gate) · (clamp(up) + 1) (max relative difference {err:.2e}): its "
+                    f"glu(gate) · (clamp(up) + {inline.shift:g}) (max relative difference {err:.2e}): its "
                     f"freezing rule would hide a nonlinearity, so it is refused.",
                     layer=layer,
                     error=err,
@@ -161,7 +161,8 @@ def moe_hooks(
         recorded = store[key]
         frozen = recorded[recorded.shape[0] - live["n_pos"] + token % live["n_pos"], slot]
         glu, ratio = scaled(frozen, factor).chunk(2, -1)
-        shift = 0.0 if bias_zeroed(model, own_bias) else 1.0
+        up = inline(gate_up)[1]
+        shift = 0.0 if own_bias is None or bias_zeroed(model, own_bias) else inline.shift
         return glu * (ratio * up + shift)
 
     def plain_unit(module: Any, args: tuple, original: Any) -> torch.Tensor:
@@ -259,25 +260,45 @@ def _ratio_output(
 
 
 def clamped_swiglu(experts: Any) -> Any:
-    """The parts of a clamped, scaled SwiGLU that ``experts._apply_gate`` computes inline (as
-    gpt-oss does), found by inspection: ``gate, up`` interleaved in ``gate_up``,
-    ``glu = g · σ(α g)`` with ``g = min(gate, limit)``, output ``glu · (clamp(up, ±limit) + 1)``.
-    Returns ``gate_up ↦ (glu, clamp(up) / up, output)`` or ``None`` for any other experts
-    module; the recording checks the output against the module's own."""
+    """The parts of a clamped SwiGLU that ``experts._apply_gate`` computes inline, found by
+    inspection, in one of two forms: gpt-oss's (``gate, up`` interleaved in ``gate_up``,
+    ``glu = g · σ(α g)`` with ``g = min(gate, limit)``, output ``glu · (clamp(up, ±limit) + 1)``)
+    or DeepSeek-V4's (``gate, up`` its halves, ``glu = act(min(gate, limit))``, output
+    ``glu · clamp(up, ±limit)``). Returns ``gate_up ↦ (glu, up, clamp(up) / up, output)`` with
+    the form's constant shift (1 or 0), or ``None`` for any other experts module; the
+    recording checks the output against the module's own."""
     alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
-    if not (callable(getattr(experts, "_apply_gate", None)) and alpha is not None and limit):
+    if not (callable(getattr(experts, "_apply_gate", None)) and limit):
         return None
-    if not hasattr(experts, "gate_up_proj_bias"):
+    act = getattr(experts, "act_fn", None)
+    if alpha is not None and hasattr(experts, "gate_up_proj_bias"):
+        shift = 1.0
+
+        def halves(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return gate_up[..., ::2], gate_up[..., 1::2]
+
+        def glu(g: torch.Tensor) -> torch.Tensor:
+            return g * torch.sigmoid(g * alpha)
+
+    elif alpha is None and callable(act):
+        shift = 0.0
+
+        def halves(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return gate, up
+
+        glu = act
+    else:
         return None
 
-    def parts(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-        g = gate.clamp(max=limit)
-        glu = g * torch.sigmoid(g * alpha)
+    def parts(gate_up: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        gate, up = halves(gate_up)
+        unit = glu(gate.clamp(max=limit))
         clamped = up.clamp(-limit, limit)
         ratio = torch.where(up != 0, clamped / torch.where(up != 0, up, 1), 1.0)
-        return glu, ratio, glu * (clamped + 1)
+        return unit, up, ratio, unit * (clamped + shift)
 
+    parts.shift = shift  # type: ignore[attr-defined]
     return parts
 
 
