@@ -601,7 +601,9 @@ def hf_frozen(hf, x, frozen=True, tokens=None):
 
     handles = [layers[0].register_forward_pre_hook(inject, with_kwargs=True)]
     if tokens is not None:
-        handles += [layer.register_forward_pre_hook(token_ids, with_kwargs=True) for layer in layers]
+        handles += [
+            layer.register_forward_pre_hook(token_ids, with_kwargs=True) for layer in layers
+        ]
     # a head between the final norm and the unembedding (ModernBERT-decoder: dense, activation,
     # LayerNorm) is part of the map to the unembedding's input
     head = getattr(hf, "lm_head", None)

@@ -316,7 +316,9 @@ def test_deepseek_v4_with_clamps_biting_and_compressed_windows(dtype):
         fresh = ll.run_with_linear_cache(model, LONG_PROMPT, progress=False)  # nothing cached
         reverse = fresh.jacobians(method="reverse")
     engines = max(rel(forward[h], reverse[h]) for h in reverse)
-    print(f"\nDeepSeek-V4 clamps {dtype}: jacobian {errors[0]:.1e}, reconstruction {errors[1]:.1e}, engines {engines:.1e}")
+    print(
+        f"\nDeepSeek-V4 clamps {dtype}: jacobian {errors[0]:.1e}, reconstruction {errors[1]:.1e}, engines {engines:.1e}"
+    )
     assert max(errors) <= TOL[dtype] and engines <= TOL[dtype]
     assert sorted(reverse) == ["blocks.0.hook_out", "blocks.1.hook_out"]
     # the clamps bit: the reference's own slopes are not all 1
@@ -325,4 +327,3 @@ def test_deepseek_v4_with_clamps_biting_and_compressed_windows(dtype):
         m.limit = 10.0
     _, wide = torch.autograd.functional.vjp(lambda x: hf_frozen(hf, x, tokens=tokens)[-1], lc.x, u)
     assert rel(wide, torch.einsum("o,pod->pd", u, jac)) > 1e-3
-

@@ -193,7 +193,9 @@ def test_deepseek_v4_without_each_rule_is_refused(rule, monkeypatch):
     for m in model.original_model.modules():
         if hasattr(m, "limit"):
             m.limit = 0.05
-    with pytest.raises(ll.LinearizationError, match=r"does not reconstruct.*breaks at blocks\.[01]"):
+    with pytest.raises(
+        ll.LinearizationError, match=r"does not reconstruct.*breaks at blocks\.[01]"
+    ):
         ll.run_with_linear_cache(model, "Hello world, hello there friend", progress=False)
     assert not hooks_left(model)
 

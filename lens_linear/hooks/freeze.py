@@ -21,8 +21,8 @@ import torch
 from lens_linear._validation import LinearizationError, tolerance
 from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
-from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.inside import inside_hooks
+from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
 from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero, wrapped

@@ -38,6 +38,7 @@ from lens_linear.hooks.contexts import (
 )
 from lens_linear.hooks.freeze import site_hooks
 from lens_linear.hooks.patterns import FrozenAttention
+from lens_linear.hooks.rules.inside import cuttable
 from lens_linear.hooks.run import Hook, forward, hooks_on, run_to
 from lens_linear.hooks.sites import (
     INPUT_HOOK,
@@ -49,7 +50,6 @@ from lens_linear.hooks.sites import (
     output_hook,
 )
 from lens_linear.hooks.tangents import forward_mode
-from lens_linear.hooks.rules.inside import cuttable
 from lens_linear.hooks.values import cut_positions
 from lens_linear.hooks.verify import (
     SiteCheck,

@@ -111,7 +111,9 @@ def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     on_modules = [h for h in hooks if isinstance(h, ModuleHook)]
     hooks = [h for h in hooks if not isinstance(h, ModuleHook)]
     missing = [
-        name for name, _ in hooks if not callable(name) and hook_key(hook_dict, name) not in hook_dict
+        name
+        for name, _ in hooks
+        if not callable(name) and hook_key(hook_dict, name) not in hook_dict
     ]
     if missing:
         require_hook(model, *missing)  # raises, naming close matches

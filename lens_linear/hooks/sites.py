@@ -395,9 +395,7 @@ def feeds_frozen_only(site: Site, sites: Sequence[Site]) -> bool:
         return True
     for owner in sites:
         prefix = owner.name.rsplit(".", 1)[0] if owner.kind == "scan" else owner.source
-        if owner.kind not in ("scan", "hyper", "softmax") or not site.name.startswith(
-            f"{prefix}."
-        ):
+        if owner.kind not in ("scan", "hyper", "softmax") or not site.name.startswith(f"{prefix}."):
             continue
         inner = site.name[len(prefix) + 1 :]
         return owner.kind != "softmax" or ".indexer." in f".{inner}" or inner.startswith(QK_NORMS)

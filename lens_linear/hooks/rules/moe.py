@@ -219,7 +219,9 @@ def moe_hooks(
                 )
             else:  # down(act(up x)): the activation's ratio frozen
                 hooks.append(
-                    ModuleHook(shared_act, _ratio_output(f"{key}#{name}", store, mode, factor, live))
+                    ModuleHook(
+                        shared_act, _ratio_output(f"{key}#{name}", store, mode, factor, live)
+                    )
                 )
     return hooks
 
