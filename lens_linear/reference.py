@@ -366,6 +366,22 @@ class _DetachedSigmoids(TorchFunctionMode):
         return out.detach() if name in ("sigmoid", "softplus", "softmax") else out
 
 
+class _RwkvFrozen(TorchFunctionMode):
+    """Inside RWKV's time mixing (``exp`` weights of the WKV recurrence and the receptance
+    ``sigmoid`` detached: the numerator is then linear in the values, the denominator a
+    constant) or channel mixing (``sigmoid`` detached; ``square(t) = t · t.detach()``, so with
+    the live ``relu`` the squared ReLU is ``k · (relu(k)²/k)`` with that slope detached)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name in ("exp", "sigmoid"):
+            return out.detach()
+        if name == "square":
+            return args[0] * args[0].detach()
+        return out
+
+
 class _ClampSlopes(TorchFunctionMode):
     """Inside an MLP or experts module with a ``limit`` (DeepSeek-V4's clamped SwiGLU):
     ``clamp(t) = t · (clamp(t)/t)`` with the slope detached (1 where ``t`` is zero)."""
@@ -419,6 +435,8 @@ def _frozen_hooks(base):
             continue
         if name.endswith("Attention") or hasattr(m, "hc_mult"):
             handles += _mode_inside(m, _DetachedSigmoids)
+        if hasattr(m, "time_mix_key"):  # RWKV's time and channel mixing
+            handles += _mode_inside(m, _RwkvFrozen)
         if callable(getattr(m, "_apply_gate", None)) and hasattr(m, "alpha"):
             handles.append(_InstancePatch(m, "_apply_gate", _clamped_glu_frozen(m)))
         elif hasattr(m, "limit") and any(k in name for k in ("MLP", "Experts")):
@@ -447,8 +465,10 @@ def _frozen_hooks(base):
             elif child_name in ("gate", "router", "shared_expert_gate") and hasattr(m, "experts"):
                 handles.append(child.register_forward_hook(_detach_outputs))
         linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
-        if any(k in name for k in ("MLP", "FeedForward", "Experts")) and not any(
-            _is_activation(c) for c in m.modules()
+        if (
+            any(k in name for k in ("MLP", "FeedForward", "Experts"))
+            and not any(_is_activation(c) for c in m.modules())
+            and not hasattr(m, "time_mix_key")  # RWKV's channel mixing has its own rule
         ):
             gated = len(linears) == 3 or any(
                 "gate" in n for n, _ in m.named_parameters(recurse=False)

@@ -65,6 +65,7 @@ STATE_SPACE = [
     "Qwen3NextForCausalLM",
     "Qwen3_5ForCausalLM",
     "OlmoHybridForCausalLM",
+    "RwkvForCausalLM",  # a WKV recurrence's exponential weights, receptance gates
 ]  # gated delta rules
 FLOAT32_INSIDE = [
     "MptForCausalLM",
@@ -327,3 +328,24 @@ def test_deepseek_v4_with_clamps_biting_and_compressed_windows(dtype):
         m.limit = 10.0
     _, wide = torch.autograd.functional.vjp(lambda x: hf_frozen(hf, x, tokens=tokens)[-1], lc.x, u)
     assert rel(wide, torch.einsum("o,pod->pd", u, jac)) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_rwkv_engines_agree_where_the_recurrence_cannot_be_cut(dtype):
+    """RWKV's WKV recurrence is frozen one step at a time, so a replay of the last positions
+    runs the whole prompt with the input zero before them: the forward engine's Jacobians of
+    every block output equal the reverse engine's, and the output's equals the reference's."""
+    arch = "RwkvForCausalLM"
+    model, hf = bridge(arch, dtype), tiny_hf(arch, dtype=dtype)
+    with full_precision():
+        lc = ll.run_with_linear_cache(model, LONG_PROMPT, progress=False)
+        forward = lc.jacobians(method="forward")
+        fresh = ll.run_with_linear_cache(model, LONG_PROMPT, progress=False)  # nothing cached
+        reverse = fresh.jacobians(method="reverse")
+        jac = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], lc.x)
+    errors = (
+        max(rel(forward[h], reverse[h]) for h in reverse),
+        rel(jac.transpose(0, 1), lc.jacobian()),
+    )
+    print(f"\nRWKV {dtype}: engines {errors[0]:.1e}, jacobian {errors[1]:.1e}")
+    assert max(errors) <= TOL[dtype]

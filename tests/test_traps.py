@@ -2,8 +2,8 @@
 
 Found by probing TransformerLens' bridge with tiny random models (``lens_linear.coverage``):
 a mixture of experts whose experts compute their gate inline in a form the rule does not
-know, recurrent mixers without a rule (RWKV), and a user's own nonlinearity inside an MoE
-block or a state-space mixer.
+know, a hybrid layer without a rule (Zamba2), each rule removed, and a user's own
+nonlinearity inside an MoE block or a state-space mixer.
 """
 
 import pytest
@@ -19,7 +19,7 @@ if LEG != "newest":
 from lens_linear.coverage import tiny_hf  # noqa: E402
 
 TRAPS = {
-    "RwkvForCausalLM": (r"blocks\.0's channel_mix, time_mix", 0),
+    "Zamba2ForCausalLM": (r"breaks at blocks\.1", 1),  # attention inside an unbridged hybrid layer
 }
 
 
@@ -197,6 +197,23 @@ def test_deepseek_v4_without_each_rule_is_refused(rule, monkeypatch):
         ll.LinearizationError, match=r"does not reconstruct.*breaks at blocks\.[01]"
     ):
         ll.run_with_linear_cache(model, "Hello world, hello there friend", progress=False)
+    assert not hooks_left(model)
+
+
+@pytest.mark.parametrize("rule", ["wkv", "channel"])
+def test_rwkv_without_its_rules_is_refused(rule, monkeypatch):
+    """RWKV's time mixing (a WKV recurrence) and channel mixing: without their freezing rules,
+    linearity breaks in the first block and the model is refused naming the component."""
+    from lens_linear.hooks import operating_point, sites
+
+    original = sites.find_sites
+    dropped = lambda *a, **k: [s for s in original(*a, **k) if s.kind != rule]  # noqa: E731
+    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    model = bridge("RwkvForCausalLM")
+    mixer = {"wkv": "time_mix", "channel": "channel_mix"}[rule]
+    with pytest.raises(ll.LinearizationError, match=rf"blocks\.0's .*{mixer}") as info:
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert info.value.layer == 0
     assert not hooks_left(model)
 
 

@@ -21,7 +21,7 @@ import torch
 from lens_linear._validation import LinearizationError, tolerance
 from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.patterns import FrozenAttention, attention_hooks, recipe_tolerance
-from lens_linear.hooks.rules.inside import inside_hooks
+from lens_linear.hooks.rules.inside import FROZEN, inside_hooks
 from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
@@ -82,7 +82,7 @@ def site_hooks(
             hooks += moe_hooks(
                 model, site.layer, site.name, store, mode, factors.get(site.name), site.source
             )
-        elif site.kind in ("softmax", "hyper", "clamp"):
+        elif site.kind in FROZEN:
             hooks += inside_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "scan":
             hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))

@@ -37,6 +37,9 @@ coefficient ``A``. One rule per kind serves every architecture:
   inside the wrapped module frozen there (:mod:`lens_linear.hooks.rules.inside`).
 * ``clamp`` — a gated MLP with a ``limit`` (DeepSeek-V4's shared experts clamp gate and up):
   each clamp's ratio frozen inside the module (:mod:`lens_linear.hooks.rules.inside`).
+* ``wkv``, ``channel`` — RWKV's time mixing (a module with ``time_decay`` and
+  ``time_first``) and channel mixing (``time_mix_key`` alone): the recurrence's exponential
+  weights and the receptance gates frozen, ``relu`` and ``square`` as ratios.
 * ``hyper`` — a hyper-connection (a module with ``hc_mult`` residual streams, DeepSeek-V4): its
   stream weights (sigmoids, a softmax and Sinkhorn steps) frozen inside the module.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
@@ -72,7 +75,7 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # norm layernorm rmsmodule attn softmax hyper clamp gate ratio act moe slice scan
+    kind: str  # norm layernorm rmsmodule attn softmax hyper clamp wkv channel gate ratio act moe slice scan
     layer: int | None
     # ratio sites, unscaled norms: the hook holding the input; act and layernorm sites: the
     # module, as "component:attribute" of the wrapped module
@@ -199,11 +202,18 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             and is_attention(getattr(block, "attn", None))
         ):
             add(name, "softmax", source=f"blocks.{layer}.attn")
-        if "mlp" in parts:  # hyper-connections: their stream weights, frozen inside
-            for child_name, child in block.named_children():
-                name = f"blocks.{layer}.{child_name}.hook_out"
-                if name in names and hasattr(wrapped(child), "hc_mult"):
-                    add(name, "hyper", source=f"blocks.{layer}.{child_name}")
+        for child_name, child in block.named_children():
+            name, source = f"blocks.{layer}.{child_name}.hook_out", f"blocks.{layer}.{child_name}"
+            inner = wrapped(child)
+            if name not in names or not isinstance(inner, torch.nn.Module):
+                continue
+            own = own_parameters(inner)
+            if "mlp" in parts and hasattr(inner, "hc_mult"):  # a hyper-connection's weights
+                add(name, "hyper", source=source)
+            elif "mixer" in parts and {"time_decay", "time_first"} <= own:  # RWKV time mixing
+                add(name, "wkv", source=source)
+            elif "mlp" in parts and "time_mix_key" in own:  # RWKV channel mixing
+                add(name, "channel", source=source)
     for layer, block in enumerate(model.blocks):
         for part, component in (("norm", "attn"), ("norm", "mlp"), ("attn", "attn")):
             inner = wrapped(getattr(block, component, None))

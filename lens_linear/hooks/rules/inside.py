@@ -9,6 +9,10 @@ same in every run):
 * a hyper-connection (DeepSeek-V4's ``attn_hc``, ``ffn_hc``, ``hc_head``): its ``pre``,
   ``post`` (sigmoids) and ``comb`` (softmax, then Sinkhorn steps on that constant) weights, so
   collapsing, expanding and mixing the residual streams is linear in them;
+* RWKV's time mixing: the WKV recurrence's exponential weights (every ``exp``) and the
+  receptance gate (``sigmoid``), so the recurrence's numerator is linear in the values and its
+  denominator a constant; RWKV's channel mixing: ``relu`` and ``square`` as their ratios, the
+  receptance gate a constant;
 * a gated MLP with a ``limit`` (DeepSeek-V4's shared experts, ``act(min(gate, limit)) ·
   clamp(up, ±limit)``): each clamp as its ratio ``clamp(t) / t``, frozen, so the MLP is
   linear in ``up`` once its gate is frozen (a ``gate`` site).
@@ -26,7 +30,15 @@ from lens_linear.hooks.modules import ModuleHook
 from lens_linear.hooks.sites import Site, wrapped
 from lens_linear.hooks.values import replayed
 
-FROZEN = {"softmax": ("softmax", "topk"), "hyper": ("sigmoid", "softmax"), "clamp": ("clamp",)}
+FROZEN = {
+    "softmax": ("softmax", "topk"),
+    "hyper": ("sigmoid", "softmax"),
+    "clamp": ("clamp",),
+    "wkv": ("exp", "sigmoid"),
+    "channel": ("relu", "square", "sigmoid"),
+}
+# functions frozen as their ratio ``f(t) / t`` (the value where ``t`` is zero: ``f'(0)``)
+RATIOS = {"clamp": 1.0, "relu": 0.0, "square": 0.0}
 
 
 class _FrozenInside(TorchFunctionMode):
@@ -63,12 +75,13 @@ class _FrozenInside(TorchFunctionMode):
             return out
         if name == "topk":  # a choice: values and indices as recorded (a factor scales neither)
             return torch.return_types.topk((self._value(out[0], False), self._value(out[1], False)))
-        if name == "clamp":  # clamp(t) = t · clamp(t)/t, the ratio frozen (1 where t is zero)
+        if name in RATIOS:  # f(t) = t · f(t)/t, the ratio frozen
             t = args[0]
             if self.mode == "replay":
                 return t * self._value(t)
             one = torch.ones_like(t)
-            ratio = self._value(torch.where(t == 0, one, out / torch.where(t == 0, one, t)))
+            at_zero = torch.full_like(t, RATIOS[name])
+            ratio = self._value(torch.where(t == 0, at_zero, out / torch.where(t == 0, one, t)))
             return out.detach() + (t - t.detach()) * ratio
         return self._value(out)
 
@@ -116,5 +129,8 @@ def inside_hooks(
 def cuttable(site: Site, store: dict[str, torch.Tensor]) -> bool:
     """Whether a replay of the last positions alone can use this site's recorded values cut to
     them: not where an attention computed more than one softmax or a choice (a compressor
-    pools windows of keys whose boundaries a shorter run would move)."""
+    pools windows of keys whose boundaries a shorter run would move), nor for a recurrence
+    computed one position at a time (its values are per step, not per position)."""
+    if site.kind == "wkv":
+        return False
     return site.kind != "softmax" or f"{site.name}#1" not in store
