@@ -733,10 +733,10 @@ class LinearCache:
                 if not size <= tol:
                     raise LinearizationError(
                         f"the frozen map adds a constant to {hook} that no bias explains (relative "
-                        f"size {size:.2e} > {tol:.0e}): a nonlinearity is frozen whole rather than "
-                        f"as a factor of a linear term (a freezing rule holding an activation's "
-                        f"input constant where its ratio should be), so the Jacobian would miss "
-                        f"its dependence on the input.",
+                        f"size {size:.2e} > {tol:.0e}): a value that depends on the input is "
+                        f"held constant (a freezing rule that holds an activation's input where "
+                        f"its ratio belongs, or a second read of the embeddings not tied to the "
+                        f"input), so the Jacobian would miss that dependence.",
                         error=size,
                     )
         self._check_graph = sites.graph  # kept only once the map it holds is verified

@@ -183,28 +183,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 # why a family is still refused: in each an exact linearization exists (every operation is a
 # norm, softmax, gated unit or linear recurrence), but no rule freezes it yet
 NOT_YET = {
-    "Zamba2ForCausalLM": (
-        "TransformerLens bridges each hybrid layer as one opaque block (only `blocks.L.hook_in` "
-        "and `hook_out`), so its Mamba mixer, its norms and the shared transformer block run "
-        "without hook points; the shared block is one module called from several layers, so its "
-        "frozen values need storing per call. Rules on the Hugging Face modules inside the block "
-        "(found by class, as the reference does) would make it exact; not written."
-    ),
-    "RecurrentGemmaForCausalLM": (
-        "the RG-LRU recurrence `h_t = a_t h_{t-1} + sqrt(1 - a_t^2) (i_t x_t)`, whose decay "
-        "`a_t` and input gate `i_t` are sigmoids of the input, and its GeLU-gated branch: frozen, "
-        "`a_t`, `i_t` and the gate make it linear, as RWKV's rule does for its WKV recurrence; "
-        "not written."
-    ),
-    "JetMoeForCausalLM": (
-        "a mixture of attention heads (query and output projections routed per token) and "
-        "experts run on tokens sorted by expert (`JetMoeParallelExperts`): freezing the router's "
-        "top-k and each row's gate needs the rows mapped back to (token, slot) through the "
-        "router's own sort; not written."
-    ),
     "HrmTextForCausalLM": (
-        "two block stacks (`L_blocks`, `H_blocks`) run in cycles: the bridge exposes no "
-        "`blocks`, so the map's input and block outputs are undefined; refused at setup."
+        "two block stacks (`L_blocks`, `H_blocks`) iterated in cycles: the bridge exposes no "
+        "single `blocks`, so the map's input, block outputs and sites (all defined per block "
+        "of one stack) are undefined; refused at setup. An exact map exists (every operation "
+        "is a norm, softmax or gated MLP); it needs sites and block outputs per stack and "
+        "cycle."
     ),
     "CodeGenForCausalLM": (
         "TransformerLens' bridge does not boot it (`CodeGenAttention` has no `embed_positions`)."

@@ -18,6 +18,7 @@ Selective state-space mixers (Mamba, Mamba-2 and the hybrids built on them) are 
 """
 
 import contextlib
+import inspect
 import math
 import re
 
@@ -433,8 +434,8 @@ def _frozen_hooks(base):
         if _is_ssm(m):
             handles.append(m.register_forward_hook(_ssm_frozen_hook, with_kwargs=True))
             continue
-        if name.endswith("Attention") or hasattr(m, "hc_mult"):
-            handles += _mode_inside(m, _DetachedSigmoids)
+        if name.endswith("Attention") or hasattr(m, "hc_mult") or hasattr(m, "recurrent_param"):
+            handles += _mode_inside(m, _DetachedSigmoids)  # (an RG-LRU: its two gates)
         if hasattr(m, "time_mix_key"):  # RWKV's time and channel mixing
             handles += _mode_inside(m, _RwkvFrozen)
         if callable(getattr(m, "_apply_gate", None)) and hasattr(m, "alpha"):
@@ -455,6 +456,8 @@ def _frozen_hooks(base):
                     "gate" in n
                     for n, _ in [*m.named_children(), *m.named_parameters(recurse=False)]
                 ) and not hasattr(m, "per_layer_input_gate")  # Gemma 4: act(W h) times a constant
+                gated = gated or hasattr(m, "rg_lru")  # Griffin: act(W h) · RG-LRU(h)
+                gated = gated or hasattr(m, "input_linear")  # JetMoE's experts: act(a) · b
                 linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
                 gated = gated or any(
                     a is not b and a.out_features == 2 * b.in_features
@@ -462,7 +465,9 @@ def _frozen_hooks(base):
                     for b in linears
                 )  # a GLU inside one projection: act(a) · b from [a, b] (ModernBERT-decoder)
                 handles.append(child.register_forward_hook(_gate_hook if gated else _slope_hook))
-            elif child_name in ("gate", "router", "shared_expert_gate") and hasattr(m, "experts"):
+            elif child_name in ("gate", "router", "shared_expert_gate") and (
+                hasattr(m, "experts") or hasattr(m, "input_linear")  # JetMoE's MLP and MoA
+            ):
                 handles.append(child.register_forward_hook(_detach_outputs))
         linears = [c for c in m.children() if isinstance(c, torch.nn.Linear)]
         if (
@@ -619,7 +624,19 @@ def hf_frozen(hf, x, frozen=True, tokens=None):
             return args, {**kwargs, "input_ids": tokens[None]}
         return args, kwargs
 
+    def embeddings(module, args, kwargs):  # Zamba2: its layers read x a second time
+        names = list(inspect.signature(type(module).forward).parameters)[1:]
+        if "original_hidden_states" in kwargs:
+            return args, {**kwargs, "original_hidden_states": x[None]}
+        at = names.index("original_hidden_states")
+        return (*args[:at], x[None], *args[at + 1 :]), kwargs
+
     handles = [layers[0].register_forward_pre_hook(inject, with_kwargs=True)]
+    handles += [
+        m.register_forward_pre_hook(embeddings, with_kwargs=True)
+        for m in base.modules()
+        if "original_hidden_states" in inspect.signature(type(m).forward).parameters
+    ]
     if tokens is not None:
         handles += [
             layer.register_forward_pre_hook(token_ids, with_kwargs=True) for layer in layers

@@ -54,6 +54,7 @@ MOE = [
     "GraniteMoeHybridForCausalLM",  # a hybrid layer's moe and shared_mlp beside a scan
     "NemotronHForCausalLM",  # every layer a mixer: scan, non-gated experts, attention, MLP
     "DeepseekV4ForCausalLM",  # hyper-connections, compressed sparse attention, hash routing
+    "JetMoeForCausalLM",  # attention experts; experts on tokens grouped by expert
 ]
 STATE_SPACE = [
     "MambaForCausalLM",
@@ -66,6 +67,8 @@ STATE_SPACE = [
     "Qwen3_5ForCausalLM",
     "OlmoHybridForCausalLM",
     "RwkvForCausalLM",  # a WKV recurrence's exponential weights, receptance gates
+    "RecurrentGemmaForCausalLM",  # blocks bridged whole: RG-LRU, norms, attention, gated MLP
+    "Zamba2ForCausalLM",  # hybrid layers bridged whole, reading the embeddings a second time
 ]  # gated delta rules
 FLOAT32_INSIDE = [
     "MptForCausalLM",
@@ -331,11 +334,12 @@ def test_deepseek_v4_with_clamps_biting_and_compressed_windows(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_rwkv_engines_agree_where_the_recurrence_cannot_be_cut(dtype):
-    """RWKV's WKV recurrence is frozen one step at a time, so a replay of the last positions
-    runs the whole prompt with the input zero before them: the forward engine's Jacobians of
-    every block output equal the reverse engine's, and the output's equals the reference's."""
-    arch = "RwkvForCausalLM"
+@pytest.mark.parametrize("arch", ["RwkvForCausalLM", "JetMoeForCausalLM"])
+def test_engines_agree_where_frozen_values_cannot_be_cut(arch, dtype):
+    """RWKV's WKV recurrence is frozen one step at a time, JetMoE's routers choose over the
+    flattened tokens: a replay of the last positions runs the whole prompt with the input zero
+    before them, and the forward engine's Jacobians of every block output (batches of
+    directions) equal the reverse engine's; the output's equals the reference's."""
     model, hf = bridge(arch, dtype), tiny_hf(arch, dtype=dtype)
     with full_precision():
         lc = ll.run_with_linear_cache(model, LONG_PROMPT, progress=False)
@@ -347,5 +351,47 @@ def test_rwkv_engines_agree_where_the_recurrence_cannot_be_cut(dtype):
         max(rel(forward[h], reverse[h]) for h in reverse),
         rel(jac.transpose(0, 1), lc.jacobian()),
     )
-    print(f"\nRWKV {dtype}: engines {errors[0]:.1e}, jacobian {errors[1]:.1e}")
+    print(f"\n{arch} {dtype}: engines {errors[0]:.1e}, jacobian {errors[1]:.1e}")
     assert max(errors) <= TOL[dtype]
+
+
+def zamba2_two_hybrid_layers(dtype):
+    """Zamba2 with a Mamba layer and two hybrid layers (each concatenates the embeddings to
+    its input before its transformer block, whose weights the layers share)."""
+    import transformers
+
+    from lens_linear._compat import set_attn_implementation
+    from lens_linear.coverage import perturb_, tiny_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = tiny_config("Zamba2ForCausalLM")
+        config.num_hidden_layers, config.hybrid_layer_ids = 3, [1, 2]
+        config.layers_block_type = ["linear_attention", "hybrid", "hybrid"]
+        set_attn_implementation(config, "eager")
+        hf = transformers.Zamba2ForCausalLM(config)
+    config.architectures = ["Zamba2ForCausalLM"]
+    return perturb_(hf, seed=0).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_zamba2_reads_the_input_in_every_hybrid_layer(dtype):
+    """Zamba2's hybrid layers read the embeddings a second time: that read is tied to the
+    input ``x`` in every run, so both the detached and the ordinary Jacobian equal the
+    reference's (which feeds ``x`` to both reads) with two hybrid layers."""
+    hf = zamba2_two_hybrid_layers(dtype)
+    model = wrap_bridge(zamba2_two_hybrid_layers(dtype), char_tokenizer(), "tiny-zamba2", dtype)
+    with full_precision():
+        lc = ll.run_with_linear_cache(model, PROMPT, progress=False)
+        frozen = torch.autograd.functional.jacobian(lambda x: hf_frozen(hf, x)[-1], lc.x)
+        plain = torch.autograd.functional.jacobian(
+            lambda x: hf_frozen(hf, x, frozen=False)[-1], lc.x
+        )
+        errors = (
+            rel(frozen.transpose(0, 1), lc.jacobian()),
+            rel(plain.transpose(0, 1), lc.jacobian(detached=False)),
+            lc.reconstruction_error(),
+        )
+    print(f"\nZamba2 two hybrid layers {dtype}: detached {errors[0]:.1e}, ordinary {errors[1]:.1e}")
+    assert max(errors) <= TOL[dtype]
+    assert not hooks_left(model)

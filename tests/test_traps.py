@@ -2,7 +2,7 @@
 
 Found by probing TransformerLens' bridge with tiny random models (``lens_linear.coverage``):
 a mixture of experts whose experts compute their gate inline in a form the rule does not
-know, a hybrid layer without a rule (Zamba2), each rule removed, and a user's own
+know, a mixture of attention experts (JetMoE), each rule removed, and a user's own
 nonlinearity inside an MoE block or a state-space mixer.
 """
 
@@ -19,7 +19,7 @@ if LEG != "newest":
 from lens_linear.coverage import tiny_hf  # noqa: E402
 
 TRAPS = {
-    "Zamba2ForCausalLM": (r"breaks at blocks\.1", 1),  # attention inside an unbridged hybrid layer
+    "HrmTextForCausalLM": (r"no single stack of blocks", None),  # two block stacks, in cycles
 }
 
 
@@ -214,6 +214,51 @@ def test_rwkv_without_its_rules_is_refused(rule, monkeypatch):
     with pytest.raises(ll.LinearizationError, match=rf"blocks\.0's .*{mixer}") as info:
         ll.run_with_linear_cache(model, "Hello world", progress=False)
     assert info.value.layer == 0
+    assert not hooks_left(model)
+
+
+@pytest.mark.parametrize("kind", ["rglru", "actgate", "softmax", "rmsmodule"])
+def test_recurrent_gemma_without_each_module_rule_is_refused(kind, monkeypatch):
+    """Recurrent Gemma's blocks are bridged whole: without the rule for its RG-LRU gates, its
+    gated branches, its attention's softmax or its norms, the model is refused."""
+    from lens_linear.hooks import operating_point, sites
+
+    original = sites.find_sites
+    dropped = lambda *a, **k: [s for s in original(*a, **k) if s.kind != kind]  # noqa: E731
+    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    model = bridge("RecurrentGemmaForCausalLM")
+    with pytest.raises(ll.LinearizationError, match=r"blocks\.[01]|no bias explains"):
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert not hooks_left(model)
+
+
+@pytest.mark.parametrize("rule", ["choice", "moe"])
+def test_jetmoe_without_its_router_or_expert_rule_is_refused(rule, monkeypatch):
+    """JetMoE's routers (its MLP's and its mixture of attention heads') choose over tokens
+    grouped by expert; without the rule freezing their choices, or the one freezing its
+    experts' gates in token order, the model is refused."""
+    from lens_linear.hooks import operating_point, sites
+
+    original = sites.find_sites
+    dropped = lambda *a, **k: [s for s in original(*a, **k) if s.kind != rule]  # noqa: E731
+    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    model = bridge("JetMoeForCausalLM")
+    with pytest.raises(ll.LinearizationError, match=r"blocks\.[01]"):
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
+    assert not hooks_left(model)
+
+
+def test_zamba2_without_the_embeddings_tie_is_refused(monkeypatch):
+    """Zamba2's hybrid layers read the embeddings a second time; untied from the input, that
+    read is a constant of the map that no bias explains: refused."""
+    import contextlib
+
+    from lens_linear.hooks import run
+
+    monkeypatch.setattr(run, "embeddings_tied", lambda *a: contextlib.nullcontext())
+    model = bridge("Zamba2ForCausalLM")
+    with pytest.raises(ll.LinearizationError, match="no bias explains"):
+        ll.run_with_linear_cache(model, "Hello world", progress=False)
     assert not hooks_left(model)
 
 

@@ -33,10 +33,15 @@ from weakref import WeakKeyDictionary
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lens_linear._compat import accelerate_hooks, experts_implementation, set_experts_implementation
+from lens_linear._compat import (
+    accelerate_hooks,
+    experts_implementation,
+    original_component,
+    set_experts_implementation,
+)
 from lens_linear._validation import LinearizationError
 from lens_linear.hooks.guard import exclusive
-from lens_linear.hooks.modules import ModelScan, scan
+from lens_linear.hooks.modules import EMBEDDINGS_ARGUMENT, ModelScan, embeddings_position, scan
 from lens_linear.hooks.sites import layer_of
 from lens_linear.tokens import model_dtype
 
@@ -77,7 +82,10 @@ class _PatternThroughHook(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", None) == "softmax":  # F.softmax, torch.softmax, Tensor.softmax
+        if (
+            getattr(func, "__name__", None) == "softmax"  # F.softmax, torch.softmax, Tensor.softmax
+            and out.ndim >= 3  # a pattern; not a router's [token, k] weights (JetMoE's MoA)
+        ):
             self.calls += 1
             shape = out.shape
             heads = (
@@ -131,6 +139,41 @@ def patterns_inside(model: Any, found: ModelScan | None = None) -> Iterator[None
 
 
 @contextlib.contextmanager
+def embeddings_tied(model: Any, found: ModelScan | None = None) -> Iterator[None]:
+    """A layer that reads the embeddings besides its input (Zamba2's hybrid layers concatenate
+    ``original_hidden_states`` to theirs) reads the first layer's input of this run instead of
+    the embedding module's output: the same value in a plain run, and the injected ``x``
+    (``blocks.0.hook_resid_pre``) where a run replaces it, so every path from ``x`` counts."""
+    readers = (found or scan(model)).embedding_readers
+    if not readers:
+        yield
+        return
+    first = original_component(model.blocks[0]) or model.blocks[0]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module: Any, args: tuple, kwargs: dict) -> None:
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    def tie(module: Any, args: tuple, kwargs: dict) -> Any:
+        if "x" not in seen:
+            return None
+        if EMBEDDINGS_ARGUMENT in kwargs:
+            return args, {**kwargs, EMBEDDINGS_ARGUMENT: seen["x"]}
+        at = embeddings_position(module)  # its place among the positional arguments
+        if len(args) > at:
+            return (*args[:at], seen["x"], *args[at + 1 :]), kwargs
+        return None
+
+    handles = [first.register_forward_pre_hook(keep, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(tie, with_kwargs=True) for m in readers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def weightless_norms_completed(model: Any, found: ModelScan | None = None) -> Iterator[None]:
     """Give a weight-free norm's bridge (OLMo 1's LayerNorm) the weight 1 for the duration.
     Once its scale is edited, TransformerLens' bridge computes the norm itself and multiplies
@@ -164,8 +207,8 @@ def experts_eager(model: Any, found: ModelScan | None = None) -> Iterator[None]:
 
 
 class _NoFloat32(TorchFunctionMode):
-    """Casts of float64 tensors down to float32 (``.float()``, ``.to(torch.float32)``, a
-    softmax's ``dtype=torch.float32``) leave them in float64."""
+    """Casts of float64 tensors down to float32 (``.float()``, ``.to(torch.float32)``,
+    ``.type(torch.float32)``, a softmax's ``dtype=torch.float32``) leave them in float64."""
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
@@ -173,12 +216,12 @@ class _NoFloat32(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None)
         if (
-            name in ("float", "to", "softmax", "log_softmax")
+            name in ("float", "to", "type", "softmax", "log_softmax")
             and args
             and torch.is_tensor(args[0])
             and args[0].dtype == torch.float64
         ):
-            if name == "float":
+            if name == "float" or (name == "type" and torch.float32 in args[1:]):
                 return args[0]
             if name == "to" and torch.float32 in (kwargs.get("dtype"), *args[1:]):
                 args = tuple(a for a in args if a is not torch.float32)

@@ -13,6 +13,7 @@ state-space mixers, attention without a pattern hook and hyper-connections
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Any, Sequence
 
@@ -25,7 +26,7 @@ from lens_linear.hooks.rules.inside import FROZEN, inside_hooks
 from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
-from lens_linear.hooks.sites import Site, activation_fn, slope_at_zero, wrapped
+from lens_linear.hooks.sites import Site, activation_fn, site_module, slope_at_zero, wrapped
 from lens_linear.hooks.values import replayed
 from lens_linear.tokens import model_dtype
 
@@ -52,7 +53,7 @@ def site_hooks(
     factors = factors or {}
     hooks: list[Hook] = []
     for site in sites:
-        special = None
+        special, before = None, len(hooks)
         if site.kind == "attn" and frozen is not None and (mode == "record" or site.name in frozen):
             special = attention_hooks(
                 model,
@@ -70,12 +71,14 @@ def site_hooks(
             hooks += _ratio_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "norm" and site.source is not None:
             hooks += _rms_hooks(model, site, store, mode, factors.get(site.name))
-        elif site.kind in ("act", "layernorm", "rmsmodule"):
-            component, attribute = site.source.split(":")
-            module = getattr(wrapped(model.get_submodule(component)), attribute)
-            rule = {"act": _act_ratio, "layernorm": _layernorm_scale, "rmsmodule": _rms_scale}[
-                site.kind
-            ]
+        elif site.kind in ("act", "actgate", "layernorm", "rmsmodule"):
+            module = site_module(model, site.source)
+            rule = {
+                "act": _act_ratio,
+                "actgate": _act_constant,
+                "layernorm": _layernorm_scale,
+                "rmsmodule": _rms_scale,
+            }[site.kind]
             fn = partial(rule, site=site, store=store, mode=mode, factor=factors.get(site.name))
             hooks.append(ModuleHook(module, fn))
         elif site.kind == "moe":
@@ -85,7 +88,7 @@ def site_hooks(
         elif site.kind in FROZEN:
             hooks += inside_hooks(model, site, store, mode, factors.get(site.name))
         elif site.kind == "scan":
-            hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name))
+            hooks += scan_hooks(model, site.name, store, mode, factors.get(site.name), site.source)
         elif site.kind == "slice":
             hooks.append(
                 (
@@ -117,10 +120,23 @@ def site_hooks(
                 return replayed(store[key], value, factor)
 
             hooks.append((site.name, replay))
+        hooks[before:] = _within_block(model, site, hooks[before:])
     for hook in hooks:
         if not isinstance(hook, ModuleHook):
             hook[1].freezes = True  # such a run needs the model contexts (run.hooks_on)
     return hooks
+
+
+def _within_block(model: Any, site: Site, hooks: list[Hook]) -> list[Hook]:
+    """A module site inside a block bridged whole acts only while that block runs: a module
+    the blocks share (Zamba2's shared transformer) has one site per block, each its own call."""
+    if site.source is None or ":" not in site.source or site.layer is None:
+        return hooks
+    block = wrapped(model.blocks[site.layer])
+    return [
+        replace(h, within=block) if isinstance(h, ModuleHook) and h.within is None else h
+        for h in hooks
+    ]
 
 
 def _slice_hook(
@@ -166,6 +182,23 @@ def _act_ratio(
         gate = torch.where(z != 0, out / torch.where(z != 0, z, 1), slope)
     store[site.name] = gate
     return out.detach() + (z - z.detach()) * gate  # value: out; gradient: gate
+
+
+def _act_constant(
+    module: Any,
+    args: tuple,
+    out: torch.Tensor,
+    site: Site,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
+    """An activation module whose output gates another branch (``act(g) · u``): its output a
+    constant, so the product is linear in ``u``."""
+    if mode == "replay":
+        return replayed(store[site.name], out, factor)
+    store[site.name] = out.detach()
+    return store[site.name]
 
 
 def _layernorm_scale(

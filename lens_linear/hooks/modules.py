@@ -9,6 +9,8 @@ computes it. :func:`scan` finds, once per model, the modules that the run contex
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -33,10 +35,42 @@ class ModuleHook:
         False  # a forward hook that runs also when the forward raises (to leave a mode it entered)
     )
     around: bool = False  # with ``attribute``: ``fn(module, args, original)`` computes the result
+    # acts only while this module's forward runs: a module shared by several blocks (Zamba2's
+    # shared transformer) has one site per block, each for its own block's call
+    within: torch.nn.Module | None = None
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         """Register for the duration; removed (the attribute put back as it was) on exit, even on error."""
+        if self.within is not None:
+            inside = [False]
+
+            def flag(value: bool) -> Callable[..., None]:
+                def hook(*_: Any) -> None:
+                    inside[0] = value
+
+                return hook
+
+            fn = self.fn
+            guarded = ModuleHook(
+                self.module,
+                lambda *args: fn(*args) if inside[0] else None,
+                self.pre,
+                self.attribute,
+                self.always,
+                self.around,
+            )
+            handles = [
+                self.within.register_forward_pre_hook(flag(True)),
+                self.within.register_forward_hook(flag(False), always_call=True),
+            ]
+            try:
+                with guarded.attached():
+                    yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return
         if self.attribute is None:
             if self.pre:
                 handle = self.module.register_forward_pre_hook(self.fn)
@@ -76,6 +110,8 @@ class ModelScan:
     norms: list[
         torch.nn.Module
     ]  # modules whose class is a norm (accelerate may offload their weights)
+    # layers that read the embeddings besides their input (Zamba2's ``original_hidden_states``)
+    embedding_readers: list[torch.nn.Module]
 
 
 _SCANS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelScan]" = weakref.WeakKeyDictionary()
@@ -98,5 +134,29 @@ def scan(model: torch.nn.Module) -> ModelScan:
         if is_experts_module(m) and has_experts_implementation(getattr(m, "config", None)):
             configs[id(m.config)] = m.config
     norms = [m for m in modules if "Norm" in type(m).__name__]
-    _SCANS[model] = ModelScan(structure, attentions, weightless, list(configs.values()), norms)
+    readers = [m for m in modules if EMBEDDINGS_ARGUMENT in _parameters(m)]
+    _SCANS[model] = ModelScan(
+        structure, attentions, weightless, list(configs.values()), norms, readers
+    )
     return _SCANS[model]
+
+
+EMBEDDINGS_ARGUMENT = "original_hidden_states"  # a layer's second input: the embeddings (Zamba2)
+
+
+def _parameters(module: torch.nn.Module) -> tuple[str, ...]:
+    """The names of ``module``'s forward parameters (its class's, read once per class)."""
+    return _forward_parameters(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
+def embeddings_position(module: torch.nn.Module) -> int:
+    """The index of :data:`EMBEDDINGS_ARGUMENT` among ``module``'s positional arguments."""
+    return _parameters(module).index(EMBEDDINGS_ARGUMENT) - 1  # less ``self``

@@ -19,6 +19,7 @@ from torch.func import functional_call
 
 from lens_linear._validation import hook_key, require_hook
 from lens_linear.hooks.contexts import (
+    embeddings_tied,
     experts_eager,
     float64_throughout,
     offloaded_norms_loaded,
@@ -87,7 +88,8 @@ def hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
 def model_contexts(model: Any, freezing: bool) -> Iterator[None]:
     """What a run needs of the model (see :mod:`lens_linear.hooks.contexts`): every run, the
     contexts that change no value (offloaded norms loaded, weight-free norms completed, a
-    softmax computed inside the wrapped module passed through ``hook_pattern``), so a user's
+    softmax computed inside the wrapped module passed through ``hook_pattern``, a layer's
+    second read of the embeddings tied to the first layer's input), so a user's
     hook edits the same values in every run; a run that freezes coefficients (``freezing``),
     also the eager experts loop and float64 throughout. A run that freezes nothing (the
     ordinary Jacobian, real patching) computes what the model alone computes."""
@@ -96,6 +98,7 @@ def model_contexts(model: Any, freezing: bool) -> Iterator[None]:
         offloaded_norms_loaded(model, found),
         weightless_norms_completed(model, found),
         patterns_inside(model, found),
+        embeddings_tied(model, found),
         contextlib.ExitStack() as frozen,
     ):
         if freezing:

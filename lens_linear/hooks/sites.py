@@ -37,9 +37,16 @@ coefficient ``A``. One rule per kind serves every architecture:
   inside the wrapped module frozen there (:mod:`lens_linear.hooks.rules.inside`).
 * ``clamp`` — a gated MLP with a ``limit`` (DeepSeek-V4's shared experts clamp gate and up):
   each clamp's ratio frozen inside the module (:mod:`lens_linear.hooks.rules.inside`).
+* module sites in a block the bridge wraps whole (no hook point inside: recurrent Gemma,
+  Zamba2's hybrid layers): ``softmax`` on an attention, ``scan`` on a Mamba mixer, ``rglru``
+  on an RG-LRU (its gates frozen), ``rmsmodule`` on an
+  RMS norm, ``actgate`` on an activation whose output gates another branch (a gated MLP's,
+  Griffin's recurrent block's: the output frozen), ``act`` on any other activation (ratio).
 * ``wkv``, ``channel`` — RWKV's time mixing (a module with ``time_decay`` and
   ``time_first``) and channel mixing (``time_mix_key`` alone): the recurrence's exponential
   weights and the receptance gates frozen, ``relu`` and ``square`` as ratios.
+* ``choice`` — a router that groups tokens by expert (JetMoE's, in its MLP and its mixture of
+  attention heads): its top-k frozen inside it.
 * ``hyper`` — a hyper-connection (a module with ``hc_mult`` residual streams, DeepSeek-V4): its
   stream weights (sigmoids, a softmax and Sinkhorn steps) frozen inside the module.
 * ``ratio`` — a non-gated MLP: the activation output (``mlp.hook_mid`` where the MLP has
@@ -61,6 +68,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lens_linear._compat import original_component
+from lens_linear._validation import LinearizationError
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 PARTS = ("norm", "attn", "mlp", "mixer")
@@ -75,7 +83,7 @@ class Site:
     """One frozen coefficient: the hook it lives on, its kind and block index."""
 
     name: str
-    kind: str  # norm layernorm rmsmodule attn softmax hyper clamp wkv channel gate ratio act moe slice scan
+    kind: str  # norm layernorm rmsmodule attn softmax hyper clamp wkv channel rglru choice gate ratio act actgate moe slice scan
     layer: int | None
     # ratio sites, unscaled norms: the hook holding the input; act and layernorm sites: the
     # module, as "component:attribute" of the wrapped module
@@ -113,9 +121,21 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    if not isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
+        stacks = [n for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList)]
+        raise LinearizationError(
+            f"this model has no single stack of blocks (`blocks`; its bridge has "
+            f"{', '.join(stacks) or 'none'}): the map's input, block outputs and sites are "
+            f"defined per block of one stack, so a model run as several stacks (HRM's two, "
+            f"iterated in cycles) is refused."
+        )
     names = model.hook_dict
     seen: set[int] = set()
     sites: list[Site] = []
+
+    def add_module_site(site: Site) -> None:
+        if site.name not in {s.name for s in sites}:
+            sites.append(site)
 
     def add(
         name: str, kind: str, source: str | None = None, frozen: tuple[int, int] | None = None
@@ -244,6 +264,18 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                     hook = getattr(child, "hook_out", None)
                     if hook is not None and getattr(hook, "name", None) in names:
                         add(hook.name, "gate")
+    for layer, block in enumerate(model.blocks):
+        if opaque(names, layer):  # bridged whole: rules on the modules inside
+            for site in module_sites(block, layer, parts):
+                add_module_site(site)
+    for name in names:  # a router grouping tokens by expert (JetMoE's, in its MLP and attention)
+        if "mlp" in parts and name.endswith(("router.hook_out", "gate.hook_out")):
+            component = name[: -len(".hook_out")]
+            inner = wrapped(model.get_submodule(component))
+            if isinstance(getattr(inner, "top_k", None), int) and isinstance(
+                getattr(inner, "layer", None), torch.nn.Linear
+            ):
+                add(name, "choice", source=component)
     if "mlp" in parts and "hc_head.hook_out" in names:  # the final collapse of hyper-connections
         add("hc_head.hook_out", "hyper", source="hc_head")
     head = wrapped(getattr(model, "prediction_head", None))  # after the final norm (ModernBERT)
@@ -262,6 +294,57 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
         return order.get(site.source.split(":")[0] + ".hook_out", len(order))
 
     return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, position(s)))
+
+
+def opaque(names: Any, layer: int) -> bool:
+    """Whether TransformerLens bridges block ``layer`` whole: no hook point of a component
+    inside it (recurrent Gemma's blocks, Zamba2's hybrid layers), only its own."""
+    prefix = f"blocks.{layer}."
+    return not any(n.startswith(prefix) and n.count(".") > 2 for n in names)
+
+
+RECURRENCES = ("rg_lru",)  # a unit whose output an activation's branch gates (Griffin's)
+
+
+def module_sites(block: Any, layer: int, parts: Sequence[str]) -> list[Site]:
+    """Sites on the Hugging Face modules inside a block bridged whole, found by what each
+    module is: an attention (its softmax frozen inside), a state-space scan (its rule), an
+    RG-LRU (its gates), an RMS norm
+    (its scale), an activation module (its output where it gates another branch, a gated MLP's
+    or Griffin's recurrent block's, else its ratio). Modules inside an attention or a
+    recurrence are left to its rule."""
+    found: list[Site] = []
+    claimed: list[str] = []
+    for path, module in wrapped(block).named_modules():
+        if not path or any(path.startswith(c + ".") for c in claimed):
+            continue
+        source, name = f"blocks.{layer}:{path}", f"blocks.{layer}.{path}"
+        children = dict(module.named_children())
+        if is_attention(module) and "attn" in parts:
+            found.append(Site(name, "softmax", layer, source))
+            claimed.append(path)
+        elif "A_log" in own_parameters(module) and "mixer" in parts:  # a Mamba scan
+            found.append(Site(name, "scan", layer, source))
+            claimed.append(path)
+        elif "recurrent_param" in own_parameters(module) and "mixer" in parts:  # an RG-LRU
+            found.append(Site(name, "rglru", layer, source))
+            claimed.append(path)
+        elif is_plain_rms_norm(module) and "norm" in parts:
+            found.append(Site(name, "rmsmodule", layer, source))
+        act = children.get("act_fn")
+        if isinstance(act, torch.nn.Module) and "mlp" in parts and not is_attention(module):
+            gated = bool({"gate_proj", "gate_up_proj", *RECURRENCES} & set(children))
+            kind = "actgate" if gated else "act"
+            found.append(Site(f"{name}.act_fn", kind, layer, f"{source}.act_fn"))
+    return found
+
+
+def site_module(model: Any, source: str) -> Any:
+    """The module a module site lives on: ``"component"`` (the Hugging Face module the bridge
+    component wraps) or ``"component:path"`` (a module inside it)."""
+    component, _, path = source.partition(":")
+    module = wrapped(model.get_submodule(component))
+    return module.get_submodule(path) if path else module
 
 
 def mixer_kind(mixer: Any) -> str | None:
@@ -288,7 +371,7 @@ def is_attention(component: Any) -> bool:
     if not isinstance(inner, torch.nn.Module):
         return False
     children = set(dict(inner.named_children()))
-    return "Attention" in type(inner).__name__ or {"q_proj", "k_proj"} <= children
+    return type(inner).__name__.endswith("Attention") or {"q_proj", "k_proj"} <= children
 
 
 def wraps_identity(model: Any, name: str) -> bool:

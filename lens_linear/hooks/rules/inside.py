@@ -13,6 +13,10 @@ same in every run):
   receptance gate (``sigmoid``), so the recurrence's numerator is linear in the values and its
   denominator a constant; RWKV's channel mixing: ``relu`` and ``square`` as their ratios, the
   receptance gate a constant;
+* an RG-LRU (recurrent Gemma): its input and recurrence gates (sigmoids), so the decay, the
+  input's multiplier and the recurrence are constants and the unit linear in its input;
+* a router that groups tokens by expert (JetMoE's): its top-k values and choices, so the
+  grouping and the gates computed from them are constants;
 * a gated MLP with a ``limit`` (DeepSeek-V4's shared experts, ``act(min(gate, limit)) ·
   clamp(up, ±limit)``): each clamp as its ratio ``clamp(t) / t``, frozen, so the MLP is
   linear in ``up`` once its gate is frozen (a ``gate`` site).
@@ -27,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from lens_linear._validation import LinearizationError
 from lens_linear.hooks.modules import ModuleHook
-from lens_linear.hooks.sites import Site, wrapped
+from lens_linear.hooks.sites import Site, site_module
 from lens_linear.hooks.values import replayed
 
 FROZEN = {
@@ -36,6 +40,8 @@ FROZEN = {
     "clamp": ("clamp",),
     "wkv": ("exp", "sigmoid"),
     "channel": ("relu", "square", "sigmoid"),
+    "rglru": ("sigmoid",),
+    "choice": ("topk",),
 }
 # functions frozen as their ratio ``f(t) / t`` (the value where ``t`` is zero: ``f'(0)``)
 RATIOS = {"clamp": 1.0, "relu": 0.0, "square": 0.0}
@@ -73,8 +79,8 @@ class _FrozenInside(TorchFunctionMode):
         name = getattr(func, "__name__", None)
         if name not in self.functions:
             return out
-        if name == "topk":  # a choice: values and indices as recorded (a factor scales neither)
-            return torch.return_types.topk((self._value(out[0], False), self._value(out[1], False)))
+        if name == "topk":  # a choice: values and indices as recorded (a factor scales values)
+            return torch.return_types.topk((self._value(out[0]), self._value(out[1], False)))
         if name in RATIOS:  # f(t) = t · f(t)/t, the ratio frozen
             t = args[0]
             if self.mode == "replay":
@@ -96,7 +102,7 @@ def inside_hooks(
     """Freeze what :data:`FROZEN` names for ``site.kind`` inside the module ``site.source``
     (see :class:`_FrozenInside`). An attention must compute at least one softmax (a fused
     kernel such as SDPA has none: refused); a replay must meet the recorded calls."""
-    module = wrapped(model.get_submodule(site.source))
+    module = site_module(model, site.source)
     active: list[_FrozenInside] = []
     functions = FROZEN[site.kind]
 
@@ -131,6 +137,6 @@ def cuttable(site: Site, store: dict[str, torch.Tensor]) -> bool:
     them: not where an attention computed more than one softmax or a choice (a compressor
     pools windows of keys whose boundaries a shorter run would move), nor for a recurrence
     computed one position at a time (its values are per step, not per position)."""
-    if site.kind == "wkv":
-        return False
+    if site.kind in ("wkv", "rglru", "choice"):  # (an RG-LRU resets at a run's first position;
+        return False  # a router's choices are over flattened tokens)
     return site.kind != "softmax" or f"{site.name}#1" not in store

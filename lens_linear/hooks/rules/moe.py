@@ -56,6 +56,8 @@ def moe_hooks(
         ),
         None,
     )
+    if router is not None and is_sorting_router(router):
+        return _sorted_experts_hooks(block, router, layer, key, store, mode, factor)
     experts = wrapped(getattr(block, "experts", None))
     act = getattr(experts, "act_fn", None)
     inline = clamped_swiglu(experts)
@@ -318,3 +320,50 @@ def _constant_input(
         return (scaled(fit_positions(store[key], args[0], live["n_pos"]), factor),)
 
     return hook
+
+
+def is_sorting_router(module: Any) -> bool:
+    """A router that picks each token's top-k experts and returns the tokens grouped by expert
+    (JetMoE's ``JetMoeTopKGating``: a top-k, a linear ``layer``); its choices are a ``choice``
+    site of their own (:mod:`lens_linear.hooks.rules.inside`)."""
+    return isinstance(getattr(module, "top_k", None), int) and isinstance(
+        getattr(module, "layer", None), torch.nn.Linear
+    )
+
+
+def _sorted_experts_hooks(
+    block: Any,
+    router: Any,
+    layer: int,
+    key: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> list[ModuleHook]:
+    """Experts run on tokens grouped by expert (JetMoE): ``act(g) · u`` per row, its rows in the
+    router's order (``index_sorted_experts``, indices into the flattened ``[token, slot]``).
+    ``act(g)`` is frozen in ``[token, slot]`` order, so a replay of any batch (whole prompts:
+    the router's choices make such a map uncuttable) reads each row's own value."""
+    act = getattr(block, "activation", None)
+    if not isinstance(act, torch.nn.Module):
+        raise LinearizationError(
+            f"blocks.{layer}.mlp groups its tokens by expert without an activation module: no "
+            f"freezing rule for its gates.",
+            layer=layer,
+        )
+    live: dict[str, torch.Tensor] = {}
+
+    def order(module: Any, args: tuple, output: Any) -> None:
+        live["order"] = output[0]
+
+    def gate(module: Any, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        rows = live["order"]
+        if mode == "record":
+            frozen = out.new_zeros(rows.numel(), out.shape[-1])
+            frozen[rows] = out.detach()
+            store[key] = frozen
+            return frozen[rows]
+        recorded = store[key]
+        return scaled(recorded[rows % recorded.shape[0]], factor)
+
+    return [ModuleHook(router, order), ModuleHook(act, gate)]

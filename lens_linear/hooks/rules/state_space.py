@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from lens_linear._validation import LinearizationError
 from lens_linear.hooks.modules import ModuleHook
-from lens_linear.hooks.sites import layer_of, own_parameters, wrapped
+from lens_linear.hooks.sites import layer_of, own_parameters, site_module, wrapped
 from lens_linear.hooks.values import fit_to, scaled
 
 
@@ -87,11 +87,13 @@ def scan_hooks(
     store: dict[str, torch.Tensor],
     mode: str,
     factor: torch.Tensor | None = None,
+    source: str | None = None,
 ) -> list[ModuleHook]:
-    """Freeze the selective state-space mixer whose bridge owns hook ``name``: a mode active
-    only while the wrapped module's forward runs (see :class:`_ScanFrozen`). A mixer that does
-    not compute these steps as PyTorch functions (a fused kernel) is refused."""
-    bridge = model.get_submodule(name.rsplit(".", 1)[0])
+    """Freeze the selective state-space mixer whose bridge owns hook ``name`` (or, inside a
+    block bridged whole, the module ``source``): a mode active only while the mixer's forward
+    runs (see :class:`_ScanFrozen`). A mixer that does not compute these steps as PyTorch
+    functions (a fused kernel) is refused."""
+    bridge = site_module(model, source) if source else model.get_submodule(name.rsplit(".", 1)[0])
     delta = "D" not in own_parameters(
         wrapped(bridge)
     )  # a gated delta rule: [q, k, v], the values last
@@ -109,7 +111,7 @@ def scan_hooks(
         frozen.__exit__(None, None, None)
         if output is not None and (frozen.acts, frozen.splits, min(frozen.steps, 1)) != (2, 1, 1):
             raise LinearizationError(
-                f"{name.rsplit('.', 1)[0]} is a selective state-space mixer whose forward ran {frozen.acts} "
+                f"{source or name.rsplit('.', 1)[0]} is a selective state-space mixer whose forward ran {frozen.acts} "
                 f"activations, {frozen.splits} B/C splits and {frozen.steps} softplus steps (2, 1 and at least 1 "
                 f"expected): a fused kernel (mamba-ssm, causal-conv1d or a Hub kernel) computes it out of reach "
                 f"of the freezing rule. Load the model without those kernels.",
