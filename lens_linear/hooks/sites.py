@@ -264,8 +264,11 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
                     hook = getattr(child, "hook_out", None)
                     if hook is not None and getattr(hook, "name", None) in names:
                         add(hook.name, "gate")
+    inside = {  # blocks with a component of their own (a hook point inside them)
+        layer_of(n) for n in names if n.startswith("blocks.") and n.count(".") > 2
+    }
     for layer, block in enumerate(model.blocks):
-        if opaque(names, layer):  # bridged whole: rules on the modules inside
+        if layer not in inside:  # bridged whole: rules on the modules inside
             for site in module_sites(block, layer, parts):
                 add_module_site(site)
     for name in names:  # a router grouping tokens by expert (JetMoE's, in its MLP and attention)
@@ -294,13 +297,6 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
         return order.get(site.source.split(":")[0] + ".hook_out", len(order))
 
     return sorted(sites, key=lambda s: (s.layer if s.layer is not None else 1 << 30, position(s)))
-
-
-def opaque(names: Any, layer: int) -> bool:
-    """Whether TransformerLens bridges block ``layer`` whole: no hook point of a component
-    inside it (recurrent Gemma's blocks, Zamba2's hybrid layers), only its own."""
-    prefix = f"blocks.{layer}."
-    return not any(n.startswith(prefix) and n.count(".") > 2 for n in names)
 
 
 RECURRENCES = ("rg_lru",)  # a unit whose output an activation's branch gates (Griffin's)
