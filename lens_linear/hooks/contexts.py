@@ -318,7 +318,10 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(best.values())
 
 
-_ZEROED: WeakKeyDictionary[torch.nn.Module, list[str]] = WeakKeyDictionary()
+# per model, the attributes :func:`biases_zeroed` substitutes: (name, owning module, attribute)
+_ZEROED: WeakKeyDictionary[torch.nn.Module, list[tuple[str, torch.nn.Module, str]]] = (
+    WeakKeyDictionary()
+)
 _ZEROED_BLOCKS: WeakKeyDictionary[torch.nn.Module, set[int]] = WeakKeyDictionary()
 
 
@@ -334,29 +337,39 @@ def substitutes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     place of its own (``torch.func.functional_call``): zeros for the biases
     :func:`biases_zeroed` names, made at each forward from the tensors then in place (a half
     model computing in float32 gets float32 zeros)."""
-    return {name: _zero_like(_tensor(model, name)) for name in _ZEROED.get(model, ())}
+    return {
+        name: _zero_like(getattr(module, leaf)) for name, module, leaf in _ZEROED.get(model, ())
+    }
 
 
-def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
-    path, _, leaf = name.rpartition(".")
-    return getattr(model.get_submodule(path), leaf)
+Attribute = tuple[str, torch.nn.Module, str]  # a tensor's name, its owning module, attribute
+_GROUPS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[int, list[Attribute]]]] = (
+    WeakKeyDictionary()
+)
 
 
-def _attributes_by_memory(model: torch.nn.Module) -> dict[int, list[str]]:
-    """Every parameter and buffer name by memory block (a joint QKV bias and the per-projection
-    views a bridge makes of it share one), one name per (module, attribute): a bridge reaches
-    each Hugging Face module by two paths."""
-    groups: dict[int, list[str]] = {}
-    seen = set()
-    for name, t in [
+def _attributes_by_memory(model: torch.nn.Module) -> dict[int, list[Attribute]]:
+    """Every parameter and buffer by memory block (a joint QKV bias and the per-projection
+    views a bridge makes of it share one), one entry per (module, attribute): a bridge reaches
+    each Hugging Face module by two paths. Cached per model until a tensor or its memory
+    changes (resolving each owner module is most of the cost)."""
+    named = [
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False),
-    ]:
+    ]
+    key = tuple((name, id(t), _memory_key(t)) for name, t in named)
+    cached = _GROUPS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    groups: dict[int, list[Attribute]] = {}
+    seen = set()
+    for name, t in named:
         path, _, leaf = name.rpartition(".")
-        attribute = (id(model.get_submodule(path)), leaf)
-        if attribute not in seen:
-            seen.add(attribute)
-            groups.setdefault(_memory_key(t), []).append(name)
+        owner = model.get_submodule(path)
+        if (id(owner), leaf) not in seen:
+            seen.add((id(owner), leaf))
+            groups.setdefault(_memory_key(t), []).append((name, owner, leaf))
+    _GROUPS[model] = (key, groups)
     return groups
 
 
