@@ -27,6 +27,18 @@ def bridge(arch):
     return wrap_bridge(tiny_hf(arch), char_tokenizer(), f"tiny-{arch}", torch.float32)
 
 
+def without_sites(monkeypatch, drop):
+    """The sites ``drop(site)`` names left out of every recording: their rule removed."""
+    from lens_linear.hooks import operating_point, sites
+
+    original = sites.find_sites
+    monkeypatch.setattr(
+        operating_point,
+        "find_sites",
+        lambda *a, **k: [s for s in original(*a, **k) if not drop(s)],
+    )
+
+
 @pytest.mark.parametrize("arch", sorted(TRAPS))
 def test_trap_ends_in_linearization_error(arch):
     message, layer = TRAPS[arch]
@@ -80,14 +92,7 @@ def test_gemma4_without_its_rules_is_refused(rule, monkeypatch):
     if rule == "norms":
         monkeypatch.setattr(sites, "unscaled_rms_norm", lambda model, name, names: False)
     elif rule == "per-layer gate":
-        from lens_linear.hooks import operating_point
-
-        original = sites.find_sites
-        monkeypatch.setattr(
-            operating_point,
-            "find_sites",
-            lambda *a, **k: [s for s in original(*a, **k) if s.kind != "act"],
-        )
+        without_sites(monkeypatch, lambda s: s.kind == "act")
     else:
         norm = model.blocks[1].original_component.pre_feedforward_layernorm.original_component
         own = type(norm).forward
@@ -114,15 +119,7 @@ def test_gemma4_without_its_rules_is_refused(rule, monkeypatch):
 def test_module_norms_and_attention_output_gates_are_needed(arch, rule, monkeypatch):
     """BitNet's sub-norms (RMS norms the bridge does not wrap) and AFMoE's and Laguna's inline
     attention output gates: without their sites, linearity breaks and the model is refused."""
-    from lens_linear.hooks import operating_point, sites
-
-    original = sites.find_sites
-    dropped = lambda *a, **k: [  # noqa: E731
-        s
-        for s in original(*a, **k)
-        if s.kind != rule or (rule == "gate" and ".attn." not in s.name)
-    ]
-    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    without_sites(monkeypatch, lambda s: s.kind == rule and (rule != "gate" or ".attn." in s.name))
     model = bridge(arch)
     with pytest.raises(ll.LinearizationError, match=r"blocks\.[01]"):
         ll.run_with_linear_cache(model, "Hello world", progress=False)
@@ -176,19 +173,15 @@ def test_deepseek_v4_without_each_rule_is_refused(rule, monkeypatch):
     clamp bites): without the freezing rule for its attention's softmaxes and choices, its
     hyper-connections' weights, its shared experts' clamps or its experts' clamped SwiGLU,
     the model is refused, never linearized wrongly."""
-    from lens_linear.hooks import operating_point, sites
     from lens_linear.hooks.rules import moe
 
     if rule == "experts' clamped SwiGLU":
         monkeypatch.setattr(moe, "clamped_swiglu", lambda experts: None)
-    else:
-        original = sites.find_sites
-        dropped = lambda *a, **k: [  # noqa: E731
-            s
-            for s in original(*a, **k)
-            if s.kind != rule and (rule != "softmax" or ".indexer." not in s.name)
-        ]  # (the indexer's norms matter only through the choices the softmax rule freezes)
-        monkeypatch.setattr(operating_point, "find_sites", dropped)
+    else:  # (the indexer's norms matter only through the choices the softmax rule freezes)
+        without_sites(
+            monkeypatch,
+            lambda s: s.kind == rule or (rule == "softmax" and ".indexer." in s.name),
+        )
     model = bridge("DeepseekV4ForCausalLM")
     for m in model.original_model.modules():
         if hasattr(m, "limit"):
@@ -204,11 +197,7 @@ def test_deepseek_v4_without_each_rule_is_refused(rule, monkeypatch):
 def test_rwkv_without_its_rules_is_refused(rule, monkeypatch):
     """RWKV's time mixing (a WKV recurrence) and channel mixing: without their freezing rules,
     linearity breaks in the first block and the model is refused naming the component."""
-    from lens_linear.hooks import operating_point, sites
-
-    original = sites.find_sites
-    dropped = lambda *a, **k: [s for s in original(*a, **k) if s.kind != rule]  # noqa: E731
-    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    without_sites(monkeypatch, lambda s: s.kind == rule)
     model = bridge("RwkvForCausalLM")
     mixer = {"wkv": "time_mix", "channel": "channel_mix"}[rule]
     with pytest.raises(ll.LinearizationError, match=rf"blocks\.0's .*{mixer}") as info:
@@ -221,11 +210,7 @@ def test_rwkv_without_its_rules_is_refused(rule, monkeypatch):
 def test_recurrent_gemma_without_each_module_rule_is_refused(kind, monkeypatch):
     """Recurrent Gemma's blocks are bridged whole: without the rule for its RG-LRU gates, its
     gated branches, its attention's softmax or its norms, the model is refused."""
-    from lens_linear.hooks import operating_point, sites
-
-    original = sites.find_sites
-    dropped = lambda *a, **k: [s for s in original(*a, **k) if s.kind != kind]  # noqa: E731
-    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    without_sites(monkeypatch, lambda s: s.kind == kind)
     model = bridge("RecurrentGemmaForCausalLM")
     with pytest.raises(ll.LinearizationError, match=r"blocks\.[01]|no bias explains"):
         ll.run_with_linear_cache(model, "Hello world", progress=False)
@@ -237,11 +222,7 @@ def test_jetmoe_without_its_router_or_expert_rule_is_refused(rule, monkeypatch):
     """JetMoE's routers (its MLP's and its mixture of attention heads') choose over tokens
     grouped by expert; without the rule freezing their choices, or the one freezing its
     experts' gates in token order, the model is refused."""
-    from lens_linear.hooks import operating_point, sites
-
-    original = sites.find_sites
-    dropped = lambda *a, **k: [s for s in original(*a, **k) if s.kind != rule]  # noqa: E731
-    monkeypatch.setattr(operating_point, "find_sites", dropped)
+    without_sites(monkeypatch, lambda s: s.kind == rule)
     model = bridge("JetMoeForCausalLM")
     with pytest.raises(ll.LinearizationError, match=r"blocks\.[01]"):
         ll.run_with_linear_cache(model, "Hello world", progress=False)

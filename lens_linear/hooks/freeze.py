@@ -27,7 +27,7 @@ from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
 from lens_linear.hooks.sites import Site, activation_fn, site_module, slope_at_zero, wrapped
-from lens_linear.hooks.values import replayed
+from lens_linear.hooks.values import frozen_linear, input_ratio, replayed
 from lens_linear.tokens import model_dtype
 
 
@@ -172,16 +172,12 @@ def _act_ratio(
     z = args[0]
     if mode == "replay":
         return z * replayed(store[site.name], z, factor)
-    with torch.no_grad():
-        # the module's own forward, not the module: calling it would run this hook again
-        slope = (
-            slope_at_zero(lambda t: type(module).forward(module, t), z)
-            if bool((z == 0).any())
-            else 0.0
-        )
-        gate = torch.where(z != 0, out / torch.where(z != 0, z, 1), slope)
-    store[site.name] = gate
-    return out.detach() + (z - z.detach()) * gate  # value: out; gradient: gate
+    # the module's own forward, not the module: calling it would run this hook again
+    slope = (
+        slope_at_zero(lambda t: type(module).forward(module, t), z) if bool((z == 0).any()) else 0.0
+    )
+    store[site.name] = input_ratio(out, z, slope)
+    return frozen_linear(out, z, store[site.name])
 
 
 def _act_constant(
@@ -289,7 +285,7 @@ def _rms_frozen(
             )
         coef = (scale * gains[best]).to(out.dtype)
     store[site.name] = coef
-    return out.detach() + (x - x.detach()) * coef  # value: out; gradient: the frozen scale
+    return frozen_linear(out, x, coef)
 
 
 def _rms_hooks(
@@ -360,11 +356,8 @@ def _ratio_hooks(
                     layer=site.layer,
                     error=err,
                 )
-            gate = torch.where(
-                pre != 0, post / torch.where(pre != 0, pre, 1), slope_at_zero(act, pre)
-            )
-        store[site.name] = gate
-        return post.detach() + (pre - pre.detach()) * gate  # value: post; gradient: gate
+        store[site.name] = input_ratio(post, pre, slope_at_zero(act, pre))
+        return frozen_linear(post, pre, store[site.name])
 
     def glu_split(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         """A GLU inside one projection (ModernBERT-decoder): ``pre = [a, b]``,
@@ -390,6 +383,6 @@ def _ratio_hooks(
                 error=err,
             )
         store[site.name] = gate
-        return post.detach() + (b - b.detach()) * gate  # value: post; gradient: the frozen gate
+        return frozen_linear(post, b, gate)
 
     return [(site.source, keep_pre), (site.name, gate_post)]

@@ -96,6 +96,29 @@ class ModuleHook:
                 vars(self.module)[self.attribute] = own
 
 
+def mode_while_running(
+    module: torch.nn.Module,
+    make: Callable[[], Any],
+    done: Callable[[Any], None] | None = None,
+) -> list[ModuleHook]:
+    """Hooks that keep a fresh ``make()`` (a TorchFunctionMode freezing values as the module
+    computes them) active while ``module``'s forward runs; ``done(mode)`` checks what it saw
+    after a forward that returned (not one that raised)."""
+    active: list[Any] = []
+
+    def enter(module: Any, args: Any) -> None:
+        active.append(make())
+        active[-1].__enter__()
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        mode = active.pop()
+        mode.__exit__(None, None, None)
+        if output is not None and done is not None:
+            done(mode)
+
+    return [ModuleHook(module, enter, pre=True), ModuleHook(module, leave, always=True)]
+
+
 @dataclass(frozen=True)
 class ModelScan:
     """What the run contexts act on, found once per model: every run enters them, and asking a

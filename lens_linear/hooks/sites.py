@@ -274,10 +274,7 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
     for name in names:  # a router grouping tokens by expert (JetMoE's, in its MLP and attention)
         if "mlp" in parts and name.endswith(("router.hook_out", "gate.hook_out")):
             component = name[: -len(".hook_out")]
-            inner = wrapped(model.get_submodule(component))
-            if isinstance(getattr(inner, "top_k", None), int) and isinstance(
-                getattr(inner, "layer", None), torch.nn.Linear
-            ):
+            if is_sorting_router(wrapped(model.get_submodule(component))):
                 add(name, "choice", source=component)
     if "mlp" in parts and "hc_head.hook_out" in names:  # the final collapse of hyper-connections
         add("hc_head.hook_out", "hyper", source="hc_head")
@@ -333,6 +330,15 @@ def module_sites(block: Any, layer: int, parts: Sequence[str]) -> list[Site]:
             kind = "actgate" if gated else "act"
             found.append(Site(f"{name}.act_fn", kind, layer, f"{source}.act_fn"))
     return found
+
+
+def is_sorting_router(module: Any) -> bool:
+    """A router that picks each token's top-k experts and returns the tokens grouped by expert
+    (JetMoE's ``JetMoeTopKGating``: a top-k, a linear ``layer``): a ``choice`` site; its
+    mixture's gates follow its grouping (:mod:`lens_linear.hooks.rules.moe`)."""
+    return isinstance(getattr(module, "top_k", None), int) and isinstance(
+        getattr(module, "layer", None), torch.nn.Linear
+    )
 
 
 def site_module(model: Any, source: str) -> Any:

@@ -72,3 +72,15 @@ def cut_positions(site: Site, value: torch.Tensor, keep: slice, batch: int, n: i
     if value.shape[0] == batch * n != batch:
         return value.reshape(batch, n, *value.shape[1:])[:, keep].flatten(0, 1)
     return value[:, keep]
+
+
+def input_ratio(out: torch.Tensor, t: torch.Tensor, at_zero: float | torch.Tensor) -> torch.Tensor:
+    """``out / t`` (a nonlinearity's ratio to its input), ``at_zero`` where ``t`` is zero;
+    detached."""
+    with torch.no_grad():
+        return torch.where(t != 0, out / torch.where(t != 0, t, 1), at_zero)
+
+
+def frozen_linear(out: torch.Tensor, t: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
+    """``out`` in value, ``coefficient · t`` in gradient: a coefficient frozen at recording."""
+    return out.detach() + (t - t.detach()) * coefficient

@@ -30,9 +30,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lens_linear._validation import LinearizationError
-from lens_linear.hooks.modules import ModuleHook
+from lens_linear.hooks.modules import ModuleHook, mode_while_running
 from lens_linear.hooks.sites import Site, site_module
-from lens_linear.hooks.values import replayed
+from lens_linear.hooks.values import frozen_linear, input_ratio, replayed
 
 FROZEN = {
     "softmax": ("softmax", "topk"),
@@ -85,10 +85,7 @@ class _FrozenInside(TorchFunctionMode):
             t = args[0]
             if self.mode == "replay":
                 return t * self._value(t)
-            one = torch.ones_like(t)
-            at_zero = torch.full_like(t, RATIOS[name])
-            ratio = self._value(torch.where(t == 0, at_zero, out / torch.where(t == 0, one, t)))
-            return out.detach() + (t - t.detach()) * ratio
+            return frozen_linear(out, t, self._value(input_ratio(out, t, RATIOS[name])))
         return self._value(out)
 
 
@@ -102,19 +99,8 @@ def inside_hooks(
     """Freeze what :data:`FROZEN` names for ``site.kind`` inside the module ``site.source``
     (see :class:`_FrozenInside`). An attention must compute at least one softmax (a fused
     kernel such as SDPA has none: refused); a replay must meet the recorded calls."""
-    module = site_module(model, site.source)
-    active: list[_FrozenInside] = []
-    functions = FROZEN[site.kind]
 
-    def enter(module: Any, args: Any) -> None:
-        active.append(_FrozenInside(site.name, functions, store, mode, factor))
-        active[-1].__enter__()
-
-    def leave(module: Any, args: Any, output: Any) -> None:
-        frozen = active.pop()
-        frozen.__exit__(None, None, None)
-        if output is None:
-            return
+    def done(frozen: _FrozenInside) -> None:
         if site.kind == "softmax" and not frozen.calls:
             raise LinearizationError(
                 f"{site.source} computes its attention without a softmax, so its pattern cannot "
@@ -129,7 +115,11 @@ def inside_hooks(
                 layer=site.layer,
             )
 
-    return [ModuleHook(module, enter, pre=True), ModuleHook(module, leave, always=True)]
+    return mode_while_running(
+        site_module(model, site.source),
+        lambda: _FrozenInside(site.name, FROZEN[site.kind], store, mode, factor),
+        done,
+    )
 
 
 def cuttable(site: Site, store: dict[str, torch.Tensor]) -> bool:

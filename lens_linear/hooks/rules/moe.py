@@ -22,8 +22,8 @@ from lens_linear._compat import original_component
 from lens_linear._validation import LinearizationError, tolerance
 from lens_linear.hooks.contexts import bias_zeroed
 from lens_linear.hooks.modules import ModuleHook
-from lens_linear.hooks.sites import slope_at_zero, wrapped
-from lens_linear.hooks.values import fit_positions, scaled
+from lens_linear.hooks.sites import is_sorting_router, slope_at_zero, wrapped
+from lens_linear.hooks.values import fit_positions, frozen_linear, input_ratio, scaled
 
 ROUTERS = ("gate", "router")  # the HF child that computes routing weights and choices
 SHARED_GATES = ("shared_expert_gate",)  # a scalar gate on the shared expert: sigmoid(linear(x))
@@ -163,7 +163,7 @@ def moe_hooks(
         recorded = store[key]
         frozen = recorded[recorded.shape[0] - live["n_pos"] + token % live["n_pos"], slot]
         glu, ratio = scaled(frozen, factor).chunk(2, -1)
-        up = inline(gate_up)[1]
+        up = inline.up(gate_up)  # (a replay needs no unit, no clamp)
         shift = 0.0 if own_bias is None or bias_zeroed(model, own_bias) else inline.shift
         return glu * (ratio * up + shift)
 
@@ -188,7 +188,7 @@ def moe_hooks(
         if live["call"] == 1:
             store[key] = z.new_zeros(live["n_pos"], live["top_k"], z.shape[-1])
         store[key][token, slot] = ratio
-        return out.detach() + (z - z.detach()) * ratio  # value: out; gradient: the ratio
+        return frozen_linear(out, z, ratio)
 
     if inline:
         gates = ModuleHook(experts, gated_unit, attribute="_apply_gate", around=True)
@@ -238,9 +238,7 @@ def gated_experts(experts: Any) -> bool:
 
 def _ratio(out: torch.Tensor, z: torch.Tensor, act: Any) -> torch.Tensor:
     """``act(z) / z``, with ``act'(0)`` where ``z`` is zero (detached)."""
-    with torch.no_grad():
-        slope = slope_at_zero(act, z) if bool((z == 0).any()) else 0.0
-        return torch.where(z != 0, out / torch.where(z != 0, z, 1), slope)
+    return input_ratio(out, z, slope_at_zero(act, z) if bool((z == 0).any()) else 0.0)
 
 
 def _ratio_output(
@@ -258,7 +256,7 @@ def _ratio_output(
             return z * scaled(fit_positions(store[key], z, live["n_pos"]), factor)
         # the module's own forward, not the module: calling it would run this hook again
         store[key] = _ratio(out, z, lambda t: type(module).forward(module, t))
-        return out.detach() + (z - z.detach()) * store[key]
+        return frozen_linear(out, z, store[key])
 
     return hook
 
@@ -299,10 +297,10 @@ def clamped_swiglu(experts: Any) -> Any:
         gate, up = halves(gate_up)
         unit = glu(gate.clamp(max=limit))
         clamped = up.clamp(-limit, limit)
-        ratio = torch.where(up != 0, clamped / torch.where(up != 0, up, 1), 1.0)
-        return unit, up, ratio, unit * (clamped + shift)
+        return unit, up, input_ratio(clamped, up, 1.0), unit * (clamped + shift)
 
     parts.shift = shift  # type: ignore[attr-defined]
+    parts.up = lambda gate_up: halves(gate_up)[1]  # type: ignore[attr-defined]
     return parts
 
 
@@ -320,15 +318,6 @@ def _constant_input(
         return (scaled(fit_positions(store[key], args[0], live["n_pos"]), factor),)
 
     return hook
-
-
-def is_sorting_router(module: Any) -> bool:
-    """A router that picks each token's top-k experts and returns the tokens grouped by expert
-    (JetMoE's ``JetMoeTopKGating``: a top-k, a linear ``layer``); its choices are a ``choice``
-    site of their own (:mod:`lens_linear.hooks.rules.inside`)."""
-    return isinstance(getattr(module, "top_k", None), int) and isinstance(
-        getattr(module, "layer", None), torch.nn.Linear
-    )
 
 
 def _sorted_experts_hooks(

@@ -12,9 +12,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from lens_linear._validation import LinearizationError
-from lens_linear.hooks.modules import ModuleHook
+from lens_linear.hooks.modules import ModuleHook, mode_while_running
 from lens_linear.hooks.sites import layer_of, own_parameters, site_module, wrapped
-from lens_linear.hooks.values import fit_to, scaled
+from lens_linear.hooks.values import fit_to, frozen_linear, input_ratio, scaled
 
 
 class _ScanFrozen(TorchFunctionMode):
@@ -65,8 +65,8 @@ class _ScanFrozen(TorchFunctionMode):
                 return self._value(out, out)
             x = args[0]
             self.batch = x.shape[0]  # the convolution's input, batch first
-            ratio = self._value(out, torch.where(x == 0, 0.5, out / x))
-            return out.detach() + (x - x.detach()) * ratio if self.mode == "record" else x * ratio
+            ratio = self._value(out, input_ratio(out, x, 0.5))
+            return frozen_linear(out, x, ratio) if self.mode == "record" else x * ratio
         if (
             name == "split" and self.acts == 1 and not self.splits
         ):  # [x or Δ's input, B, C] or [q, k, v]
@@ -100,16 +100,9 @@ def scan_hooks(
     component = (
         bridge if delta else wrapped(bridge)
     )  # (TransformerLens reimplements the delta rule)
-    active: list[_ScanFrozen] = []
 
-    def enter(module: Any, args: tuple) -> None:
-        active.append(_ScanFrozen(name, store, mode, factor, live=-1 if delta else 0))
-        active[-1].__enter__()
-
-    def leave(module: Any, args: tuple, output: Any) -> None:
-        frozen = active.pop()
-        frozen.__exit__(None, None, None)
-        if output is not None and (frozen.acts, frozen.splits, min(frozen.steps, 1)) != (2, 1, 1):
+    def done(frozen: _ScanFrozen) -> None:
+        if (frozen.acts, frozen.splits, min(frozen.steps, 1)) != (2, 1, 1):
             raise LinearizationError(
                 f"{source or name.rsplit('.', 1)[0]} is a selective state-space mixer whose forward ran {frozen.acts} "
                 f"activations, {frozen.splits} B/C splits and {frozen.steps} softplus steps (2, 1 and at least 1 "
@@ -118,4 +111,6 @@ def scan_hooks(
                 layer=layer_of(name),
             )
 
-    return [ModuleHook(component, enter, pre=True), ModuleHook(component, leave, always=True)]
+    return mode_while_running(
+        component, lambda: _ScanFrozen(name, store, mode, factor, live=-1 if delta else 0), done
+    )
