@@ -56,7 +56,7 @@ from lens_linear.jacobian import batched_vjp_jacobian, cheaper_engine, forward_j
 from lens_linear.jacobian_lens import prompt_transports, readout_functional, source_layer
 from lens_linear.matfree import MatrixFreeSVD, matrix_free_svd
 from lens_linear.memory import budget, chunk_size, release_freed_memory, sequence_bytes
-from lens_linear.tokens import single_token, to_tokens, token_strings
+from lens_linear.tokens import model_dtype, single_token, to_tokens, token_strings
 
 
 @dataclass(frozen=True)
@@ -1070,6 +1070,7 @@ def run_with_linear_cache(
             tangent_at=output_hook(model) if carried else None,
             store_patterns=store_patterns,
             max_memory=max_memory,
+            graph=check and not carried and dtype in (None, model_dtype(model)),
         )
         if point.frozen_attention:  # a long prompt: its recording's freed memory back to the system
             release_freed_memory()

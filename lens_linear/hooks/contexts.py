@@ -40,8 +40,14 @@ from lens_linear._compat import (
     set_experts_implementation,
 )
 from lens_linear._validation import LinearizationError
-from lens_linear.hooks.guard import exclusive
-from lens_linear.hooks.modules import EMBEDDINGS_ARGUMENT, ModelScan, embeddings_position, scan
+from lens_linear.hooks.guard import exclusive, held
+from lens_linear.hooks.modules import (
+    EMBEDDINGS_ARGUMENT,
+    ModelScan,
+    embeddings_position,
+    scan,
+    structure,
+)
 from lens_linear.hooks.sites import layer_of
 from lens_linear.tokens import model_dtype
 
@@ -274,18 +280,17 @@ _IN_ANALYSIS: WeakKeyDictionary[torch.nn.Module, int] = WeakKeyDictionary()  # n
 
 
 def _analysis_mode(model: torch.nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
+    training = [m for m in model.modules() if m.training]
     params = [p for p in model.parameters() if p.requires_grad]
-    for module, training in modes:  # the flag itself: ``model.eval()`` on a bridge costs ~0.1 s
-        if training:
-            module.training = False
+    for module in training:  # the flag itself: ``model.eval()`` on a bridge costs ~0.1 s
+        module.training = False
     try:
         for param in params:
             param.requires_grad_(False)
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        for module in training:
+            module.training = True
         for param in params:
             param.requires_grad_(True)
 
@@ -304,12 +309,37 @@ def _memory_key(t: torch.Tensor) -> int:
 
 
 def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every bias parameter or buffer, one per memory block.
+    """Every bias parameter or buffer, one per memory block (found once per call that holds
+    the model).
 
     A bridge can expose one bias twice (a joint QKV bias and per-projection views of it):
     of tensors sharing storage only the largest is kept, so no share is counted twice.
     """
-    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if _is_bias(n)]
+    return held(model, "biases", lambda: _bias_tensors(model))
+
+
+Attribute = tuple[str, torch.nn.Module, str]  # a tensor's name, its owning module, attribute
+
+# per model, where its biases are held: (structure, [(name, owning module, attribute)])
+_BIAS_SLOTS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[Attribute]]] = (
+    WeakKeyDictionary()
+)
+
+
+def _bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each bias slot (found once per structure: walking every parameter's name is most of
+    the cost) read now, so a tensor replaced in place of another is the one returned."""
+    cached = _BIAS_SLOTS.get(model)
+    if cached is None or cached[0] != structure(model):
+        named = [*model.named_parameters(), *model.named_buffers()]
+        slots = [
+            (name, model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+            for name, _ in named
+            if _is_bias(name)
+        ]
+        cached = _BIAS_SLOTS[model] = (structure(model), slots)
+    named = [(name, getattr(module, leaf, None)) for name, module, leaf in cached[1]]
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor)]
     best: dict[int, tuple[str, torch.Tensor]] = {}
     for name, t in named:
         key = _memory_key(t)
@@ -342,7 +372,6 @@ def substitutes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-Attribute = tuple[str, torch.nn.Module, str]  # a tensor's name, its owning module, attribute
 _GROUPS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[int, list[Attribute]]]] = (
     WeakKeyDictionary()
 )

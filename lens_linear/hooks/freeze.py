@@ -27,7 +27,7 @@ from lens_linear.hooks.rules.moe import moe_hooks
 from lens_linear.hooks.rules.state_space import scan_hooks
 from lens_linear.hooks.run import Hook
 from lens_linear.hooks.sites import Site, activation_fn, site_module, slope_at_zero, wrapped
-from lens_linear.hooks.values import frozen_linear, input_ratio, replayed
+from lens_linear.hooks.values import frozen_linear, input_ratio, replayed, scaled
 from lens_linear.tokens import model_dtype
 
 
@@ -104,9 +104,14 @@ def site_hooks(
             )
         elif mode == "record":
 
-            def record(value: torch.Tensor, hook: Any, key: str = site.name) -> torch.Tensor:
+            def record(
+                value: torch.Tensor,
+                hook: Any,
+                key: str = site.name,
+                factor: torch.Tensor | None = factors.get(site.name),
+            ) -> torch.Tensor:
                 store[key] = value.detach()
-                return store[key]
+                return scaled(store[key], factor)
 
             hooks.append((site.name, record))
         else:
@@ -152,7 +157,7 @@ def _slice_hook(
     part = slice(site.frozen[0] * third, site.frozen[1] * third)
     if mode == "record":
         store[site.name] = value.detach()[..., part]
-        frozen = store[site.name]
+        frozen = scaled(store[site.name], factor)
     else:
         frozen = replayed(store[site.name], value[..., part], factor)
     return torch.cat([value[..., : part.start], frozen, value[..., part.stop :]], dim=-1)
@@ -177,7 +182,7 @@ def _act_ratio(
         slope_at_zero(lambda t: type(module).forward(module, t), z) if bool((z == 0).any()) else 0.0
     )
     store[site.name] = input_ratio(out, z, slope)
-    return frozen_linear(out, z, store[site.name])
+    return scaled(frozen_linear(out, z, store[site.name]), factor)
 
 
 def _act_constant(
@@ -194,7 +199,7 @@ def _act_constant(
     if mode == "replay":
         return replayed(store[site.name], out, factor)
     store[site.name] = out.detach()
-    return store[site.name]
+    return scaled(store[site.name], factor)
 
 
 def _layernorm_scale(
@@ -227,7 +232,7 @@ def _layernorm_scale(
         )
     store[site.name] = scale
     linear = centred * scale * w
-    return out.detach() + (linear - linear.detach())  # value: out; gradient: the frozen scale
+    return scaled(out.detach() + (linear - linear.detach()), factor)  # value: out; gradient: the frozen scale
 
 
 def _rms_scale(
@@ -285,7 +290,7 @@ def _rms_frozen(
             )
         coef = (scale * gains[best]).to(out.dtype)
     store[site.name] = coef
-    return frozen_linear(out, x, coef)
+    return scaled(frozen_linear(out, x, coef), factor)
 
 
 def _rms_hooks(
@@ -357,7 +362,7 @@ def _ratio_hooks(
                     error=err,
                 )
         store[site.name] = input_ratio(post, pre, slope_at_zero(act, pre))
-        return frozen_linear(post, pre, store[site.name])
+        return scaled(frozen_linear(post, pre, store[site.name]), factor)
 
     def glu_split(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         """A GLU inside one projection (ModernBERT-decoder): ``pre = [a, b]``,
@@ -383,6 +388,6 @@ def _ratio_hooks(
                 error=err,
             )
         store[site.name] = gate
-        return frozen_linear(post, b, gate)
+        return scaled(frozen_linear(post, b, gate), factor)
 
     return [(site.source, keep_pre), (site.name, gate_post)]

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 from weakref import WeakKeyDictionary
 
 import torch
@@ -29,6 +29,7 @@ class _Call:
     thread: int
     depth: int = 0  # nested exclusive() contexts of this call
     forwards: int = 0  # forwards of the model running under this call
+    memo: dict = field(default_factory=dict)  # what :func:`held` computed once for this call
 
 
 _LOCK = threading.Lock()
@@ -90,3 +91,16 @@ def forward_running(model: torch.nn.Module) -> Iterator[None]:
             yield
         finally:
             call.forwards -= 1
+
+
+def held(model: torch.nn.Module, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per call that holds ``model`` (:func:`exclusive`): while a call holds
+    it, no other thread runs it and our own code changes none of its modules, so what depends
+    on its structure alone (its hook points, the coefficient sites, its biases) is read once
+    per call instead of at every use. Outside a call, computed each time."""
+    call = _CALLS.get(model)
+    if call is None or call.thread != threading.get_ident():
+        return compute()
+    if key not in call.memo:
+        call.memo[key] = compute()
+    return call.memo[key]

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lens_linear._compat import has_experts_implementation, is_experts_module, original_component
+from lens_linear.hooks.guard import held
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,18 @@ class ModelScan:
 _SCANS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelScan]" = weakref.WeakKeyDictionary()
 
 
+def structure(model: torch.nn.Module) -> tuple[int, ...]:
+    """The ids of ``model``'s modules, in order: what caches of its structure are keyed by
+    (read once per call that holds the model, :func:`~lens_linear.hooks.guard.held`)."""
+    return held(model, "structure", lambda: tuple(map(id, model.modules())))
+
+
 def scan(model: torch.nn.Module) -> ModelScan:
     """The model's modules that the run contexts act on, cached until its structure changes."""
-    modules = list(model.modules())
-    structure = tuple(map(id, modules))
     found = _SCANS.get(model)
-    if found is not None and found.structure == structure:
+    if found is not None and found.structure == structure(model):
         return found
+    modules = list(model.modules())
     attentions, weightless, configs = [], [], {}
     for m in modules:
         inner = original_component(m)
@@ -159,7 +165,7 @@ def scan(model: torch.nn.Module) -> ModelScan:
     norms = [m for m in modules if "Norm" in type(m).__name__]
     readers = [m for m in modules if EMBEDDINGS_ARGUMENT in _parameters(m)]
     _SCANS[model] = ModelScan(
-        structure, attentions, weightless, list(configs.values()), norms, readers
+        tuple(map(id, modules)), attentions, weightless, list(configs.values()), norms, readers
     )
     return _SCANS[model]
 

@@ -106,6 +106,9 @@ class OperatingPoint:
         self.frozen_attention = (
             frozen_attention or {}
         )  # hook_pattern → its queries and keys (not in values)
+        # a recording run with autograd (``record(graph=True)``): (output, input leaf, factors),
+        # for the first site check, which consumes it
+        self.recorded_graph: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     @classmethod
     def record(
@@ -118,6 +121,7 @@ class OperatingPoint:
         tangent_at: str | None = None,
         store_patterns: bool | None = None,
         max_memory: int | None = None,
+        graph: bool = False,
     ) -> tuple["OperatingPoint", torch.Tensor, Any]:
         """Run ``model`` once on ``tokens`` and freeze every coefficient at its value.
 
@@ -134,6 +138,11 @@ class OperatingPoint:
         whole while every layer's pattern together fits in ``max_memory``
         (:func:`lens_linear.memory.patterns_fit`), which also sizes the blocks of pattern rows
         that a replay recomputes from queries and keys.
+        ``graph`` (patterns stored whole): the recording itself runs with autograd, its input a
+        leaf and a factor (value 1) on every site, as :meth:`check_sites`' replay does; every
+        freezing hook detaches its coefficient, so this graph is the frozen map's at ``x*``, and
+        the check and the first Jacobian of the output use it instead of a replay of their own
+        (one forward instead of two).
         """
         require_tl_model(model)
         sites = find_sites(model, parts)
@@ -144,11 +153,27 @@ class OperatingPoint:
         if store_patterns is None:
             store_patterns = patterns_fit(model, tokens.shape[-1], max_memory=max_memory)
         frozen: dict[str, FrozenAttention] | None = None if store_patterns else {}
+        graph = graph and store_patterns and tangent_at is None
+        factors = (
+            {
+                s.name: torch.ones((), device=tokens.device, requires_grad=True)
+                for s in sites  # float32 scalars: a 0-dim factor keeps every value's dtype
+            }
+            if graph
+            else {}
+        )
+        out_name = output_hook(model)
 
         def grab(value: torch.Tensor, hook: Any) -> torch.Tensor | None:
             seen["x"] = value.detach()[0]
             upstream.update(values)  # sites fired before the input (an embedding norm), by value
+            if graph:
+                seen["leaf"] = seen["x"].clone().requires_grad_(True)
+                return seen["leaf"][None]
             return fwAD.make_dual(value, value.detach()) if tangent_at is not None else None
+
+        def keep_output(value: torch.Tensor, hook: Any) -> None:
+            seen["y"] = value
 
         def carry(value: torch.Tensor, hook: Any) -> torch.Tensor:
             primal, tangent = fwAD.unpack_dual(value)
@@ -158,8 +183,9 @@ class OperatingPoint:
             return primal  # the rest of the forward (the unembedding) needs no tangent
 
         extra = [(INPUT_HOOK, grab)] + ([(tangent_at, carry)] if tangent_at is not None else [])
+        extra += [(out_name, keep_output)] if graph else []
         try:
-            with torch.no_grad(), contextlib.ExitStack() as stack:
+            with torch.set_grad_enabled(graph), contextlib.ExitStack() as stack:
                 if tangent_at is not None:
                     stack.enter_context(forward_mode())
                 stack.enter_context(
@@ -167,13 +193,19 @@ class OperatingPoint:
                         model,
                         list(fwd_hooks)
                         + site_hooks(
-                            model, sites, values, "record", frozen=frozen, max_memory=max_memory
+                            model,
+                            sites,
+                            values,
+                            "record",
+                            factors,
+                            frozen=frozen,
+                            max_memory=max_memory,
                         )
                         + extra,
                     )
                 )
                 logits, cache = model.run_with_cache(tokens, names_filter=names_filter)
-                logits = fwAD.unpack_dual(logits).primal
+                logits = fwAD.unpack_dual(logits).primal.detach()
         except (LinearizationError, ModelInUseError):  # a user hook called back in: not ours
             raise
         except NotImplementedError:
@@ -212,6 +244,8 @@ class OperatingPoint:
             tangents,
             frozen,
         )
+        if "y" in seen and "leaf" in seen:
+            point.recorded_graph = (seen["y"], seen["leaf"], factors)
         return point, logits, cache
 
     @functools.cached_property
@@ -278,17 +312,24 @@ class OperatingPoint:
         ignored: list[str] = []
         whole = target is not None and checks_whole_prompt(len(self.x_star), self.fwd_hooks)
         start = 0 if whole or self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
-        factors = {
-            s.name: torch.ones(
-                (), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True
-            )
-            for s in checked
-            if s.name in fired
-        }
-        x = self.x_star[start:].clone().requires_grad_(whole)  # [pos, d_in]: replay adds the batch
+        recorded, self.recorded_graph = self.recorded_graph, None  # its graph serves one check
+        if recorded is not None and whole:  # the recording ran with autograd: no replay needed
+            y, x, every = recorded
+            factors = {s.name: every[s.name] for s in checked if s.name in fired}
+        else:
+            factors = {
+                s.name: torch.ones(
+                    (), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True
+                )
+                for s in checked
+                if s.name in fired
+            }
+            x = self.x_star[start:].clone().requires_grad_(whole)  # [pos, d_in]: batch added
+            y = None
         inputs = list(factors.values()) + ([x] if whole else [])
         with self.computing(), analysis_mode(self.model), torch.enable_grad():
-            y = self.replay(x, [out_name], start_pos=start, factors=factors)[out_name]
+            if y is None:
+                y = self.replay(x, [out_name], start_pos=start, factors=factors)[out_name]
             if not y.requires_grad:
                 return SiteCheck(ignored + list(factors))
             u = centred_projections(n_projections if whole else 1, y.shape, y, seed=1)

@@ -29,7 +29,7 @@ from lens_linear.hooks.contexts import (
 )
 from lens_linear.hooks.guard import forward_running
 from lens_linear.hooks.modules import ModuleHook, scan
-from lens_linear.hooks.sites import INPUT_HOOK
+from lens_linear.hooks.sites import INPUT_HOOK, hook_points
 
 NameFilter = str | Callable[[str], bool]
 
@@ -110,7 +110,7 @@ def model_contexts(model: Any, freezing: bool) -> Iterator[None]:
 
 def _hooks_on(model: Any, hooks: Sequence[Hook]) -> Iterator[None]:
     level = next(_LEVELS)
-    hook_dict = model.hook_dict
+    hook_dict = hook_points(model)
     on_modules = [h for h in hooks if isinstance(h, ModuleHook)]
     hooks = [h for h in hooks if not isinstance(h, ModuleHook)]
     missing = [

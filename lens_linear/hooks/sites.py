@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -69,6 +70,8 @@ import torch
 
 from lens_linear._compat import original_component
 from lens_linear._validation import LinearizationError
+from lens_linear.hooks.guard import held
+from lens_linear.hooks.modules import structure
 
 INPUT_HOOK = "blocks.0.hook_resid_pre"
 PARTS = ("norm", "attn", "mlp", "mixer")
@@ -94,7 +97,7 @@ class Site:
 def output_hook(model: Any) -> str:
     """The final-normed residual: the unembedding's input (the predicted output embedding)."""
     for name in ("unembed.hook_in", "ln_final.hook_normalized"):
-        if name in model.hook_dict:
+        if name in hook_points(model):
             return name
     return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
@@ -102,7 +105,7 @@ def output_hook(model: Any) -> str:
 def block_outputs(model: Any) -> list[str]:
     """Each block's output: its ``hook_resid_post``, or its ``hook_out`` where it has no
     residual stream of its own (DeepSeek-V4's blocks output ``hc_mult`` streams)."""
-    names = model.hook_dict
+    names = hook_points(model)
     return [
         f"blocks.{layer}.hook_resid_post"
         if f"blocks.{layer}.hook_resid_post" in names
@@ -116,11 +119,30 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def hook_points(model: Any) -> dict[str, Any]:
+    """``model.hook_dict``, read once per call that holds the model (a bridge rebuilds its
+    aliases at every read)."""
+    return held(model, "hook_dict", lambda: model.hook_dict)
+
+
+_SITES: "weakref.WeakKeyDictionary[Any, dict[tuple, list[Site]]]" = weakref.WeakKeyDictionary()
+
+
 def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
-    """All coefficient sites of ``model`` for the requested parts, in forward order."""
+    """All coefficient sites of ``model`` for the requested parts, in forward order; found
+    once per model and set of parts, again once its structure changes (a module added,
+    replaced or removed)."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    key = (structure(model), tuple(parts))
+    cached = _SITES.get(model)
+    if cached is None or key not in cached:
+        cached = _SITES[model] = {key: _find_sites(model, parts)}  # an old structure's go
+    return list(cached[key])
+
+
+def _find_sites(model: Any, parts: Sequence[str]) -> list[Site]:
     if not isinstance(getattr(model, "blocks", None), torch.nn.ModuleList):
         stacks = [n for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList)]
         raise LinearizationError(
@@ -129,7 +151,7 @@ def find_sites(model: Any, parts: Sequence[str] = PARTS) -> list[Site]:
             f"defined per block of one stack, so a model run as several stacks (HRM's two, "
             f"iterated in cycles) is refused."
         )
-    names = model.hook_dict
+    names = hook_points(model)
     seen: set[int] = set()
     sites: list[Site] = []
 

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from lens_linear._validation import LinearizationError
 from lens_linear.hooks.modules import ModuleHook, mode_while_running
 from lens_linear.hooks.sites import Site, site_module
-from lens_linear.hooks.values import frozen_linear, input_ratio, replayed
+from lens_linear.hooks.values import frozen_linear, input_ratio, replayed, scaled
 
 FROZEN = {
     "softmax": ("softmax", "topk"),
@@ -69,7 +69,7 @@ class _FrozenInside(TorchFunctionMode):
         self.calls += 1
         if self.mode == "record":
             self.store[tag] = out.detach()
-            return self.store[tag]
+            return scaled(self.store[tag], self.factor if scale else None)
         return replayed(self.store[tag], out, self.factor if scale else None).to(out.dtype)
 
     def __torch_function__(
@@ -85,7 +85,8 @@ class _FrozenInside(TorchFunctionMode):
             t = args[0]
             if self.mode == "replay":
                 return t * self._value(t)
-            return frozen_linear(out, t, self._value(input_ratio(out, t, RATIOS[name])))
+            ratio = self._value(input_ratio(out, t, RATIOS[name]), scale=False)
+            return scaled(frozen_linear(out, t, ratio), self.factor)
         return self._value(out)
 
 

@@ -83,7 +83,10 @@ def moe_hooks(
                 for j, o in enumerate(outs):
                     if torch.is_tensor(o):
                         store[f"{key}#{name}{j}"] = o.detach()
-                frozen = tuple(store.get(f"{key}#{name}{j}", o) for j, o in enumerate(outs))
+                frozen = tuple(
+                    scaled(store[f"{key}#{name}{j}"], factor) if torch.is_tensor(o) else o
+                    for j, o in enumerate(outs)
+                )
             else:
                 frozen = tuple(
                     scaled(fit_positions(store[f"{key}#{name}{j}"], o, live["n_pos"]), factor)
@@ -119,7 +122,7 @@ def moe_hooks(
             if live["call"] == 1:
                 store[key] = gate.new_zeros(live["n_pos"], live["top_k"], gate.shape[-1])
             store[key][token, slot] = gate.detach()
-            return (gate.detach(),)
+            return (scaled(gate.detach(), factor),)
         recorded = store[key]
         n_pos = live["n_pos"]
         return (scaled(recorded[recorded.shape[0] - n_pos + token % n_pos, slot], factor),)
@@ -130,7 +133,7 @@ def moe_hooks(
         batch-major, so a replay takes the last positions' rows for each prompt."""
         if mode == "record":
             store[key] = gate.detach()
-            return (store[key],)
+            return (scaled(store[key], factor),)
         recorded, n_pos = store[key], live["n_pos"]
         rows = recorded[:, recorded.shape[1] - n_pos :]
         return (scaled(rows.repeat(1, gate.shape[1] // n_pos, 1), factor),)
@@ -146,7 +149,8 @@ def moe_hooks(
         if mode == "record":
             out = original(gate_up)
             glu, up, ratio, expected = inline(gate_up)
-            err = float((expected - out).abs().max() / out.abs().max().clamp_min(1e-30))
+            with torch.no_grad():
+                err = float((expected - out).abs().max() / out.abs().max().clamp_min(1e-30))
             if err > tolerance(out.dtype):
                 raise LinearizationError(
                     f"blocks.{layer}.mlp.experts._apply_gate is not the clamped SwiGLU "
@@ -159,7 +163,7 @@ def moe_hooks(
                 store[key] = gate_up.new_zeros(live["n_pos"], live["top_k"], gate_up.shape[-1])
             store[key][token, slot] = torch.cat([glu, ratio], -1).detach()
             linear = glu.detach() * ratio.detach() * up
-            return out.detach() + (linear - linear.detach())  # value: out; gradient: frozen
+            return scaled(out.detach() + (linear - linear.detach()), factor)  # value: out
         recorded = store[key]
         frozen = recorded[recorded.shape[0] - live["n_pos"] + token % live["n_pos"], slot]
         glu, ratio = scaled(frozen, factor).chunk(2, -1)
@@ -188,7 +192,7 @@ def moe_hooks(
         if live["call"] == 1:
             store[key] = z.new_zeros(live["n_pos"], live["top_k"], z.shape[-1])
         store[key][token, slot] = ratio
-        return frozen_linear(out, z, ratio)
+        return scaled(frozen_linear(out, z, ratio), factor)
 
     if inline:
         gates = ModuleHook(experts, gated_unit, attribute="_apply_gate", around=True)
@@ -256,7 +260,7 @@ def _ratio_output(
             return z * scaled(fit_positions(store[key], z, live["n_pos"]), factor)
         # the module's own forward, not the module: calling it would run this hook again
         store[key] = _ratio(out, z, lambda t: type(module).forward(module, t))
-        return frozen_linear(out, z, store[key])
+        return scaled(frozen_linear(out, z, store[key]), factor)
 
     return hook
 
@@ -314,7 +318,7 @@ def _constant_input(
     def hook(module: Any, args: tuple) -> tuple:
         if mode == "record":
             store[key] = args[0].detach()
-            return (store[key],)
+            return (scaled(store[key], factor),)
         return (scaled(fit_positions(store[key], args[0], live["n_pos"]), factor),)
 
     return hook
@@ -351,7 +355,7 @@ def _sorted_experts_hooks(
             frozen = out.new_zeros(rows.numel(), out.shape[-1])
             frozen[rows] = out.detach()
             store[key] = frozen
-            return frozen[rows]
+            return scaled(frozen[rows], factor)
         recorded = store[key]
         return scaled(recorded[rows % recorded.shape[0]], factor)
 

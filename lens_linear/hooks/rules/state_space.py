@@ -44,14 +44,17 @@ class _ScanFrozen(TorchFunctionMode):
         self.acts = self.splits = self.steps = self.frozen = 0
         self.batch = 1
 
-    def _value(self, out: torch.Tensor, computed: torch.Tensor) -> torch.Tensor:
-        """``computed`` recorded (record) or the recorded value substituted (replay)."""
+    def _value(
+        self, out: torch.Tensor, computed: torch.Tensor, scale: bool = True
+    ) -> torch.Tensor:
+        """``computed`` recorded (record) or the recorded value substituted (replay), times
+        the factor (``scale``; in record mode the caller scales what it builds from it)."""
         tag = f"{self.key}#{self.frozen}"
         self.frozen += 1
         if self.mode == "record":
             self.store[tag] = computed.detach()
             self.store.setdefault(self.key, self.store[tag])
-            return self.store[tag]
+            return scaled(self.store[tag], self.factor) if scale else self.store[tag]
         return scaled(fit_to(self.store[tag], out, self.batch), self.factor)
 
     def __torch_function__(
@@ -65,8 +68,10 @@ class _ScanFrozen(TorchFunctionMode):
                 return self._value(out, out)
             x = args[0]
             self.batch = x.shape[0]  # the convolution's input, batch first
-            ratio = self._value(out, input_ratio(out, x, 0.5))
-            return frozen_linear(out, x, ratio) if self.mode == "record" else x * ratio
+            if self.mode == "replay":
+                return x * self._value(out, input_ratio(out, x, 0.5))
+            ratio = self._value(out, input_ratio(out, x, 0.5), scale=False)
+            return scaled(frozen_linear(out, x, ratio), self.factor)
         if (
             name == "split" and self.acts == 1 and not self.splits
         ):  # [x or Δ's input, B, C] or [q, k, v]
