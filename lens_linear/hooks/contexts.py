@@ -321,9 +321,7 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 Attribute = tuple[str, torch.nn.Module, str]  # a tensor's name, its owning module, attribute
 
 # per model, where its biases are held: (structure, [(name, owning module, attribute)])
-_BIAS_SLOTS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[Attribute]]] = (
-    WeakKeyDictionary()
-)
+_BIAS_SLOTS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[Attribute]]] = WeakKeyDictionary()
 
 
 def _bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -232,7 +232,9 @@ def _layernorm_scale(
         )
     store[site.name] = scale
     linear = centred * scale * w
-    return scaled(out.detach() + (linear - linear.detach()), factor)  # value: out; gradient: the frozen scale
+    return scaled(
+        out.detach() + (linear - linear.detach()), factor
+    )  # value: out; gradient: the frozen scale
 
 
 def _rms_scale(

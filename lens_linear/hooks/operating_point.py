@@ -108,7 +108,9 @@ class OperatingPoint:
         )  # hook_pattern → its queries and keys (not in values)
         # a recording run with autograd (``record(graph=True)``): (output, input leaf, factors),
         # for the first site check, which consumes it
-        self.recorded_graph: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self.recorded_graph: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = (
+            None
+        )
 
     @classmethod
     def record(

@@ -44,9 +44,7 @@ class _ScanFrozen(TorchFunctionMode):
         self.acts = self.splits = self.steps = self.frozen = 0
         self.batch = 1
 
-    def _value(
-        self, out: torch.Tensor, computed: torch.Tensor, scale: bool = True
-    ) -> torch.Tensor:
+    def _value(self, out: torch.Tensor, computed: torch.Tensor, scale: bool = True) -> torch.Tensor:
         """``computed`` recorded (record) or the recorded value substituted (replay), times
         the factor (``scale``; in record mode the caller scales what it builds from it)."""
         tag = f"{self.key}#{self.frozen}"
