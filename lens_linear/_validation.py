@@ -55,7 +55,7 @@ def hook_name(model: Any, key: str | tuple) -> str:
     except ImportError:
         from transformer_lens.utils import get_act_name  # TransformerLens 3
 
-    hook_dict = model.hook_dict
+    hook_dict = _hook_points(model)
     if isinstance(key, str) and key in hook_dict:
         return key
     if isinstance(key, tuple):
@@ -85,10 +85,19 @@ def hook_key(hook_dict: Any, name: str) -> str:
     return INPUT_FALLBACK.get(name, name)
 
 
+def _hook_points(model: Any) -> Any:
+    """``model.hook_dict``, read once per call that holds the model
+    (:func:`lens_linear.hooks.sites.hook_points`; imported here, at first use, because the
+    hooks package imports this module)."""
+    from lens_linear.hooks.sites import hook_points
+
+    return hook_points(model)
+
+
 def require_hook(model: Any, *names: str) -> None:
     """Every name must be a hook point (``hook_dict`` is read once: a TL 3.9 bridge rebuilds
     its aliases on every access)."""
-    hook_dict = model.hook_dict
+    hook_dict = _hook_points(model)
     for name in names:
         if hook_key(hook_dict, name) not in hook_dict:
             close = difflib.get_close_matches(name, list(hook_dict), n=5, cutoff=0.6)

@@ -370,6 +370,8 @@ def substitutes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+# per model: every (module, attribute) holding a parameter or buffer, found once per structure
+_SLOTS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[Attribute]]] = WeakKeyDictionary()
 _GROUPS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[int, list[Attribute]]]] = (
     WeakKeyDictionary()
 )
@@ -380,22 +382,28 @@ def _attributes_by_memory(model: torch.nn.Module) -> dict[int, list[Attribute]]:
     views a bridge makes of it share one), one entry per (module, attribute): a bridge reaches
     each Hugging Face module by two paths. Cached per model until a tensor or its memory
     changes (resolving each owner module is most of the cost)."""
-    named = [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]
-    key = tuple((name, id(t), _memory_key(t)) for name, t in named)
+    found = _SLOTS.get(model)
+    if found is None or found[0] != structure(model):
+        slots, seen = [], set()
+        for name, _ in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]:
+            path, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(path)
+            if (id(owner), leaf) not in seen:
+                seen.add((id(owner), leaf))
+                slots.append((name, owner, leaf))
+        found = _SLOTS[model] = (structure(model), slots)
+    tensors = [(slot, getattr(slot[1], slot[2], None)) for slot in found[1]]
+    key = tuple((id(t), _memory_key(t)) for _, t in tensors if isinstance(t, torch.Tensor))
     cached = _GROUPS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
     groups: dict[int, list[Attribute]] = {}
-    seen = set()
-    for name, t in named:
-        path, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(path)
-        if (id(owner), leaf) not in seen:
-            seen.add((id(owner), leaf))
-            groups.setdefault(_memory_key(t), []).append((name, owner, leaf))
+    for slot, t in tensors:
+        if isinstance(t, torch.Tensor):
+            groups.setdefault(_memory_key(t), []).append(slot)
     _GROUPS[model] = (key, groups)
     return groups
 

@@ -182,7 +182,7 @@ def _act_ratio(
         slope_at_zero(lambda t: type(module).forward(module, t), z) if bool((z == 0).any()) else 0.0
     )
     store[site.name] = input_ratio(out, z, slope)
-    return scaled(frozen_linear(out, z, store[site.name]), factor)
+    return frozen_linear(out, z, store[site.name], factor)
 
 
 def _act_constant(
@@ -231,10 +231,7 @@ def _layernorm_scale(
             error=err,
         )
     store[site.name] = scale
-    linear = centred * scale * w
-    return scaled(
-        out.detach() + (linear - linear.detach()), factor
-    )  # value: out; gradient: the frozen scale
+    return frozen_linear(out, centred * scale * w, factor=factor)  # gradient: the frozen scale
 
 
 def _rms_scale(
@@ -292,7 +289,7 @@ def _rms_frozen(
             )
         coef = (scale * gains[best]).to(out.dtype)
     store[site.name] = coef
-    return scaled(frozen_linear(out, x, coef), factor)
+    return frozen_linear(out, x, coef, factor)
 
 
 def _rms_hooks(
@@ -364,7 +361,7 @@ def _ratio_hooks(
                     error=err,
                 )
         store[site.name] = input_ratio(post, pre, slope_at_zero(act, pre))
-        return scaled(frozen_linear(post, pre, store[site.name]), factor)
+        return frozen_linear(post, pre, store[site.name], factor)
 
     def glu_split(pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
         """A GLU inside one projection (ModernBERT-decoder): ``pre = [a, b]``,
@@ -390,6 +387,6 @@ def _ratio_hooks(
                 error=err,
             )
         store[site.name] = gate
-        return scaled(frozen_linear(post, b, gate), factor)
+        return frozen_linear(post, b, gate, factor)
 
     return [(site.source, keep_pre), (site.name, gate_post)]

@@ -81,6 +81,16 @@ def input_ratio(out: torch.Tensor, t: torch.Tensor, at_zero: float | torch.Tenso
         return torch.where(t != 0, out / torch.where(t != 0, t, 1), at_zero)
 
 
-def frozen_linear(out: torch.Tensor, t: torch.Tensor, coefficient: torch.Tensor) -> torch.Tensor:
-    """``out`` in value, ``coefficient · t`` in gradient: a coefficient frozen at recording."""
-    return out.detach() + (t - t.detach()) * coefficient
+def frozen_linear(
+    out: torch.Tensor,
+    t: torch.Tensor,
+    coefficient: torch.Tensor | float | None = None,
+    factor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out`` in value, ``coefficient · t`` in gradient (``t`` alone without a coefficient):
+    a coefficient frozen at recording. With a ``factor`` (value 1, a site's in a recording
+    that is checked), the value is ``out · factor``: the gradient with respect to the factor
+    is ``out``, and the path from ``t`` carries no extra product."""
+    value = out.detach() if factor is None else out.detach() * factor
+    linear = t - t.detach()
+    return value + (linear if coefficient is None else linear * coefficient)

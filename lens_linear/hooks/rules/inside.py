@@ -86,7 +86,7 @@ class _FrozenInside(TorchFunctionMode):
             if self.mode == "replay":
                 return t * self._value(t)
             ratio = self._value(input_ratio(out, t, RATIOS[name]), scale=False)
-            return scaled(frozen_linear(out, t, ratio), self.factor)
+            return frozen_linear(out, t, ratio, self.factor)
         return self._value(out)
 
 

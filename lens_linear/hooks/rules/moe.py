@@ -163,7 +163,7 @@ def moe_hooks(
                 store[key] = gate_up.new_zeros(live["n_pos"], live["top_k"], gate_up.shape[-1])
             store[key][token, slot] = torch.cat([glu, ratio], -1).detach()
             linear = glu.detach() * ratio.detach() * up
-            return scaled(out.detach() + (linear - linear.detach()), factor)  # value: out
+            return frozen_linear(out, linear, factor=factor)
         recorded = store[key]
         frozen = recorded[recorded.shape[0] - live["n_pos"] + token % live["n_pos"], slot]
         glu, ratio = scaled(frozen, factor).chunk(2, -1)
@@ -192,7 +192,7 @@ def moe_hooks(
         if live["call"] == 1:
             store[key] = z.new_zeros(live["n_pos"], live["top_k"], z.shape[-1])
         store[key][token, slot] = ratio
-        return scaled(frozen_linear(out, z, ratio), factor)
+        return frozen_linear(out, z, ratio, factor)
 
     if inline:
         gates = ModuleHook(experts, gated_unit, attribute="_apply_gate", around=True)
@@ -260,7 +260,7 @@ def _ratio_output(
             return z * scaled(fit_positions(store[key], z, live["n_pos"]), factor)
         # the module's own forward, not the module: calling it would run this hook again
         store[key] = _ratio(out, z, lambda t: type(module).forward(module, t))
-        return scaled(frozen_linear(out, z, store[key]), factor)
+        return frozen_linear(out, z, store[key], factor)
 
     return hook
 

@@ -69,7 +69,7 @@ class _ScanFrozen(TorchFunctionMode):
             if self.mode == "replay":
                 return x * self._value(out, input_ratio(out, x, 0.5))
             ratio = self._value(out, input_ratio(out, x, 0.5), scale=False)
-            return scaled(frozen_linear(out, x, ratio), self.factor)
+            return frozen_linear(out, x, ratio, self.factor)
         if (
             name == "split" and self.acts == 1 and not self.splits
         ):  # [x or Δ's input, B, C] or [q, k, v]
