@@ -513,6 +513,7 @@ def predicted_patching(
     detached: bool | None = None,
     ig_steps: int | None = None,
     certify: int | float | None = None,
+    certify_tolerance: float | None = None,
     layers: Sequence[int] | None = None,
     max_memory: int | None = None,
     progress: bool = True,
@@ -590,28 +591,39 @@ def predicted_patching(
         raw = corrupt_m + torch.stack(table).reshape(shape).detach().double().cpu()
         certified = torch.zeros(shape, dtype=torch.bool, device="cpu")  # as the table
         n_cert = certify if isinstance(certify, int) else round(certify * raw.numel())
-        if n_cert > 0:
-            top = torch.topk((raw - corrupt_m).abs().flatten(), min(n_cert, raw.numel())).indices
-            top = top.sort().values  # in sweep order: a chunk's patches share their first layers
+        order = torch.argsort((raw - corrupt_m).abs().flatten(), descending=True)
+        real_corrupt = None
+        while 0 < n_cert and int(certified.sum()) < raw.numel():
+            done = int(certified.sum())
+            top = order[done : done + n_cert].sort().values  # in sweep order: a chunk's
+            # patches share their first layers
+            if real_corrupt is None:  # the real corrupted run's values (the ordinary
+                real_corrupt = (  # gradient's run is that run)
+                    corrupt_acts
+                    if not detached
+                    else _capture(model, pairs, pairs.corrupted, hooks, metric)[1]
+                )
             exact = _patched_metrics(
                 model,
                 pairs,
                 hooks,
                 [patches[i] for i in top.tolist()],
                 clean_acts,
-                # the real corrupted run's values (the ordinary gradient's run is that run)
-                corrupt_acts
-                if not detached
-                else _capture(model, pairs, pairs.corrupted, hooks, metric)[1],
+                real_corrupt,
                 metric,
                 scale,
                 [],
                 max_memory,
                 progress,
                 f"certifying {sweep}",
-            )
-            raw.view(-1)[top] = exact.double().cpu()
+            ).double().cpu()
+            predicted = raw.view(-1)[top].clone()
+            raw.view(-1)[top] = exact
             certified.view(-1)[top] = True
+            miss = float((predicted - exact).norm() / (exact - corrupt_m).norm().clamp_min(1e-300))
+            if certify_tolerance is None or miss <= certify_tolerance:
+                break
+            n_cert *= 2  # the predictions checked disagree: check twice as many, next largest
     method = "frozen-map prediction" if detached else "attribution patching"
     if ig_steps > 1:
         method += f", integrated over {ig_steps} points"
