@@ -1,4 +1,4 @@
-"""How faithful is each patching prediction to real activation patching? SmolLM2, three tasks.
+"""How faithful is each patching prediction to real activation patching? SmolLM2, four tasks.
 
 For each task and node family, every method's table is compared with real activation
 patching of the same sweep (the ground truth every method approximates): Pearson r over the
@@ -9,7 +9,10 @@ Methods (all ``lens_linear.patching.predicted_patching``):
 * attribution — the ordinary gradient (``detached=False``; TransformerLens' attribution patching);
 * ``+IG4`` — the gradient averaged over 4 points from the corrupted to the clean input;
 * ``+cert`` — the largest 5% of predicted entries rerun as real patches (exact, marked);
-* default — what ``predicted_patching`` does when none of these is named.
+* default — what ``predicted_patching`` does when none of these is named (the ordinary
+  gradient, ``+IG4`` on residual and MLP sweeps, ``+cert`` and further rounds of
+  certification while the checked predictions say the rest are off by more than 1% of the
+  table's variance: ``certify_tolerance=0.01``).
 
 Families: ``resid_pre``, ``attn_out``, ``mlp_out`` (every layer × position), ``head`` (every
 layer × head) and ``head_by_pos`` (every third layer × position × head, to bound the real

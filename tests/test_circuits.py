@@ -473,3 +473,58 @@ def test_certified_entries_are_real_patching():
     assert torch.equal(certified.raw[~mask], plain.raw[~mask])
     largest = torch.topk((plain.raw - plain.corrupted).abs().flatten(), 5).indices
     assert set(largest.tolist()) == set(mask.flatten().nonzero().flatten().tolist())
+
+
+def test_certification_rounds_continue_while_the_checked_predictions_miss():
+    """``certify_tolerance``: rounds of twice as many entries follow while the estimated
+    unchecked error (from how far each round's predictions missed real patching) exceeds
+    it. At tolerance 0 the table ends as real patching (entries left unchecked are those
+    predicted to change nothing, which real patching confirms here); at a tolerance above any
+    estimate, one round is done; in between, the rounds stop exactly where the estimate,
+    computed here by hand from the real table, first falls to the tolerance."""
+    model = cached_tiny("bridge", "llama", torch.float64)
+    pairs = gapped_pairs(model)
+    real = activation_patching(model, pairs, "resid_pre", progress=False)
+    plain = predicted_patching(model, pairs, "resid_pre", detached=True, progress=False)
+
+    def rounds(tolerance: float):
+        return predicted_patching(
+            model,
+            pairs,
+            "resid_pre",
+            detached=True,
+            certify=2,
+            certify_tolerance=tolerance,
+            progress=False,
+        )
+
+    every = rounds(0.0)
+    assert float((every.raw - real.raw)[every.certified].abs().max()) <= 1e-9
+    assert bool((every.certified | (plain.raw == plain.corrupted)).all())
+    # (real patching of a position both prompts share, BOS, moves the metric by ~1e-8)
+    assert float((every.raw - real.raw).abs().max()) <= 1e-6
+    assert int(rounds(1e9).certified.sum()) == 2
+    # by hand: rounds of 2, 4, 8, ... of the largest predictions, the estimate after each
+    # m² Σ (unchecked − corrupted)² / Σ (table − mean)²
+    pred, truth, corrupted = plain.raw.flatten(), real.raw.flatten(), plain.corrupted
+    order = torch.argsort((pred - corrupted).abs(), descending=True)
+    table, size, done, estimates = pred.clone(), 2, 0, []
+    while done < len(order):
+        idx = order[done : done + size]
+        miss = (pred[idx] - truth[idx]).norm() / (truth[idx] - corrupted).norm()
+        table[idx] = truth[idx]
+        done += len(idx)
+        spread = (table - table.mean()).pow(2).sum()
+        estimates.append(
+            (done, float(miss**2 * (table[order[done:]] - corrupted).pow(2).sum() / spread))
+        )
+        size *= 2
+    assert estimates[0][1] > 0
+    stop = next(
+        i for i in range(1, len(estimates)) if estimates[i][1] < min(e for _, e in estimates[:i])
+    )
+    tolerance = (estimates[stop][1] + min(e for _, e in estimates[:stop])) / 2
+    mid = rounds(tolerance)
+    assert int(mid.certified.sum()) == estimates[stop][0]
+    assert float((mid.raw.flatten() - table).abs().max()) > 0 or stop == len(estimates) - 1
+    assert float((mid.raw[mid.certified] - real.raw[mid.certified]).abs().max()) <= 1e-9
