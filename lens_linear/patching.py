@@ -499,7 +499,7 @@ def _patched_metrics(
 # hurts for one head or one attention output, where the gradient at the corrupted run is
 # already close. Checking continues in rounds while the checked predictions say the rest are
 # off by more than 1% of the table's variance: on a task where gradients fail (a one-pair
-# pronoun task) it checks a third to all of the entries; on the others, the first 5% only.
+# pronoun task) it checks 15-75% of the entries; on the others, the first 5% only.
 DEFAULT_PREDICTION = {
     sweep: (False, 1 if sweep in ("attn_out", "head", "head_by_pos") else 4, 0.05, 0.01)
     for sweep in SWEEPS
