@@ -337,7 +337,8 @@ def _bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         ]
         cached = _BIAS_SLOTS[model] = (structure(model), slots)
     named = [(name, getattr(module, leaf, None)) for name, module, leaf in cached[1]]
-    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor)]
+    # (a boolean buffer named ``bias`` is a causal mask, GPT-Neo's and GPTBigCode's: not a bias)
+    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
     best: dict[int, tuple[str, torch.Tensor]] = {}
     for name, t in named:
         key = _memory_key(t)
