@@ -1056,7 +1056,8 @@ def run_with_linear_cache(
     require_tl_model(model)
     tokens = to_tokens(model, input, prepend_bos)
     pos = normalize_position(pos, tokens.shape[-1])
-    keep = _with_output(names_filter, output_hook(model))
+    output = output_hook(model)
+    keep = _with_output(names_filter, output)
     carried = check and not checks_whole_prompt(
         tokens.shape[-1], fwd_hooks
     )  # else the site check covers it
@@ -1067,7 +1068,7 @@ def run_with_linear_cache(
             parts,
             fwd_hooks,
             keep,
-            tangent_at=output_hook(model) if carried else None,
+            tangent_at=output if carried else None,
             store_patterns=store_patterns,
             max_memory=max_memory,
             graph=check and not carried and dtype in (None, model_dtype(model)),

@@ -320,30 +320,46 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 Attribute = tuple[str, torch.nn.Module, str]  # a tensor's name, its owning module, attribute
 
-# per model, where its biases are held: (structure, [(name, owning module, attribute)])
-_BIAS_SLOTS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[Attribute]]] = WeakKeyDictionary()
+
+# per model: every (module, attribute) holding a parameter or buffer, found once per structure
+_SLOTS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[Attribute]]] = WeakKeyDictionary()
+
+
+def _slots(model: torch.nn.Module) -> list[Attribute]:
+    """Every (module, attribute) holding a parameter or buffer, once each, named by its first
+    path (a bridge reaches each Hugging Face module by two); found once per structure:
+    resolving each owner module is most of the cost. Read the tensors from it, so a tensor
+    put in another's place is the one seen."""
+    found = _SLOTS.get(model)
+    if found is None or found[0] != structure(model):
+        slots, seen = [], set()
+        for name, _ in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]:
+            path, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(path)
+            if (id(owner), leaf) not in seen:
+                seen.add((id(owner), leaf))
+                slots.append((name, owner, leaf))
+        found = _SLOTS[model] = (structure(model), slots)
+    return found[1]
 
 
 def _bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Each bias slot (found once per structure: walking every parameter's name is most of
-    the cost) read now, so a tensor replaced in place of another is the one returned."""
-    cached = _BIAS_SLOTS.get(model)
-    if cached is None or cached[0] != structure(model):
-        named = [*model.named_parameters(), *model.named_buffers()]
-        slots = [
-            (name, model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
-            for name, _ in named
-            if _is_bias(name)
-        ]
-        cached = _BIAS_SLOTS[model] = (structure(model), slots)
-    named = [(name, getattr(module, leaf, None)) for name, module, leaf in cached[1]]
-    # (a boolean buffer named ``bias`` is a causal mask, GPT-Neo's and GPTBigCode's: not a bias)
-    named = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    """Each tensor under its first name, where that name is a bias's and the tensor floating
+    point (a boolean buffer named ``bias`` is a causal mask, GPT-Neo's and GPTBigCode's)."""
+    seen: set[int] = set()
     best: dict[int, tuple[str, torch.Tensor]] = {}
-    for name, t in named:
-        key = _memory_key(t)
-        if key not in best or t.numel() > best[key][1].numel():
-            best[key] = (name, t)
+    for name, module, leaf in _slots(model):
+        t = getattr(module, leaf, None)
+        if not isinstance(t, torch.Tensor) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if _is_bias(name) and t.is_floating_point():
+            key = _memory_key(t)
+            if key not in best or t.numel() > best[key][1].numel():
+                best[key] = (name, t)
     return dict(best.values())
 
 
@@ -371,8 +387,6 @@ def substitutes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-# per model: every (module, attribute) holding a parameter or buffer, found once per structure
-_SLOTS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, list[Attribute]]] = WeakKeyDictionary()
 _GROUPS: WeakKeyDictionary[torch.nn.Module, tuple[tuple, dict[int, list[Attribute]]]] = (
     WeakKeyDictionary()
 )
@@ -382,21 +396,8 @@ def _attributes_by_memory(model: torch.nn.Module) -> dict[int, list[Attribute]]:
     """Every parameter and buffer by memory block (a joint QKV bias and the per-projection
     views a bridge makes of it share one), one entry per (module, attribute): a bridge reaches
     each Hugging Face module by two paths. Cached per model until a tensor or its memory
-    changes (resolving each owner module is most of the cost)."""
-    found = _SLOTS.get(model)
-    if found is None or found[0] != structure(model):
-        slots, seen = [], set()
-        for name, _ in [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]:
-            path, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(path)
-            if (id(owner), leaf) not in seen:
-                seen.add((id(owner), leaf))
-                slots.append((name, owner, leaf))
-        found = _SLOTS[model] = (structure(model), slots)
-    tensors = [(slot, getattr(slot[1], slot[2], None)) for slot in found[1]]
+    changes (:func:`_slots`)."""
+    tensors = [(slot, getattr(slot[1], slot[2], None)) for slot in _slots(model)]
     key = tuple((id(t), _memory_key(t)) for _, t in tensors if isinstance(t, torch.Tensor))
     cached = _GROUPS.get(model)
     if cached is not None and cached[0] == key:

@@ -102,29 +102,19 @@ def site_hooks(
                     ),
                 )
             )
-        elif mode == "record":
-
-            def record(
-                value: torch.Tensor,
-                hook: Any,
-                key: str = site.name,
-                factor: torch.Tensor | None = factors.get(site.name),
-            ) -> torch.Tensor:
-                store[key] = value.detach()
-                return scaled(store[key], factor)
-
-            hooks.append((site.name, record))
         else:
-
-            def replay(
-                value: torch.Tensor,
-                hook: Any,
-                key: str = site.name,
-                factor: torch.Tensor | None = factors.get(site.name),
-            ) -> torch.Tensor:
-                return replayed(store[key], value, factor)
-
-            hooks.append((site.name, replay))
+            hooks.append(
+                (
+                    site.name,
+                    partial(
+                        _whole_hook,
+                        key=site.name,
+                        store=store,
+                        mode=mode,
+                        factor=factors.get(site.name),
+                    ),
+                )
+            )
         hooks[before:] = _within_block(model, site, hooks[before:])
     for hook in hooks:
         if not isinstance(hook, ModuleHook):
@@ -142,6 +132,21 @@ def _within_block(model: Any, site: Site, hooks: list[Hook]) -> list[Hook]:
         replace(h, within=block) if isinstance(h, ModuleHook) and h.within is None else h
         for h in hooks
     ]
+
+
+def _whole_hook(
+    value: torch.Tensor,
+    hook: Any,
+    key: str,
+    store: dict[str, torch.Tensor],
+    mode: str,
+    factor: torch.Tensor | None,
+) -> torch.Tensor:
+    """A hook point's whole value frozen (a norm's scale, a pattern, a gate)."""
+    if mode == "record":
+        store[key] = value.detach()
+        return scaled(store[key], factor)
+    return replayed(store[key], value, factor)
 
 
 def _slice_hook(

@@ -66,8 +66,8 @@ class _ScanFrozen(TorchFunctionMode):
                 return self._value(out, out)
             x = args[0]
             self.batch = x.shape[0]  # the convolution's input, batch first
-            if self.mode == "replay":
-                return x * self._value(out, input_ratio(out, x, 0.5))
+            if self.mode == "replay":  # (a replay reads the ratio recorded, computes none)
+                return x * self._value(out, out)
             ratio = self._value(out, input_ratio(out, x, 0.5), scale=False)
             return frozen_linear(out, x, ratio, self.factor)
         if (
