@@ -650,6 +650,10 @@ class LinearCache:
           forward-mode rule, random projections are checked instead
           (:meth:`projected_reconstruction_error`). Where the full Jacobian is already computed,
           it is used.
+        * no constant that no bias explains (a rule holding an input-dependent value constant):
+          on a short prompt, from the same backward taken with respect to every bias too;
+          otherwise, or where that estimate fails, from one replay with every bias zeroed
+          (:meth:`OperatingPoint.unexplained_constant`).
         * a half-precision model's frozen map is also replayed in float32 for affinity
           (4 forwards), where rounding cannot hide a small nonlinearity.
         """
@@ -725,7 +729,10 @@ class LinearCache:
                 layer=layer,
                 error=err,
             )
-        if self.point.may_add_constant():  # a constant no bias explains: a rule froze too much
+        explained = sites.unexplained is not None and sites.unexplained <= tol
+        if self.point.may_add_constant() and not explained:  # a constant no bias explains: a
+            # rule froze too much. The site check's bias gradients clear most models with no
+            # replay; otherwise (a rule's constant tied to a bias by value) the bias-free replay
             stray = self.point.unexplained_constant(hook)
             if stray is not None:
                 y = self.activation(hook, pos=pos).double()

@@ -233,6 +233,33 @@ def test_short_prompt_check_needs_no_tangent(tiny):
     assert (jac - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded-graph", "replay"])
+def test_bias_gradients_explain_the_constant_without_a_replay(tiny, recorded, monkeypatch):
+    """The check's backward takes every bias's gradient too (a bridge's per-projection views of
+    a joint QKV bias included): ``Σ_b ⟨Uᵀ∂F/∂b, b⟩`` is ``U F(0)`` where the biases explain the
+    constant, so no bias-free replay runs. Checked against that replay's verdict: the constant
+    it finds is zero."""
+    lc = ll.run_with_linear_cache(tiny, PROMPT, check=False)
+    stray = lc.point.unexplained_constant(lc.output)  # the bias-free replay: the reference
+    biased = lc.point.may_add_constant()
+
+    def no_replay(*args, **kwargs):
+        raise AssertionError("the bias-free replay ran")
+
+    monkeypatch.setattr(operating_point.OperatingPoint, "unexplained_constant", no_replay)
+    if recorded:
+        lc = ll.run_with_linear_cache(tiny, PROMPT)  # the recording's graph serves the check
+    else:
+        lc.check()  # a replay with autograd serves it
+    sites = lc.point.check_sites(lc.activations[lc.output][0])
+    if biased:
+        assert stray is not None and float(stray.norm()) <= 1e-5 * float(lc.activation().norm())
+        assert sites.unexplained is not None and sites.unexplained <= 1e-5
+    else:
+        assert sites.unexplained is None
+    assert not hooks_left(tiny)
+
+
 def test_projected_error_estimates_the_full_one(tiny):
     lc = ll.run_with_linear_cache(tiny, PROMPT)
     estimate, full = lc.projected_reconstruction_error(), lc.reconstruction_error()

@@ -241,6 +241,13 @@ def test_zamba2_without_the_embeddings_tie_is_refused(monkeypatch):
     with pytest.raises(ll.LinearizationError, match="no bias explains"):
         ll.run_with_linear_cache(model, "Hello world", progress=False)
     assert not hooks_left(model)
+    # the check's bias gradients see that constant too: the same size as the bias-free replay's
+    lc = ll.run_with_linear_cache(model, "Hello world", progress=False, check=False)
+    stray = lc.point.unexplained_constant(lc.output)
+    y = lc.activations[lc.output][0]
+    estimate = lc.point.check_sites(y).unexplained
+    size = float(stray.norm() / y.norm())
+    assert size > 1e-5 and estimate is not None and size / 10 < estimate < size * 10
 
 
 def test_modernbert_decoder_rules_check_their_forms():

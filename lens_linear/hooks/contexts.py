@@ -17,8 +17,9 @@ alone computes:
 
 Entered by the analyses: :func:`analysis_mode` (eval mode, no weight gradients),
 :func:`biases_zeroed` (the bias decomposition, the forward engines), :func:`linears_skipped`
-(dead projections of a replay return zeros) and :func:`computing_in` (a half-precision model's
-weights in float32). The last two act on the model's own tensors and module attributes, and
+(dead projections of a replay return zeros), :func:`computing_in` (a half-precision model's
+weights in float32) and :func:`bias_leaves` (the biases requiring grad for a check's backward).
+The last three act on the model's own tensors and module attributes, and
 hold it (:func:`~lens_linear.hooks.guard.exclusive`); :func:`biases_zeroed` writes nothing: its
 zeros are substituted in each of the call's forwards.
 """
@@ -316,6 +317,42 @@ def bias_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     of tensors sharing storage only the largest is kept, so no share is counted twice.
     """
     return held(model, "biases", lambda: _bias_tensors(model))
+
+
+@contextlib.contextmanager
+def bias_leaves(model: torch.nn.Module) -> Iterator[list[torch.Tensor] | None]:
+    """Every bias of :func:`bias_tensors` requiring grad meanwhile, so a graph built inside
+    gives ``uᵀ ∂F/∂b`` for each: the frozen map is jointly linear in its input and its
+    biases, so ``Σ_b ⟨∂F/∂b, b⟩`` is the constant the biases explain, with no replay. Yields
+    the tensors, or ``None`` where that does not hold for all of them (a bias offloaded by
+    accelerate, or one that is not a leaf); every flag is restored on exit. Inside
+    :func:`analysis_mode` (the model held); gradients are only ever taken with
+    ``torch.autograd.grad``, so no ``.grad`` of the user's is written.
+
+    Every leaf tensor sharing a bias's memory, not just the one :func:`bias_tensors` names: a
+    bridge's per-projection views of a joint QKV bias are parameters of their own, and the
+    forward reads those. Each tensor's gradient covers its own reads, so none is counted twice;
+    a read through a tensor that is not a leaf reaches its base."""
+    named = bias_tensors(model).values()
+    if any(t.device.type == "meta" for t in named):
+        yield None
+        return
+    groups = _attributes_by_memory(model)
+    unique = {
+        id(t): t
+        for key in {_memory_key(t) for t in named}
+        for _, module, leaf in groups[key]
+        if isinstance(t := getattr(module, leaf, None), torch.Tensor) and t.is_leaf
+    }
+    biases = list(unique.values())
+    flags = [t.requires_grad for t in biases]
+    try:
+        for t in biases:
+            t.requires_grad_(True)
+        yield biases
+    finally:
+        for t, flag in zip(biases, flags):
+            t.requires_grad_(flag)
 
 
 Attribute = tuple[str, torch.nn.Module, str]  # a tensor's name, its owning module, attribute

@@ -31,6 +31,7 @@ from lens_linear._validation import (
 )
 from lens_linear.hooks.contexts import (
     analysis_mode,
+    bias_leaves,
     bias_tensors,
     biases_zeroed,
     computing_in,
@@ -106,11 +107,12 @@ class OperatingPoint:
         self.frozen_attention = (
             frozen_attention or {}
         )  # hook_pattern → its queries and keys (not in values)
-        # a recording run with autograd (``record(graph=True)``): (output, input leaf, factors),
-        # for the first site check, which consumes it
-        self.recorded_graph: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = (
-            None
-        )
+        # a recording run with autograd (``record(graph=True)``): (output, input leaf, factors,
+        # bias leaves or None), for the first site check, which consumes it
+        self.recorded_graph: (
+            tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor] | None]
+            | None
+        ) = None
 
     @classmethod
     def record(
@@ -156,6 +158,7 @@ class OperatingPoint:
             store_patterns = patterns_fit(model, tokens.shape[-1], max_memory=max_memory)
         frozen: dict[str, FrozenAttention] | None = None if store_patterns else {}
         graph = graph and store_patterns and tangent_at is None
+        biases: list[torch.Tensor] | None = None  # the recording's bias leaves (graph only)
         factors = (
             {
                 s.name: torch.ones((), device=tokens.device, requires_grad=True)
@@ -190,6 +193,8 @@ class OperatingPoint:
             with torch.set_grad_enabled(graph), contextlib.ExitStack() as stack:
                 if tangent_at is not None:
                     stack.enter_context(forward_mode())
+                if graph and not fwd_hooks:  # the biases' gradients explain F(0) for the check
+                    biases = stack.enter_context(bias_leaves(model))
                 stack.enter_context(
                     hooks_on(
                         model,
@@ -247,7 +252,7 @@ class OperatingPoint:
             frozen,
         )
         if "y" in seen and "leaf" in seen:
-            point.recorded_graph = (seen["y"], seen["leaf"], factors)
+            point.recorded_graph = (seen["y"], seen["leaf"], factors, biases)
         return point, logits, cache
 
     @functools.cached_property
@@ -304,6 +309,14 @@ class OperatingPoint:
         tenth of its size with probability about 1e-8 for 8 projections (a χ² with 8 degrees of
         freedom). Cost: one forward and one backward of ``n_projections`` batched rows, plus one
         replay at zero where the map may add a constant (:meth:`may_add_constant`).
+
+        Unexplained constant (same conditions, no user hooks): the backward is taken with
+        respect to every bias too (:func:`~lens_linear.hooks.contexts.bias_leaves`). The frozen
+        map is jointly linear in its input and its biases, so ``Σ_b ⟨Uᵀ∂F/∂b, b⟩`` is the part
+        of ``U F(0)`` the biases explain, and ``‖U F(0) − Σ_b ⟨Uᵀ∂F/∂b, b⟩‖ / ‖U target‖``
+        estimates what no bias explains, with no replay with the biases zeroed. A constant a
+        rule ties to a bias by value (not by a gradient path) shows up here, so a failing
+        estimate is settled by that replay (:meth:`unexplained_constant`), never trusted alone.
         ``keep_graph``: return that whole-prompt replay's graph, for a Jacobian to reuse.
         """
         out_name = output_hook(self.model)
@@ -315,37 +328,59 @@ class OperatingPoint:
         whole = target is not None and checks_whole_prompt(len(self.x_star), self.fwd_hooks)
         start = 0 if whole or self.fwd_hooks else max(0, len(self.x_star) - SITE_CHECK_POSITIONS)
         recorded, self.recorded_graph = self.recorded_graph, None  # its graph serves one check
-        if recorded is not None and whole:  # the recording ran with autograd: no replay needed
-            y, x, every = recorded
-            factors = {s.name: every[s.name] for s in checked if s.name in fired}
-        else:
-            factors = {
-                s.name: torch.ones(
-                    (), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True
-                )
-                for s in checked
-                if s.name in fired
-            }
-            x = self.x_star[start:].clone().requires_grad_(whole)  # [pos, d_in]: batch added
-            y = None
-        inputs = list(factors.values()) + ([x] if whole else [])
-        with self.computing(), analysis_mode(self.model), torch.enable_grad():
-            if y is None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.computing())
+            stack.enter_context(analysis_mode(self.model))
+            stack.enter_context(torch.enable_grad())
+            # the biases' gradients too, where no user hook adds constants of its own
+            biases = (
+                stack.enter_context(bias_leaves(self.model))
+                if whole and not self.fwd_hooks
+                else None
+            )
+            if recorded is not None and whole:  # the recording ran with autograd: no replay
+                y, x, every, recorded_biases = recorded
+                factors = {s.name: every[s.name] for s in checked if s.name in fired}
+                biases = biases if recorded_biases is not None else None
+            else:
+                factors = {
+                    s.name: torch.ones(
+                        (), dtype=self.x_star.dtype, device=self.x_star.device, requires_grad=True
+                    )
+                    for s in checked
+                    if s.name in fired
+                }
+                x = self.x_star[start:].clone().requires_grad_(whole)  # [pos, d_in]: batch added
                 y = self.replay(x, [out_name], start_pos=start, factors=factors)[out_name]
             if not y.requires_grad:
                 return SiteCheck(ignored + list(factors))
+            inputs = list(factors.values()) + ([x] if whole else []) + (biases or [])
             u = centred_projections(n_projections if whole else 1, y.shape, y, seed=1)
             grads = batched_grad(y, inputs, u, retain_graph=whole and keep_graph)
         ignored += [name for name, g in zip(factors, grads) if g is None or not bool(g.ne(0).any())]
         if not whole:
             return SiteCheck(ignored)
-        pulled = torch.zeros_like(u) if grads[-1] is None else grads[-1]  # Uᵀ J⁺: [k, pos, d_in]
+        pulled = grads[len(factors)]  # Uᵀ J⁺: [k, pos, d_in]
+        pulled = torch.zeros_like(u) if pulled is None else pulled
         pulled_x = pulled.double().flatten(1) @ self.x_star.double().reshape(-1)
         constant = self.bias_term(out_name) if self.may_add_constant() else None
+        unexplained = None
+        if constant is not None and biases is not None:  # ‖U(F(0) − Σ_b (∂F/∂b) b)‖ / ‖U y‖
+            rows = u.double().flatten(1)
+            explained = sum(
+                (g.double().flatten(1) @ b.detach().double().reshape(-1))
+                for g, b in zip(grads[len(factors) + 1 :], biases)
+                if g is not None
+            )
+            unexplained = float(
+                (rows @ constant.double().reshape(-1) - explained).norm()
+                / (rows @ target.double().reshape(-1)).norm().clamp_min(1e-300)
+            )
         return SiteCheck(
             ignored,
             projected_error(u, pulled_x, constant, target),
             (y[0], x) if keep_graph else None,
+            unexplained,
         )
 
     def hooks(self, mode: str = "replay") -> list[Hook]:

@@ -25,6 +25,9 @@ class SiteCheck:
     ignored: list[str]
     error: float | None = None
     graph: tuple[Float[torch.Tensor, "pos d_out"], Float[torch.Tensor, "pos d_in"]] | None = None
+    # the constant no bias explains, relative to the output, projected like ``error``: from the
+    # same backward, with respect to every bias (None: not computed)
+    unexplained: float | None = None
 
 
 def batched_grad(
