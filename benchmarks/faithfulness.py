@@ -89,6 +89,12 @@ METHODS = {
     "frozen map +cert": dict(detached=True, certify=0.05),
     "attribution +cert": dict(detached=False, certify=0.05),
     "attribution +IG4 +cert": dict(detached=False, ig_steps=4, certify=0.05),
+    "attribution +IG3 +rounds": dict(
+        detached=False, ig_steps=3, certify=0.05, certify_tolerance=0.01
+    ),
+    "attribution +IG4 +rounds": dict(
+        detached=False, ig_steps=4, certify=0.05, certify_tolerance=0.01
+    ),
 }
 FAMILIES = ["resid_pre", "attn_out", "mlp_out", "head", "head_by_pos"]
 

@@ -44,7 +44,7 @@ from lens_linear.hooks.operating_point import OperatingPoint
 from lens_linear.hooks.run import Hook, forward, input_embeddings, run_to
 from lens_linear.hooks.sites import INPUT_HOOK, find_sites, layer_of, output_hook
 from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
-from lens_linear.tokens import model_device, single_token, to_tokens, token_strings
+from lens_linear.tokens import model_device, model_dtype, single_token, to_tokens, token_strings
 
 Metric = Callable[[Float[torch.Tensor, "n_pairs pos d_vocab"]], torch.Tensor]
 """A patching metric as ``transformer_lens.patching`` writes one: logits to a scalar. ``pos``
@@ -581,15 +581,26 @@ def predicted_patching(
             value, corrupt_acts, grads = _frozen_gradients_by_pair(
                 model, pairs, hooks, metric, progress, max_memory
             )
-        else:
+        else:  # the integration points batched, as many at once as the budget holds
+            points = integration_points(ig_steps)
+            graph = model.cfg.n_layers * sequence_bytes(
+                model.cfg, n_pos, model_dtype(model) or torch.float32, batch=n_pairs
+            )
+            chunk = chunk_size(len(points), graph, max_memory, device=pairs.clean.device)
+            freeze = _freezing(model) if detached else []
             grads = None
-            for j, (alpha, weight) in enumerate(integration_points(ig_steps)):
-                moved = [_interpolated(clean_acts[INPUT_HOOK], alpha)] if alpha else []
-                freeze = _freezing(model) if detached else []
-                v, acts, g = _gradients(model, pairs, hooks, metric, moved + freeze)
-                if j == 0:
+            for start in range(0, len(points), chunk):
+                v, acts, g = _gradients(
+                    model,
+                    pairs,
+                    hooks,
+                    metric,
+                    freeze,
+                    points=points[start : start + chunk],
+                    clean_input=clean_acts[INPUT_HOOK],
+                )
+                if start == 0:  # the first point is the corrupted run
                     value, corrupt_acts = v, acts
-                g = [weight * x for x in g]
                 grads = g if grads is None else [a + b for a, b in zip(grads, g)]
         corrupt_m = float(value)
         check_gap(clean_m, corrupt_m)
@@ -680,15 +691,6 @@ def integration_points(steps: int) -> list[tuple[float, float]]:
     return [(j * h, h / 2 if j in (0, steps - 1) else h) for j in range(steps)]
 
 
-def _interpolated(clean_input: torch.Tensor, alpha: float) -> Hook:
-    """A hook moving the input embeddings ``alpha`` of the way to ``clean_input``."""
-
-    def move(value: torch.Tensor, hook: Any) -> torch.Tensor:
-        return value + alpha * (clean_input.to(value) - value.detach())
-
-    return (INPUT_HOOK, move)
-
-
 def _gradients(
     model: Any,
     pairs: PromptPairs,
@@ -697,29 +699,48 @@ def _gradients(
     freeze: Sequence[Hook],
     others: torch.Tensor | None = None,
     row: int = 0,
+    points: Sequence[tuple[float, float]] = ((0.0, 1.0),),
+    clean_input: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
     """The metric of the corrupted run under ``freeze``, its activations at ``hooks`` and the
-    metric's gradient with respect to them. ``others``: every pair's final logits, of which
-    these ``pairs`` take row ``row`` on (the metric may mix pairs; the rest are constants)."""
+    metric's gradient with respect to them. ``points`` (``(alpha, weight)``, the first at
+    ``alpha = 0``): one copy of the pairs per point in one batch, its input embeddings moved
+    ``alpha`` of the way to ``clean_input``; the gradients are their weighted sum (integrated
+    gradients in one forward and one backward: a short prompt's forward costs its Python, not
+    its arithmetic), the metric and activations the first copy's. ``others``: every pair's
+    final logits, of which these ``pairs`` take row ``row`` on (the metric may mix pairs; the
+    rest are constants; one point only)."""
+    n, k = len(pairs.answers), len(points)
     leaves: dict[str, torch.Tensor] = {}
     acts: dict[str, torch.Tensor] = {}
 
     def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
-        acts[name] = value.detach().clone()
-        leaves[name] = torch.zeros_like(
-            value, requires_grad=True
-        )  # its gradient is the activation's
+        acts[name] = value[:n].detach().clone()
+        leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient: the value's
         return value + leaves[name]
 
+    moved: list[Hook] = []
+    if clean_input is not None and any(alpha for alpha, _ in points):
+        alphas = torch.tensor([alpha for alpha, _ in points]).repeat_interleave(n)
+
+        def move(value: torch.Tensor, hook: Any) -> torch.Tensor:
+            clean = clean_input.to(value).repeat(k, *([1] * (value.ndim - 1)))
+            step = alphas.to(value).reshape(-1, *([1] * (value.ndim - 1)))
+            return value + step * (clean - value.detach())
+
+        moved = [(INPUT_HOOK, move)]
     with torch.enable_grad():
         final = pairs.final_logits(
-            model, pairs.corrupted, list(freeze) + [(h, partial(attach, name=h)) for h in hooks]
+            model,
+            pairs.corrupted.repeat(k, 1),
+            moved + list(freeze) + [(h, partial(attach, name=h)) for h in hooks],
         )
         if others is not None:
             final = torch.cat([others[:row], final, others[row + len(final) :]])
-        value = metric(final)
-        grads = torch.autograd.grad(value, [leaves[h] for h in hooks])
-    return value.detach(), acts, list(grads)
+        values = _metric_per_copy(pairs, metric, final) if k > 1 else metric(final).reshape(1)
+        weights = torch.tensor([weight for _, weight in points]).to(values)
+        grads = torch.autograd.grad((weights * values).sum(), [leaves[h] for h in hooks])
+    return values[0].detach(), acts, [g.reshape(k, n, *g.shape[1:]).sum(0) for g in grads]
 
 
 def _freezing(model: Any) -> list[Hook]:

@@ -422,7 +422,13 @@ def test_integrated_gradient_predictions_equal_a_hand_written_integral(detached)
     rule) over inputs moved 0, 1/2 and all of the way to the clean prompt (through each point's own frozen map where
     ``detached``), times the clean − corrupted change."""
     model = cached_tiny("bridge", "gpt2", torch.float64)
-    pairs = gapped_pairs(model)
+    pairs = prompt_pairs(  # two pairs: the points run as copies of both in one batch
+        model,
+        ["Hello there, friend!", "Hallo there, fiend!!"],
+        ["Hello where, friend!", "Hallo where, fiend!!"],
+        ["f", "f"],
+        ["x", "x"],
+    )
     metric = metric_of(pairs)
     ours = predicted_patching(
         model, pairs, "mlp_out", metric=metric, detached=detached, ig_steps=3, progress=False
@@ -446,10 +452,9 @@ def test_integrated_gradient_predictions_equal_a_hand_written_integral(detached)
         hooks += [(n, lambda v, hook, n=n: attach(v, hook, n)) for n in names]
         value = metric(model.run_with_hooks(pairs.corrupted, fwd_hooks=hooks))
         grads.append([weight * g for g in torch.autograd.grad(value, [leaves[n] for n in names])])
-    mask = pairs.mask[0]
     want = torch.stack(
         [
-            (sum(g[i] for g in grads)[0] * (clean[n] - corrupt[n])[0]).sum(-1) * mask
+            ((sum(g[i] for g in grads) * (clean[n] - corrupt[n])).sum(-1) * pairs.mask).sum(0)
             for i, n in enumerate(names)
         ]
     )

@@ -342,7 +342,9 @@ def bias_leaves(model: torch.nn.Module) -> Iterator[list[torch.Tensor] | None]:
         id(t): t
         for key in {_memory_key(t) for t in named}
         for _, module, leaf in groups[key]
-        if isinstance(t := getattr(module, leaf, None), torch.Tensor) and t.is_leaf
+        if isinstance(t := getattr(module, leaf, None), torch.Tensor)
+        and t.is_leaf
+        and t.is_floating_point()
     }
     biases = list(unique.values())
     flags = [t.requires_grad for t in biases]
