@@ -29,9 +29,10 @@ its ``method``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -474,7 +475,13 @@ def _patched_metrics(
             tokens = pairs.corrupted if growing else pairs.corrupted.repeat(len(todo), 1)
             grown = [(h, partial(join, name=h)) for h in joins] if growing else []
             patched = [(h, partial(patch, name=h, offset=offset)) for h in names]
-            final = pairs.final_logits(model, tokens, list(base) + grown + patched)
+            copies = {layer_of(h): len(joining) for h, joining in joins.items()}
+            batch_at = {  # each block's batch once its copies have joined
+                layer: n * (1 + sum(c for at, c in copies.items() if at <= layer))
+                for layer in range(model.cfg.n_layers)
+            }
+            with _widened(model, batch_at if growing else {}, n):
+                final = pairs.final_logits(model, tokens, list(base) + grown + patched)
             per_copy = _metric_per_copy(pairs, metric, final)[offset:]
             return per_copy[
                 torch.tensor([slot[e] for e in range(len(todo))], device=per_copy.device)
@@ -491,6 +498,46 @@ def _patched_metrics(
                 )
                 raw.append(run(False))
     return torch.cat(raw)
+
+
+@contextlib.contextmanager
+def _widened(model: Any, batch_at: dict[int, int], n: int) -> Iterator[None]:
+    """While copies join the batch inside a forward, every other per-batch tensor a block is
+    given (the attention mask and position embeddings a bridge computes once, for the first
+    ``n`` rows) repeated to that block's batch ``batch_at[layer]``, in the copies' order. A
+    tensor is per-batch where its first axis is ``n`` and it has at least two axes (a 1-D
+    cache position of ``n`` tokens is not); with ``n = 1`` they broadcast already. The
+    hooks are removed on exit, even on error."""
+    if n == 1 or not batch_at:
+        yield
+        return
+
+    def widen(value: Any, batch: int) -> Any:
+        if isinstance(value, (tuple, list)):
+            return type(value)(widen(v, batch) for v in value)
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == n:
+            return value.repeat(batch // n, *([1] * (value.ndim - 1)))
+        return value
+
+    def pre(module: Any, args: tuple, kwargs: dict, layer: int) -> tuple[tuple, dict]:
+        batch = batch_at[layer]
+        if batch == n:
+            return args, kwargs
+        # the first argument (or ``hidden_states``) is the residual stream: the joins grow it
+        args = args[:1] + tuple(widen(a, batch) for a in args[1:])
+        kwargs = {k: v if k == "hidden_states" else widen(v, batch) for k, v in kwargs.items()}
+        return args, kwargs
+
+    handles = [
+        block.register_forward_pre_hook(partial(pre, layer=layer), with_kwargs=True)
+        for layer, block in enumerate(model.blocks)
+        if layer in batch_at
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # (detached, ig_steps, certify, certify_tolerance) of the default prediction per sweep: the

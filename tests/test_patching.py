@@ -71,19 +71,36 @@ def test_batched_sweeps_equal_one_forward_per_patch(backend, arch):
     assert bool(pairs.mask[0, 0]) is (
         model.tokenizer.bos_token_id is None or not model.cfg.default_prepend_bos
     )
-    for sweep in [
-        "resid_pre",
-        "resid_mid",
-        "resid_post",
-        "attn_out",
-        "mlp_out",
-        "head",
-        "head_by_pos",
-    ]:
-        ours = activation_patching(
-            model, pairs, sweep, progress=False, max_memory=1 << 20
-        )  # many small chunks
-        assert (ours.raw - naive(model, pairs, sweep)).abs().max() <= 1e-4, sweep
+    # the batch the first block receives: the two pairs alone, each patch's copy joining at
+    # its block's input (a bridge's attention mask and position embeddings widened to it), not
+    # full batches of copies
+    batches = []
+
+    def first_block(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batches.append(hidden.shape[0])
+
+    handle = model.blocks[0].register_forward_pre_hook(first_block, with_kwargs=True)
+    try:
+        for sweep in [
+            "resid_pre",
+            "resid_mid",
+            "resid_post",
+            "attn_out",
+            "mlp_out",
+            "head",
+            "head_by_pos",
+        ]:
+            batches.clear()
+            ours = activation_patching(
+                model, pairs, sweep, progress=False, max_memory=1 << 20
+            )  # many small chunks
+            assert set(batches) == {2}, (sweep, batches)
+            handle.remove()
+            assert (ours.raw - naive(model, pairs, sweep)).abs().max() <= 1e-4, sweep
+            handle = model.blocks[0].register_forward_pre_hook(first_block, with_kwargs=True)
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
