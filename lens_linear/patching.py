@@ -768,11 +768,12 @@ def _gradients(
 
     moved: list[Hook] = []
     if clean_input is not None and any(alpha for alpha, _ in points):
-        alphas = torch.tensor([alpha for alpha, _ in points]).repeat_interleave(n)
+        alphas = [alpha for alpha, _ in points]
 
         def move(value: torch.Tensor, hook: Any) -> torch.Tensor:
             clean = clean_input.to(value).repeat(k, *([1] * (value.ndim - 1)))
-            step = alphas.to(value).reshape(-1, *([1] * (value.ndim - 1)))
+            step = torch.tensor(alphas, dtype=value.dtype, device=value.device)
+            step = step.repeat_interleave(n).reshape(-1, *([1] * (value.ndim - 1)))
             return value + step * (clean - value.detach())
 
         moved = [(INPUT_HOOK, move)]
@@ -785,7 +786,9 @@ def _gradients(
         if others is not None:
             final = torch.cat([others[:row], final, others[row + len(final) :]])
         values = _metric_per_copy(pairs, metric, final) if k > 1 else metric(final).reshape(1)
-        weights = torch.tensor([weight for _, weight in points]).to(values)
+        weights = torch.tensor(
+            [weight for _, weight in points], dtype=values.dtype, device=values.device
+        )
         grads = torch.autograd.grad((weights * values).sum(), [leaves[h] for h in hooks])
     return values[0].detach(), acts, [g.reshape(k, n, *g.shape[1:]).sum(0) for g in grads]
 
