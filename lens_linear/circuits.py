@@ -379,7 +379,8 @@ def edge_attribution(
     names, final, parallel = _names(model)
     n_pairs, n_pos = pairs.corrupted.shape
     dtype = next(model.parameters()).dtype
-    per_pair = 4 * sequence_bytes(model.cfg, n_pos, dtype, batch=1)  # graph + pullbacks
+    # graph + pullbacks, of every integration point but the first (one batch)
+    per_pair = 4 * max(1, ig_steps - 1) * sequence_bytes(model.cfg, n_pos, dtype, batch=1)
     chunk = chunk_size(n_pairs, per_pair, max_memory, device=pairs.clean.device)
     while detached and chunk > 1 and not patterns_fit(model, n_pos, chunk, max_memory):
         chunk = max(1, chunk // 2)
@@ -457,26 +458,33 @@ def _chunk_scores(
     row: int,
     bar: Any,
 ) -> torch.Tensor:
-    """``[pos, writer, reader]`` scores of these pairs (summed over them)."""
+    """``[pos, writer, reader]`` scores of these pairs (summed over them). Two runs whatever
+    ``ig_steps``: the corrupted end (whose values give the writers' changes), then every other
+    integration point as a copy of the pairs in one batch (a short prompt's run costs its
+    Python and hooks more than its arithmetic)."""
+    points = integration_points(ig_steps)
     deltas = None
     reader_grads = None
-    for j, (alpha, weight) in enumerate(integration_points(ig_steps)):
-        run = _GradientRun(model, pairs, names, final, freeze, clean[INPUT_HOOK], alpha)
+    n = len(pairs.answers)
+    for group in [points[:1], points[1:]] if len(points) > 1 else [points]:
+        run = _GradientRun(model, pairs, names, final, freeze, clean[INPUT_HOOK], group)
         run.backward(metric, others, row)
-        if j == 0:
+        if deltas is None:
             deltas = run.writer_deltas(clean)
-        grads = weight * run.reader_gradients()
+        grads = run.reader_gradients()  # [reader, copies · n, pos, d]: weighted already
+        grads = grads.reshape(grads.shape[0], len(group), n, *grads.shape[2:]).sum(1)
         reader_grads = grads if reader_grads is None else reader_grads + grads
         run.release()
-        bar.update()
+        bar.update(len(group))
     mask = pairs.mask.to(deltas.dtype)[None, :, :, None]  # positions a patch may touch
     scores = torch.einsum("wbpd,rbpd->pwr", deltas * mask, reader_grads.to(deltas.dtype))
     return scores * layout.mask(scores.device)[None]
 
 
 class _GradientRun:
-    """One corrupted forward (inputs moved ``alpha`` of the way to the clean ones) with a
-    zero leaf added at every hook the graph reads, and the metric's backward."""
+    """One corrupted forward with a zero leaf added at every hook the graph reads, and the
+    metric's backward: one copy of the pairs per integration point ``(alpha, weight)``, its
+    inputs moved ``alpha`` of the way to the clean ones, the metric the copies' weighted sum."""
 
     def __init__(
         self,
@@ -486,9 +494,11 @@ class _GradientRun:
         final: str,
         freeze: Sequence[Hook],
         clean_input: torch.Tensor,
-        alpha: float,
+        points: Sequence[tuple[float, float]],
     ) -> None:
         self.model, self.pairs, self.names, self.final = model, pairs, names, final
+        self.points = list(points)
+        n, alphas = len(pairs.answers), [alpha for alpha, _ in points]
         # scores in the model's precision, at least float32 (a long prompt's writers and
         # readers take writers · pos · d_model each)
         self.work = torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -497,8 +507,11 @@ class _GradientRun:
         self.vals: dict[str, torch.Tensor] = {}
 
         def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
-            if name == INPUT_HOOK and alpha:
-                value = value + alpha * (clean_input.to(value) - value.detach())
+            if name == INPUT_HOOK and any(alphas):
+                clean = clean_input.to(value).repeat(len(alphas), *([1] * (value.ndim - 1)))
+                step = torch.tensor(alphas, dtype=value.dtype, device=value.device)
+                step = step.repeat_interleave(n).reshape(-1, *([1] * (value.ndim - 1)))
+                value = value + step * (clean - value.detach())
             self.vals[name] = value.detach()
             leaf = torch.zeros_like(value, requires_grad=True)
             self.leaves[name] = leaf
@@ -518,11 +531,17 @@ class _GradientRun:
         self.hooks = []
 
     def backward(self, metric: Metric, others: torch.Tensor | None, row: int) -> float:
+        n, k = len(self.pairs.answers), len(self.points)
         with torch.enable_grad():
-            final = self.pairs.final_logits(self.model, self.pairs.corrupted, self.hooks)
-            if others is not None:
-                final = torch.cat([others[:row], final, others[row + len(final) :]])
-            value = metric(final)
+            final = self.pairs.final_logits(
+                self.model, self.pairs.corrupted.repeat(k, 1), self.hooks
+            )
+            value = 0
+            for c, (_, weight) in enumerate(self.points):
+                copy = final[c * n : (c + 1) * n]
+                if others is not None:
+                    copy = torch.cat([others[:row], copy, others[row + n :]])
+                value = value + weight * metric(copy)
             wanted = [n[k] for n in self.names for k in ("q", "k", "v", "mlp_out")] + [self.final]
             grads = torch.autograd.grad(
                 value, [self.leaves[h] for h in wanted], retain_graph=True, allow_unused=True

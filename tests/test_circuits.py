@@ -239,6 +239,28 @@ def test_attribution_and_eap_ig_equal_hand_written_gradients(arch, ig_steps):
         assert rel(ours.scores, one.scores) > 1e-3  # the path matters
 
 
+def test_eap_ig_over_two_pairs_is_the_mean_of_each_pairs():
+    """EAP-IG's integration points run as copies of the pairs in one batch: over two pairs
+    with a mean metric, every edge is the mean of the two one-pair sweeps (each checked by
+    hand above), whether the pairs share a batch or go one at a time (each seeing the other's
+    logits as constants)."""
+    model = cached_tiny("bridge", "llama", torch.float64)
+    texts = [
+        ("Hello there, friend!", "Hello where, friend!"),
+        ("Hallo there, fiend!!", "Hallo where, fiend!!"),
+    ]
+    single = [prompt_pairs(model, clean, corrupted, "a", "c") for clean, corrupted in texts]
+    both = prompt_pairs(model, *map(list, zip(*texts)), ["a", "a"], ["c", "c"])
+    run = lambda pairs, **kw: (
+        edge_attribution(  # noqa: E731
+            model, pairs, metric=metric_of(pairs), detached=False, ig_steps=3, progress=False, **kw
+        ).scores
+    )
+    mean = (run(single[0]) + run(single[1])) / 2
+    assert rel(run(both), mean) <= 1e-9
+    assert rel(run(both, max_memory=1), mean) <= 1e-9  # one pair per chunk
+
+
 @with_tl_edges
 def test_attribution_edges_equal_transformer_lens():
     """``detached=False`` reproduces TransformerLens' edge sweep, every edge and node, on the
