@@ -32,8 +32,12 @@ class ModelInUseError(RuntimeError):
 
 
 def is_transformer_lens_model(model: Any) -> bool:
+    """A TransformerLens model: a module with ``cfg`` and ``hook_dict``, looked up without
+    evaluating it (a bridge's ``hook_dict`` is a property that rebuilds every alias)."""
     return (
-        hasattr(model, "hook_dict") and hasattr(model, "cfg") and isinstance(model, torch.nn.Module)
+        isinstance(model, torch.nn.Module)
+        and hasattr(model, "cfg")
+        and ("hook_dict" in vars(model) or hasattr(type(model), "hook_dict"))
     )
 
 

@@ -46,6 +46,7 @@ from lens_linear.hooks.modules import (
     EMBEDDINGS_ARGUMENT,
     ModelScan,
     embeddings_position,
+    module_list,
     scan,
     structure,
 )
@@ -281,8 +282,16 @@ _IN_ANALYSIS: WeakKeyDictionary[torch.nn.Module, int] = WeakKeyDictionary()  # n
 
 
 def _analysis_mode(model: torch.nn.Module) -> Iterator[None]:
-    training = [m for m in model.modules() if m.training]
-    params = [p for p in model.parameters() if p.requires_grad]
+    # the modules and parameter slots as found once per call (structure) and per structure
+    # (slots); each slot's tensor is read now, so a parameter put in another's place is seen
+    training = [m for m in module_list(model) if m.training]
+    params = list(
+        {
+            id(p): p
+            for _, owner, leaf in _slots(model)
+            if isinstance(p := getattr(owner, leaf, None), torch.nn.Parameter) and p.requires_grad
+        }.values()
+    )
     for module in training:  # the flag itself: ``model.eval()`` on a bridge costs ~0.1 s
         module.training = False
     try:

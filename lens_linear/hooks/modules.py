@@ -141,10 +141,16 @@ class ModelScan:
 _SCANS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelScan]" = weakref.WeakKeyDictionary()
 
 
+def module_list(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model.modules()``, walked once per call that holds the model
+    (:func:`~lens_linear.hooks.guard.held`)."""
+    return held(model, "modules", lambda: list(model.modules()))
+
+
 def structure(model: torch.nn.Module) -> tuple[int, ...]:
     """The ids of ``model``'s modules, in order: what caches of its structure are keyed by
     (read once per call that holds the model, :func:`~lens_linear.hooks.guard.held`)."""
-    return held(model, "structure", lambda: tuple(map(id, model.modules())))
+    return held(model, "structure", lambda: tuple(map(id, module_list(model))))
 
 
 def scan(model: torch.nn.Module) -> ModelScan:
@@ -152,7 +158,7 @@ def scan(model: torch.nn.Module) -> ModelScan:
     found = _SCANS.get(model)
     if found is not None and found.structure == structure(model):
         return found
-    modules = list(model.modules())
+    modules = module_list(model)
     attentions, weightless, configs = [], [], {}
     for m in modules:
         inner = original_component(m)
