@@ -616,7 +616,15 @@ def predicted_patching(
     metric = metric or pairs.mean_logit_diff
     hooks, patches, axes, shape = _sweep(model, sweep, pairs, layers)
     with analysis_mode(model):
-        clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks + [INPUT_HOOK], metric)
+        # integrating the ordinary gradient, the clean run is the last point's copy: its input
+        # embeddings alone are computed first (the forward stops there)
+        merged = ig_steps > 1 and not detached
+        if merged:
+            with torch.no_grad():
+                clean_input = run_to(model, pairs.clean, capture=[INPUT_HOOK], detach=True)
+            clean_acts = {INPUT_HOOK: clean_input[INPUT_HOOK]}
+        else:
+            clean_m, clean_acts = _capture(model, pairs, pairs.clean, hooks + [INPUT_HOOK], metric)
         n_pos, n_pairs = pairs.corrupted.shape[1], len(pairs.answers)
         if detached and not patterns_fit(model, n_pos, n_pairs, max_memory):
             if ig_steps > 1:
@@ -647,7 +655,9 @@ def predicted_patching(
                     clean_input=clean_acts[INPUT_HOOK],
                 )
                 if start == 0:  # the first point is the corrupted run
-                    value, corrupt_acts = v, acts
+                    value, corrupt_acts = v[0], acts[0]
+                if merged and start + chunk >= len(points):  # the last is the clean run
+                    clean_m, clean_acts = float(v[-1]), {**acts[-1], **clean_acts}
                 grads = g if grads is None else [a + b for a, b in zip(grads, g)]
         corrupt_m = float(value)
         check_gap(clean_m, corrupt_m)
@@ -754,15 +764,18 @@ def _gradients(
     ``alpha = 0``): one copy of the pairs per point in one batch, its input embeddings moved
     ``alpha`` of the way to ``clean_input``; the gradients are their weighted sum (integrated
     gradients in one forward and one backward: a short prompt's forward costs its Python, not
-    its arithmetic), the metric and activations the first copy's. ``others``: every pair's
-    final logits, of which these ``pairs`` take row ``row`` on (the metric may mix pairs; the
-    rest are constants; one point only)."""
+    its arithmetic). Returns each copy's metric, the activations of the first copy and of the
+    last (at ``alpha = 1`` the clean run's: the input is moved by ``lerp``, exact at both
+    ends), and the gradients. ``others``: every pair's final logits, of which these ``pairs``
+    take row ``row`` on (the metric may mix pairs; the rest are constants; one point only)."""
     n, k = len(pairs.answers), len(points)
     leaves: dict[str, torch.Tensor] = {}
-    acts: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    last: dict[str, torch.Tensor] = {}
 
     def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
-        acts[name] = value[:n].detach().clone()
+        first[name] = value[:n].detach().clone()
+        last[name] = value[-n:].detach().clone() if k > 1 else first[name]
         leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient: the value's
         return value + leaves[name]
 
@@ -774,7 +787,7 @@ def _gradients(
             clean = clean_input.to(value).repeat(k, *([1] * (value.ndim - 1)))
             step = torch.tensor(alphas, dtype=value.dtype, device=value.device)
             step = step.repeat_interleave(n).reshape(-1, *([1] * (value.ndim - 1)))
-            return value + step * (clean - value.detach())
+            return torch.lerp(value.detach(), clean, step) + (value - value.detach())
 
         moved = [(INPUT_HOOK, move)]
     with torch.enable_grad():
@@ -790,7 +803,8 @@ def _gradients(
             [weight for _, weight in points], dtype=values.dtype, device=values.device
         )
         grads = torch.autograd.grad((weights * values).sum(), [leaves[h] for h in hooks])
-    return values[0].detach(), acts, [g.reshape(k, n, *g.shape[1:]).sum(0) for g in grads]
+    summed = [g.reshape(k, n, *g.shape[1:]).sum(0) for g in grads]
+    return values.detach(), (first, last), summed
 
 
 def _freezing(model: Any) -> list[Hook]:
@@ -826,7 +840,7 @@ def _frozen_gradients_by_pair(
         parts.append(
             _gradients(model, one, hooks, metric, point.hooks("replay"), others=final, row=i)
         )
-    acts = {h: torch.cat([acts[h] for _, acts, _ in parts]) for h in hooks}
+    acts = {h: torch.cat([ends[0][h] for _, ends, _ in parts]) for h in hooks}
     grads = [torch.cat([g[j] for _, _, g in parts]) for j in range(len(hooks))]
     # the corrupted value of the frozen map: the recordings' logits (the plain run's can differ
     # at float32 rounding where the model casts down inside and the frozen map does not)

@@ -482,6 +482,9 @@ def test_integrated_gradient_predictions_equal_a_hand_written_integral(detached)
     )
     assert rel(ours.raw - ours.corrupted, want) <= 1e-9
     assert "integrated over 3 points" in ours.method
+    # the clean metric (without ``detached``, read from the last point's copy): the model's own
+    with torch.no_grad():
+        assert abs(ours.clean - float(metric(model(pairs.clean)))) <= 1e-9
 
 
 def test_certified_entries_are_real_patching():
