@@ -14,6 +14,7 @@ from lens_linear.patching import (
     prompt_pairs,
     steer,
 )
+from lens_linear.tiny import tiny_architectures
 
 IOI_CLEAN = "After John and Mary went to the store, Mary gave a bottle of milk to"
 IOI_CORRUPT = "After John and Mary went to the store, John gave a bottle of milk to"
@@ -63,8 +64,12 @@ def naive(model, pairs, sweep, scale=1.0, metric=None):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "gemma3", "phi3", "qwen3"])
 def test_batched_sweeps_equal_one_forward_per_patch(backend, arch):
+    """Every sweep of two right-padded pairs equals one forward per patch, with each patch's
+    copy joining the batch at its block (the first block sees the two pairs alone)."""
+    if arch not in tiny_architectures(backend):
+        pytest.skip(f"no tiny {arch} for the {backend} backend")
     model = cached_tiny(backend, arch)
     pairs = tiny_pairs(model)
     assert not pairs.mask[1, 9:].any() and bool(pairs.mask[0, 1])
@@ -91,6 +96,8 @@ def test_batched_sweeps_equal_one_forward_per_patch(backend, arch):
             "head",
             "head_by_pos",
         ]:
+            if f"blocks.0.hook_{sweep}" not in model.hook_dict and sweep == "resid_mid":
+                continue  # a parallel block (GPT-NeoX) has no resid_mid
             batches.clear()
             ours = activation_patching(
                 model, pairs, sweep, progress=False, max_memory=1 << 20
