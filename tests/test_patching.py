@@ -3,7 +3,7 @@ Jacobian-predicted patching vs the frozen map; steering."""
 
 import pytest
 import torch
-from conftest import HOOKED, cached_tiny, newest_tl_only, rel, tiny_pairs
+from conftest import HOOKED, cached_tiny, newest_tl_only, not_applicable, rel, tiny_pairs
 
 import lens_linear as ll
 from lens_linear.patching import (
@@ -69,7 +69,7 @@ def test_batched_sweeps_equal_one_forward_per_patch(backend, arch):
     """Every sweep of two right-padded pairs equals one forward per patch, with each patch's
     copy joining the batch at its block (the first block sees the two pairs alone)."""
     if arch not in tiny_architectures(backend):
-        pytest.skip(f"no tiny {arch} for the {backend} backend")
+        not_applicable(f"no tiny {arch} for the {backend} backend")
     model = cached_tiny(backend, arch)
     pairs = tiny_pairs(model)
     assert not pairs.mask[1, 9:].any() and bool(pairs.mask[0, 1])
