@@ -54,7 +54,13 @@ from lens_linear.hooks.run import Hook, run_to
 from lens_linear.hooks.sites import INPUT_HOOK, find_sites
 from lens_linear.jacobian import pullback_rows
 from lens_linear.memory import chunk_size, patterns_fit, sequence_bytes
-from lens_linear.patching import Metric, PromptPairs, check_gap, integration_points
+from lens_linear.patching import (
+    Metric,
+    PromptPairs,
+    check_gap,
+    integration_points,
+    interpolated_input,
+)
 
 
 def _transformer_lens_classes() -> tuple[Any, Any, Any] | None:
@@ -498,7 +504,7 @@ class _GradientRun:
     ) -> None:
         self.model, self.pairs, self.names, self.final = model, pairs, names, final
         self.points = list(points)
-        n, alphas = len(pairs.answers), [alpha for alpha, _ in points]
+        alphas = [alpha for alpha, _ in points]
         # scores in the model's precision, at least float32 (a long prompt's writers and
         # readers take writers · pos · d_model each)
         self.work = torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -508,10 +514,7 @@ class _GradientRun:
 
         def attach(value: torch.Tensor, hook: Any, name: str) -> torch.Tensor:
             if name == INPUT_HOOK and any(alphas):
-                clean = clean_input.to(value).repeat(len(alphas), *([1] * (value.ndim - 1)))
-                step = torch.tensor(alphas, dtype=value.dtype, device=value.device)
-                step = step.repeat_interleave(n).reshape(-1, *([1] * (value.ndim - 1)))
-                value = value + step * (clean - value.detach())
+                value = interpolated_input(value, clean_input, alphas)
             self.vals[name] = value.detach()
             leaf = torch.zeros_like(value, requires_grad=True)
             self.leaves[name] = leaf

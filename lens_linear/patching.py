@@ -479,8 +479,9 @@ def _patched_metrics(
             batch_at = {  # each block's batch once its copies have joined
                 layer: n * (1 + sum(c for at, c in copies.items() if at <= layer))
                 for layer in range(model.cfg.n_layers)
+                if growing
             }
-            with _widened(model, batch_at if growing else {}, n):
+            with _widened(model, batch_at, n):
                 final = pairs.final_logits(model, tokens, list(base) + grown + patched)
             per_copy = _metric_per_copy(pairs, metric, final)[offset:]
             return per_copy[
@@ -748,6 +749,22 @@ def integration_points(steps: int) -> list[tuple[float, float]]:
     return [(j * h, h / 2 if j in (0, steps - 1) else h) for j in range(steps)]
 
 
+def interpolated_input(
+    value: Float[torch.Tensor, "copies_n pos d"],
+    clean_input: Float[torch.Tensor, "n pos d"],
+    alphas: Sequence[float],
+) -> Float[torch.Tensor, "copies_n pos d"]:
+    """Input embeddings of one copy of the pairs per integration point, each moved its
+    ``alpha`` of the way to ``clean_input``: ``lerp``, so the ends are the corrupted and clean
+    inputs exactly; the move is a constant shift, so the gradient with respect to ``value``
+    passes unchanged."""
+    ones = [1] * (value.ndim - 1)
+    clean = clean_input.to(value).repeat(len(alphas), *ones)
+    step = torch.tensor(alphas, dtype=value.dtype, device=value.device)
+    step = step.repeat_interleave(value.shape[0] // len(alphas)).reshape(-1, *ones)
+    return torch.lerp(value.detach(), clean, step) + (value - value.detach())
+
+
 def _gradients(
     model: Any,
     pairs: PromptPairs,
@@ -758,7 +775,11 @@ def _gradients(
     row: int = 0,
     points: Sequence[tuple[float, float]] = ((0.0, 1.0),),
     clean_input: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+) -> tuple[
+    Float[torch.Tensor, "copies"],  # noqa: F821
+    tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+    list[torch.Tensor],
+]:
     """The metric of the corrupted run under ``freeze``, its activations at ``hooks`` and the
     metric's gradient with respect to them. ``points`` (``(alpha, weight)``, the first at
     ``alpha = 0``): one copy of the pairs per point in one batch, its input embeddings moved
@@ -779,17 +800,10 @@ def _gradients(
         leaves[name] = torch.zeros_like(value, requires_grad=True)  # its gradient: the value's
         return value + leaves[name]
 
+    alphas = [alpha for alpha, _ in points]
     moved: list[Hook] = []
-    if clean_input is not None and any(alpha for alpha, _ in points):
-        alphas = [alpha for alpha, _ in points]
-
-        def move(value: torch.Tensor, hook: Any) -> torch.Tensor:
-            clean = clean_input.to(value).repeat(k, *([1] * (value.ndim - 1)))
-            step = torch.tensor(alphas, dtype=value.dtype, device=value.device)
-            step = step.repeat_interleave(n).reshape(-1, *([1] * (value.ndim - 1)))
-            return torch.lerp(value.detach(), clean, step) + (value - value.detach())
-
-        moved = [(INPUT_HOOK, move)]
+    if clean_input is not None and any(alphas):
+        moved = [(INPUT_HOOK, lambda value, hook: interpolated_input(value, clean_input, alphas))]
     with torch.enable_grad():
         final = pairs.final_logits(
             model,
